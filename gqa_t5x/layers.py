@@ -1,0 +1,162 @@
+"""Building blocks of the T5.1.1 network: dense, embedding, RMS norm, gated MLP.
+
+Parameter names and shapes follow T5X (`t5x/examples/t5/layers.py`): kernels
+are stored 2-D (`[in, out]`), norms have a `scale`, the embedding table is
+`embedding`. Parameters are float32; computation runs in the config's
+activation dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# T5X's default initialisers.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+mlp_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+embedding_init = nn.initializers.normal(stddev=1.0)
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+    """Returns the activation called `name` ('linear' is the identity).
+
+    T5X's 'gelu' is flax's tanh-approximated gelu, which is also what
+    HuggingFace calls 'gelu_new' (T5 v1.1's `gated-gelu`).
+    """
+    table: dict[str, Callable[[Array], Array]] = {
+        "gelu": nn.gelu,
+        "gelu_new": nn.gelu,
+        "relu": nn.relu,
+        "linear": lambda x: x,
+        "silu": nn.silu,
+        "swish": nn.silu,
+        "tanh": jnp.tanh,
+    }
+    if name not in table:
+        raise ValueError(f"Unknown activation {name!r}; known: {sorted(table)}.")
+    return table[name]
+
+
+class Dense(nn.Module):
+    """A bias-free linear map with a 2-D `kernel` `[in_features, features]`.
+
+    Attributes:
+      features: Output width.
+      dtype: Computation dtype (the kernel is cast to it).
+      kernel_init: Initialiser of the float32 kernel.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (inputs.shape[-1], self.features), jnp.float32
+        )
+        inputs = inputs.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        return jnp.einsum("...i,io->...o", inputs, kernel)
+
+
+class Embed(nn.Module):
+    """Token embedding `embedding` `[num_embeddings, features]`.
+
+    Attributes:
+      num_embeddings: Vocabulary size.
+      features: Embedding width.
+      dtype: Dtype of the looked-up vectors.
+    """
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    embedding_init: Initializer = embedding_init
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            self.embedding_init,
+            (self.num_embeddings, self.features),
+            jnp.float32,
+        )
+
+    def __call__(self, inputs: Array) -> Array:
+        """Looks up integer ids `[...]` -> `[..., features]`."""
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"Embed expects integer token ids, got {inputs.dtype}.")
+        return jnp.take(self.embedding, inputs, axis=0).astype(self.dtype)
+
+    def attend(self, query: Array) -> Array:
+        """Logits against the embedding table (tied output projection)."""
+        return jnp.einsum(
+            "...e,ve->...v", query.astype(self.dtype), self.embedding.astype(self.dtype)
+        )
+
+
+class LayerNorm(nn.Module):
+    """T5's RMS norm: no mean subtraction, no bias, `scale` `[features]`.
+
+    Statistics are computed in float32 whatever the activation dtype.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        x32 = jnp.asarray(x, jnp.float32)
+        mean2 = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(mean2 + self.epsilon)
+        return (y * scale).astype(self.dtype)
+
+
+class MlpBlock(nn.Module):
+    """T5.1.1 gated MLP: prod_i act_i(x W_i), dropout, then W_o.
+
+    With one activation the input kernel is `wi`; with several they are
+    `wi_0`, `wi_1`, ... (T5X naming).
+
+    Attributes:
+      intermediate_dim: Hidden width (d_ff).
+      activations: One activation per input branch.
+      intermediate_dropout_rate: Dropout after the gated product.
+      dtype: Computation dtype.
+    """
+
+    intermediate_dim: int
+    activations: Sequence[str] = ("gelu", "linear")
+    intermediate_dropout_rate: float = 0.1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
+        emb_dim = inputs.shape[-1]
+        hidden = None
+        for idx, act in enumerate(self.activations):
+            name = "wi" if len(self.activations) == 1 else f"wi_{idx}"
+            h = Dense(
+                self.intermediate_dim,
+                dtype=self.dtype,
+                kernel_init=mlp_kernel_init,
+                name=name,
+            )(inputs)  # [batch, length, mlp]
+            h = activation_fn(act)(h)
+            hidden = h if hidden is None else hidden * h
+        assert hidden is not None
+        hidden = nn.Dropout(
+            rate=self.intermediate_dropout_rate, broadcast_dims=(-2,)
+        )(hidden, deterministic=deterministic)
+        return Dense(emb_dim, dtype=self.dtype, kernel_init=mlp_kernel_init, name="wo")(
+            hidden
+        )  # [batch, length, emb]

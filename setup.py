@@ -1,0 +1,41 @@
+"""Installs gqa_t5x: GQA uptraining of T5.1.1 in JAX/Flax with T5X conventions."""
+
+import setuptools
+
+_INSTALL_REQUIRES = [
+    "jax>=0.4.30",
+    "flax>=0.8",
+    "optax>=0.2",
+    "orbax-checkpoint>=0.6",
+    "gin-config>=0.5",
+    "seqio>=0.0.19",
+    "tensorflow-datasets>=4.9",
+    "tensorstore>=0.1.60",
+    "msgpack>=1.0",
+    "safetensors>=0.4",
+    "sentencepiece>=0.2",
+    "numpy>=1.26",
+    "tqdm>=4.60",
+]
+
+_TEST_REQUIRES = [
+    "pytest>=7",
+    "pytest-xdist>=3",
+    # Independent numerical reference (HuggingFace T5 in PyTorch, CPU).
+    "torch==2.13.0",
+    "transformers>=4.40",
+]
+
+setuptools.setup(
+    name="gqa_t5x",
+    version="0.1.0",
+    description=(
+        "Grouped-query attention for T5.1.1: conversion of multi-head "
+        "checkpoints, uptraining and evaluation with T5X conventions."
+    ),
+    packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]),
+    python_requires=">=3.10",
+    install_requires=_INSTALL_REQUIRES,
+    extras_require={"test": _TEST_REQUIRES},
+    entry_points={"console_scripts": ["gqa-t5x = gqa_t5x.cli:main"]},
+)
