@@ -245,3 +245,89 @@ def mesh_tf_name(path: str) -> str:
         if m2:
             return f"{block}/layer_{mlp_layer:03d}/DenseReluDense/{m2.group(1)}/kernel"
     raise KeyError(f"No Mesh TensorFlow name for T5X parameter {path!r}.")
+
+
+# ------------------------------------------------------------ reverse maps
+_ENC_HF_NORMS = {"0": "pre_attention_layer_norm", "1": "pre_mlp_layer_norm"}
+_DEC_HF_NORMS = {"0": "pre_self_attention_layer_norm", "1": "pre_cross_attention_layer_norm", "2": "pre_mlp_layer_norm"}
+
+
+def hf_to_t5x(name: str) -> tuple[str, bool] | None:
+    """Maps a HuggingFace T5 state-dict name to (T5X path, needs_transpose).
+
+    The inverse of `hf_name`. Returns None for names without a T5X parameter
+    (e.g. the tied aliases `encoder.embed_tokens.weight`).
+    """
+    fixed = {
+        "shared.weight": ("token_embedder/embedding", False),
+        "lm_head.weight": ("decoder/logits_dense/kernel", True),
+        "encoder.final_layer_norm.weight": ("encoder/encoder_norm/scale", False),
+        "decoder.final_layer_norm.weight": ("decoder/decoder_norm/scale", False),
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (
+            "encoder/relpos_bias/rel_embedding", True),
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (
+            "decoder/relpos_bias/rel_embedding", True),
+    }
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)\.weight", name)
+    if m is None:
+        return None
+    side, i, sub, rest = m.groups()
+    prefix = f"{side}/layers_{i}"
+    if rest == "layer_norm":
+        norm = (_ENC_HF_NORMS if side == "encoder" else _DEC_HF_NORMS).get(sub)
+        return (f"{prefix}/{norm}/scale", False) if norm else None
+    m2 = re.fullmatch(r"(SelfAttention|EncDecAttention)\.([qkvo])", rest)
+    if m2:
+        if side == "encoder" and (sub, m2.group(1)) == ("0", "SelfAttention"):
+            module = ENCODER_ATTENTION
+        elif side == "decoder" and (sub, m2.group(1)) == ("0", "SelfAttention"):
+            module = DECODER_SELF_ATTENTION
+        elif side == "decoder" and (sub, m2.group(1)) == ("1", "EncDecAttention"):
+            module = DECODER_CROSS_ATTENTION
+        else:
+            return None
+        return f"{prefix}/{module}/{_HF_PROJ_INV[m2.group(2)]}/kernel", True
+    m2 = re.fullmatch(r"DenseReluDense\.(wi|wi_\d+|wo)", rest)
+    if m2 and sub == ("1" if side == "encoder" else "2"):
+        return f"{prefix}/mlp/{m2.group(1)}/kernel", True
+    return None
+
+
+_MTF_PROJ_INV = {v: k for k, v in _MTF_PROJ.items()}
+
+
+def mesh_tf_to_t5x(name: str) -> str | None:
+    """Maps a Mesh TensorFlow variable name to its T5X path (inverse of
+    `mesh_tf_name`); None for variables that are not model parameters."""
+    fixed = {
+        "shared/embedding": "token_embedder/embedding",
+        "decoder/logits/kernel": "decoder/logits_dense/kernel",
+        "encoder/rms_norm/scale": "encoder/encoder_norm/scale",
+        "decoder/rms_norm/scale": "decoder/decoder_norm/scale",
+        "encoder/block_000/layer_000/SelfAttention/relative_attention_bias": "encoder/relpos_bias/rel_embedding",
+        "decoder/block_000/layer_000/SelfAttention/relative_attention_bias": "decoder/relpos_bias/rel_embedding",
+    }
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"(encoder|decoder)/block_(\d{3})/layer_(\d{3})/(.+)", name)
+    if m is None:
+        return None
+    side, block, layer, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    prefix = f"{side}/layers_{block}"
+    if rest == "rms_norm/scale":
+        norm = (_ENC_HF_NORMS if side == "encoder" else _DEC_HF_NORMS).get(str(layer))
+        return f"{prefix}/{norm}/scale" if norm else None
+    m2 = re.fullmatch(r"(SelfAttention|EncDecAttention)/([qkvo])", rest)
+    if m2:
+        module = {
+            ("encoder", 0, "SelfAttention"): ENCODER_ATTENTION,
+            ("decoder", 0, "SelfAttention"): DECODER_SELF_ATTENTION,
+            ("decoder", 1, "EncDecAttention"): DECODER_CROSS_ATTENTION,
+        }.get((side, layer, m2.group(1)))
+        return f"{prefix}/{module}/{_MTF_PROJ_INV[m2.group(2)]}/kernel" if module else None
+    m2 = re.fullmatch(r"DenseReluDense/(wi|wi_\d+|wo)/kernel", rest)
+    if m2 and layer == (1 if side == "encoder" else 2):
+        return f"{prefix}/mlp/{m2.group(1)}/kernel"
+    return None
