@@ -16,6 +16,12 @@ _INSTALL_REQUIRES = [
     "sentencepiece>=0.2",
     "numpy>=1.26",
     "tqdm>=4.60",
+    "threadpoolctl>=3.1",
+    "rouge-score>=0.1.2",
+    "sacrebleu>=2.3",
+    "clu>=0.0.10",
+    "tensorboard>=2.15",
+    "matplotlib>=3.7",
 ]
 
 _TEST_REQUIRES = [
