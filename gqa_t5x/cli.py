@@ -23,7 +23,13 @@ from collections.abc import Callable, Sequence
 PROG = "gqa-t5x"
 
 # Modules that register further subcommands (train, bench, sweep, ...).
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "gqa_t5x.report",
+    "gqa_t5x.sweep",
+    "gqa_t5x.quickstart",
+    "gqa_t5x.benchmark",
+    "gqa_t5x.main",
+)
 
 # Exceptions that mean "the user asked for something impossible".
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -209,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `gqa-t5x`; returns the exit code (2 for user errors)."""
+    # TensorFlow (used by seqio/TFDS) logs device probing at start-up.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     command_name = next((a for a in argv if not a.startswith("-")), "")

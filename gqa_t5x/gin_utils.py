@@ -8,6 +8,7 @@ Gin files are layered as in T5X: model gin (sizes, `gin/models/...`) -> run gin
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,14 +46,30 @@ def parse_gin(
         gin.clear_config()
     for path in [*search_paths, *default_search_paths()]:
         gin.add_config_file_search_path(path)
+    resolved = []
     for path in gin_files:
-        if not any((Path(base) / path).exists() for base in ["", *search_paths, *default_search_paths()]):
+        hits = [Path(base) / path for base in ["", *search_paths, *default_search_paths()]]
+        hit = next((h for h in hits if h.is_file()), None)
+        if hit is None:
             raise FileNotFoundError(
                 f"Gin file {path!r} not found in the working directory or the gin "
                 f"search paths {[*search_paths, *default_search_paths()]}; pass "
                 "--gin_search_paths or an absolute path."
             )
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings))
+        # Absolute paths keep gin from logging failed lookups of relative ones.
+        resolved.append(str(hit.resolve()))
+    # gin's package-resource reader logs "Path not found" at ERROR level for
+    # every include it then finds on a search path; those lines are noise.
+    root_logger = logging.getLogger()
+    root_logger.addFilter(_drop_gin_path_noise)
+    try:
+        gin.parse_config_files_and_bindings(resolved, list(gin_bindings))
+    finally:
+        root_logger.removeFilter(_drop_gin_path_noise)
+
+
+def _drop_gin_path_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Path not found")
 
 
 def model_config() -> network.T5Config:

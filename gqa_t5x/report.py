@@ -76,12 +76,9 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
         raise ReportError(f"{path} lacks the field(s) {missing}.")
     if not isinstance(result["scores"], dict):
         raise ReportError(f"{path}: 'scores' must map task names to numbers.")
-    unknown = sorted(set(result["scores"]) - set(paper.TASKS))
-    if unknown:
-        raise ReportError(
-            f"{path}: unknown task(s) {unknown} in 'scores'; known tasks are "
-            f"{list(paper.TASKS)}."
-        )
+    bad = {k: v for k, v in result["scores"].items() if not isinstance(v, (int, float))}
+    if bad:
+        raise ReportError(f"{path}: scores must be numbers; got {bad}.")
     result["run_dir"] = str(path.parent)
     return result
 
@@ -90,22 +87,39 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def average(scores: dict[str, float], tasks: Sequence[str] = paper.TASKS) -> float | None:
-    """Mean over the `tasks` that have a score (None if none has)."""
+def average(scores: dict[str, float], tasks: Sequence[str] | None = None) -> float | None:
+    """Mean over the `tasks` (default: all scored) that have a score (None if none has)."""
+    tasks = list(scores) if tasks is None else tasks
     return _mean([float(scores[t]) for t in tasks if t in scores])
 
 
+def extra_tasks(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Tasks scored by the runs that are not among the paper's seven."""
+    return sorted({t for r in results for t in r["scores"]} - set(paper.TASKS))
+
+
+def columns(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Table 1's columns, then one per extra task (e.g. the quickstart's)."""
+    return ["model", "time", "avg", *paper.TASK_COLUMNS.values(), *extra_tasks(results)]
+
+
 def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run in Table 1's column order (missing scores are None)."""
+    """One row per run in Table 1's column order (missing scores are None).
+
+    `avg` is the mean over every task the run has a score for.
+    """
     rows = []
+    extras = extra_tasks(results)
     for r in results:
         row: dict[str, Any] = {
             "model": r["name"],
             "time": r.get("time_per_sample"),
-            "avg": average(r["scores"]),
+            "avg": average(r["scores"], [*paper.TASKS, *extras]),
         }
         for task in paper.TASKS:
             row[paper.TASK_COLUMNS[task]] = r["scores"].get(task)
+        for task in extras:
+            row[task] = r["scores"].get(task)
         rows.append(row)
     return rows
 
@@ -120,7 +134,7 @@ def _fmt(value: Any, digits: int) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -> str:
     """Table 1 as markdown; the paper's rows follow ours when asked."""
-    columns = ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -139,12 +153,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -
         for name, entry in paper.TABLE1.items():
             cells = [f"{name} (paper)", _fmt(entry["time"], 2), _fmt(entry["avg"], 1)]
             cells += [_fmt(entry["scores"][t], 1) for t in paper.TASKS]
+            cells += ["-"] * (len(columns) - len(cells))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    columns = ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -69,10 +69,18 @@ def test_malformed_results_are_named(tmp_path):
     (bad / "results.json").write_text("{not json")
     with pytest.raises(report.ReportError, match="not valid JSON"):
         report.load_result(bad / "results.json")
-    _write(tmp_path / "unknown", scores={"squad": 3.0})
-    with pytest.raises(report.ReportError, match="unknown task"):
-        report.load_result(tmp_path / "unknown" / "results.json")
+    _write(tmp_path / "text", scores={"cnn_dailymail": "high"})
+    with pytest.raises(report.ReportError, match="scores must be numbers"):
+        report.load_result(tmp_path / "text" / "results.json")
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "results.json").write_text(json.dumps({"name": "x"}))
     with pytest.raises(report.ReportError, match="lacks the field"):
         report.load_result(tmp_path / "partial" / "results.json")
+
+
+def test_extra_tasks_get_their_own_columns_after_the_papers(tmp_path):
+    _write(tmp_path / "q", scores={"docstring_summary": 21.5})
+    files = report.write_report([tmp_path / "q"], tmp_path / "out")
+    lines = files["table_md"].read_text().splitlines()
+    assert lines[0].endswith("| TriviaQA | docstring_summary |")
+    assert lines[2] == "| q | 0.0200 | 21.5 | - | - | - | - | - | - | - | 21.5 |"
