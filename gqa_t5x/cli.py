@@ -241,4 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main so subcommands registered against
+    # `gqa_t5x.cli` (not this `__main__` copy) are found.
+    from gqa_t5x import cli as _cli
+
+    sys.exit(_cli.main())

@@ -59,7 +59,7 @@ def test_paper_sweep_gins_parse_and_cover_the_papers_ablations():
 def test_print_mode_prints_one_launch_command_per_stage(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     code = cli.main(["sweep", "configs/sweeps/paper_methods.gin", "--output", str(tmp_path / "s"),
-                     "--mode", "print", "--launcher", "bash scripts/tpu_pod_train.sh --"])
+                     "--mode", "print", "--launcher", "scripts/tpu_pod_run.sh my-v4-128 us-central2-b --"])
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()
@@ -70,7 +70,7 @@ def test_print_mode_prints_one_launch_command_per_stage(tmp_path, capsys, monkey
     evals = [l for l in lines if "gin/runs/eval.gin" in l]
     assert len(uptrains) == 4  # the MHA point is not uptrained (alpha 0, as in the paper)
     assert len(finetunes) == len(evals) == 5 * 3  # 5 points x 3 tasks
-    assert all(l.startswith("bash scripts/tpu_pod_train.sh -- python -m gqa_t5x.main") for l in uptrains + finetunes)
+    assert all(l.startswith("scripts/tpu_pod_run.sh my-v4-128 us-central2-b -- python -m gqa_t5x.main") for l in uptrains + finetunes)
     assert "--gin.NUM_KV_HEADS=1" in uptrains[0] and "--gin.UPTRAIN_ALPHA=0.05" in uptrains[0]
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("results.json"))
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Uptrain (or fine-tune) on every worker of a Cloud TPU VM pod slice with ONE
+# command. Every worker runs the same launcher with --multi_host, which calls
+# jax.distributed.initialize() (coordinator auto-detected on Cloud TPU); each
+# host then reads its own shard of the data and the (data, model) mesh spans
+# all chips. Checkpoints in MODEL_DIR (a gs:// path) make the job restartable:
+# run the same command again after a preemption and it resumes.
+#
+# Usage:
+#   scripts/tpu_pod_train.sh TPU_NAME ZONE MODEL_DIR INITIAL_CHECKPOINT_PATH [--gin.X=Y ...]
+#
+# Example (GQA-8 T5.1.1-XXL, alpha = 0.05, 8-way model parallelism):
+#   NUM_KV_HEADS=8 NUM_PARTITIONS=8 MODEL_GIN=gin/models/t5_1_1/xxl.gin \
+#   scripts/tpu_pod_train.sh my-v4-128 us-central2-b \
+#     gs://my-bucket/gqa8_xxl_uptrain gs://my-bucket/gqa8_xxl/checkpoint_1000000
+#
+# Environment:
+#   SETUP=1          copy this checkout to every worker and pip install it first
+#   REMOTE_DIR       checkout location on the workers (default: ~/gqa-t5x)
+#   MODEL_GIN        model gin (default gin/models/t5_1_1/xxl.gin)
+#   RUN_GIN          run gin (default gin/runs/uptrain.gin)
+#   NUM_KV_HEADS     key/value heads of the converted checkpoint (default 8)
+#   NUM_PARTITIONS   model-parallel shards (default 1)
+#   TFDS_DATA_DIR    --tfds_data_dir for C4 (e.g. gs://my-bucket/tfds)
+#   PROJECT          gcloud project (default: gcloud's configured project)
+set -euo pipefail
+
+if [[ $# -lt 4 ]]; then
+  sed -n '2,30p' "$0" >&2
+  exit 2
+fi
+TPU_NAME=$1; ZONE=$2; MODEL_DIR=$3; INIT_CKPT=$4; shift 4
+EXTRA_FLAGS=("$@")
+
+REMOTE_DIR=${REMOTE_DIR:-'~/gqa-t5x'}
+MODEL_GIN=${MODEL_GIN:-gin/models/t5_1_1/xxl.gin}
+RUN_GIN=${RUN_GIN:-gin/runs/uptrain.gin}
+NUM_KV_HEADS=${NUM_KV_HEADS:-8}
+NUM_PARTITIONS=${NUM_PARTITIONS:-1}
+PROJECT=${PROJECT:-$(gcloud config get-value project 2>/dev/null)}
+GCLOUD=(gcloud compute tpus tpu-vm --project="${PROJECT}" --zone="${ZONE}")
+REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+if [[ "${SETUP:-0}" == "1" ]]; then
+  echo "Copying ${REPO_ROOT} to ${TPU_NAME}:${REMOTE_DIR} on all workers ..."
+  "${GCLOUD[@]}" ssh "${TPU_NAME}" --worker=all --command="mkdir -p ${REMOTE_DIR}"
+  "${GCLOUD[@]}" scp --recurse --worker=all "${REPO_ROOT}/." "${TPU_NAME}:${REMOTE_DIR}"
+  "${GCLOUD[@]}" ssh "${TPU_NAME}" --worker=all --command="cd ${REMOTE_DIR} && \
+    pip install -U 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html && \
+    pip install -e ."
+fi
+
+FLAGS=(
+  "--gin_file=${MODEL_GIN}"
+  "--gin_file=${RUN_GIN}"
+  "--gin.MODEL_DIR=\\\"${MODEL_DIR}\\\""
+  "--gin.INITIAL_CHECKPOINT_PATH=\\\"${INIT_CKPT}\\\""
+  "--gin.NUM_KV_HEADS=${NUM_KV_HEADS}"
+  "--gin.NUM_PARTITIONS=${NUM_PARTITIONS}"
+  "--run_mode=train"
+  "--multi_host"
+)
+if [[ -n "${TFDS_DATA_DIR:-}" ]]; then
+  FLAGS+=("--tfds_data_dir=${TFDS_DATA_DIR}")
+fi
+FLAGS+=("${EXTRA_FLAGS[@]}")
+
+# The same command on every worker; logs stay on each worker.
+COMMAND="cd ${REMOTE_DIR} && python3 -m gqa_t5x.main ${FLAGS[*]} 2>&1 | tee -a ~/gqa_t5x_train.log"
+echo "Launching on all workers of ${TPU_NAME}:"
+echo "  ${COMMAND}"
+exec "${GCLOUD[@]}" ssh "${TPU_NAME}" --worker=all --command="${COMMAND}"

@@ -1,0 +1,178 @@
+"""Helpers for the training tests: a synthetic seqio task and a tiny model.
+
+The synthetic task `gqa_test_synthetic` is deterministic given its seed: a
+fixed pool of random token sequences (vocabulary 128, no tokenizer), shuffled
+by seqio with the dataset seed, so a resumed run and an uninterrupted run can
+be compared exactly. `SLOW_EXAMPLE_S` (env `GQA_TEST_SLOW_EXAMPLE_S`) delays
+every example, so a test can kill a run mid-way.
+
+Run as a script, it trains (see `main`) and writes the final parameters'
+checksums and the loss trajectory as JSON; the preemption and sharding tests
+start it in subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+TASK = "gqa_test_synthetic"
+VOCAB = 128
+POOL = 64
+
+
+def tiny_config(num_kv_heads: int | None = None, dropout_rate: float = 0.0, vocab_size: int = VOCAB):
+    """A 2+2-layer model small enough for CPU tests (4 heads of 4)."""
+    from gqa_t5x import network
+
+    return network.T5Config(
+        vocab_size=vocab_size, emb_dim=16, num_heads=4, head_dim=4, mlp_dim=32,
+        num_encoder_layers=2, num_decoder_layers=2, dropout_rate=dropout_rate,
+        dtype="float32", num_kv_heads=num_kv_heads,
+    )
+
+
+def register_synthetic_task() -> None:
+    """Registers `gqa_test_synthetic` (idempotent)."""
+    import seqio
+    import tensorflow as tf
+
+    seqio.TaskRegistry.remove(TASK)
+    rng = np.random.RandomState(1234)
+    lengths_in = rng.randint(4, 24, size=POOL)
+    lengths_out = rng.randint(2, 8, size=POOL)
+    inputs = [rng.randint(2, VOCAB, size=n).astype(np.int32) for n in lengths_in]
+    targets = [rng.randint(2, VOCAB, size=n).astype(np.int32) for n in lengths_out]
+    slow = float(os.environ.get("GQA_TEST_SLOW_EXAMPLE_S", "0"))
+
+    def generate():
+        for x, y in zip(inputs, targets):
+            if slow:
+                time.sleep(slow)
+            yield {"inputs": x, "targets": y}
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        del split, shuffle_files, seed
+        return tf.data.Dataset.from_generator(
+            generate,
+            output_signature={
+                "inputs": tf.TensorSpec([None], tf.int32),
+                "targets": tf.TensorSpec([None], tf.int32),
+            },
+        )
+
+    vocab = seqio.PassThroughVocabulary(VOCAB, eos_id=1)
+    seqio.TaskRegistry.add(
+        TASK,
+        source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
+        preprocessors=[seqio.preprocessors.append_eos_after_trim],
+        output_features={
+            "inputs": seqio.Feature(vocab, add_eos=True),
+            "targets": seqio.Feature(vocab, add_eos=True),
+        },
+    )
+
+
+def dataset_config(batch_size: int = 8, pack: bool = True, seed: int = 7):
+    from gqa_t5x import data_pipeline
+
+    return data_pipeline.DatasetConfig(
+        TASK, {"inputs": 32, "targets": 8}, "train", batch_size,
+        shuffle=True, seed=seed, pack=pack, module=None,
+    )
+
+
+def read_checkpoint_params(path: str) -> dict[str, np.ndarray]:
+    """{T5X path: float32 array} of a training checkpoint (via the checkpoints package)."""
+    from gqa_t5x import checkpoints
+
+    with checkpoints.open_checkpoint(path) as reader:
+        return {k: reader.read(k) for k in reader.keys()}
+
+
+def params_digest(flat: dict[str, np.ndarray]) -> dict[str, str]:
+    """sha256 of every parameter's bytes (bit-exact comparison)."""
+    import hashlib
+
+    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in sorted(flat.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--checkpoint_period", type=int, default=2)
+    parser.add_argument("--num_kv_heads", type=int, default=None)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--runs", default="",
+        help="'kv_heads:data,model;...' one training run each ('' = one run on 1 device "
+        "with --num_kv_heads); each run gets its own MODEL_DIR/<kv>_<data>x<model>.",
+    )
+    parser.add_argument("--inf_lr_from_step", type=int, default=None,
+                        help="Learning rate becomes inf from this global step (NaN test).")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from gqa_t5x import models, network, optimizers, partitioning, trainer
+
+    learning_rate_fn = optimizers.constant_schedule(0.01)
+    if args.inf_lr_from_step is not None:
+        def learning_rate_fn(step):
+            return jnp.where(step >= args.inf_lr_from_step, jnp.inf, 0.01)
+
+    register_synthetic_task()
+    result: dict = {"runs": {}}
+    runs = [r for r in args.runs.split(";") if r]
+    for run in runs or [f"{args.num_kv_heads or 0}:1,1"]:
+        kv, mesh = run.split(":")
+        data, model_shards = (int(v) for v in mesh.split(","))
+        config = tiny_config(int(kv) or None, args.dropout)
+        model = models.EncoderDecoderModel(network.Transformer(config))
+        devices = jax.devices()[: data * model_shards]
+        partitioner = partitioning.Partitioner(num_partitions=model_shards, devices=devices)
+        model_dir = (
+            os.path.join(args.model_dir, f"{kv}_{data}x{model_shards}") if runs else args.model_dir
+        )
+        summary = trainer.train(
+            model=model, train_dataset_cfg=dataset_config(), model_dir=model_dir,
+            total_steps=args.steps, learning_rate_fn=learning_rate_fn,
+            partitioner=partitioner, checkpoint_period=args.checkpoint_period,
+            keep_checkpoints=None, log_every=1, progress=True, random_seed=3,
+        )
+        params = read_checkpoint_params(os.path.join(model_dir, f"checkpoint_{summary.end_step}"))
+        abstract = jax.eval_shape(model.get_initial_params, jax.random.PRNGKey(0))
+        specs = partitioner.param_specs(abstract, model.config)
+        result["runs"][run] = {
+            "losses": summary.losses,
+            "start_step": summary.start_step,
+            "end_step": summary.end_step,
+            "digest": params_digest(params),
+            "specs": {k: list(v) for k, v in _flat_specs(specs).items()},
+            "replicated": list(partitioner.replicated_params),
+        }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def _flat_specs(specs) -> dict:
+    import jax
+    from jax.sharding import PartitionSpec
+
+    from gqa_t5x.partitioning import _path_str
+
+    leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return {_path_str(p): tuple(s) for p, s in leaves}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
