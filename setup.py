@@ -9,6 +9,7 @@ _INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.6",
     "gin-config>=0.5",
     "seqio>=0.0.19",
+    "tensorflow>=2.15",
     "tensorflow-datasets>=4.9",
     "tensorstore>=0.1.60",
     "msgpack>=1.0",
