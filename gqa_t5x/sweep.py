@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shlex
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence

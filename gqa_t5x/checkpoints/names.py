@@ -11,7 +11,7 @@ Mesh TensorFlow (original T5) variable names.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
