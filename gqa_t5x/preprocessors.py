@@ -373,6 +373,20 @@ def undo_span_corruption(
 # --------------------------- evaluation task formats -------------------------
 
 
+def _prefixed_pair(
+    dataset: tf.data.Dataset, source_key: str, target_key: str, prefix: str, name: str
+) -> tf.data.Dataset:
+    """{source, target} -> {'inputs': prefix + source, 'targets': target}."""
+    require_features(dataset, [source_key, target_key], name)
+    return dataset.map(
+        lambda x: {
+            "inputs": tf.strings.join([prefix, x[source_key]]),
+            "targets": x[target_key],
+        },
+        num_parallel_calls=_AUTOTUNE,
+    )
+
+
 def summarize(
     dataset: tf.data.Dataset,
     article_key: str,
@@ -390,14 +404,7 @@ def summarize(
     Returns:
       Dataset of {'inputs', 'targets'} strings.
     """
-    require_features(dataset, [article_key, summary_key], "summarize")
-    return dataset.map(
-        lambda x: {
-            "inputs": tf.strings.join([prefix, x[article_key]]),
-            "targets": x[summary_key],
-        },
-        num_parallel_calls=_AUTOTUNE,
-    )
+    return _prefixed_pair(dataset, article_key, summary_key, prefix, "summarize")
 
 
 def summarize_dialogue(
@@ -462,14 +469,7 @@ def translate(
     Returns:
       Dataset of {'inputs', 'targets'} strings.
     """
-    require_features(dataset, [source_key, target_key], "translate")
-    return dataset.map(
-        lambda x: {
-            "inputs": tf.strings.join([prefix, x[source_key]]),
-            "targets": x[target_key],
-        },
-        num_parallel_calls=_AUTOTUNE,
-    )
+    return _prefixed_pair(dataset, source_key, target_key, prefix, "translate")
 
 
 def question_answering(

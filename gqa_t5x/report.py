@@ -177,10 +177,21 @@ def _plt():
     return plt
 
 
+def _panels():
+    """A figure with two panels: this run (left), the paper (right)."""
+    fig, (ours, ref) = _plt().subplots(1, 2, figsize=(11, 4.2))
+    return fig, ours, ref
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:
     """Average score against time per sample (the paper's Figure 3 style)."""
-    plt = _plt()
-    fig, (ours, ref) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ours, ref = _panels()
     for r in results:
         avg, t = average(r["scores"]), r.get("time_per_sample")
         if avg is None or t is None:
@@ -192,9 +203,7 @@ def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:
         ref.scatter([entry["time"]], [entry["avg"]], s=40, color="gray")
         ref.annotate(name, (entry["time"], entry["avg"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ref.set(xlabel="time per sample (s)", ylabel="average score", title="paper (T5.1.1, TPUv4)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _series_label(r: dict[str, Any]) -> str:
@@ -206,8 +215,7 @@ def _series_label(r: dict[str, Any]) -> str:
 
 def plot_alpha(results: Sequence[dict[str, Any]], path: Path) -> None:
     """Ablation-task average against the uptraining proportion alpha."""
-    plt = _plt()
-    fig, (ours, ref) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ours, ref = _panels()
     series: dict[str, list[tuple[float, float]]] = {}
     for r in results:
         avg = average(r["scores"], paper.ABLATION_TASKS) or average(r["scores"])
@@ -231,15 +239,12 @@ def plot_alpha(results: Sequence[dict[str, Any]], path: Path) -> None:
     ref.axhline(paper.ALPHA_MHA_LINE, color="gray", linestyle="--", label="MHA")
     ref.set(xlabel="uptraining proportion alpha", ylabel="CNN/MultiNews/TriviaQA avg", title="paper (T5-XXL)")
     ref.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
     """Bars of the average score per conversion method (and kv heads)."""
-    plt = _plt()
-    fig, (ours, ref) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ours, ref = _panels()
     bars: dict[str, list[float]] = {}
     for r in results:
         avg = average(r["scores"], paper.ABLATION_TASKS) or average(r["scores"])
@@ -258,15 +263,12 @@ def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
     ref.set_ylim(lo, paper.CONVERSION_MHA_LARGE + 0.3)
     ref.set(ylabel="average score", title="paper (T5-Large -> MQA)")
     ref.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_time_vs_groups(results: Sequence[dict[str, Any]], path: Path) -> None:
     """Time per sample against the number of kv heads."""
-    plt = _plt()
-    fig, (ours, ref) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ours, ref = _panels()
     by_g: dict[int, list[float]] = {}
     for r in results:
         if r.get("time_per_sample") is not None:
@@ -280,9 +282,7 @@ def plot_time_vs_groups(results: Sequence[dict[str, Any]], path: Path) -> None:
     ref.plot(ref_g, [paper.TIME_VS_GROUPS[g] for g in ref_g], marker="o", color="gray")
     ref.set_xscale("log", base=2)
     ref.set(xlabel="groups", ylabel="time per sample (s)", title="paper (T5-XXL, in 2048 / out 512)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(

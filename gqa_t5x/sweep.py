@@ -287,16 +287,11 @@ class Runner:
             return done["score"]
         task_gin, metric = TASKS[task]
         model_dir = run_dir / f"finetune_{task}"
-        if self.mode == "local":
-            from gqa_t5x import checkpoints
-
-            with checkpoints.open_checkpoint(initial) as reader:
-                start = int(reader.step or 0)
-        else:
-            start = None
-        steps = f"{start + self.spec.finetune_steps}" if start is not None else f"<step of initial> + {self.spec.finetune_steps}"
         argv = _train_args(self.spec, "gin/runs/finetune.gin", [task_gin], point.gin_kv_heads, model_dir, initial,
-                           [f"TRAIN_STEPS={steps}", f"EVAL_METRIC={_gin_str(metric)}", *self.spec.finetune_bindings])
+                           ["TRAIN_STEPS=@gqa_t5x.trainer.steps_after_checkpoint()",
+                            "gqa_t5x.trainer.steps_after_checkpoint.initial_checkpoint_path=%INITIAL_CHECKPOINT_PATH",
+                            f"gqa_t5x.trainer.steps_after_checkpoint.steps={self.spec.finetune_steps}",
+                            f"EVAL_METRIC={_gin_str(metric)}", *self.spec.finetune_bindings])
         summary = self._main(argv)
         if self.mode == "local" and not self.spec.final_eval and getattr(summary, "best", None):
             step = summary.best[0]

@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,9 +109,32 @@ def uptrain_total_steps(
         )
     if not 0 < alpha:
         raise ValueError(f"UPTRAIN_ALPHA={alpha} must be positive.")
-    with checkpoints.open_checkpoint(initial_checkpoint_path) as reader:
-        start = int(reader.step or 0)
-    return start + int(round(alpha * pretrain_steps))
+    return _checkpoint_step(initial_checkpoint_path) + int(round(alpha * pretrain_steps))
+
+
+@gin.configurable(module="gqa_t5x.trainer")
+def steps_after_checkpoint(initial_checkpoint_path: str | None, steps: int) -> int:
+    """TRAIN_STEPS of `steps` more steps after INITIAL_CHECKPOINT_PATH's step.
+
+    For fine-tuning launched without knowing the uptrained checkpoint's step
+    (e.g. commands printed by `gqa-t5x sweep --mode print`):
+    `--gin.TRAIN_STEPS=@gqa_t5x.trainer.steps_after_checkpoint()
+    --gin.gqa_t5x.trainer.steps_after_checkpoint.steps=20000` (registered
+    explicitly so command-line bindings can name it).
+    """
+    if not initial_checkpoint_path:
+        raise ValueError(
+            "INITIAL_CHECKPOINT_PATH is required to derive TRAIN_STEPS = its step + "
+            "steps; set --gin.INITIAL_CHECKPOINT_PATH or --gin.TRAIN_STEPS."
+        )
+    if steps <= 0:
+        raise ValueError(f"trainer.steps_after_checkpoint.steps={steps} must be positive.")
+    return _checkpoint_step(initial_checkpoint_path) + int(steps)
+
+
+def _checkpoint_step(path: str) -> int:
+    with checkpoints.open_checkpoint(path) as reader:
+        return int(reader.step or 0)
 
 
 def make_train_step(

@@ -133,6 +133,8 @@ def test_tiny_sweep_runs_end_to_end_is_resumable_and_reports(shared_dir, tmp_pat
         assert set(r["scores"]) == {"cnn_dailymail"} and r["time_per_sample"] > 0
     # Uptraining ran alpha * PRETRAIN_STEPS = 0.05 * 200 = 10 steps from step 0.
     assert (out / "g1_mean_a0.05" / "uptrain" / "checkpoint_10").is_dir()
+    # Fine-tuning ran finetune_steps = 4 more (TRAIN_STEPS = @gqa_t5x.trainer.steps_after_checkpoint()).
+    assert (out / "g1_mean_a0.05" / "finetune_cnn_dailymail" / "checkpoint_14").is_dir()
     for name in ("table1.md", "table1.csv", "quality_vs_time.png", "alpha.png", "methods.png", "time_vs_groups.png"):
         assert (out / "report" / name).stat().st_size > 0
     assert "| MQA mean a=0.05 |" in first
