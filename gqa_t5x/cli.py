@@ -24,11 +24,11 @@ PROG = "gqa-t5x"
 
 # Modules that register further subcommands (train, bench, sweep, ...).
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "gqa_t5x.report",
-    "gqa_t5x.sweep",
-    "gqa_t5x.quickstart",
-    "gqa_t5x.benchmark",
-    "gqa_t5x.main",
+    "gqa_t5x.experiments.report",
+    "gqa_t5x.experiments.sweep",
+    "gqa_t5x.experiments.quickstart",
+    "gqa_t5x.experiments.benchmark",
+    "gqa_t5x.launcher",
 )
 
 # Exceptions that mean "the user asked for something impossible".
@@ -127,7 +127,7 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     if args.gin_file or args.gin_bindings:
-        from gqa_t5x import convert_main
+        from gqa_t5x.conversion import gin_entry
 
         flags = {
             "source": args.source, "output": args.output, "num_kv_heads": args.num_kv_heads,
@@ -140,7 +140,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             )
         if not args.gin_file:
             raise UsageError("--gin.* bindings need --gin_file (e.g. gin/runs/convert.gin).")
-        convert_main.run_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+        gin_entry.run_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
         return 0
     from gqa_t5x import conversion
 
@@ -177,9 +177,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from gqa_t5x import export
+    from gqa_t5x.checkpoints import hf_export
 
-    path = export.export_huggingface_checkpoint(
+    path = hf_export.export_huggingface_checkpoint(
         args.checkpoint,
         args.output,
         overwrite=args.overwrite,

@@ -62,15 +62,16 @@ def _dir_bytes(path: Path) -> int:
 def _child_write(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from gqa_t5x.checkpoints import CheckpointWriter, names
-    from gqa_t5x.config import T5Config
+    from gqa_t5x.checkpoints import CheckpointWriter
+    from gqa_t5x.model import param_tree
+    from gqa_t5x.model.config import T5Config
 
     config = T5Config.from_json(args.config_json)
     baseline = _rss_now_mb()
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     with CheckpointWriter(args.path, config, step=1_000_000) as writer:
-        for key, shape in names.param_shapes(config).items():
+        for key, shape in param_tree.param_shapes(config).items():
             array = rng.standard_normal(shape, dtype=np.float32)
             array *= 0.05 if len(shape) == 2 else 1.0
             writer.write(key, array)
@@ -202,14 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_CHILDREN[args._child](args)))
         return 0
 
-    from gqa_t5x.checkpoints import names
-    from gqa_t5x.config import T5Config
+    from gqa_t5x.model import param_tree
+    from gqa_t5x.model.config import T5Config
 
     config = T5Config(
         dtype="float32", num_encoder_layers=args.encoder_layers,
         num_decoder_layers=args.decoder_layers, **PRESETS[args.preset],
     )
-    shapes = names.param_shapes(config)
+    shapes = param_tree.param_shapes(config)
     sizes = {k: 4 * math.prod(s) for k, s in shapes.items()}
     largest = max(sizes, key=sizes.get)
     attention = sum(sizes[f"decoder/layers_0/self_attention/{p}/kernel"] for p in ("query", "key", "value", "out"))

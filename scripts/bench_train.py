@@ -46,8 +46,11 @@ def child(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from gqa_t5x import models, network, optimizers, trainer
-    from gqa_t5x import train_state as ts
+    from gqa_t5x.model import models
+    from gqa_t5x.model import network
+    from gqa_t5x.training import optimizers
+    from gqa_t5x.training import trainer
+    from gqa_t5x.training import train_state as ts
 
     config = network.T5Config(**SMALL, dtype=args.dtype, dropout_rate=0.0,
                               num_kv_heads=args.child if args.child != SMALL["num_heads"] else None)

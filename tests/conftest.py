@@ -10,9 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-SHARED = Path(
-    os.environ.get("GQA_T5X_SHARED", Path(__file__).resolve().parents[2] / "shared")
-)
+from paths import SHARED  # noqa: E402
 
 
 @pytest.fixture(scope="session")

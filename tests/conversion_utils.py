@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gqa_t5x.checkpoints import names
-from gqa_t5x.config import T5Config
+from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
 
-SHARED = Path(
-    os.environ.get("GQA_T5X_SHARED", Path(__file__).resolve().parents[2] / "shared")
-)
+from paths import SHARED  # noqa: E402
 T5X_TINY = SHARED / "fixtures" / "t5x" / "t5_1_1_tiny" / "checkpoint_0"
 
 # HuggingFace sizes of the small random T5 v1.1 used for round trips.
@@ -32,14 +30,14 @@ def tiny_config(**changes) -> T5Config:
 
 def random_params(config: T5Config, seed: int = 0) -> dict:
     """T5X-initialised params as nested float32 numpy arrays; norms perturbed."""
-    return names.unflatten(dict(_random_flat_params(config, seed)))
+    return param_tree.unflatten(dict(_random_flat_params(config, seed)))
 
 
 @functools.lru_cache(maxsize=16)
 def _random_flat_params(config: T5Config, seed: int) -> dict[str, np.ndarray]:
-    from gqa_t5x import network
+    from gqa_t5x.model import network
 
-    params = names.flatten(network.init_params(config, seed=seed))
+    params = param_tree.flatten(network.init_params(config, seed=seed))
     rng = np.random.default_rng(seed + 100)
     out = {}
     for path, value in params.items():
@@ -67,7 +65,7 @@ def tokens(seed: int, vocab: int, batch: int = 2, enc_len: int = 9, dec_len: int
 
 def our_logits(config: T5Config, params, batch) -> np.ndarray:
     """Teacher-forced logits of our network, dropout off."""
-    from gqa_t5x import network
+    from gqa_t5x.model import network
 
     enc, dec_in, tgt = batch
     model = network.Transformer(config)
@@ -131,7 +129,7 @@ def config_for_hf(model) -> T5Config:
 
 def flat(params) -> dict[str, np.ndarray]:
     """Nested params -> {path: float32 numpy array}."""
-    return {k: np.asarray(v, np.float32) for k, v in names.flatten(params).items()}
+    return {k: np.asarray(v, np.float32) for k, v in param_tree.flatten(params).items()}
 
 
 def masked_max_diff(a: np.ndarray, b: np.ndarray, tgt: np.ndarray) -> float:

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import transformers
 
-from gqa_t5x.checkpoints import names
-from gqa_t5x.config import T5Config
+from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
 
 
 def make_hf_t5(
@@ -81,7 +81,7 @@ def our_config_for(model: transformers.T5ForConditionalGeneration) -> T5Config:
 
 
 def our_params_for(model: transformers.T5ForConditionalGeneration, config: T5Config):
-    return names.params_from_hf_state_dict(model.state_dict(), config)
+    return param_tree.params_from_hf_state_dict(model.state_dict(), config)
 
 
 def hf_logits(

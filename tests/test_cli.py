@@ -19,7 +19,8 @@ from conversion_utils import (
     our_logits,
     tokens,
 )
-from gqa_t5x import cli, conversion
+from gqa_t5x import cli
+from gqa_t5x import conversion
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]

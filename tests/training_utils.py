@@ -28,7 +28,7 @@ POOL = 64
 
 def tiny_config(num_kv_heads: int | None = None, dropout_rate: float = 0.0, vocab_size: int = VOCAB):
     """A 2+2-layer model small enough for CPU tests (4 heads of 4)."""
-    from gqa_t5x import network
+    from gqa_t5x.model import network
 
     return network.T5Config(
         vocab_size=vocab_size, emb_dim=16, num_heads=4, head_dim=4, mlp_dim=32,
@@ -79,9 +79,9 @@ def register_synthetic_task() -> None:
 
 
 def dataset_config(batch_size: int = 8, pack: bool = True, seed: int = 7):
-    from gqa_t5x import data_pipeline
+    from gqa_t5x.data import datasets
 
-    return data_pipeline.DatasetConfig(
+    return datasets.DatasetConfig(
         TASK, {"inputs": 32, "targets": 8}, "train", batch_size,
         shuffle=True, seed=seed, pack=pack, module=None,
     )
@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from gqa_t5x import models, network, optimizers, partitioning, trainer
+    from gqa_t5x.model import models
+    from gqa_t5x.model import network
+    from gqa_t5x.training import optimizers
+    from gqa_t5x.training import partitioning
+    from gqa_t5x.training import trainer
 
     learning_rate_fn = optimizers.constant_schedule(0.01)
     if args.inf_lr_from_step is not None:
@@ -168,7 +172,7 @@ def _flat_specs(specs) -> dict:
     import jax
     from jax.sharding import PartitionSpec
 
-    from gqa_t5x.partitioning import _path_str
+    from gqa_t5x.training.partitioning import _path_str
 
     leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     return {_path_str(p): tuple(s) for p, s in leaves}

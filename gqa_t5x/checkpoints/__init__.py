@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 
-from gqa_t5x.config import T5Config
-from gqa_t5x.checkpoints import names
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.model import param_tree
 from gqa_t5x.checkpoints.base import (
     FORMATS,
     CheckpointError,
@@ -95,11 +95,11 @@ def load(
     Returns:
       (config, params): params is the nested dict `{'token_embedder': ...,
       'encoder': ..., 'decoder': ...}` of float32 numpy arrays with
-      `names.param_shapes(config)`.
+      `param_tree.param_shapes(config)`.
     """
     with open_checkpoint(path, config=config, head_dim=head_dim, num_heads=num_heads) as reader:
         flat = {key: reader.read(key) for key in reader.keys()}
-        return reader.config, names.unflatten(flat)
+        return reader.config, param_tree.unflatten(flat)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

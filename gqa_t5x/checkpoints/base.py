@@ -1,7 +1,7 @@
 """Errors, config inference and the reader base class shared by every format.
 
 Every reader exposes a checkpoint as canonical T5X parameter paths (see
-`names.py`) with float32 arrays in T5X layout. Readers index the checkpoint
+`param_tree.py`) with float32 arrays in T5X layout. Readers index the checkpoint
 when opened (names, shapes, dtypes) and load a tensor only in `read`, so a
 conversion never holds more than the parameters it is working on.
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from gqa_t5x.config import T5Config
-from gqa_t5x.checkpoints import names
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.model import param_tree
 
 FORMATS = ("t5x_legacy", "t5x_orbax", "mesh_tf", "huggingface", "gqa_t5x")
 
@@ -242,7 +242,7 @@ def check_shapes(
     Raises:
       CheckpointError: a parameter is missing, unexpected or has another shape.
     """
-    expected = names.param_shapes(config)
+    expected = param_tree.param_shapes(config)
     for key, shape in expected.items():
         if key in shapes and tuple(shapes[key]) != tuple(shape):
             raise CheckpointError(
@@ -307,7 +307,7 @@ def return_freed_buffers_to_os() -> None:
 
 
 class CheckpointReader:
-    """Lazy, per-parameter view of a checkpoint in canonical T5X names.
+    """Lazy, per-parameter view of a checkpoint in canonical T5X param_tree.
 
     Subclasses index their files in `__init__`, then call `_setup` with the
     canonical shapes they found; `_load(key)` reads one tensor in T5X layout.
@@ -361,7 +361,7 @@ class CheckpointReader:
                 )
         check_shapes(shapes, config, source=self.path)
         self.config = config
-        self._shapes = dict(names.param_shapes(config))
+        self._shapes = dict(param_tree.param_shapes(config))
 
     def _load(self, key: str) -> np.ndarray:
         raise NotImplementedError

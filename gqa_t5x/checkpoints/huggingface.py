@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from gqa_t5x.config import T5Config
-from gqa_t5x.checkpoints import names
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.model import param_tree
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -297,7 +297,7 @@ class HuggingFaceReader(CheckpointReader):
         self._entries: dict[str, tuple[str, bool]] = {}
         unknown = []
         for name in self._by_name:
-            mapped = names.hf_to_t5x(name)
+            mapped = param_tree.hf_to_t5x(name)
             if mapped is not None:
                 self._entries[mapped[0]] = (name, mapped[1])
             elif name not in _IGNORED:

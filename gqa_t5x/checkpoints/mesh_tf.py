@@ -2,7 +2,7 @@
 
 Variables are read one at a time with `tf.train.load_checkpoint` (TensorFlow's
 bundle reader seeks to a single tensor). Names map to T5X paths with
-`names.mesh_tf_to_t5x` (`shared/embedding` -> `token_embedder/embedding`, ...);
+`param_tree.mesh_tf_to_t5x` (`shared/embedding` -> `token_embedder/embedding`, ...);
 shapes are identical to T5X's, so no transpose. `global_step` gives `step`;
 Adafactor slots (`*_slot_vr`, `*_slot_vc`, `*_slot_v`, `*_slot_m`) are skipped.
 """
@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 
-from gqa_t5x.config import T5Config
-from gqa_t5x.checkpoints import names
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.model import param_tree
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -109,7 +109,7 @@ class MeshTFReader(CheckpointReader):
         self._names: dict[str, str] = {}
         unknown = []
         for var, shape in var_shapes.items():
-            path_t5x = names.mesh_tf_to_t5x(var)
+            path_t5x = param_tree.mesh_tf_to_t5x(var)
             if path_t5x is not None:
                 self._names[path_t5x] = var
             elif not _IGNORED.fullmatch(var):

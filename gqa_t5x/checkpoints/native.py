@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from gqa_t5x.config import T5Config
-from gqa_t5x.checkpoints import names, zarr_io
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.model import param_tree
+from gqa_t5x.checkpoints import zarr_io
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
     CheckpointExistsError,
@@ -91,7 +92,7 @@ class CheckpointWriter:
 
     Usage:
       with CheckpointWriter(out_dir, config, step=step) as writer:
-        for key in names.param_shapes(config):
+        for key in param_tree.param_shapes(config):
           writer.write(key, array)      # one parameter in memory at a time
       # committed here; an exception in the block leaves nothing at out_dir.
 
@@ -129,7 +130,7 @@ class CheckpointWriter:
             self.metadata = json.loads(json.dumps(metadata or {}))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"metadata for {directory} is not JSON-serialisable: {e}") from e
-        self._shapes = names.param_shapes(config)
+        self._shapes = param_tree.param_shapes(config)
         self._check_destination()
         return_freed_buffers_to_os()
         parent = os.path.dirname(self.directory)
@@ -170,7 +171,7 @@ class CheckpointWriter:
         """Writes one parameter to disk (nothing is kept in memory).
 
         Args:
-          key: canonical T5X path from `names.param_shapes(config)`.
+          key: canonical T5X path from `param_tree.param_shapes(config)`.
           array: floating-point array (numpy/jax) of exactly that shape; stored
             as float32.
 
@@ -183,7 +184,7 @@ class CheckpointWriter:
         if key not in self._shapes:
             raise CheckpointError(
                 f"{self.directory}: {key!r} is not a parameter of this config "
-                f"(expected one of names.param_shapes(config), e.g. "
+                f"(expected one of param_tree.param_shapes(config), e.g. "
                 f"{next(iter(self._shapes))!r})."
             )
         if key in self._written:
@@ -311,7 +312,7 @@ def save(
     Args:
       directory: destination checkpoint directory.
       config: the network config; `params` must match `param_shapes(config)`.
-      params: nested dict of arrays with T5X names.
+      params: nested dict of arrays with T5X param_tree.
       step: training step to record.
       overwrite: replace an existing checkpoint.
 
@@ -321,8 +322,8 @@ def save(
     """
     if set(params) == {"params"} and isinstance(params["params"], Mapping):
         params = params["params"]
-    flat = names.flatten(params)
-    shapes = names.param_shapes(config)
+    flat = param_tree.flatten(params)
+    shapes = param_tree.param_shapes(config)
     unknown = [k for k in flat if k not in shapes]
     if unknown:
         raise CheckpointError(

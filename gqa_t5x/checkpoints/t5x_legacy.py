@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from gqa_t5x.config import T5Config
+from gqa_t5x.model.config import T5Config
 from gqa_t5x.checkpoints import zarr_io
 from gqa_t5x.checkpoints.base import (
     CheckpointError,

@@ -1,0 +1,533 @@
+"""`gqa-t5x bench`: time per sample of greedy decoding, swept over kv heads.
+
+The paper's protocol (Table 1, Figure 6): time per sample = (encoder time +
+decoder time) / batch, at the largest batch that fits up to a cap, warm-up
+(compilation) excluded, every phase ended with `block_until_ready`. Decoding
+runs exactly `output_length` greedy steps (no EOS stop), as a fixed output
+length demands.
+
+For each shape (model gin + layer overrides, input/output length, batch cap)
+the multi-head model is initialised once; every GQA-G variant is derived from
+it by the paper's mean-pooling conversion (`conversion.convert`), which does
+not touch the encoder. The encoder is therefore timed once per shape and its
+output reused by every variant; the decoder (cross-attention K/V projection +
+the `while_loop`) is timed per variant, in interleaved rounds so that load
+from other processes falls on every variant alike, keeping the fastest run.
+
+Also reported per variant: KV-cache bytes per sample, the bytes a decode step
+must read (decoder weights + the whole self- and cross-attention cache, which
+the masked attention reads at every step) and the bandwidth that implies,
+against the machine's bandwidth measured here with a numpy copy and a JAX
+streaming kernel. HuggingFace `transformers` T5 (PyTorch, its own KV cache,
+`generate(do_sample=False)`) decodes the same shape with the same weights
+(kv heads repeated: HuggingFace has no GQA, so it always pays MHA costs).
+
+Outputs: a table on stdout, `<prefix>.json`, `<prefix>.md`, `<prefix>.png`
+(written by `bench_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import itertools
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_t5x import conversion
+from gqa_t5x.model import decoding
+from gqa_t5x import gin_config
+from gqa_t5x.model import network
+from gqa_t5x.experiments.bench_report import format_table, write_reports
+from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
+
+_GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What to measure.
+
+    Attributes:
+      config: The multi-head model config (num_kv_heads is swept).
+      num_kv_heads: kv-head counts to time (each must divide num_heads).
+      input_lengths: Encoder lengths.
+      output_lengths: Decoded tokens per sample.
+      batch_caps: Largest batch to try per shape (the paper: 32 per chip).
+      repeats: Timed runs after the warm-up; the fastest is reported.
+      huggingface: Also time HuggingFace transformers T5.
+      huggingface_repeats: Timed HuggingFace runs after its warm-up.
+      memory_fraction: Share of the available RAM a run may plan to use.
+      seed: Seed of parameters and inputs.
+      label: Name of the shape in reports (e.g. 'large-like').
+      bandwidth_mb: Buffer size of the bandwidth measurement.
+    """
+
+    config: T5Config
+    num_kv_heads: tuple[int, ...]
+    input_lengths: tuple[int, ...] = (512,)
+    output_lengths: tuple[int, ...] = (128,)
+    batch_caps: tuple[int, ...] = (16,)
+    repeats: int = 2
+    huggingface: bool = True
+    huggingface_repeats: int = 1
+    memory_fraction: float = 0.5
+    seed: int = 0
+    label: str = ""
+    bandwidth_mb: int = 256
+
+
+# ------------------------------------------------------------------ machine
+def _available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        return None
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (other processes share the CPU)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory, load and library versions (for the report)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "memory_available_gb": round((_available_memory_bytes() or 0) / _GB, 2),
+        "load_average": _load_average(),
+    }
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__,
+                    torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return info
+
+
+def measure_memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict[str, float]:
+    """Measured memory bandwidth in GB/s (best of `repeats`), STREAM-style.
+
+    * `numpy_copy`: `np.copyto` of a `megabytes` buffer, counting read + write.
+    * `jax_scale`: a jitted `y = 1.0001 * x` (read + write, XLA's threads).
+    * `jax_read`: a jitted sum (read only).
+
+    Returns:
+      The three figures and `best`, the physical limit a memory-bound decode
+      step is compared against.
+    """
+    n = megabytes * 2**20 // 4
+    src = np.random.default_rng(0).random(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = lambda fn, bytes_moved: bytes_moved / _timed(fn, repeats)[0] / _GB  # noqa: E731
+
+    out = {"numpy_copy": best(lambda: np.copyto(dst, src), 2 * src.nbytes)}
+    x = jnp.asarray(src)
+    scale = jax.jit(lambda v: v * 1.0001)
+    read = jax.jit(jnp.sum)
+    out["jax_scale"] = best(lambda: scale(x).block_until_ready(), 2 * src.nbytes)
+    out["jax_read"] = best(lambda: read(x).block_until_ready(), src.nbytes)
+    out["best"] = max(out.values())
+    out["buffer_mb"] = float(megabytes)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------ sizing
+def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
+    """Bytes of the decoding cache (from its abstract shapes, nothing allocated).
+
+    Returns:
+      {'self': decoder self-attention K/V, 'cross': encoder-decoder K/V}
+      for the whole batch.
+    """
+    model = network.Transformer(config)
+    encoded = jax.ShapeDtypeStruct((batch, input_length, config.emb_dim), config.activation_dtype)
+    params = jax.eval_shape(lambda: network.init_params(config, 0, 1, 2))
+    _, variables = jax.eval_shape(
+        lambda p, e: model.apply({"params": p}, e, output_length,
+                                 method=network.Transformer.init_decode_cache, mutable=["cache"]),
+        params, encoded,
+    )
+    sizes = {"self": 0, "cross": 0}
+    for path, leaf in param_tree.flatten(variables["cache"]).items():
+        if path.endswith(("cached_key", "cached_value")):
+            kind = "cross" if "encoder_decoder_attention" in path else "self"
+            sizes[kind] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return sizes
+
+
+def decoder_weight_bytes(config: T5Config) -> int:
+    """Parameter bytes (float32) a decode step reads: the decoder and the logits.
+
+    Not counted: the encoder-decoder key/value kernels (used once, when the
+    cache is built) and the embedding table (one row per token is gathered)
+    unless the logits are tied to it.
+    """
+    total = 0
+    for path, shape in param_tree.param_shapes(config).items():
+        once = "encoder_decoder_attention/key/" in path or "encoder_decoder_attention/value/" in path
+        if (path.startswith("decoder/") and not once) or (
+            config.logits_via_embedding and path == "token_embedder/embedding"
+        ):
+            total += int(np.prod(shape)) * 4
+    return total
+
+
+def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> int:
+    """Rough peak RAM of one timed run: weights, cache and the encoder's largest
+    activations (attention logits and MLP hidden), with a 2x working margin."""
+    params = sum(int(np.prod(s)) for s in param_tree.param_shapes(config).values()) * 4
+    cache = sum(cache_bytes(config, batch, input_length, output_length).values())
+    attention = batch * config.num_heads * input_length * input_length * 4
+    mlp = batch * input_length * config.mlp_dim * 4 * len(config.mlp_activations)
+    logits = batch * output_length * config.vocab_size * 4
+    return params + cache + 2 * (attention + mlp + logits)
+
+
+def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int, budget: int | None) -> int:
+    """Largest batch <= cap (halving from cap) whose estimated peak fits `budget`."""
+    batch = cap
+    while batch > 1 and budget is not None and estimate_peak_bytes(config, batch, input_length, output_length) > budget:
+        batch //= 2
+    return batch
+
+
+# ------------------------------------------------------------------ timing
+def _timed(fn, repeats: int) -> tuple[float, Any]:
+    """Seconds of the fastest of `repeats` runs after a warm-up, and the output.
+
+    The minimum, not the median: on a shared machine other processes only
+    ever add time, so the fastest run is the best estimate of the cost.
+    """
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def _block(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
+
+
+def time_variants(variants, encoded, tokens, output_length, repeats) -> list[dict[str, Any]]:
+    """Times the cached greedy decoder of each (config, params) variant.
+
+    Rounds are interleaved (round 0 warms every variant up, then each round
+    times every variant once), so load from other processes hits all variants
+    alike; the fastest round of each variant is kept.
+
+    Returns:
+      Per variant: decoder_s (cache init + loop), cache_init_s, loop_s, steps,
+      tokens.
+    """
+    spec = decoding.DecodingSpec(method="greedy", max_decode_length=output_length, eos_id=None)
+    compiled = [decoding.compile_decoding(config, spec) for config, _ in variants]
+    key = jax.random.PRNGKey(0)
+    times: list[list[tuple[float, float]]] = [[] for _ in variants]
+    results: list[Any] = [None] * len(variants)
+    for round_ in range(repeats + 1):
+        for i, ((_, params), fns) in enumerate(zip(variants, compiled)):
+            start = time.perf_counter()
+            cache, run_tokens = _block(fns.init_cache(params, encoded, tokens))
+            middle = time.perf_counter()
+            results[i] = _block(fns.run(params, cache, run_tokens, key))
+            end = time.perf_counter()
+            del cache
+            if round_:
+                times[i].append((middle - start, end - middle))
+    return [
+        {"decoder_s": min(a + b for a, b in t), "cache_init_s": min(a for a, _ in t),
+         "loop_s": min(b for _, b in t), "steps": int(r.steps), "tokens": np.asarray(r.tokens)}
+        for t, r in zip(times, results)
+    ]
+
+
+def _hf_model(config: T5Config, mha_params: Any):
+    """HuggingFace T5ForConditionalGeneration holding `mha_params` (float32)."""
+    import torch
+    import transformers
+
+    from gqa_t5x.checkpoints import hf_export
+
+    hf_config = transformers.T5Config(**{
+        k: v for k, v in hf_export.hf_config_dict(config).items()
+        if k not in ("architectures", "gqa_t5x", "torch_dtype")
+    })
+    hf_config.tie_word_embeddings = bool(config.logits_via_embedding)  # transformers 5 forces True
+    with torch.device("meta"):
+        model = transformers.T5ForConditionalGeneration(hf_config)
+    state = {}
+    for path, value in param_tree.flatten(mha_params).items():
+        name, transpose = param_tree.hf_name(path)
+        value = np.asarray(value, np.float32)
+        state[name] = torch.tensor(value.T if transpose else value)  # a copy torch owns
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        state[alias] = state["shared.weight"]
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["shared.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.encoder.embed_tokens = model.shared
+    model.decoder.embed_tokens = model.shared
+    return model.eval()
+
+
+def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int, repeats: int) -> dict[str, Any]:
+    """Times HuggingFace T5: encoder forward, then `generate` from its output."""
+    import torch
+    import transformers
+
+    model = _hf_model(config, mha_params)
+    input_ids = torch.from_numpy(tokens.astype(np.int64))
+    mask = torch.from_numpy((tokens > 0).astype(np.int64))
+    with torch.inference_mode():
+        encoder_s, enc_out = _timed(lambda: model.encoder(input_ids=input_ids, attention_mask=mask), repeats)
+
+        def generate():
+            cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+            return model.generate(
+                encoder_outputs=enc_out, attention_mask=mask, past_key_values=cache,
+                do_sample=False, num_beams=1, max_new_tokens=output_length, min_new_tokens=output_length,
+                decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
+            )
+
+        decoder_s, out = _timed(generate, repeats)
+    return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].numpy()}
+
+
+def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5) -> float:
+    """GB/s of one decode query's attention core (the two einsums of
+    `attention.py`) over a `kv_len` cache: K + V bytes / time. Shows how
+    well XLA runs the grouped contraction at this number of kv heads (fastest run)."""
+    g, r, d = config.decoder_kv_heads, config.num_heads // config.decoder_kv_heads, config.head_dim
+    rng = np.random.default_rng(0)
+    query = jnp.asarray(rng.random((batch, 1, g, r, d), np.float32))
+    key, value = (jnp.asarray(rng.random((batch, kv_len, g, d), np.float32)) for _ in range(2))
+
+    @jax.jit
+    def core(q, k, v):
+        weights = jax.nn.softmax(jnp.einsum("bqgrd,bkgd->bgrqk", q, k), axis=-1)
+        return jnp.einsum("bgrqk,bkgd->bqgrd", weights, v)
+
+    seconds, _ = _timed(lambda: core(query, key, value).block_until_ready(), repeats)
+    return (key.nbytes + value.nbytes) / seconds / _GB
+
+
+def _row(g, config, batch, n_in, n_out, encoder_s, ours, bandwidth) -> dict[str, Any]:
+    cache = cache_bytes(config, batch, n_in, n_out)
+    weights = decoder_weight_bytes(config)
+    step_s = ours["loop_s"] / max(ours["steps"], 1)
+    step_bytes = weights + cache["self"] + cache["cross"]
+    achieved = step_bytes / step_s / _GB
+    return {
+        "num_kv_heads": g,
+        "variant": "MQA" if g == 1 else ("MHA" if g == config.num_heads else f"GQA-{g}"),
+        "input_length": n_in, "output_length": n_out, "batch": batch,
+        "encoder_s": encoder_s, "decoder_s": ours["decoder_s"], "cache_init_s": ours["cache_init_s"],
+        "time_per_sample_s": (encoder_s + ours["decoder_s"]) / batch,
+        "encoder_per_sample_s": encoder_s / batch,
+        "decoder_per_sample_s": ours["decoder_s"] / batch,
+        "kv_cache_bytes_per_sample": (cache["self"] + cache["cross"]) // batch,
+        "self_kv_bytes_per_sample": cache["self"] // batch,
+        "cross_kv_bytes_per_sample": cache["cross"] // batch,
+        "decode_step_s": step_s, "decode_step_bytes": step_bytes, "decoder_weight_bytes": weights,
+        "achieved_bandwidth_gbs": achieved,
+        "bandwidth_efficiency": achieved / bandwidth["best"],
+        "cross_attention_core_gbs": attention_core_bandwidth(config, batch, n_in),
+    }
+
+
+def _bench_shape(settings, base, mha_params, n_in, n_out, batch, bandwidth, log):
+    """Rows of every kv-head variant at one shape, and the HuggingFace row."""
+    tokens = np.random.default_rng(settings.seed).integers(2, base.vocab_size, size=(batch, n_in)).astype(np.int32)
+    jtokens = jnp.asarray(tokens)
+    fns = decoding.compile_decoding(base, decoding.DecodingSpec(max_decode_length=n_out, eos_id=None))
+    encoder_s, encoded = _timed(lambda: _block(fns.encode(mha_params, jtokens)), settings.repeats)
+    log(f"[bench] in={n_in} out={n_out} batch={batch}: encoder {encoder_s:.3f} s")
+    variants = []
+    for g in settings.num_kv_heads:
+        config, params = (base, mha_params) if g == base.num_heads else conversion.convert(base, mha_params, g)
+        variants.append((config.replace(dropout_rate=0.0), jax.tree_util.tree_map(jnp.asarray, params)))
+    timings = time_variants(variants, encoded, jtokens, n_out, settings.repeats)
+    rows, mha_tokens = [], None
+    for g, (config, _), ours in zip(settings.num_kv_heads, variants, timings):
+        mha_tokens = ours["tokens"] if g == base.num_heads else mha_tokens
+        rows.append(_row(g, config, batch, n_in, n_out, encoder_s, ours, bandwidth))
+        r = rows[-1]
+        log(f"[bench]   {r['variant']:>7}: {r['time_per_sample_s']:.4f} s/sample (decoder "
+            f"{r['decoder_per_sample_s']:.4f}), step {1e3 * r['decode_step_s']:.1f} ms, "
+            f"{r['achieved_bandwidth_gbs']:.1f} GB/s")
+    del variants
+    del encoded
+    gc.collect()
+    if not settings.huggingface:
+        return rows, None
+    hf = time_huggingface(base, mha_params, tokens, n_out, settings.huggingface_repeats)
+    hf_row = {
+        "input_length": n_in, "output_length": n_out, "batch": batch,
+        "encoder_s": hf["encoder_s"], "decoder_s": hf["decoder_s"],
+        "time_per_sample_s": (hf["encoder_s"] + hf["decoder_s"]) / batch,
+        "encoder_per_sample_s": hf["encoder_s"] / batch, "decoder_per_sample_s": hf["decoder_s"] / batch,
+    }
+    if mha_tokens is not None:
+        hf_row["greedy_token_agreement_with_ours_mha"] = float((hf["tokens"] == mha_tokens).mean())
+    for row in rows:
+        row["huggingface_time_per_sample_s"] = hf_row["time_per_sample_s"]
+        row["speedup_vs_huggingface"] = hf_row["time_per_sample_s"] / row["time_per_sample_s"]
+    log(f"[bench]   HF T5 (MHA): {hf_row['time_per_sample_s']:.4f} s/sample "
+        f"(decoder {hf_row['decoder_per_sample_s']:.4f})")
+    gc.collect()
+    return rows, hf_row
+
+
+def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
+    """Measures every (input length, output length, batch cap, kv heads).
+
+    Returns:
+      {'settings', 'machine', 'bandwidth_gbs', 'rows', 'huggingface', ...};
+      rows hold seconds and bytes (see `_row`).
+    """
+    base = settings.config.replace(num_kv_heads=None, dropout_rate=0.0)
+    for g in settings.num_kv_heads:
+        base.replace(num_kv_heads=g)  # validates: a divisor of num_heads
+    started = time.time()
+    machine = machine_info()
+    log(f"[bench] {settings.label or 'model'}: {machine['cpu']}, {machine['cores']} cores, "
+        f"load {machine['load_average']}, {machine['memory_available_gb']} GB available")
+    bandwidth = measure_memory_bandwidth(settings.bandwidth_mb)
+    log(f"[bench] measured bandwidth GB/s: {bandwidth}")
+    mha_params = network.init_params(base, settings.seed)  # one copy, shared by the variants
+    budget = _available_memory_bytes()
+    budget = int(budget * settings.memory_fraction) if budget else None
+    rows, hf_rows = [], []
+    for n_in, n_out, cap in itertools.product(settings.input_lengths, settings.output_lengths, settings.batch_caps):
+        batch = pick_batch(base, cap, n_in, n_out, budget)
+        shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, bandwidth, log)
+        rows += shape_rows
+        hf_rows += [hf_row] if hf_row else []
+    machine["load_average_end"] = _load_average()
+    return {
+        "label": settings.label,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.time() - started, 1),
+        "settings": {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "config"},
+                     "config": base.to_dict()},
+        "machine": machine, "bandwidth_gbs": bandwidth, "rows": rows, "huggingface": hf_rows,
+    }
+
+
+# ---------------------------------------------------------------------- CLI
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `gqa-t5x bench`."""
+    parser.add_argument("--gin_file", default="gin/models/t5_1_1/large.gin", help="Model gin (sizes).")
+    parser.add_argument("--num_encoder_layers", type=int, help="Override the gin's encoder depth (fit a CPU).")
+    parser.add_argument("--num_decoder_layers", type=int, help="Override the gin's decoder depth.")
+    parser.add_argument("--num_kv_heads", type=_ints, help="kv heads to sweep, e.g. 1,8,64 (default: powers of 2 up to num_heads).")
+    parser.add_argument("--input_length", type=_ints, default=(512,), help="Encoder length(s).")
+    parser.add_argument("--output_length", type=_ints, default=(128,), help="Decoded tokens per sample.")
+    parser.add_argument("--batch_size", type=_ints, default=(16,), help="Batch cap(s): the largest batch that fits up to it is used.")
+    parser.add_argument("--repeats", type=int, default=2, help="Timed runs after the warm-up (fastest reported).")
+    parser.add_argument("--no_huggingface", action="store_true", help="Skip the HuggingFace transformers comparison.")
+    parser.add_argument("--huggingface_repeats", type=int, default=1, help="Timed HuggingFace runs after its warm-up.")
+    parser.add_argument("--memory_fraction", type=float, default=0.5, help="Share of available RAM a run may use.")
+    parser.add_argument("--label", default="", help="Name of the shape in the reports.")
+    parser.add_argument("--output", default="bench_decode", help="Report prefix: writes PREFIX.json/.md/.png.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of weights and inputs.")
+    parser.add_argument("--bandwidth_mb", type=int, default=256, help="Buffer of the bandwidth measurement (MB).")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Builds `BenchSettings` from parsed flags (+ `args.gin_bindings`)."""
+    config = gin_config.model_config_from_gin(args.gin_file, getattr(args, "gin_bindings", []) or [])
+    overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers") if getattr(args, k) is not None}
+    config = config.replace(dtype="float32", dropout_rate=0.0, num_kv_heads=None, **overrides)
+    kv = args.num_kv_heads or tuple(sorted({2**i for i in range(config.num_heads.bit_length()) if config.num_heads % 2**i == 0} | {config.num_heads}))
+    for g in kv:
+        if config.num_heads % g:
+            raise ValueError(f"--num_kv_heads {g} does not divide num_heads={config.num_heads}.")
+    for flag in ("repeats", "huggingface_repeats"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}={getattr(args, flag)} must be >= 1.")
+    if not 0 < args.memory_fraction <= 1:
+        raise ValueError(f"--memory_fraction={args.memory_fraction} must be in (0, 1].")
+    return BenchSettings(
+        config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
+        batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
+        huggingface_repeats=args.huggingface_repeats,
+        memory_fraction=args.memory_fraction, seed=args.seed, label=args.label or Path(args.gin_file).stem,
+        bandwidth_mb=args.bandwidth_mb,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Runs the benchmark for parsed flags, prints the table, writes reports."""
+    settings = settings_from_args(args)
+    results = run_benchmark(settings)
+    print(format_table(results))
+    paths = write_reports(results, args.output)
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry: `python -m gqa_t5x.benchmark [flags] [--gin.X=v]`."""
+    from gqa_t5x import cli
+
+    parser = argparse.ArgumentParser(prog="gqa-t5x bench", description=__doc__.splitlines()[0])
+    add_bench_arguments(parser)
+    rest, bindings = cli.split_gin_flags(list(argv) if argv is not None else sys.argv[1:])
+    args = parser.parse_args(rest)
+    args.gin_bindings = bindings
+    return run_from_args(args)
+
+
+def _register() -> None:
+    from gqa_t5x import cli
+
+    cli.register(cli.Subcommand(
+        "bench", "Time per sample of greedy decoding vs number of kv heads (and HuggingFace).",
+        add_bench_arguments, run_from_args, accepts_gin=True,
+    ))
+
+
+_register()
+
+if __name__ == "__main__":
+    raise SystemExit(bench_main())

@@ -1,0 +1,353 @@
+"""Aggregates run results into the paper's Table 1 layout and figures.
+
+Every finished run (a sweep point, or the quickstart) leaves a `results.json`
+in its directory:
+
+    {
+      "name": "GQA-2 mean a=0.05",       # row label
+      "model": "tiny",                   # size name
+      "num_heads": 4, "num_kv_heads": 2,
+      "method": "mean",                  # conversion method (null for MHA)
+      "alpha": 0.05,                     # uptraining proportion (null: none)
+      "time_per_sample": 0.0123,         # seconds (greedy decoding), or null
+      "scores": {"cnn_dailymail": 12.3}  # the paper's metric per task
+    }
+
+`gqa-t5x report RUN_DIRS... --output OUT` writes `table1.md`, `table1.csv`,
+`report.json` and four figures: quality vs time per sample, the alpha
+curves, conversion-method bars, time vs number of groups. The paper's own
+numbers (`gqa_t5x.paper`) are drawn beside ours as a reference series, in
+their own panels because the scales differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gqa_t5x.experiments import paper
+
+RESULTS_FILE = "results.json"
+_REQUIRED = ("name", "num_heads", "num_kv_heads", "scores")
+
+
+class ReportError(ValueError):
+    """A run directory or results file that cannot be reported."""
+
+
+def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every `results.json` in or under `paths` (sorted, without duplicates).
+
+    Raises:
+      ReportError: a path does not exist or holds no results file.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file() and path.name == RESULTS_FILE:
+            hits = [path]
+        elif path.is_dir():
+            hits = sorted(path.rglob(RESULTS_FILE))
+        else:
+            raise ReportError(f"Run directory {str(path)!r} does not exist.")
+        if not hits:
+            raise ReportError(
+                f"No {RESULTS_FILE} in or under {str(path)!r}: the run has not "
+                "finished (or is not a gqa-t5x run directory)."
+            )
+        found.extend(hits)
+    return sorted(set(p.resolve() for p in found))
+
+
+def load_result(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and validates one `results.json`."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not valid JSON: {err}") from err
+    missing = [k for k in _REQUIRED if k not in result]
+    if missing:
+        raise ReportError(f"{path} lacks the field(s) {missing}.")
+    if not isinstance(result["scores"], dict):
+        raise ReportError(f"{path}: 'scores' must map task names to numbers.")
+    bad = {k: v for k, v in result["scores"].items() if not isinstance(v, (int, float))}
+    if bad:
+        raise ReportError(f"{path}: scores must be numbers; got {bad}.")
+    result["run_dir"] = str(path.parent)
+    return result
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def average(scores: dict[str, float], tasks: Sequence[str] | None = None) -> float | None:
+    """Mean over the `tasks` (default: all scored) that have a score (None if none has)."""
+    tasks = list(scores) if tasks is None else tasks
+    return _mean([float(scores[t]) for t in tasks if t in scores])
+
+
+def extra_tasks(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Tasks scored by the runs that are not among the paper's seven."""
+    return sorted({t for r in results for t in r["scores"]} - set(paper.TASKS))
+
+
+def columns(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Table 1's columns, then one per extra task (e.g. the quickstart's)."""
+    return ["model", "time", "avg", *paper.TASK_COLUMNS.values(), *extra_tasks(results)]
+
+
+def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run in Table 1's column order (missing scores are None).
+
+    `avg` is the mean over every task the run has a score for.
+    """
+    rows = []
+    extras = extra_tasks(results)
+    for r in results:
+        row: dict[str, Any] = {
+            "model": r["name"],
+            "time": r.get("time_per_sample"),
+            "avg": average(r["scores"], [*paper.TASKS, *extras]),
+        }
+        for task in paper.TASKS:
+            row[paper.TASK_COLUMNS[task]] = r["scores"].get(task)
+        for task in extras:
+            row[task] = r["scores"].get(task)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -> str:
+    """Table 1 as markdown; the paper's rows follow ours when asked."""
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                _fmt(row[c], 4 if c == "time" else 1) if c != "model" else row[c]
+                for c in columns
+            )
+            + " |"
+        )
+    if include_paper:
+        lines.append("| *paper (T5.1.1, TPUv4):* |" + " |" * (len(columns) - 1))
+        for name, entry in paper.TABLE1.items():
+            cells = [f"{name} (paper)", _fmt(entry["time"], 2), _fmt(entry["avg"], 1)]
+            cells += [_fmt(entry["scores"][t], 1) for t in paper.TASKS]
+            cells += ["-"] * (len(columns) - len(cells))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if row[c] is None else row[c]) for c in columns})
+
+
+# -------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels():
+    """A figure with two panels: this run (left), the paper (right)."""
+    fig, (ours, ref) = _plt().subplots(1, 2, figsize=(11, 4.2))
+    return fig, ours, ref
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Average score against time per sample (the paper's Figure 3 style)."""
+    fig, ours, ref = _panels()
+    for r in results:
+        avg, t = average(r["scores"]), r.get("time_per_sample")
+        if avg is None or t is None:
+            continue
+        ours.scatter([t], [avg], s=40)
+        ours.annotate(r["name"], (t, avg), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ours.set(xlabel="time per sample (s)", ylabel="average score", title="this run")
+    for name, entry in paper.TABLE1.items():
+        ref.scatter([entry["time"]], [entry["avg"]], s=40, color="gray")
+        ref.annotate(name, (entry["time"], entry["avg"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ref.set(xlabel="time per sample (s)", ylabel="average score", title="paper (T5.1.1, TPUv4)")
+    _save(fig, path)
+
+
+def _series_label(r: dict[str, Any]) -> str:
+    g, h = r["num_kv_heads"], r["num_heads"]
+    kind = "MHA" if g == h else ("MQA" if g == 1 else f"GQA-{g}")
+    method = r.get("method")
+    return kind if kind == "MHA" or not method else f"{kind} ({method})"
+
+
+def plot_alpha(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Ablation-task average against the uptraining proportion alpha."""
+    fig, ours, ref = _panels()
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        avg = average(r["scores"], paper.ABLATION_TASKS) or average(r["scores"])
+        if avg is None:
+            continue
+        if r["num_kv_heads"] == r["num_heads"] and not r.get("method"):
+            ours.axhline(avg, color="gray", linestyle="--", label=f"{r['name']} (MHA)")
+            continue
+        if r.get("alpha") is None:
+            continue
+        series.setdefault(_series_label(r), []).append((float(r["alpha"]), avg))
+    for label, points in sorted(series.items()):
+        points.sort()
+        ours.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ours.set(xlabel="uptraining proportion alpha", ylabel="average score", title="this run")
+    if ours.get_legend_handles_labels()[0]:
+        ours.legend(fontsize=8)
+    for label, curve in paper.ALPHA_CURVES.items():
+        alphas = sorted(curve)
+        ref.plot(alphas, [curve[a] for a in alphas], marker="o", label=label)
+    ref.axhline(paper.ALPHA_MHA_LINE, color="gray", linestyle="--", label="MHA")
+    ref.set(xlabel="uptraining proportion alpha", ylabel="CNN/MultiNews/TriviaQA avg", title="paper (T5-XXL)")
+    ref.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Bars of the average score per conversion method (and kv heads)."""
+    fig, ours, ref = _panels()
+    bars: dict[str, list[float]] = {}
+    for r in results:
+        avg = average(r["scores"], paper.ABLATION_TASKS) or average(r["scores"])
+        if not r.get("method") or avg is None or r["num_kv_heads"] == r["num_heads"]:
+            continue
+        bars.setdefault(_series_label(r), []).append(avg)
+    labels = sorted(bars)
+    ours.bar(range(len(labels)), [_mean(bars[k]) for k in labels])
+    ours.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ours.set(ylabel="average score", title="this run")
+    names = list(paper.CONVERSION_METHODS)
+    ref.bar(range(len(names)), [paper.CONVERSION_METHODS[n] for n in names], color="gray")
+    ref.axhline(paper.CONVERSION_MHA_LARGE, linestyle="--", color="black", label="MHA-Large")
+    ref.set_xticks(range(len(names)), names)
+    lo = min(paper.CONVERSION_METHODS.values()) - 0.5
+    ref.set_ylim(lo, paper.CONVERSION_MHA_LARGE + 0.3)
+    ref.set(ylabel="average score", title="paper (T5-Large -> MQA)")
+    ref.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_time_vs_groups(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Time per sample against the number of kv heads."""
+    fig, ours, ref = _panels()
+    by_g: dict[int, list[float]] = {}
+    for r in results:
+        if r.get("time_per_sample") is not None:
+            by_g.setdefault(int(r["num_kv_heads"]), []).append(float(r["time_per_sample"]))
+    gs = sorted(by_g)
+    ours.plot(gs, [_mean(by_g[g]) for g in gs], marker="o")
+    ours.set(xlabel="key/value heads (groups)", ylabel="time per sample (s)", title="this run")
+    if gs:
+        ours.set_xscale("log", base=2)
+    ref_g = sorted(paper.TIME_VS_GROUPS)
+    ref.plot(ref_g, [paper.TIME_VS_GROUPS[g] for g in ref_g], marker="o", color="gray")
+    ref.set_xscale("log", base=2)
+    ref.set(xlabel="groups", ylabel="time per sample (s)", title="paper (T5-XXL, in 2048 / out 512)")
+    _save(fig, path)
+
+
+def write_report(
+    run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, include_paper: bool = True
+) -> dict[str, Path]:
+    """Collects every run's results and writes the table and figures.
+
+    Args:
+      run_dirs: run directories, or folders containing them.
+      output_dir: where the report goes (created).
+      include_paper: add the paper's numbers as a reference series.
+
+    Returns:
+      Name -> path of each file written.
+    """
+    results = [load_result(p) for p in find_results(run_dirs)]
+    results.sort(key=lambda r: (-r["num_kv_heads"], r.get("method") or "", r.get("alpha") or 0.0, r["name"]))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(results)
+    files = {
+        "table_md": out / "table1.md",
+        "table_csv": out / "table1.csv",
+        "json": out / "report.json",
+        "quality_vs_time": out / "quality_vs_time.png",
+        "alpha": out / "alpha.png",
+        "methods": out / "methods.png",
+        "time_vs_groups": out / "time_vs_groups.png",
+    }
+    files["table_md"].write_text(markdown_table(rows, include_paper))
+    write_csv(files["table_csv"], rows)
+    files["json"].write_text(json.dumps({"runs": results, "table": rows}, indent=2))
+    plot_quality_vs_time(results, files["quality_vs_time"])
+    plot_alpha(results, files["alpha"])
+    plot_methods(results, files["methods"])
+    plot_time_vs_groups(results, files["time_vs_groups"])
+    return files
+
+
+# ------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", help="Run directories (or folders of them).")
+    parser.add_argument("--output", required=True, help="Directory for the table and figures.")
+    parser.add_argument("--no_paper", action="store_true", help="Leave out the paper's reference numbers.")
+
+
+def run(args: argparse.Namespace) -> int:
+    files = write_report(args.run_dirs, args.output, include_paper=not args.no_paper)
+    print(files["table_md"].read_text())
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _register() -> None:
+    from gqa_t5x import cli
+
+    cli.register(
+        cli.Subcommand(
+            name="report",
+            help="Collect run results into the paper's Table 1 and figures.",
+            add_arguments=add_arguments,
+            run=run,
+        )
+    )
+
+
+_register()

@@ -1,0 +1,67 @@
+"""Time per sample of greedy decoding for a trained checkpoint (sweeps, quickstart).
+
+The paper's protocol at the scale of one run: fixed input/output lengths
+(no early stop at EOS, so every model decodes the same number of steps),
+warm-up excluded, `block_until_ready`, time divided by the batch size. The
+full benchmark with the kv-head sweep, HF comparison and bandwidth figures is
+`gqa-t5x bench` (`gqa_t5x/benchmark.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from gqa_t5x import checkpoints
+from gqa_t5x.model import decoding
+
+
+def time_params(config: Any, params: Any, *, batch: int, input_length: int,
+                output_length: int, repeats: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Measures greedy decoding of random inputs with `params`.
+
+    Args:
+      config: Model config (its dtype is the activation dtype used).
+      params: Parameters.
+      batch: Samples decoded together.
+      input_length: Encoder tokens per sample.
+      output_length: Decoding steps per sample.
+      repeats: Timed repetitions after one warm-up call (the fastest counts).
+      seed: Seed of the random input tokens.
+
+    Returns:
+      {'time_per_sample', 'seconds', 'batch', 'input_length', 'output_length'}.
+    """
+    if min(batch, input_length, output_length, repeats) < 1:
+        raise ValueError("batch, input_length, output_length and repeats must be >= 1.")
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, min(config.vocab_size, 32000), size=(batch, input_length)).astype(np.int32)
+    params = jax.device_put(params)
+
+    def run() -> None:
+        result = decoding.decode(config, params, tokens, max_decode_length=output_length,
+                                 method="greedy", eos_id=None)
+        jax.block_until_ready(result.tokens)
+
+    run()  # compile + warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return {"time_per_sample": best / batch, "seconds": best, "batch": batch,
+            "input_length": input_length, "output_length": output_length}
+
+
+def time_checkpoint(path: str, *, dtype: str = "float32", batch: int = 8, input_length: int = 512,
+                    output_length: int = 128, repeats: int = 2) -> dict[str, Any]:
+    """`time_params` on a checkpoint of any supported format."""
+    config, params = checkpoints.load(path)
+    config = config.replace(dtype=dtype, dropout_rate=0.0)
+    result = time_params(config, params, batch=batch, input_length=input_length,
+                         output_length=output_length, repeats=repeats)
+    result["checkpoint"] = path
+    return result

@@ -1,0 +1,339 @@
+"""Grouped-query dot-product attention with T5's relative position biases.
+
+A layer has `num_heads` query heads and `num_kv_heads` key/value heads; query
+head `h` reads key/value head `h // (num_heads // num_kv_heads)` (contiguous
+groups, as in the paper). The grouped computation never repeats keys/values:
+queries are reshaped to `[batch, q_len, kv_heads, group, head_dim]` and
+contracted against `[batch, kv_len, kv_heads, head_dim]`, so both FLOPs of the
+key/value projections and the memory of the decoding cache scale with
+`num_kv_heads`.
+
+Decoding (`decode=True`) keeps, per layer:
+* self-attention: `cached_key`/`cached_value` `[batch, max_len, kv_heads,
+  head_dim]` and `cache_index`;
+* encoder-decoder attention: `cached_key`/`cached_value` `[batch, enc_len,
+  kv_heads, head_dim]`, projected ONCE from the encoder output (T5X recomputes
+  them at every step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_t5x.model import layers
+
+Array = jax.Array
+
+_MASK_VALUE = -1e10
+
+
+# ---------------------------------------------------------------------- masks
+def make_attention_mask(
+    query_input: Array,
+    key_input: Array,
+    pairwise_fn: Any = jnp.multiply,
+    dtype: Any = jnp.float32,
+) -> Array:
+    """Pairwise mask `[batch, 1, q_len, kv_len]` from per-position inputs.
+
+    Args:
+      query_input: `[batch, q_len]`.
+      key_input: `[batch, kv_len]`.
+      pairwise_fn: Combines query and key values (multiply for padding masks,
+        equal for segment ids).
+      dtype: Output dtype.
+
+    Returns:
+      The mask, 1 where attention is allowed.
+    """
+    mask = pairwise_fn(query_input[:, :, None], key_input[:, None, :])
+    return mask[:, None, :, :].astype(dtype)
+
+
+def make_causal_mask(x: Array, dtype: Any = jnp.float32) -> Array:
+    """Causal mask `[batch, 1, len, len]` for `x` `[batch, len]`."""
+    idxs = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+    return make_attention_mask(idxs, idxs, jnp.greater_equal, dtype=dtype)
+
+
+def combine_masks(*masks: Array | None, dtype: Any = jnp.float32) -> Array | None:
+    """Logical AND of the non-None masks (all `[batch, 1, q, k]`-broadcastable)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0].astype(jnp.bool_)
+    for m in present[1:]:
+        out = jnp.logical_and(out, m.astype(jnp.bool_))
+    return out.astype(dtype)
+
+
+# ------------------------------------------------------ relative position bias
+def relative_position_bucket(
+    relative_position: Array,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> Array:
+    """T5's bucketing of `memory_position - query_position`.
+
+    Half the buckets (a quarter each way if bidirectional) hold exact small
+    distances; the rest grow logarithmically up to `max_distance`.
+
+    Args:
+      relative_position: Integer array of key minus query positions.
+      bidirectional: Whether keys after the query get their own buckets.
+      num_buckets: Number of buckets.
+      max_distance: Distances beyond this share the last bucket.
+
+    Returns:
+      Int32 bucket ids in `[0, num_buckets)`, same shape as the input.
+    """
+    ret = jnp.zeros_like(relative_position, dtype=jnp.int32)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    eps = np.finfo(np.float32).eps
+    val_if_large = max_exact + (
+        jnp.log(n.astype(jnp.float32) / max_exact + eps)
+        / np.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+    """T5's per-head relative position bias, `rel_embedding` `[heads, buckets]`.
+
+    One instance per stack, shared by all its layers.
+
+    Attributes:
+      num_buckets: Number of relative position buckets (32).
+      max_distance: Largest distinguished distance (128).
+      num_heads: Number of query heads.
+      dtype: Dtype of the returned bias.
+    """
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        qlen: int,
+        klen: int,
+        bidirectional: bool = True,
+        query_offset: Array | int = 0,
+    ) -> Array:
+        """Returns the bias `[1, heads, qlen, klen]`.
+
+        Args:
+          qlen: Number of query positions.
+          klen: Number of key positions.
+          bidirectional: True in the encoder, False in the decoder.
+          query_offset: Position of the first query (the step when decoding).
+        """
+        rel_embedding = self.param(
+            "rel_embedding",
+            nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+            (self.num_heads, self.num_buckets),
+            jnp.float32,
+        )
+        context_position = jnp.arange(qlen, dtype=jnp.int32)[:, None] + query_offset
+        memory_position = jnp.arange(klen, dtype=jnp.int32)[None, :]
+        buckets = relative_position_bucket(
+            memory_position - context_position,
+            bidirectional=bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )  # [qlen, klen]
+        values = jnp.take(rel_embedding, buckets, axis=1)  # [heads, qlen, klen]
+        return values[None].astype(self.dtype)
+
+
+# ------------------------------------------------------------------ attention
+class MultiHeadDotProductAttention(nn.Module):
+    """Grouped-query attention (MHA when num_kv_heads == num_heads, MQA at 1).
+
+    Parameters (T5X names): `query/kernel` `[emb, heads*head_dim]`,
+    `key/kernel` and `value/kernel` `[emb, kv_heads*head_dim]`, `out/kernel`
+    `[heads*head_dim, emb]`. Logits are not scaled by 1/sqrt(head_dim): T5
+    folds that scale into the query initialiser.
+
+    Attributes:
+      num_heads: Query heads.
+      num_kv_heads: Key/value heads; must divide num_heads.
+      head_dim: Width of a head.
+      out_features: Output width (the model's emb_dim).
+      is_cross_attention: Encoder-decoder attention (keys from the encoder):
+        in decode mode its keys/values are projected once and cached.
+      dtype: Computation dtype.
+      dropout_rate: Dropout on attention weights.
+      float32_logits: Compute logits and softmax in float32.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    out_features: int
+    is_cross_attention: bool = False
+    dtype: Any = jnp.float32
+    dropout_rate: float = 0.0
+    float32_logits: bool = True
+
+    def setup(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not divisible by "
+                f"num_kv_heads={self.num_kv_heads}."
+            )
+        depth_scaling = float(np.sqrt(self.head_dim))
+
+        def query_init(key, shape, dtype=jnp.float32):
+            return layers.default_kernel_init(key, shape, dtype) / depth_scaling
+
+        inner = self.num_heads * self.head_dim
+        kv_inner = self.num_kv_heads * self.head_dim
+        self.query = layers.Dense(inner, dtype=self.dtype, kernel_init=query_init)
+        self.key = layers.Dense(kv_inner, dtype=self.dtype)
+        self.value = layers.Dense(kv_inner, dtype=self.dtype)
+        self.out = layers.Dense(self.out_features, dtype=self.dtype)
+
+    def project_kv(self, inputs_kv: Array) -> tuple[Array, Array]:
+        """Keys and values `[batch, kv_len, kv_heads, head_dim]` of `inputs_kv`."""
+        batch, length = inputs_kv.shape[:2]
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        key = self.key(inputs_kv).reshape(shape)
+        value = self.value(inputs_kv).reshape(shape)
+        return key, value
+
+    def init_cache(self, batch: int, max_length: int, inputs_kv: Array | None = None) -> None:
+        """Creates this layer's decoding cache.
+
+        Self-attention: zero `cached_key`/`cached_value` `[batch, max_length,
+        kv_heads, head_dim]` and `cache_index = 0`. Cross-attention: keys and
+        values projected from `inputs_kv` (the encoder output), once.
+        """
+        if self.is_cross_attention:
+            if inputs_kv is None:
+                raise ValueError("Cross-attention cache needs the encoder output.")
+            key, value = self.project_kv(inputs_kv)
+            self.put_variable("cache", "cached_key", key.astype(self.dtype))
+            self.put_variable("cache", "cached_value", value.astype(self.dtype))
+            return
+        shape = (batch, max_length, self.num_kv_heads, self.head_dim)
+        self.put_variable("cache", "cached_key", jnp.zeros(shape, self.dtype))
+        self.put_variable("cache", "cached_value", jnp.zeros(shape, self.dtype))
+        self.put_variable("cache", "cache_index", jnp.array(0, dtype=jnp.int32))
+
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
+        """Attends from `inputs_q` to `inputs_kv`.
+
+        Args:
+          inputs_q: `[batch, q_len, emb]`.
+          inputs_kv: `[batch, kv_len, emb]`; may be None for cached
+            cross-attention in decode mode.
+          mask: `[batch, 1, q_len, kv_len]`, 1 = attend.
+          bias: `[batch or 1, heads, q_len, kv_len]` additive bias.
+          deterministic: Disables dropout.
+          decode: Use (and update) the decoding cache; the query length must
+            be 1 once the cache exists.
+
+        Returns:
+          `[batch, q_len, emb]`.
+        """
+        batch, q_len, _ = inputs_q.shape
+        group = self.num_heads // self.num_kv_heads
+        query = self.query(inputs_q).reshape(
+            batch, q_len, self.num_kv_heads, group, self.head_dim
+        )  # [batch, q_len, kv_heads, group, head_dim]
+
+        if decode and self.has_variable("cache", "cached_key"):
+            if self.is_cross_attention:
+                key = self.get_variable("cache", "cached_key")
+                value = self.get_variable("cache", "cached_value")
+            else:
+                if q_len != 1:
+                    raise ValueError(
+                        f"Incremental decoding feeds one token per step; got a "
+                        f"query of length {q_len}."
+                    )
+                assert inputs_kv is not None
+                new_key, new_value = self.project_kv(inputs_kv)  # [batch, 1, kv, d]
+                cached_key = self.get_variable("cache", "cached_key")
+                cached_value = self.get_variable("cache", "cached_value")
+                index = self.get_variable("cache", "cache_index")
+                max_len = cached_key.shape[1]
+                key = jax.lax.dynamic_update_slice(
+                    cached_key, new_key.astype(cached_key.dtype), (0, index, 0, 0)
+                )
+                value = jax.lax.dynamic_update_slice(
+                    cached_value, new_value.astype(cached_value.dtype), (0, index, 0, 0)
+                )
+                self.put_variable("cache", "cached_key", key)
+                self.put_variable("cache", "cached_value", value)
+                self.put_variable("cache", "cache_index", index + 1)
+                # Only positions written so far are visible.
+                step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]
+                mask = combine_masks(mask, step_mask)
+        else:
+            if inputs_kv is None:
+                raise ValueError("inputs_kv is required unless decoding from a cache.")
+            key, value = self.project_kv(inputs_kv)  # [batch, kv_len, kv_heads, d]
+
+        if self.float32_logits:
+            query = query.astype(jnp.float32)
+            key = key.astype(jnp.float32)
+        else:
+            key = key.astype(self.dtype)
+        kv_len = key.shape[1]
+        logits = jnp.einsum(
+            "bqgrd,bkgd->bgrqk", query, key
+        )  # [batch, kv_heads, group, q_len, kv_len]
+
+        if mask is not None:
+            mask_bias = jnp.where(mask > 0, 0.0, _MASK_VALUE)  # [batch, 1, q, k]
+            bias = mask_bias if bias is None else bias + mask_bias
+        if bias is not None:
+            bias = jnp.broadcast_to(
+                bias, (bias.shape[0], self.num_heads, q_len, kv_len)
+            ).reshape(bias.shape[0], self.num_kv_heads, group, q_len, kv_len)
+            logits = logits + bias.astype(logits.dtype)
+
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        if not deterministic and self.dropout_rate > 0.0:
+            keep_prob = 1.0 - self.dropout_rate
+            dropout_rng = self.make_rng("dropout")
+            # Broadcast along the query axis, as T5X does.
+            keep_shape = list(weights.shape)
+            keep_shape[-2] = 1
+            keep = jax.random.bernoulli(dropout_rng, keep_prob, keep_shape)
+            weights = weights * (keep.astype(weights.dtype) / keep_prob)
+
+        out = jnp.einsum(
+            "bgrqk,bkgd->bqgrd", weights, value.astype(self.dtype)
+        )  # [batch, q_len, kv_heads, group, head_dim]
+        out = out.reshape(batch, q_len, self.num_heads * self.head_dim)
+        return self.out(out)  # [batch, q_len, emb]

@@ -1,0 +1,438 @@
+"""T5.1.1 encoder-decoder with grouped-query attention.
+
+A drop-in for T5X's `t5x/examples/t5/network.py`: same `T5Config` fields, the
+same `Transformer.__call__/encode/decode` signatures and exactly the same
+parameter tree (names and shapes), plus configurable key/value heads
+(`T5Config.num_kv_heads`, `T5Config.encoder_num_kv_heads`).
+
+Decoding: `Transformer.init_decode_cache` builds the cache (decoder
+self-attention zeros with `num_kv_heads` heads; encoder-decoder keys/values
+projected once from the encoder output), then `decode(..., decode=True)` is fed
+one token per step with `mutable=['cache']`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gqa_t5x.model import attention
+from gqa_t5x.model import layers
+from gqa_t5x.model.config import T5Config, resolve_dtype
+
+Array = jax.Array
+
+__all__ = ["T5Config", "Transformer", "Encoder", "Decoder", "init_params"]
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm encoder layer: self-attention then gated MLP, with residuals."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(
+        self, inputs: Array, encoder_mask: Array | None, bias: Array, deterministic: bool
+    ) -> Array:
+        cfg = self.config
+        dtype = resolve_dtype(cfg.dtype)
+        x = layers.LayerNorm(dtype=dtype, name="pre_attention_layer_norm")(inputs)
+        x = attention.MultiHeadDotProductAttention(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.encoder_kv_heads,
+            head_dim=cfg.head_dim,
+            out_features=cfg.emb_dim,
+            dtype=dtype,
+            dropout_rate=cfg.dropout_rate,
+            float32_logits=cfg.float32_attention_logits,
+            name="attention",
+        )(x, x, encoder_mask, bias, deterministic=deterministic)
+        x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
+            x, deterministic=deterministic
+        )
+        x = x + inputs
+        y = layers.LayerNorm(dtype=dtype, name="pre_mlp_layer_norm")(x)
+        y = layers.MlpBlock(
+            intermediate_dim=cfg.mlp_dim,
+            activations=cfg.mlp_activations,
+            intermediate_dropout_rate=cfg.dropout_rate,
+            dtype=dtype,
+            name="mlp",
+        )(y, deterministic=deterministic)
+        y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
+            y, deterministic=deterministic
+        )
+        return y + x  # [batch, length, emb]
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: self-attention, encoder-decoder attention, MLP."""
+
+    config: T5Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = resolve_dtype(cfg.dtype)
+        common = dict(
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.decoder_kv_heads,
+            head_dim=cfg.head_dim,
+            out_features=cfg.emb_dim,
+            dtype=dtype,
+            dropout_rate=cfg.dropout_rate,
+            float32_logits=cfg.float32_attention_logits,
+        )
+        self.pre_self_attention_layer_norm = layers.LayerNorm(dtype=dtype)
+        self.self_attention = attention.MultiHeadDotProductAttention(**common)
+        self.pre_cross_attention_layer_norm = layers.LayerNorm(dtype=dtype)
+        self.encoder_decoder_attention = attention.MultiHeadDotProductAttention(
+            is_cross_attention=True, **common
+        )
+        self.pre_mlp_layer_norm = layers.LayerNorm(dtype=dtype)
+        self.mlp = layers.MlpBlock(
+            intermediate_dim=cfg.mlp_dim,
+            activations=cfg.mlp_activations,
+            intermediate_dropout_rate=cfg.dropout_rate,
+            dtype=dtype,
+        )
+        self.dropout = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))
+
+    def init_cache(self, batch: int, max_length: int, encoded: Array) -> None:
+        """Creates both attention caches of this layer."""
+        self.self_attention.init_cache(batch, max_length)
+        self.encoder_decoder_attention.init_cache(batch, max_length, encoded)
+
+    def __call__(
+        self,
+        inputs: Array,
+        encoded: Array | None,
+        decoder_mask: Array | None,
+        encoder_decoder_mask: Array | None,
+        bias: Array,
+        deterministic: bool,
+        decode: bool,
+    ) -> Array:
+        x = self.pre_self_attention_layer_norm(inputs)
+        x = self.self_attention(
+            x, x, decoder_mask, bias, deterministic=deterministic, decode=decode
+        )
+        x = self.dropout(x, deterministic=deterministic)
+        x = x + inputs
+        y = self.pre_cross_attention_layer_norm(x)
+        y = self.encoder_decoder_attention(
+            y, encoded, encoder_decoder_mask, None, deterministic=deterministic, decode=decode
+        )
+        y = self.dropout(y, deterministic=deterministic)
+        y = y + x
+        z = self.pre_mlp_layer_norm(y)
+        z = self.mlp(z, deterministic=deterministic)
+        z = self.dropout(z, deterministic=deterministic)
+        return z + y  # [batch, length, emb]
+
+
+class Encoder(nn.Module):
+    """The T5 encoder stack (shares `token_embedder` with the decoder)."""
+
+    config: T5Config
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        encoder_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        dtype = resolve_dtype(cfg.dtype)
+        length = encoder_input_tokens.shape[-1]
+        rel_emb = attention.RelativePositionBiases(
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance,
+            num_heads=cfg.num_heads,
+            dtype=dtype,
+            name="relpos_bias",
+        )
+        bias = rel_emb(length, length, bidirectional=True)  # [1, heads, len, len]
+        x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
+        x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
+            x, deterministic=deterministic
+        )
+        x = x.astype(dtype)
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(config=cfg, name=f"layers_{i}")(
+                x, encoder_mask, bias, deterministic
+            )
+        x = layers.LayerNorm(dtype=dtype, name="encoder_norm")(x)
+        return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    """The T5 decoder stack with incremental-decoding support."""
+
+    config: T5Config
+    shared_embedding: nn.Module
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = resolve_dtype(cfg.dtype)
+        self.relpos_bias = attention.RelativePositionBiases(
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance,
+            num_heads=cfg.num_heads,
+            dtype=dtype,
+        )
+        self.layers = [DecoderLayer(config=cfg) for _ in range(cfg.num_decoder_layers)]
+        self.decoder_norm = layers.LayerNorm(dtype=dtype)
+        self.dropout = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))
+        self.final_dropout = nn.Dropout(rate=cfg.dropout_rate)
+        if not cfg.logits_via_embedding:
+            self.logits_dense = layers.Dense(
+                cfg.vocab_size, dtype=jnp.float32, kernel_init=layers.mlp_kernel_init
+            )
+
+    def init_cache(self, encoded: Array, max_length: int) -> None:
+        """Creates the decoding cache of every layer and the step counter."""
+        batch = encoded.shape[0]
+        for layer in self.layers:
+            layer.init_cache(batch, max_length, encoded)
+        self.put_variable("cache", "position", jnp.array(0, dtype=jnp.int32))
+        # Its static shape tells decoding steps the cache length.
+        self.put_variable("cache", "key_positions", jnp.arange(max_length, dtype=jnp.int32))
+
+    def __call__(
+        self,
+        encoded: Array | None,
+        decoder_input_tokens: Array,
+        decoder_positions: Array | None = None,
+        decoder_mask: Array | None = None,
+        encoder_decoder_mask: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        cfg = self.config
+        dtype = resolve_dtype(cfg.dtype)
+        length = decoder_input_tokens.shape[-1]
+        if decode and not self.has_variable("cache", "position"):
+            # T5X's convention: the first decode=True call (usually
+            # `init(..., decode=True)` on full-length inputs) creates the cache
+            # and runs a normal, non-incremental pass.
+            if encoded is None:
+                raise ValueError(
+                    "decode=True without a cache needs `encoded` to project the "
+                    "encoder-decoder keys/values; call Transformer.init_decode_cache."
+                )
+            self.init_cache(encoded, max_decode_length or length)
+            decode = False
+        if decode:
+            # One step: the query sits at the cached position, keys span the cache.
+            position = self.get_variable("cache", "position")
+            key_len = self.get_variable("cache", "key_positions").shape[0]
+            bias = self.relpos_bias(
+                1, key_len, bidirectional=False, query_offset=position
+            )  # [1, heads, 1, max_len]
+            self.put_variable("cache", "position", position + 1)
+        else:
+            bias = self.relpos_bias(length, length, bidirectional=False)
+        y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
+        y = self.dropout(y, deterministic=deterministic)
+        y = y.astype(dtype)
+        for layer in self.layers:
+            y = layer(
+                y, encoded, decoder_mask, encoder_decoder_mask, bias, deterministic, decode
+            )
+        y = self.decoder_norm(y)
+        y = self.final_dropout(y, deterministic=deterministic)
+        if cfg.logits_via_embedding:
+            logits = self.shared_embedding.attend(y)
+            logits = logits / jnp.sqrt(y.shape[-1]).astype(logits.dtype)
+        else:
+            logits = self.logits_dense(y)
+        return logits  # [batch, length, vocab]
+
+
+class Transformer(nn.Module):
+    """The T5.1.1 encoder-decoder (T5X `network.Transformer` interface).
+
+    Attributes:
+      config: Model hyper-parameters.
+    """
+
+    config: T5Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.token_embedder = layers.Embed(
+            num_embeddings=cfg.vocab_size,
+            features=cfg.emb_dim,
+            dtype=resolve_dtype(cfg.dtype),
+        )
+        self.encoder = Encoder(config=cfg, shared_embedding=self.token_embedder)
+        self.decoder = Decoder(config=cfg, shared_embedding=self.token_embedder)
+
+    def encode(
+        self,
+        encoder_input_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        encoder_positions: Array | None = None,
+        *,
+        enable_dropout: bool = True,
+    ) -> Array:
+        """Encodes `[batch, enc_len]` tokens (0 = padding) to `[batch, enc_len, emb]`.
+
+        `encoder_positions` is accepted for T5X compatibility; as in T5X the
+        relative position bias is computed from array offsets, which equals the
+        per-segment positions for packed examples because the segment mask
+        keeps attention within a segment.
+        """
+        del encoder_positions
+        if encoder_input_tokens.ndim != 2:
+            raise ValueError(
+                "encoder_input_tokens must be [batch, length]; got shape "
+                f"{encoder_input_tokens.shape}."
+            )
+        encoder_mask = attention.make_attention_mask(
+            encoder_input_tokens > 0, encoder_input_tokens > 0
+        )
+        if encoder_segment_ids is not None:
+            encoder_mask = attention.combine_masks(
+                encoder_mask,
+                attention.make_attention_mask(
+                    encoder_segment_ids, encoder_segment_ids, jnp.equal
+                ),
+            )
+        return self.encoder(
+            encoder_input_tokens, encoder_mask, deterministic=not enable_dropout
+        )
+
+    def decode(
+        self,
+        encoded: Array | None,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        *,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        """Decoder logits `[batch, dec_len, vocab]` (T5X signature).
+
+        With `decode=True` and an existing cache, feed one token per step
+        (`decoder_input_tokens` `[batch, 1]`); `encoded` may then be None because
+        the encoder-decoder keys/values are read from the cache.
+        """
+        if decode:
+            decoder_mask = None
+            encoder_decoder_mask = attention.make_attention_mask(
+                jnp.ones_like(decoder_target_tokens), encoder_input_tokens > 0
+            )
+        else:
+            decoder_mask = attention.combine_masks(
+                attention.make_causal_mask(decoder_target_tokens),
+                attention.make_attention_mask(
+                    decoder_target_tokens > 0, decoder_target_tokens > 0
+                ),
+            )
+            if decoder_segment_ids is not None:
+                decoder_mask = attention.combine_masks(
+                    decoder_mask,
+                    attention.make_attention_mask(
+                        decoder_segment_ids, decoder_segment_ids, jnp.equal
+                    ),
+                )
+            encoder_decoder_mask = attention.make_attention_mask(
+                decoder_target_tokens > 0, encoder_input_tokens > 0
+            )
+            if encoder_segment_ids is not None:
+                if decoder_segment_ids is None:
+                    raise ValueError(
+                        "encoder_segment_ids were given without decoder_segment_ids; "
+                        "packed examples need both."
+                    )
+                encoder_decoder_mask = attention.combine_masks(
+                    encoder_decoder_mask,
+                    attention.make_attention_mask(
+                        decoder_segment_ids, encoder_segment_ids, jnp.equal
+                    ),
+                )
+        return self.decoder(
+            encoded,
+            decoder_input_tokens,
+            decoder_positions=decoder_positions,
+            decoder_mask=decoder_mask,
+            encoder_decoder_mask=encoder_decoder_mask,
+            deterministic=not enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
+        )
+
+    def init_decode_cache(self, encoded: Array, max_decode_length: int) -> None:
+        """Creates the decoding cache (call with `mutable=['cache']`).
+
+        Decoder self-attention caches `[batch, max_decode_length, kv_heads,
+        head_dim]` start at zero; encoder-decoder keys/values `[batch, enc_len,
+        kv_heads, head_dim]` are projected here, once, from `encoded`.
+        """
+        self.decoder.init_cache(encoded, max_decode_length)
+
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        encoder_positions: Array | None = None,
+        decoder_positions: Array | None = None,
+        *,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        """Teacher-forced logits `[batch, dec_len, vocab]` (T5X signature)."""
+        encoded = self.encode(
+            encoder_input_tokens,
+            encoder_segment_ids=encoder_segment_ids,
+            encoder_positions=encoder_positions,
+            enable_dropout=enable_dropout,
+        )
+        return self.decode(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
+            decoder_positions=decoder_positions,
+            enable_dropout=enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
+        )
+
+
+def init_params(config: T5Config, seed: int = 0, batch: int = 1, length: int = 8) -> Any:
+    """Randomly initialised parameters (T5X initialisers) for `config`.
+
+    Args:
+      config: Model config.
+      seed: PRNG seed.
+      batch: Batch size of the dummy inputs used to trace shapes.
+      length: Sequence length of the dummy inputs.
+
+    Returns:
+      The `params` collection (nested dict of float32 arrays).
+    """
+    model = Transformer(config)
+    tokens = jnp.ones((batch, length), jnp.int32)
+    variables = jax.jit(
+        lambda rng: model.init(rng, tokens, tokens, tokens, enable_dropout=False)
+    )(jax.random.PRNGKey(seed))
+    return variables["params"]

@@ -1,0 +1,203 @@
+"""Evaluation with `seqio.Evaluator`: greedy decoding + the task's metrics.
+
+Used by the trainer (fine-tuning evaluates every `eval_period` steps and keeps
+the best checkpoint) and by `--run_mode=eval` (`evaluate`, bound in
+`gin/runs/eval.gin`), which scores one checkpoint of any format the
+checkpoints package reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from gqa_t5x import checkpoints
+from gqa_t5x.data import datasets
+from gqa_t5x.model import models
+
+def _batches(
+    dataset: tf.data.Dataset, batch_size: int
+) -> Any:
+    """Yields (indices, features, real_rows) with the last batch zero-padded."""
+    for indices, features in dataset.batch(batch_size).as_numpy_iterator():
+        rows = len(indices)
+        if rows < batch_size:
+            features = {
+                k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
+                for k, v in features.items()
+            }
+        yield indices, features, rows
+
+
+def make_predict_fn(
+    model: models.EncoderDecoderModel,
+    params: Any,
+    batch_size: int,
+    max_decode_length: int | None = None,
+) -> Callable[..., list[tuple[int, list[int]]]]:
+    """A seqio `predict_fn`: greedy decoding of an enumerated dataset.
+
+    Args:
+      model: The model.
+      params: Its parameters.
+      batch_size: Rows per decoding call (the last batch is padded).
+      max_decode_length: Output length (default: the targets' length).
+
+    Returns:
+      fn(dataset, model_feature_shapes=None) -> [(index, token ids)].
+    """
+
+    def predict_fn(dataset: tf.data.Dataset, model_feature_shapes: Any = None):
+        del model_feature_shapes
+        out: list[tuple[int, list[int]]] = []
+        for indices, features, rows in _batches(dataset, batch_size):
+            tokens = model.predict_batch(params, features, max_decode_length=max_decode_length)
+            tokens = np.asarray(jax.device_get(tokens))
+            # Full-length rows (0 after EOS): seqio stacks them into an array
+            # and its vocabulary stops decoding at EOS.
+            out.extend((int(i), t.tolist()) for i, t in zip(indices[:rows], tokens[:rows]))
+        return out
+
+    return predict_fn
+
+
+def make_score_fn(
+    model: models.EncoderDecoderModel, params: Any, batch_size: int
+) -> Callable[..., list[tuple[int, float]]]:
+    """A seqio `score_fn`: log-likelihood of each example's targets."""
+
+    def score_fn(dataset: tf.data.Dataset, model_feature_shapes: Any = None):
+        del model_feature_shapes
+        out: list[tuple[int, float]] = []
+        for indices, features, rows in _batches(dataset, batch_size):
+            scores = np.asarray(model.score_batch(params, features))
+            out.extend((int(i), float(s)) for i, s in zip(indices[:rows], scores[:rows]))
+        return out
+
+    return score_fn
+
+
+def make_evaluator(
+    cfg: datasets.DatasetConfig,
+    output_dir: str | None,
+    num_examples: int | None = None,
+) -> seqio.Evaluator:
+    """A `seqio.Evaluator` over `cfg`'s task and split (unpacked, in order).
+
+    Args:
+      cfg: Evaluation dataset (mixture_or_task_name, lengths, split, seed).
+      output_dir: Where seqio's JSON/TensorBoard loggers write (None: no logs).
+      num_examples: Evaluate on the first N examples only.
+
+    Returns:
+      The evaluator (its datasets are cached at construction).
+    """
+    datasets.get_task_or_mixture(cfg)
+    if output_dir:
+        tf.io.gfile.makedirs(output_dir)
+    loggers: Sequence[type[seqio.Logger]] = (
+        (seqio.JSONLogger, seqio.TensorBoardLogger) if output_dir else ()
+    )
+    return seqio.Evaluator(
+        mixture_or_task_name=cfg.mixture_or_task_name,
+        feature_converter=seqio.EncDecFeatureConverter(pack=False),
+        eval_split=cfg.split,
+        use_cached=cfg.use_cached,
+        seed=cfg.seed,
+        sequence_length=dict(cfg.task_feature_lengths),
+        num_examples=num_examples,
+        shuffle=False,
+        logger_cls=loggers,
+        log_dir=output_dir,
+    )
+
+
+def run_evaluator(
+    evaluator: seqio.Evaluator,
+    model: models.EncoderDecoderModel,
+    params: Any,
+    *,
+    step: int,
+    batch_size: int,
+    max_decode_length: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Runs inference + metrics; returns {task: {metric: value}}."""
+    all_metrics, _ = evaluator.evaluate(
+        compute_metrics=jax.process_index() == 0,
+        step=step,
+        predict_fn=make_predict_fn(model, params, batch_size, max_decode_length),
+        score_fn=make_score_fn(model, params, batch_size),
+    )
+    result = all_metrics.result() if hasattr(all_metrics, "result") else all_metrics
+    return {
+        task: {k: float(np.asarray(getattr(v, "value", v))) for k, v in values.items()
+               if np.ndim(np.asarray(getattr(v, "value", v), dtype=object)) == 0}
+        for task, values in (result or {}).items()
+    }
+
+
+def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """'task/metric = value' lines."""
+    return "\n".join(
+        f"  {task}/{name} = {value:.4f}"
+        for task, values in sorted(metrics.items())
+        for name, value in sorted(values.items())
+    )
+
+
+def evaluate(
+    *,
+    model: models.EncoderDecoderModel,
+    dataset_cfg: datasets.DatasetConfig,
+    checkpoint_path: str,
+    output_dir: str,
+    num_examples: int | None = None,
+    max_decode_length: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluates one checkpoint (`--run_mode=eval`, T5X `eval.evaluate`).
+
+    Args:
+      model: The model (its config must match the checkpoint's shapes).
+      dataset_cfg: Task, split ('validation'), lengths, batch size.
+      checkpoint_path: Any checkpoint the checkpoints package reads,
+        including a training checkpoint `MODEL_DIR/checkpoint_<step>`.
+      output_dir: Where metrics (`metrics.json`, seqio logs) are written.
+      num_examples: Evaluate only the first N examples.
+      max_decode_length: Output length (default: the targets' length).
+
+    Returns:
+      {task: {metric: value}}.
+    """
+    if not checkpoint_path:
+        raise ValueError("CHECKPOINT_PATH is required for --run_mode=eval.")
+    reader = checkpoints.open_checkpoint(checkpoint_path)
+    with reader:
+        config = reader.config
+        flat = {k: reader.read(k) for k in reader.keys()}
+        step = int(reader.step or 0)
+    model = model.with_config(
+        config.replace(dtype=model.config.dtype, dropout_rate=model.config.dropout_rate)
+    )
+    params = jax.tree_util.tree_map(np.asarray, checkpoints.names.unflatten(flat))
+    tf.io.gfile.makedirs(output_dir)  # Local or gs://.
+    start = time.time()
+    evaluator = make_evaluator(dataset_cfg, output_dir, num_examples)
+    metrics = run_evaluator(
+        evaluator, model, params, step=step,
+        batch_size=datasets.host_batch_size(dataset_cfg),
+        max_decode_length=max_decode_length,
+    )
+    with tf.io.gfile.GFile(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump({"checkpoint": checkpoint_path, "step": step, "metrics": metrics}, f, indent=2)
+    logging.info("Evaluated %s in %.1fs", checkpoint_path, time.time() - start)
+    print(f"Evaluation of {checkpoint_path} (step {step}):\n{format_metrics(metrics)}", flush=True)
+    return metrics

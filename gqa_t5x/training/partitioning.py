@@ -1,0 +1,272 @@
+"""Device mesh, logical axis rules and shardings (T5X `PjitPartitioner` style).
+
+The mesh has two axes, `data` and `model` (`num_partitions` devices along
+`model`, the rest along `data`). Every parameter gets logical axis names from
+its T5X path, and logical names map to mesh axes with T5X's standard rules:
+
+    batch -> data      vocab -> model     mlp -> model     heads -> model
+    joined_kv -> model kv_joined_kv -> model   embed, relpos_buckets -> None
+
+`kv_joined_kv` is the width of a key/value kernel (`kv_heads * head_dim`).
+It is split over `model` only when the layer's key/value heads divide evenly
+over the model shards; otherwise (e.g. MQA, or GQA-2 on 4 shards) the
+key/value kernels are REPLICATED rather than cutting heads apart. Any other
+dimension that does not divide by its mesh axis is replicated as well (listed
+by `Partitioner.replicated_params`).
+
+Optimizer-state leaves take the sharding of their parameter: same shape ->
+same spec; Adafactor's factored row/column statistics (one dimension removed)
+keep the specs of the remaining dimensions; scalars are replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gqa_t5x.model.config import T5Config
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+LogicalRules = Sequence[tuple[str, str | None]]
+
+STANDARD_LOGICAL_AXIS_RULES: LogicalRules = (
+    ("batch", DATA_AXIS),
+    ("vocab", MODEL_AXIS),
+    ("mlp", MODEL_AXIS),
+    ("heads", MODEL_AXIS),
+    ("joined_kv", MODEL_AXIS),
+    ("kv_joined_kv", MODEL_AXIS),
+    ("embed", None),
+    ("relpos_buckets", None),
+    ("length", None),
+)
+
+# (regex on the '/'-joined T5X path, logical axes), first match wins.
+_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"token_embedder/embedding", ("vocab", "embed")),
+    (r".*/relpos_bias/rel_embedding", ("heads", "relpos_buckets")),
+    (r".*/(query)/kernel", ("embed", "joined_kv")),
+    (r".*/(key|value)/kernel", ("embed", "kv_joined_kv")),
+    (r".*/out/kernel", ("joined_kv", "embed")),
+    (r".*/mlp/wi(_\d+)?/kernel", ("embed", "mlp")),
+    (r".*/mlp/wo/kernel", ("mlp", "embed")),
+    (r"decoder/logits_dense/kernel", ("embed", "vocab")),
+    (r".*/scale", ("embed",)),
+)
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def param_logical_axes(path: str) -> tuple[str, ...]:
+    """Logical axis names of the parameter at T5X path `path`.
+
+    Args:
+      path: '/'-joined path such as 'decoder/layers_0/self_attention/key/kernel'.
+
+    Returns:
+      One logical name per dimension.
+
+    Raises:
+      ValueError: the path is not a parameter of the T5.1.1 network.
+    """
+    for pattern, axes in _PARAM_AXES:
+        if re.fullmatch(pattern, path):
+            return axes
+    raise ValueError(
+        f"No logical axis rule for parameter {path!r}; partitioning.py knows "
+        "the T5.1.1 parameter tree only."
+    )
+
+
+def create_mesh(num_partitions: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, model) mesh over `devices` with `num_partitions` model shards.
+
+    Args:
+      num_partitions: Size of the `model` axis.
+      devices: Devices to use (default: all, across hosts).
+
+    Returns:
+      A `jax.sharding.Mesh` with axes ('data', 'model').
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if num_partitions < 1 or len(devices) % num_partitions:
+        raise ValueError(
+            f"partitioning.Partitioner.num_partitions={num_partitions} must divide "
+            f"the number of devices ({len(devices)})."
+        )
+    shape = (len(devices) // num_partitions, num_partitions)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        # Topologies mesh_utils does not model (e.g. host CPU devices): keep
+        # the device order.
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
+
+
+class Partitioner:
+    """Places parameters, optimizer state and batches on a (data, model) mesh.
+
+    Attributes:
+      num_partitions: Model-parallel shards (size of the `model` axis).
+      logical_axis_rules: Logical name -> mesh axis (or None = replicated).
+      mesh: The device mesh.
+    """
+
+    def __init__(
+        self,
+        num_partitions: int = 1,
+        logical_axis_rules: LogicalRules | None = None,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        self.num_partitions = int(num_partitions)
+        self.logical_axis_rules = tuple(logical_axis_rules or STANDARD_LOGICAL_AXIS_RULES)
+        self._rules = dict(self.logical_axis_rules)
+        self.mesh = create_mesh(self.num_partitions, devices)
+        self.replicated_params: list[str] = []
+
+    @property
+    def data_shards(self) -> int:
+        return self.mesh.shape[DATA_AXIS]
+
+    @property
+    def model_shards(self) -> int:
+        return self.mesh.shape[MODEL_AXIS]
+
+    # ------------------------------------------------------------- parameters
+    def _param_spec(self, path: str, shape: tuple[int, ...], config: T5Config) -> PartitionSpec:
+        axes = param_logical_axes(path)
+        if len(axes) != len(shape):
+            raise ValueError(f"Parameter {path!r} has shape {shape} but logical axes {axes}.")
+        spec: list[str | None] = []
+        for dim, (name, size) in enumerate(zip(axes, shape)):
+            if name not in self._rules:
+                raise ValueError(
+                    f"Logical axis {name!r} of {path!r} has no rule in "
+                    f"logical_axis_rules {self.logical_axis_rules}."
+                )
+            mesh_axis = self._rules[name]
+            if mesh_axis is not None:
+                shards = self.mesh.shape[mesh_axis]
+                splittable = size % shards == 0
+                if name == "kv_joined_kv":
+                    kv_heads = size // config.head_dim
+                    # Never cut a key/value head across shards: replicate.
+                    splittable = kv_heads % shards == 0
+                if not splittable:
+                    mesh_axis = None
+                    if shards > 1:
+                        self.replicated_params.append(f"{path}[{dim}]")
+            spec.append(mesh_axis)
+        return PartitionSpec(*spec)
+
+    def param_specs(self, params: Any, config: T5Config) -> Any:
+        """PartitionSpecs for a params tree (arrays or ShapeDtypeStructs)."""
+        self.replicated_params = []
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: self._param_spec(_path_str(p), tuple(x.shape), config), params
+        )
+
+    def param_shardings(self, params: Any, config: T5Config) -> Any:
+        """NamedShardings for a params tree."""
+        return jax.tree_util.tree_map(
+            lambda s: NamedSharding(self.mesh, s), self.param_specs(params, config),
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+
+    # -------------------------------------------------------- optimizer state
+    def opt_state_shardings(self, opt_state: Any, params: Any, param_shardings: Any) -> Any:
+        """Shardings for an optax state whose sub-trees mirror `params`.
+
+        Args:
+          opt_state: Optimizer state (arrays or ShapeDtypeStructs).
+          params: The parameter tree (for shapes).
+          param_shardings: `param_shardings(params)`.
+
+        Returns:
+          A tree of NamedShardings with the structure of `opt_state`.
+        """
+        flat_params = {
+            _path_str(p): (tuple(x.shape), s.spec)
+            for (p, x), s in zip(
+                jax.tree_util.tree_leaves_with_path(params),
+                jax.tree_util.tree_leaves(param_shardings),
+            )
+        }
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def spec_for(path: Sequence[Any], leaf: Any) -> NamedSharding:
+            shape = tuple(np.shape(leaf))
+            if not shape:
+                return replicated
+            key = _path_str(path)
+            match = next((k for k in flat_params if key.endswith("/" + k) or key == k), None)
+            if match is None:
+                return replicated
+            p_shape, p_spec = flat_params[match]
+            p_spec = tuple(p_spec) + (None,) * (len(p_shape) - len(p_spec))
+            if shape == p_shape:
+                return NamedSharding(self.mesh, PartitionSpec(*p_spec))
+            if len(shape) == len(p_shape) - 1:
+                # A factored statistic: the parameter with one dimension removed.
+                for drop in range(len(p_shape) - 1, -1, -1):
+                    if p_shape[:drop] + p_shape[drop + 1 :] == shape:
+                        return NamedSharding(
+                            self.mesh, PartitionSpec(*(p_spec[:drop] + p_spec[drop + 1 :]))
+                        )
+            return replicated
+
+        return jax.tree_util.tree_map_with_path(spec_for, opt_state)
+
+    # ----------------------------------------------------------------- batches
+    @property
+    def data_sharding(self) -> NamedSharding:
+        """Sharding of `[batch, length]` features: batch over `data`."""
+        return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raises when BATCH_SIZE cannot be split over data shards and hosts."""
+        shards = self.data_shards
+        hosts = jax.process_count()
+        if batch_size % shards or batch_size % hosts:
+            raise ValueError(
+                f"BATCH_SIZE={batch_size} must be divisible by the {shards} data "
+                f"shards (devices / num_partitions) and the {hosts} host(s)."
+            )
+
+    def host_local_to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assembles this host's slice of a batch into global sharded arrays.
+
+        Args:
+          batch: Host-local `[batch / process_count, ...]` numpy features.
+
+        Returns:
+          Global `jax.Array`s sharded over `data`.
+        """
+        sharding = self.data_sharding
+        return {
+            k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()
+        }

@@ -1,0 +1,182 @@
+"""Training state and its Orbax checkpoints (T5X layout, resumable).
+
+A checkpoint is `MODEL_DIR/checkpoint_<step>/` written by an Orbax
+`CheckpointManager` with two items:
+
+* `state/`: the T5X-shaped PyTree `{'target': params, 'state': {'step': step,
+  'param_states': optimizer state}}` (parameters under `target`, as T5X);
+* `metadata/`: JSON with the model config, the step the data stream started
+  at and the batch size, so a restarted run resumes the data where it left
+  off.
+
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a run killed while saving leaves no half-written checkpoint
+(temporary directories are removed on the next start).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from gqa_t5x.model.config import T5Config
+
+STATE_ITEM = "state"
+METADATA_ITEM = "metadata"
+STEP_PREFIX = "checkpoint"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Parameters, optimizer state and the global step.
+
+    Attributes:
+      step: Int32 scalar: updates applied so far, counted from the start of
+        pre-training (an uptraining run from a step-1,000,000 checkpoint
+        starts at 1,000,000).
+      params: Network parameters (float32).
+      opt_state: Optax state.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+    def to_tree(self) -> dict[str, Any]:
+        """The T5X-shaped tree that is saved."""
+        return {"target": self.params, "state": {"step": self.step, "param_states": self.opt_state}}
+
+    @classmethod
+    def from_tree(cls, tree: Mapping[str, Any]) -> "TrainState":
+        return cls(step=tree["state"]["step"], params=tree["target"], opt_state=tree["state"]["param_states"])
+
+
+def abstract_tree(state: TrainState, shardings: TrainState) -> dict[str, Any]:
+    """ShapeDtypeStructs (with shardings) of `state.to_tree()` for restoring."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s),
+        state.to_tree(),
+        shardings.to_tree(),
+    )
+
+
+def checkpoint_manager(
+    directory: str,
+    *,
+    max_to_keep: int | None = None,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    async_save: bool = True,
+) -> ocp.CheckpointManager:
+    """An Orbax manager writing `directory/checkpoint_<step>`.
+
+    Args:
+      directory: MODEL_DIR (or MODEL_DIR/best).
+      max_to_keep: Keep only the newest N (or the best N with `best_metric`).
+      best_metric: Rank checkpoints by this key of the metrics passed to save.
+      best_mode: 'max' or 'min' for `best_metric`.
+      async_save: Write in a background thread (the state is copied first).
+
+    Returns:
+      The manager.
+    """
+    best_fn = None
+    if best_metric is not None:
+        best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        step_prefix=STEP_PREFIX,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+        best_fn=best_fn,
+        best_mode=best_mode,
+        keep_checkpoints_without_metrics=best_metric is None,
+    )
+    return ocp.CheckpointManager(
+        os.fspath(directory), options=options, item_names=(STATE_ITEM, METADATA_ITEM)
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    metadata: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+) -> bool:
+    """Saves `state` at its step (no-op when that step is already saved)."""
+    step = int(jax.device_get(state.step))
+    if step in manager.all_steps():
+        return False
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state.to_tree()),
+                METADATA_ITEM: ocp.args.JsonSave(dict(metadata)),
+            }
+        ),
+        metrics=dict(metrics) if metrics is not None else None,
+        force=True,
+    )
+
+
+def restore(
+    manager: ocp.CheckpointManager, step: int, template: TrainState, shardings: TrainState
+) -> tuple[TrainState, dict[str, Any]]:
+    """Restores checkpoint `step` onto the shardings of `template`.
+
+    Args:
+      manager: The manager of MODEL_DIR.
+      step: Step to restore.
+      template: A state with the right structure/shapes (arrays or
+        ShapeDtypeStructs).
+      shardings: NamedShardings of every leaf (same structure).
+
+    Returns:
+      (state, metadata).
+    """
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                STATE_ITEM: ocp.args.StandardRestore(abstract_tree(template, shardings)),
+                METADATA_ITEM: ocp.args.JsonRestore(),
+            }
+        ),
+    )
+    return TrainState.from_tree(restored[STATE_ITEM]), dict(restored[METADATA_ITEM])
+
+
+def metadata_for(
+    config: T5Config, *, data_start_step: int, batch_size: int, task: str, seed: int | None
+) -> dict[str, Any]:
+    """The JSON stored beside each training checkpoint."""
+    return {
+        "config": config.to_dict(),
+        "data_start_step": int(data_start_step),
+        "batch_size": int(batch_size),
+        "mixture_or_task_name": task,
+        "seed": seed,
+    }
+
+
+def best_so_far(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
+    """Metadata of the best checkpoint a `best_metric` manager kept, if any.
+
+    The trainer stores `eval_metric`, `eval_score` and `eval_results` in the
+    metadata of best checkpoints, so a resumed fine-tuning run knows the best
+    evaluation of its earlier part.
+    """
+    step = manager.best_step()
+    if step is None:
+        return None
+    restored = manager.restore(step, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
+    meta = dict(restored[METADATA_ITEM])
+    return dict(meta, step=step) if "eval_score" in meta else None

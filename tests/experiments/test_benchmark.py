@@ -1,0 +1,79 @@
+"""`gqa-t5x bench` on a tiny model: it runs and its reports are self-consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gqa_t5x.experiments import benchmark
+from gqa_t5x import cli
+from gqa_t5x.model.config import T5Config
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+
+TINY = "gin/models/t5_1_1/tiny.gin"  # 2+2 layers, emb 8, 4 heads of 3, vocab 32128
+
+
+def test_bench_writes_json_markdown_and_png_with_consistent_numbers(tmp_path, capsys):
+    prefix = tmp_path / "reports" / "bench"
+    code = cli.main([
+        "bench", "--gin_file", TINY, "--num_kv_heads", "1,4", "--input_length", "12", "--output_length", "5",
+        "--batch_size", "3", "--repeats", "1", "--bandwidth_mb", "8", "--output", str(prefix),
+        "--gin.ACTIVATION_DTYPE='bfloat16'",  # the bench always times float32
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "HF / ours" in printed and "MQA" in printed and "MHA" in printed
+    results = json.loads(prefix.with_suffix(".json").read_text())
+    assert results["settings"]["config"]["dtype"] == "float32"
+    rows = {row["num_kv_heads"]: row for row in results["rows"]}
+    assert sorted(rows) == [1, 4] and rows[1]["variant"] == "MQA" and rows[4]["variant"] == "MHA"
+    hf = results["huggingface"][0]
+    for g, row in rows.items():
+        assert row["batch"] == 3 and row["input_length"] == 12 and row["output_length"] == 5
+        assert row["time_per_sample_s"] == pytest.approx((row["encoder_s"] + row["decoder_s"]) / 3)
+        assert 0 < row["cache_init_s"] < row["decoder_s"]
+        # 2 decoder layers x (K, V) x (12 cross + 5 self positions) x g heads x 3 dims x 4 bytes.
+        assert row["kv_cache_bytes_per_sample"] == 2 * 2 * (12 + 5) * g * 3 * 4
+        # Read every step: per layer 3 norms, self-attention q/o (8x12) and k/v (8x3g),
+        # cross-attention q/o (its k/v kernels only build the cache), gated MLP
+        # (3 x 8x16); the relative bias (4x32), final norm and logits (8x32128).
+        per_layer = 3 * 8 + 2 * 96 + 2 * 8 * 3 * g + 2 * 96 + 3 * 128
+        assert row["decoder_weight_bytes"] == 4 * (2 * per_layer + 4 * 32 + 8 + 8 * 32128)
+        assert row["decode_step_bytes"] == row["decoder_weight_bytes"] + 3 * row["kv_cache_bytes_per_sample"]
+        assert row["achieved_bandwidth_gbs"] == pytest.approx(row["decode_step_bytes"] / row["decode_step_s"] / 1e9)
+        assert row["bandwidth_efficiency"] == pytest.approx(row["achieved_bandwidth_gbs"] / results["bandwidth_gbs"]["best"])
+        assert row["speedup_vs_huggingface"] == pytest.approx(hf["time_per_sample_s"] / row["time_per_sample_s"])
+        assert row["cross_attention_core_gbs"] > 0
+    assert results["bandwidth_gbs"]["best"] > 0
+    # HuggingFace decoded the same weights: the same greedy tokens as our MHA run.
+    assert hf["greedy_token_agreement_with_ours_mha"] == 1.0
+    markdown = prefix.with_suffix(".md").read_text()
+    assert "| MQA | 1 | 12 | 5 | 3 |" in markdown and "HF T5 (MHA)" in markdown
+    png = prefix.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_batch_is_halved_until_the_memory_estimate_fits():
+    config = T5Config(vocab_size=100, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
+                      num_encoder_layers=1, num_decoder_layers=1)
+    need = {b: benchmark.estimate_peak_bytes(config, b, 256, 32) for b in (1, 2, 4, 8)}
+    assert need[1] < need[2] < need[4] < need[8]
+    assert benchmark.pick_batch(config, 8, 256, 32, budget=None) == 8
+    assert benchmark.pick_batch(config, 8, 256, 32, budget=need[4]) == 4
+    assert benchmark.pick_batch(config, 8, 256, 32, budget=need[2] - 1) == 1
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--num_kv_heads", "3"], "--num_kv_heads 3 does not divide num_heads=4"),
+        (["--repeats", "0"], "--repeats=0 must be >= 1"),
+        (["--memory_fraction", "2"], "--memory_fraction=2.0 must be in"),
+    ],
+)
+def test_bad_bench_flags_are_named(flags, message, capsys):
+    assert cli.main(["bench", "--gin_file", TINY, *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,305 @@
+"""The T5.1.1 network: parity with HuggingFace, GQA semantics, decoding, configs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gqa_t5x import gin_config
+from gqa_t5x.model import network
+from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
+
+hf_reference = pytest.importorskip("hf_reference")
+
+
+def _tokens(rng: np.random.Generator, batch: int, length: int, vocab: int, pad_to: list[int] | None = None) -> np.ndarray:
+    """Random ids in [2, vocab); row i is padded with 0 after pad_to[i] tokens."""
+    out = rng.integers(2, vocab, size=(batch, length)).astype(np.int32)
+    if pad_to is not None:
+        for i, n in enumerate(pad_to):
+            out[i, n:] = 0
+    return out
+
+
+def _shift_right(targets: np.ndarray) -> np.ndarray:
+    inputs = np.zeros_like(targets)
+    inputs[:, 1:] = targets[:, :-1]
+    return inputs
+
+
+def _logits(config, params, enc, dec_in, dec_tgt, **kwargs):
+    model = network.Transformer(config)
+    return np.asarray(
+        model.apply({"params": params}, enc, dec_in, dec_tgt, enable_dropout=False, **kwargs)
+    )
+
+
+PARITY_CONFIGS = [
+    # name, HF kwargs, encoder length, decoder length, padding of encoder/decoder rows
+    ("square", dict(vocab_size=97, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2), 12, 7, None, None),
+    ("inner_ne_emb_padded", dict(vocab_size=61, d_model=24, num_heads=3, d_kv=12, d_ff=40, num_layers=3, num_decoder_layers=2), 10, 9, [10, 6, 3], [9, 5, 2]),
+    ("long_distances", dict(vocab_size=50, d_model=16, num_heads=2, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=3), 150, 70, [150, 131], [70, 40]),
+    ("tied_logits", dict(vocab_size=40, d_model=16, num_heads=4, d_kv=6, d_ff=24, num_layers=2, num_decoder_layers=1, tie_word_embeddings=True), 9, 6, [9, 4], None),
+]
+
+
+@pytest.mark.parametrize("name,hf_kwargs,enc_len,dec_len,enc_pad,dec_pad", PARITY_CONFIGS, ids=[c[0] for c in PARITY_CONFIGS])
+def test_logits_match_huggingface_t5_v1_1(name, hf_kwargs, enc_len, dec_len, enc_pad, dec_pad):
+    hf_model = hf_reference.make_hf_t5(seed=len(name), **hf_kwargs)
+    config = hf_reference.our_config_for(hf_model)
+    params = hf_reference.our_params_for(hf_model, config)
+    rng = np.random.default_rng(len(name))
+    batch = len(enc_pad) if enc_pad else 2
+    enc = _tokens(rng, batch, enc_len, config.vocab_size, enc_pad)
+    tgt = _tokens(rng, batch, dec_len, config.vocab_size, dec_pad)
+    dec_in = _shift_right(tgt)
+
+    ours = _logits(config, params, enc, dec_in, tgt)
+    ref = hf_reference.hf_logits(hf_model, enc, dec_in, tgt)
+    valid = tgt > 0  # padded decoder positions are masked out in both models
+    diff = np.abs(ours - ref)[valid]
+    assert diff.max() <= 1e-4, f"max |ours - HF| = {diff.max():.3g}"
+    assert np.abs(ref[valid]).max() > 1e-2  # the comparison is not vacuous
+
+
+def _small_config(num_kv_heads: int | None, **kw) -> T5Config:
+    base = dict(vocab_size=64, dtype="float32", emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
+                num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
+    base.update(kw)
+    return T5Config(num_kv_heads=num_kv_heads, **base)
+
+
+def _repeat_kv_to_mha(config: T5Config, params) -> dict:
+    """MHA params whose key/value kernels repeat each GQA kv head per group."""
+    group = config.num_heads // config.decoder_kv_heads
+    flat = param_tree.flatten(jax.tree_util.tree_map(np.asarray, params))
+    out = {}
+    for path, value in flat.items():
+        if path.startswith("decoder/layers_") and ("/key/" in path or "/value/" in path):
+            emb = value.shape[0]
+            heads = value.reshape(emb, config.decoder_kv_heads, config.head_dim)
+            value = np.repeat(heads, group, axis=1).reshape(emb, config.num_heads * config.head_dim)
+        out[path] = value
+    return param_tree.unflatten(out)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_gqa_equals_mha_with_kv_heads_repeated_per_group(num_kv_heads):
+    config = _small_config(num_kv_heads)
+    params = network.init_params(config, seed=3)
+    mha_config = config.replace(num_kv_heads=None)
+    mha_params = _repeat_kv_to_mha(config, params)
+    rng = np.random.default_rng(0)
+    enc = _tokens(rng, 2, 11, 64, [11, 7])
+    tgt = _tokens(rng, 2, 6, 64, [6, 4])
+    gqa = _logits(config, params, enc, _shift_right(tgt), tgt)
+    mha = _logits(mha_config, mha_params, enc, _shift_right(tgt), tgt)
+    np.testing.assert_allclose(gqa, mha, atol=1e-5, rtol=0)
+
+
+def test_gqa_key_value_kernels_have_kv_heads_width():
+    config = _small_config(2, encoder_num_kv_heads=1)
+    flat = param_tree.flatten(network.init_params(config))
+    assert flat["decoder/layers_0/self_attention/key/kernel"].shape == (32, 2 * 8)
+    assert flat["decoder/layers_1/encoder_decoder_attention/value/kernel"].shape == (32, 2 * 8)
+    assert flat["decoder/layers_0/self_attention/query/kernel"].shape == (32, 4 * 8)
+    assert flat["encoder/layers_0/attention/key/kernel"].shape == (32, 1 * 8)
+    assert set(flat) == set(param_tree.param_shapes(config))
+
+
+def _decode_step_by_step(config, params, enc, tgt):
+    model = network.Transformer(config)
+    dec_in = _shift_right(tgt)
+    encoded = model.apply({"params": params}, enc, enable_dropout=False, method=network.Transformer.encode)
+    _, variables = model.apply(
+        {"params": params}, encoded, tgt.shape[1], method=network.Transformer.init_decode_cache, mutable=["cache"]
+    )
+    cache = variables["cache"]
+
+    @jax.jit
+    def step(cache, token):
+        logits, new_vars = model.apply(
+            {"params": params, "cache": cache}, None, enc, token, token,
+            enable_dropout=False, decode=True, method=network.Transformer.decode, mutable=["cache"],
+        )
+        return logits[:, 0], new_vars["cache"]
+
+    out = []
+    for t in range(tgt.shape[1]):
+        logits, cache = step(cache, dec_in[:, t : t + 1])
+        out.append(np.asarray(logits))
+    return np.stack(out, axis=1), cache
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_cached_decoding_reproduces_teacher_forced_logits(num_kv_heads):
+    config = _small_config(num_kv_heads)
+    params = network.init_params(config, seed=5)
+    rng = np.random.default_rng(1)
+    enc = _tokens(rng, 2, 9, 64, [9, 5])
+    tgt = _tokens(rng, 2, 7, 64)
+    forced = _logits(config, params, enc, _shift_right(tgt), tgt)
+    stepped, _ = _decode_step_by_step(config, params, enc, tgt)
+    np.testing.assert_allclose(stepped, forced, atol=1e-5, rtol=0)
+
+
+def _cache_bytes(cache) -> dict[str, int]:
+    flat = param_tree.flatten(jax.tree_util.tree_map(np.asarray, cache))
+    sizes = {"self": 0, "cross": 0}
+    for path, value in flat.items():
+        if path.endswith(("cached_key", "cached_value")):
+            sizes["cross" if "encoder_decoder_attention" in path else "self"] += value.nbytes
+    return sizes
+
+
+def test_decoding_cache_holds_kv_heads_and_cross_attention_kv_once():
+    rng = np.random.default_rng(2)
+    enc = _tokens(rng, 2, 9, 64)
+    tgt = _tokens(rng, 2, 5, 64)
+    sizes = {}
+    for g in (1, 2, 4):
+        config = _small_config(g)
+        _, cache = _decode_step_by_step(config, network.init_params(config), enc, tgt)
+        sizes[g] = _cache_bytes(cache)
+        key = cache["decoder"]["layers_0"]["self_attention"]["cached_key"]
+        assert key.shape == (2, 5, g, 8)  # [batch, max_len, kv_heads, head_dim]
+        cross = cache["decoder"]["layers_0"]["encoder_decoder_attention"]["cached_key"]
+        assert cross.shape == (2, 9, g, 8)  # [batch, enc_len, kv_heads, head_dim]
+    for g in (1, 2):
+        assert sizes[g]["self"] * 4 == sizes[4]["self"] * g
+        assert sizes[g]["cross"] * 4 == sizes[4]["cross"] * g
+
+
+def test_cross_attention_keys_are_not_recomputed_during_decoding():
+    """After the cache is built, decoding steps never touch the encoder output."""
+    config = _small_config(2)
+    params = network.init_params(config, seed=7)
+    rng = np.random.default_rng(3)
+    enc = _tokens(rng, 1, 6, 64)
+    tgt = _tokens(rng, 1, 4, 64)
+    stepped, cache = _decode_step_by_step(config, params, enc, tgt)  # steps pass encoded=None
+    # The cached cross keys equal a projection of the encoder output.
+    model = network.Transformer(config)
+    encoded = model.apply({"params": params}, enc, enable_dropout=False, method=network.Transformer.encode)
+    kernel = params["decoder"]["layers_0"]["encoder_decoder_attention"]["key"]["kernel"]
+    expected = np.einsum("ble,ek->blk", np.asarray(encoded), np.asarray(kernel)).reshape(1, 6, 2, 8)
+    np.testing.assert_allclose(
+        np.asarray(cache["decoder"]["layers_0"]["encoder_decoder_attention"]["cached_key"]), expected, atol=1e-5
+    )
+    assert np.isfinite(stepped).all()
+
+
+def test_packed_segments_give_the_same_logits_as_separate_examples():
+    config = _small_config(2)
+    params = network.init_params(config, seed=11)
+    rng = np.random.default_rng(4)
+    enc_a, enc_b = _tokens(rng, 1, 5, 64), _tokens(rng, 1, 4, 64)
+    tgt_a, tgt_b = _tokens(rng, 1, 3, 64), _tokens(rng, 1, 4, 64)
+    sep_a = _logits(config, params, enc_a, _shift_right(tgt_a), tgt_a)
+    sep_b = _logits(config, params, enc_b, _shift_right(tgt_b), tgt_b)
+
+    enc = np.concatenate([enc_a, enc_b, np.zeros((1, 2), np.int32)], axis=1)
+    tgt = np.concatenate([tgt_a, tgt_b, np.zeros((1, 1), np.int32)], axis=1)
+    dec_in = np.concatenate([_shift_right(tgt_a), _shift_right(tgt_b), np.zeros((1, 1), np.int32)], axis=1)
+    enc_seg = np.array([[1] * 5 + [2] * 4 + [0] * 2], np.int32)
+    dec_seg = np.array([[1] * 3 + [2] * 4 + [0]], np.int32)
+    enc_pos = np.array([list(range(5)) + list(range(4)) + [0, 0]], np.int32)
+    dec_pos = np.array([list(range(3)) + list(range(4)) + [0]], np.int32)
+    packed = _logits(
+        config, params, enc, dec_in, tgt,
+        encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg,
+        encoder_positions=enc_pos, decoder_positions=dec_pos,
+    )
+    np.testing.assert_allclose(packed[:, :3], sep_a, atol=1e-5)
+    np.testing.assert_allclose(packed[:, 3:7], sep_b, atol=1e-5)
+
+
+def test_bfloat16_activations_with_float32_params_track_float32():
+    config = _small_config(2)
+    params = network.init_params(config, seed=13)
+    rng = np.random.default_rng(5)
+    enc = _tokens(rng, 2, 8, 64)
+    tgt = _tokens(rng, 2, 6, 64)
+    f32 = _logits(config, params, enc, _shift_right(tgt), tgt)
+    model = network.Transformer(config.replace(dtype="bfloat16"))
+    bf16 = model.apply({"params": params}, enc, _shift_right(tgt), tgt, enable_dropout=False)
+    assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+    bf16 = np.asarray(bf16, np.float32)
+    assert np.isfinite(bf16).all()
+    rel = np.abs(bf16 - f32).max() / np.abs(f32).max()
+    assert rel < 0.05, rel
+    assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
+
+
+def test_dropout_changes_outputs_only_when_enabled():
+    config = _small_config(2, dropout_rate=0.3)
+    params = network.init_params(config)
+    rng = np.random.default_rng(6)
+    enc, tgt = _tokens(rng, 2, 8, 64), _tokens(rng, 2, 5, 64)
+    model = network.Transformer(config)
+    a = model.apply({"params": params}, enc, _shift_right(tgt), tgt, enable_dropout=False)
+    b = model.apply({"params": params}, enc, _shift_right(tgt), tgt, enable_dropout=False)
+    c = model.apply({"params": params}, enc, _shift_right(tgt), tgt, enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_heads=16, num_kv_heads=6), "num_heads=16 is not divisible by num_kv_heads=6; choose a divisor of 16"),
+        (dict(num_heads=8, num_kv_heads=16), "num_kv_heads=16 exceeds num_heads=8"),
+        (dict(num_heads=8, encoder_num_kv_heads=3), "encoder_num_kv_heads=3"),
+        (dict(num_kv_heads=0), "num_kv_heads=0 must be a positive integer"),
+        (dict(dtype="float64"), "T5Config.dtype='float64' is not supported"),
+        (dict(mlp_activations=("gelu", "softplus")), "'softplus'"),
+        (dict(emb_dim=0), "T5Config.emb_dim=0 must be a positive integer"),
+    ],
+)
+def test_invalid_configs_fail_at_construction_with_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        T5Config(**kwargs)
+
+
+def test_config_json_round_trip():
+    config = _small_config(2, encoder_num_kv_heads=1, dtype="bfloat16")
+    assert T5Config.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="Unknown T5Config field"):
+        T5Config.from_dict({"emb_dim": 8, "n_heads": 2})
+
+
+@pytest.mark.parametrize(
+    "size,shape",
+    [
+        ("tiny", (8, 4, 3, 16, 2)),
+        ("small", (512, 6, 64, 1024, 8)),
+        ("base", (768, 12, 64, 2048, 12)),
+        ("large", (1024, 16, 64, 2816, 24)),
+        ("xl", (2048, 32, 64, 5120, 24)),
+        ("xxl", (4096, 64, 64, 10240, 24)),
+    ],
+)
+def test_model_gins_have_the_papers_shapes(size, shape):
+    config = gin_config.model_config_from_gin(f"gin/models/t5_1_1/{size}.gin")
+    emb, heads, head_dim, mlp, layers = shape
+    assert (config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim) == (emb, heads, head_dim, mlp)
+    assert config.num_encoder_layers == config.num_decoder_layers == layers
+    assert config.vocab_size == 32128 and config.mlp_activations == ("gelu", "linear")
+    assert config.decoder_kv_heads == heads and config.encoder_kv_heads == heads  # MHA by default
+
+
+def test_num_kv_heads_is_chosen_from_the_command_line():
+    config = gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin", ["NUM_KV_HEADS=8"])
+    assert config.decoder_kv_heads == 8 and config.encoder_kv_heads == 64
+    mqa = gin_config.model_config_from_gin("gin/models/t5_1_1/large.gin", ["NUM_KV_HEADS=1", "ACTIVATION_DTYPE='float32'"])
+    assert mqa.decoder_kv_heads == 1 and mqa.dtype == "float32"
+    with pytest.raises(ValueError, match="NUM_KV_HEADS"):
+        gin_config.model_config_from_gin("gin/models/t5_1_1/small.gin", ["NUM_KV_HEADS=4"])
+
+
+def test_missing_gin_file_is_named():
+    with pytest.raises(FileNotFoundError, match="no_such.gin"):
+        gin_config.model_config_from_gin("gin/models/t5_1_1/no_such.gin")
