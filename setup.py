@@ -44,5 +44,5 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=_INSTALL_REQUIRES,
     extras_require={"test": _TEST_REQUIRES},
-    entry_points={"console_scripts": ["gqa-t5x = gqa_t5x.cli:main"]},
+    entry_points={"console_scripts": ["gqa-t5x = gqa_t5x.cli:entry"]},
 )

@@ -1,61 +1,52 @@
-"""The `gqa-t5x` command line: one argparse subcommand per task.
+"""The `gqa-t5x` command line: one table of subcommands, one error policy.
 
     gqa-t5x convert --source SRC --output DST --num_kv_heads 8 [--method mean]
     gqa-t5x convert --gin_file=gin/runs/convert.gin --gin.SOURCE=\\"SRC\\" ...
     gqa-t5x export --checkpoint DST --format huggingface --output OUT
+    gqa-t5x train|eval|infer --gin_file=... --gin.MACRO=value
+    gqa-t5x bench | sweep | quickstart | report ...
 
-Adding a subcommand: in your module, call `register(Subcommand(...))` at import
-time and add the module's name to `SUBCOMMAND_MODULES`; it is imported lazily,
-only when `main` builds the parser. User errors (bad paths, flags, head counts)
-end with one line `gqa-t5x <cmd>: error: ...` on stderr and exit code 2; set
-GQA_T5X_TRACEBACK=1 to see the traceback instead.
+`python -m gqa_t5x.main` is T5X's launcher command line (`--run_mode=...`)
+with the same flags and the same error policy (`launcher_main`).
+
+Every subcommand is one `Command` in `COMMANDS`: its flags and a `run`
+function that calls the feature's Python API (imported when the command
+runs, so `gqa-t5x --help` imports nothing heavy). Adding one = one entry.
+
+Errors end the process with ONE line on stderr (`gqa-t5x <cmd>: error: ...`;
+the traceback with `--debug` or GQA_T5X_TRACEBACK=1) and the exit status of
+`gqa_t5x.errors`: 2 for usage/configuration errors, 1 for runs that failed
+after starting. The process then ends at once (`os._exit`), so threads of
+tf.data or the checkpointer can neither hang nor abort it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gqa_t5x import errors, gin_config
+from gqa_t5x.errors import UsageError
 
 PROG = "gqa-t5x"
-
-# Modules that register further subcommands (train, bench, sweep, ...).
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "gqa_t5x.experiments.report",
-    "gqa_t5x.experiments.sweep",
-    "gqa_t5x.experiments.quickstart",
-    "gqa_t5x.experiments.benchmark",
-    "gqa_t5x.launcher",
-)
-
-# Exceptions that mean "the user asked for something impossible".
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
-
-
-class UsageError(Exception):
-    """A user error that `main` reports in one line (exit code 2)."""
+LAUNCHER_PROG = "python -m gqa_t5x.main"
 
 
 @dataclasses.dataclass(frozen=True)
-class Subcommand:
+class Command:
     """One `gqa-t5x <name>` subcommand.
 
     Attributes:
       name: The subcommand's name on the command line.
       help: One-line description shown by `gqa-t5x --help`.
       add_arguments: Adds the subcommand's flags to its parser.
-      run: Runs it; returns the exit code (None = 0). Unparsed `--gin.X=v`
-        bindings are in `args.gin_bindings` when `accepts_gin` is set.
+      run: Runs it; returns the exit status (None = 0). `--gin.X=v` flags are
+        in `args.gin_bindings` when `accepts_gin` is set.
       accepts_gin: Pass `--gin.MACRO=value` flags through as gin bindings.
     """
 
@@ -66,73 +57,24 @@ class Subcommand:
     accepts_gin: bool = False
 
 
-_REGISTRY: dict[str, Subcommand] = {}
-
-
-def register(command: Subcommand) -> Subcommand:
-    """Adds a subcommand (a name may be registered once)."""
-    if command.name in _REGISTRY and _REGISTRY[command.name] is not command:
-        raise ValueError(f"Subcommand {command.name!r} is already registered.")
-    _REGISTRY[command.name] = command
-    return command
-
-
-def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separates T5X-style `--gin.MACRO=value` flags from the other arguments.
-
-    Args:
-      argv: Command-line arguments.
-
-    Returns:
-      (other arguments, gin bindings such as 'NUM_KV_HEADS=8').
-    """
-    rest, bindings = [], []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--gin."):
-            binding = arg[len("--gin.") :]
-            if "=" not in binding:
-                if i + 1 >= len(args):
-                    raise UsageError(f"{arg} needs a value: {arg}=VALUE.")
-                binding = f"{binding}={args[i + 1]}"
-                i += 1
-            bindings.append(binding)
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, bindings
-
-
 # ------------------------------------------------------------------ convert
-def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    from gqa_t5x import conversion
-
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="Source checkpoint: T5X (legacy/Orbax), Mesh TF, HuggingFace or ours.")
     parser.add_argument("--output", help="Directory of the converted checkpoint (our format).")
     parser.add_argument("--num_kv_heads", type=int, help="Key/value heads of decoder self- and cross-attention.")
-    parser.add_argument(
-        "--method", default="mean", choices=conversion.METHODS,
-        help="mean (paper), first, random (paper ablations), align (rotate heads, then mean).",
-    )
+    parser.add_argument("--method", default="mean", help="Conversion method (see docs/conversion.md): "
+                        "mean (paper), first, random (paper ablations), align, ...")
     parser.add_argument("--convert_encoder", action="store_true", help="Also convert encoder self-attention.")
     parser.add_argument("--encoder_num_kv_heads", type=int, help="Encoder target with --convert_encoder (default: --num_kv_heads).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of --method random.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of methods that draw random numbers.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing checkpoint at --output.")
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
-    parser.add_argument("--gin_file", action="append", default=[], help="Gin file(s), e.g. gin/runs/convert.gin; with --gin.MACRO=value.")
-    parser.add_argument("--gin_search_paths", action="append", default=[], help="Extra gin search paths.")
+    _add_gin_arguments(parser)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     if args.gin_file or args.gin_bindings:
-        from gqa_t5x.conversion import gin_entry
-
-        flags = {
-            "source": args.source, "output": args.output, "num_kv_heads": args.num_kv_heads,
-        }
-        given = [f"--{k}" for k, v in flags.items() if v is not None]
+        given = [f"--{k}" for k in ("source", "output", "num_kv_heads") if getattr(args, k) is not None]
         if given:
             raise UsageError(
                 f"{', '.join(given)} cannot be combined with --gin_file; bind "
@@ -140,7 +82,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             )
         if not args.gin_file:
             raise UsageError("--gin.* bindings need --gin_file (e.g. gin/runs/convert.gin).")
-        gin_entry.run_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+        _launch(args, "convert")
         return 0
     from gqa_t5x import conversion
 
@@ -167,7 +109,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------- export
-def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="Checkpoint to export (any readable format).")
     parser.add_argument("--format", required=True, choices=("huggingface",), help="Output format.")
     parser.add_argument("--output", required=True, help="Output directory.")
@@ -180,69 +122,303 @@ def _run_export(args: argparse.Namespace) -> int:
     from gqa_t5x.checkpoints import hf_export
 
     path = hf_export.export_huggingface_checkpoint(
-        args.checkpoint,
-        args.output,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
+        args.checkpoint, args.output, overwrite=args.overwrite, dtype=args.dtype,
         progress=not args.no_progress,
     )
     print(f"Wrote HuggingFace T5ForConditionalGeneration to {path}.")
     return 0
 
 
-register(Subcommand("convert", "Convert a multi-head checkpoint to grouped-query attention.",
-                    _add_convert_arguments, _run_convert, accepts_gin=True))
-register(Subcommand("export", "Export a checkpoint to another framework (HuggingFace).",
-                    _add_export_arguments, _run_export))
+# ----------------------------------------------------- train / eval / infer
+def _add_gin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="Gin file (repeatable): model gin, run gin, experiment gins.")
+    parser.add_argument("--gin_bindings", action="append", default=[],
+                        help="Gin binding, e.g. 'TRAIN_STEPS=1050000' (repeatable; as --gin.X=v).")
+    parser.add_argument("--gin_search_paths", action="append", default=[],
+                        help="Extra gin search paths (comma-separated or repeated).")
+
+
+def _launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_gin_arguments(parser)
+    parser.add_argument("--tfds_data_dir", default=None, help="TFDS data dir override for every seqio task.")
+    parser.add_argument("--multi_host", action="store_true",
+                        help="Call jax.distributed.initialize() (TPU pods / multi-process).")
+    parser.add_argument("--coordinator_address", default=None,
+                        help="host:port of process 0 (auto-detected on Cloud TPU).")
+    parser.add_argument("--process_count", type=int, default=None, help="Number of processes.")
+    parser.add_argument("--process_index", type=int, default=None, help="This process's index.")
+
+
+def _launch(args: argparse.Namespace, run_mode: str):
+    from gqa_t5x import launcher
+
+    request = launcher.Launch(
+        run_mode=run_mode,
+        gin_files=tuple(args.gin_file),
+        gin_bindings=tuple(args.gin_bindings),
+        gin_search_paths=tuple(p for entry in args.gin_search_paths for p in entry.split(",") if p),
+        tfds_data_dir=getattr(args, "tfds_data_dir", None),
+    )
+    distributed = None
+    if getattr(args, "multi_host", False):
+        distributed = launcher.Distributed(args.coordinator_address, args.process_count, args.process_index)
+    return launcher.launch(request, distributed=distributed)
+
+
+def _run_mode_command(run_mode: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        _launch(args, run_mode)
+        return 0
+
+    return run
+
+
+# -------------------------------------------------------------------- bench
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin_file", default="gin/models/t5_1_1/large.gin", help="Model gin (sizes).")
+    parser.add_argument("--num_encoder_layers", type=int, help="Override the gin's encoder depth (fit a CPU).")
+    parser.add_argument("--num_decoder_layers", type=int, help="Override the gin's decoder depth.")
+    parser.add_argument("--num_kv_heads", type=_ints, help="kv heads to sweep, e.g. 1,8,64 (default: powers of 2 up to num_heads).")
+    parser.add_argument("--input_length", type=_ints, default=(512,), help="Encoder length(s).")
+    parser.add_argument("--output_length", type=_ints, default=(128,), help="Decoded tokens per sample.")
+    parser.add_argument("--batch_size", type=_ints, default=(16,), help="Batch cap(s): the largest batch that fits up to it is used.")
+    parser.add_argument("--repeats", type=int, default=2, help="Timed runs after the warm-up (fastest reported).")
+    parser.add_argument("--no_huggingface", action="store_true", help="Skip the HuggingFace transformers comparison.")
+    parser.add_argument("--huggingface_repeats", type=int, default=1, help="Timed HuggingFace runs after its warm-up.")
+    parser.add_argument("--memory_fraction", type=float, default=0.5, help="Share of available RAM a run may use.")
+    parser.add_argument("--label", default="", help="Name of the shape in the reports.")
+    parser.add_argument("--output", default="bench_decode", help="Report prefix: writes PREFIX.json/.md/.png.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of weights and inputs.")
+    parser.add_argument("--bandwidth_mb", type=int, default=256, help="Buffer of the bandwidth measurement (MB).")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments import bench_report, benchmark
+
+    config = gin_config.model_config_from_gin(args.gin_file, args.gin_bindings)
+    overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers")
+                 if getattr(args, k) is not None}
+    config = config.replace(dtype="float32", dropout_rate=0.0, num_kv_heads=None, **overrides)
+    powers = {2**i for i in range(config.num_heads.bit_length()) if config.num_heads % 2**i == 0}
+    kv = args.num_kv_heads or tuple(sorted(powers | {config.num_heads}))
+    for g in kv:
+        if config.num_heads % g:
+            raise UsageError(f"--num_kv_heads {g} does not divide num_heads={config.num_heads}.")
+    for flag in ("repeats", "huggingface_repeats"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag}={getattr(args, flag)} must be >= 1.")
+    if not 0 < args.memory_fraction <= 1:
+        raise UsageError(f"--memory_fraction={args.memory_fraction} must be in (0, 1].")
+    settings = benchmark.BenchSettings(
+        config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
+        batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
+        huggingface_repeats=args.huggingface_repeats, memory_fraction=args.memory_fraction,
+        seed=args.seed, label=args.label or Path(args.gin_file).stem, bandwidth_mb=args.bandwidth_mb,
+    )
+    results = benchmark.run_benchmark(settings)
+    print(bench_report.format_table(results))
+    paths = bench_report.write_reports(results, args.output)
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# -------------------------------------------------------------------- sweep
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_gin", help="Sweep gin file (configs/sweeps/*.gin).")
+    parser.add_argument("--output", required=True, help="Directory of the sweep's runs.")
+    parser.add_argument("--mode", default="local", choices=("local", "print"),
+                        help="local: run the points here, one after another; print: print one command per run.")
+    parser.add_argument("--launcher", default="", help="Prefix of printed commands (e.g. 'bash scripts/tpu_pod_run.sh ... --').")
+    parser.add_argument("--report", action="store_true", help="Write the Table 1 report into OUTPUT/report afterwards.")
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments import report, sweep
+
+    spec = sweep.load_spec(args.sweep_gin, args.gin_bindings)
+    num_heads = gin_config.model_config_from_gin(spec.model_gin).num_heads
+    spec.validate(num_heads)
+    points = sweep.expand(spec, num_heads)
+    print(f"Sweep {spec.name!r}: {len(points)} points -> {args.output}")
+    runner = sweep.Runner(spec, args.output, mode=args.mode, launcher=args.launcher)
+    results, failed = runner.run(points)
+    if args.mode == "local":
+        print(f"{len(results)} of {len(points)} points finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        if args.report and results:
+            files = report.write_report([args.output], Path(args.output) / "report")
+            print(files["table_md"].read_text())
+    return errors.EXIT_FAILURE if failed else 0
+
+
+# --------------------------------------------------------------- quickstart
+def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="quickstart_out", help="Output directory (default: ./quickstart_out).")
+    parser.add_argument("--reduced", action="store_true", help="A minute-scale run (what the tests use).")
+
+
+def _run_quickstart(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments import quickstart
+
+    quickstart.run_quickstart(args.output, quickstart.QuickstartSettings.reduced() if args.reduced else None)
+    return 0
+
+
+# ------------------------------------------------------------------- report
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", help="Run directories (or folders of them).")
+    parser.add_argument("--output", required=True, help="Directory for the table and figures.")
+    parser.add_argument("--no_paper", action="store_true", help="Leave out the paper's reference numbers.")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments import report
+
+    files = report.write_report(args.run_dirs, args.output, include_paper=not args.no_paper)
+    print(files["table_md"].read_text())
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("convert", "Convert a multi-head checkpoint to grouped-query attention.",
+            _convert_arguments, _run_convert, accepts_gin=True),
+    Command("export", "Export a checkpoint to another framework (HuggingFace).",
+            _export_arguments, _run_export),
+    Command("train", f"Uptrain or fine-tune with gin configs ({LAUNCHER_PROG} --run_mode=train).",
+            _launcher_arguments, _run_mode_command("train"), accepts_gin=True),
+    Command("eval", f"Evaluate a checkpoint with gin configs ({LAUNCHER_PROG} --run_mode=eval).",
+            _launcher_arguments, _run_mode_command("eval"), accepts_gin=True),
+    Command("infer", f"Decode an input file with gin configs ({LAUNCHER_PROG} --run_mode=infer).",
+            _launcher_arguments, _run_mode_command("infer"), accepts_gin=True),
+    Command("bench", "Time per sample of greedy decoding vs number of kv heads (and HuggingFace).",
+            _bench_arguments, _run_bench, accepts_gin=True),
+    Command("sweep", "Run or print an ablation sweep (convert -> uptrain -> fine-tune -> eval).",
+            _sweep_arguments, _run_sweep, accepts_gin=True),
+    Command("quickstart", "Run the whole GQA pipeline on a small model, CPU only, no downloads.",
+            _quickstart_arguments, _run_quickstart),
+    Command("report", "Collect run results into the paper's Table 1 and figures.",
+            _report_arguments, _run_report),
+)
 
 
 # --------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every registered subcommand."""
-    for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module)
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Grouped-query attention for T5.1.1 (T5X conventions)."
-    )
+    """The top-level parser with every command of `COMMANDS`."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Grouped-query attention for T5.1.1 (T5X conventions).")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks of errors.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in _REGISTRY.values():
+    for command in COMMANDS:
         child = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(child)
-        child.set_defaults(_subcommand=command)
+        child.set_defaults(_command=command)
     return parser
 
 
+def build_launcher_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m gqa_t5x.main` (T5X's launcher)."""
+    from gqa_t5x import launcher
+
+    parser = argparse.ArgumentParser(prog=LAUNCHER_PROG, description=launcher.__doc__.splitlines()[0])
+    _launcher_arguments(parser)
+    parser.add_argument("--run_mode", choices=tuple(launcher.RUN_MODES), default="train",
+                        help="train (uptrain/finetune), eval, infer or convert.")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks of errors.")
+    return parser
+
+
+def _report_error(error: BaseException, where: str, debug: bool) -> int:
+    """Prints one line (or the traceback) for `error`; returns the exit status."""
+    status = errors.exit_status(error)
+    if debug:
+        traceback.print_exception(error)
+    else:
+        kind = "error" if status == errors.EXIT_USAGE else "failed"
+        message = errors.describe(error)
+        if status == errors.EXIT_FAILURE and not isinstance(error, errors.RunError):
+            message = f"{type(error).__name__}: {message}"
+        print(f"{where}: {kind}: {message}", file=sys.stderr)
+        if status == errors.EXIT_FAILURE:
+            print(f"{where}: (run with --debug or GQA_T5X_TRACEBACK=1 for the traceback)", file=sys.stderr)
+    sys.stderr.flush()
+    return status
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or bool(os.environ.get("GQA_T5X_TRACEBACK"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs `gqa-t5x`; returns the exit code (2 for user errors)."""
-    # TensorFlow (used by seqio/TFDS) logs device probing at start-up.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Runs `gqa-t5x` in this process; returns the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # seqio/TFDS log device probing
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    command_name = next((a for a in argv if not a.startswith("-")), "")
+    debug = _debug_requested(argv)
+    where = PROG
     try:
-        rest, bindings = split_gin_flags(argv)
-        args = parser.parse_args(rest)  # argparse exits with 2 on bad flags
-        command: Subcommand = args._subcommand
-        command_name = command.name
+        rest, bindings = gin_config.split_gin_flags(argv)
+        args = build_parser().parse_args(rest)  # argparse exits with 2 on bad flags
+        command: Command = args._command
+        where = f"{PROG} {command.name}"
         if bindings and not command.accepts_gin:
-            raise UsageError(f"{command.name} takes no --gin.* flags (got {bindings[0]!r}).")
-        args.gin_bindings = bindings
+            raise UsageError(f"{command.name} takes no --gin.* flags (got --gin.{bindings[0]}).")
+        # `--gin_bindings=X` and `--gin.X` flags, in command-line order of kind.
+        args.gin_bindings = [*getattr(args, "gin_bindings", []), *bindings]
         code = command.run(args)
-    except (UsageError, *USER_ERRORS) as e:
-        if os.environ.get("GQA_T5X_TRACEBACK"):
+    except BaseException as error:  # noqa: BLE001 - every error gets one line and a status
+        if isinstance(error, SystemExit):
             raise
-        text = str(e).strip()
-        message = text.splitlines()[0] if text else type(e).__name__
-        where = f"{PROG} {command_name}" if command_name else PROG
-        print(f"{where}: error: {message}", file=sys.stderr)
-        return 2
+        return _report_error(error, where, debug)
     return 0 if code is None else int(code)
 
 
-if __name__ == "__main__":
-    # Run the imported module's main so subcommands registered against
-    # `gqa_t5x.cli` (not this `__main__` copy) are found.
-    from gqa_t5x import cli as _cli
+def launcher_main(argv: Sequence[str] | None = None) -> int:
+    """Runs `python -m gqa_t5x.main` in this process; returns the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        rest, bindings = gin_config.split_gin_flags(argv)
+        args = build_launcher_parser().parse_args(rest)
+        args.gin_bindings = [*args.gin_bindings, *bindings]
+        _launch(args, args.run_mode)
+    except BaseException as error:  # noqa: BLE001
+        if isinstance(error, SystemExit):
+            raise
+        return _report_error(error, LAUNCHER_PROG, debug)
+    return 0
 
-    sys.exit(_cli.main())
+
+def exit_process(status: int) -> None:
+    """Ends the process with `status`; after an error, at once.
+
+    Python's normal shutdown joins non-daemon threads and runs C++ static
+    destructors; after an exception in an input pipeline that can hang (a
+    tf.data prefetch thread blocked on a queue) or abort (`terminate called
+    without an active exception`). Output is flushed first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status != 0:
+        os._exit(status)
+    sys.exit(0)
+
+
+def entry() -> None:
+    """Console script `gqa-t5x`."""
+    exit_process(main())
+
+
+if __name__ == "__main__":
+    entry()

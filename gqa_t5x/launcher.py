@@ -1,4 +1,4 @@
-"""T5X-style launcher: `python -m gqa_t5x.main --gin_file=... --run_mode=train`.
+"""T5X-style launcher: gin files + bindings -> one run mode.
 
     python -m gqa_t5x.main \\
       --gin_file=gin/models/t5_1_1/small.gin \\
@@ -8,138 +8,153 @@
       --gin.NUM_KV_HEADS=8 \\
       --run_mode=train
 
-Flags (T5X names): `--gin_file` (repeatable; model gin, then run gin, then
-experiment gins), `--gin.MACRO=value` / `--gin_bindings=...` (last wins),
-`--gin_search_paths` (comma-separated or repeated; the repository root is
-always searched), `--tfds_data_dir`, `--run_mode=train|eval|infer`,
-multi-host start-up (`--multi_host` and optionally `--coordinator_address`,
-`--process_count`, `--process_index`).
+A run is described by a `Launch` (run mode, gin files, bindings): the command
+line (`gqa_t5x.cli`), `python -m gqa_t5x.main` and the sweeps all build one and
+call `launch`; `Launch.command_line()` renders the equivalent shell command
+(what `gqa-t5x sweep --mode print` prints).
 
-Each run mode calls the gin-configured function of its run gin:
+Each run mode calls the function its run gin configures (`RUN_MODES`):
 train -> `trainer.train` (uptrain.gin / finetune.gin), eval ->
-`evaluation.evaluate` (eval.gin), infer -> `inference.infer` (infer.gin).
-The resolved configuration is written to `MODEL_DIR/config.gin` (eval:
-EVAL_OUTPUT_DIR, infer: INFER_OUTPUT_DIR when MODEL_DIR is not set) before
-the run starts. A macro left at `%gin.REQUIRED` stops the launch with an
-error naming it.
+`evaluation.evaluate` (eval.gin), infer -> `inference.infer` (infer.gin),
+convert -> `converter.convert_checkpoint` (convert.gin).
+
+The resolved configuration is written to `<output dir>/config.gin` (MODEL_DIR,
+else EVAL_OUTPUT_DIR / INFER_OUTPUT_DIR) only once the run has validated its
+inputs (the run function's `on_validated` callback), so a rejected launch never
+overwrites the record of an earlier one; the configuration an earlier launch
+wrote is kept as `config-<its UTC time>.gin`.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import datetime
+import importlib
+import inspect
 import logging
 import os
-import re
-import sys
-from collections.abc import Sequence
+import shlex
+from collections.abc import Callable, Sequence
 from typing import Any
 
-RUN_MODES = ("train", "eval", "infer")
-_OUTPUT_MACROS = {
-    "train": ("MODEL_DIR",),
-    "eval": ("MODEL_DIR", "EVAL_OUTPUT_DIR"),
-    "infer": ("MODEL_DIR", "INFER_OUTPUT_DIR"),
-}
-_REQUIRED = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*%gin\.REQUIRED\s*$", re.M)
+from gqa_t5x import gin_config
+from gqa_t5x.errors import RunError, UsageError
 
 
-class UsageError(ValueError):
-    """A launch error to report in one line (exit code 2)."""
+@dataclasses.dataclass(frozen=True)
+class RunMode:
+    """What `--run_mode=<name>` runs.
 
-
-def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separates `--gin.MACRO=value` flags from the others.
-
-    Args:
-      argv: Command-line arguments.
-
-    Returns:
-      (remaining arguments, bindings such as 'MODEL_DIR="/tmp/x"').
+    Attributes:
+      module: Module of the run function.
+      function: Name of the gin-configured run function in `module`.
+      run_gins: Run gins that configure it (for error messages).
+      output_macros: Macros naming where `config.gin` is written, in order of
+        preference.
     """
-    rest: list[str] = []
-    bindings: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--gin.") and arg != "--gin.":
-            binding = arg[len("--gin."):]
-            if "=" not in binding:
-                if i + 1 >= len(args):
-                    raise UsageError(f"{arg} needs a value: {arg}=VALUE.")
-                binding, i = f"{binding}={args[i + 1]}", i + 1
-            bindings.append(binding)
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, bindings
+
+    module: str
+    function: str
+    run_gins: str
+    output_macros: tuple[str, ...] = ()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The launcher's flags (besides `--gin.MACRO=value`)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gqa_t5x.main",
-        description="Train / evaluate / infer with gin configs (T5X conventions).",
-    )
-    add_arguments(parser)
-    return parser
+RUN_MODES: dict[str, RunMode] = {
+    "train": RunMode("gqa_t5x.training.trainer", "train",
+                     "gin/runs/uptrain.gin or gin/runs/finetune.gin", ("MODEL_DIR",)),
+    "eval": RunMode("gqa_t5x.training.evaluation", "evaluate", "gin/runs/eval.gin",
+                    ("MODEL_DIR", "EVAL_OUTPUT_DIR")),
+    "infer": RunMode("gqa_t5x.training.inference", "infer", "gin/runs/infer.gin",
+                     ("MODEL_DIR", "INFER_OUTPUT_DIR")),
+    "convert": RunMode("gqa_t5x.conversion.converter", "convert_checkpoint", "gin/runs/convert.gin"),
+}
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, with_run_mode: bool = True) -> None:
-    """Adds the launcher's flags to `parser` (shared with `gqa-t5x train`)."""
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="Gin file (repeatable): model gin, run gin, experiment gins.")
-    parser.add_argument("--gin_bindings", action="append", default=[],
-                        help="Gin binding, e.g. 'TRAIN_STEPS=1050000' (repeatable).")
-    parser.add_argument("--gin_search_paths", action="append", default=[],
-                        help="Extra gin search paths (comma-separated or repeated).")
-    parser.add_argument("--tfds_data_dir", default=None,
-                        help="TFDS data dir override for every seqio task.")
-    if with_run_mode:
-        parser.add_argument("--run_mode", choices=RUN_MODES, default=None,
-                            help="train (uptrain/finetune), eval or infer.")
-    parser.add_argument("--multi_host", action="store_true",
-                        help="Call jax.distributed.initialize() (TPU pods / multi-process).")
-    parser.add_argument("--coordinator_address", default=None,
-                        help="host:port of process 0 (auto-detected on Cloud TPU).")
-    parser.add_argument("--process_count", type=int, default=None, help="Number of processes.")
-    parser.add_argument("--process_index", type=int, default=None, help="This process's index.")
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One launcher run (what `python -m gqa_t5x.main` is given).
+
+    Attributes:
+      run_mode: One of `RUN_MODES`.
+      gin_files: Model gin, run gin, experiment gins, in order.
+      gin_bindings: 'MACRO=value' bindings (the `--gin.` prefix stripped);
+        later bindings win.
+      gin_search_paths: Extra gin search paths.
+      tfds_data_dir: TFDS data dir override for every seqio task.
+    """
+
+    run_mode: str
+    gin_files: tuple[str, ...]
+    gin_bindings: tuple[str, ...] = ()
+    gin_search_paths: tuple[str, ...] = ()
+    tfds_data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gin_files", tuple(self.gin_files))
+        object.__setattr__(self, "gin_bindings", tuple(self.gin_bindings))
+        object.__setattr__(self, "gin_search_paths", tuple(self.gin_search_paths))
+        if self.run_mode not in RUN_MODES:
+            raise UsageError(f"--run_mode={self.run_mode!r}; choose one of {list(RUN_MODES)}.")
+        if not self.gin_files:
+            raise UsageError(
+                "--gin_file is required, e.g. --gin_file=gin/models/t5_1_1/small.gin "
+                "--gin_file=gin/runs/uptrain.gin."
+            )
+
+    def command_line(self, prefix: Sequence[str] = ("python", "-m", "gqa_t5x.main")) -> str:
+        """The shell command that runs this launch."""
+        argv = [*prefix, *(f"--gin_file={f}" for f in self.gin_files)]
+        argv += [f"--gin_search_paths={p}" for p in self.gin_search_paths]
+        argv += [f"--gin.{b}" for b in self.gin_bindings]
+        if self.tfds_data_dir:
+            argv.append(f"--tfds_data_dir={self.tfds_data_dir}")
+        argv.append(f"--run_mode={self.run_mode}")
+        return " ".join(shlex.quote(a) for a in argv)
 
 
-def required_macros_missing(config_str: str) -> list[str]:
-    """Macros whose value is still `%gin.REQUIRED` in a gin config string."""
-    return sorted(set(_REQUIRED.findall(config_str)))
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """Multi-process start-up (`jax.distributed.initialize`), T5X's flags.
 
+    On Cloud TPU every field may be None (auto-detected).
+    """
 
-def _macro(name: str) -> Any:
-    import gin
+    coordinator_address: str | None = None
+    process_count: int | None = None
+    process_index: int | None = None
 
-    try:
-        return gin.query_parameter(f"{name}/gin.macro.value")
-    except ValueError:
-        return None
+    def initialize(self) -> None:
+        import jax
 
-
-def _run_function(run_mode: str):
-    if run_mode == "train":
-        from gqa_t5x.training import trainer
-
-        return trainer.train
-    if run_mode == "eval":
-        from gqa_t5x.training import evaluation
-
-        return evaluation.evaluate
-    from gqa_t5x.training import inference
-
-    return inference.infer
+        jax.distributed.initialize(
+            coordinator_address=self.coordinator_address,
+            num_processes=self.process_count,
+            process_id=self.process_index,
+        )
 
 
 def write_config(output_dir: str, config_str: str) -> str:
-    """Writes `output_dir/config.gin` atomically; returns its path."""
+    """Writes `output_dir/config.gin`, keeping an earlier launch's as a copy.
+
+    Args:
+      output_dir: MODEL_DIR (or an eval/infer output directory), local or gs://.
+      config_str: The parsed gin configuration.
+
+    Returns:
+      The path written.
+    """
     import tensorflow as tf
 
     tf.io.gfile.makedirs(output_dir)
     path = os.path.join(output_dir, "config.gin")
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            previous = f.read()
+        if previous != config_str:
+            mtime = tf.io.gfile.stat(path).mtime_nsec / 1e9
+            stamp = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
+            kept = os.path.join(output_dir, f"config-{stamp:%Y%m%dT%H%M%S}.gin")
+            tf.io.gfile.rename(path, kept, overwrite=True)
     tmp = path + ".tmp"
     with tf.io.gfile.GFile(tmp, "w") as f:
         f.write(config_str)
@@ -147,119 +162,68 @@ def write_config(output_dir: str, config_str: str) -> str:
     return path
 
 
-def run(args: argparse.Namespace, gin_bindings: Sequence[str]) -> Any:
-    """Parses gin, checks macros, writes config.gin and runs the run mode.
+def run_function(run_mode: str) -> Callable[..., Any]:
+    """The (unconfigured) function `--run_mode=run_mode` calls."""
+    mode = RUN_MODES[run_mode]
+    return getattr(importlib.import_module(mode.module), mode.function)
+
+
+def launch(request: Launch, *, distributed: Distributed | None = None) -> Any:
+    """Parses gin, validates, runs the run mode and records its configuration.
 
     Args:
-      args: Parsed flags (see `add_arguments`).
-      gin_bindings: Bindings from `--gin.MACRO=value` flags.
+      request: The run.
+      distributed: Multi-process start-up (None: a single process).
 
     Returns:
       What the run function returns (e.g. `trainer.TrainSummary`).
-    """
-    run_mode = getattr(args, "run_mode", None) or "train"
-    if not args.gin_file:
-        raise UsageError(
-            "--gin_file is required, e.g. --gin_file=gin/models/t5_1_1/small.gin "
-            "--gin_file=gin/runs/uptrain.gin."
-        )
-    if args.multi_host:
-        import jax
 
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator_address,
-            num_processes=args.process_count,
-            process_id=args.process_index,
-        )
-    if args.tfds_data_dir:
+    Raises:
+      UsageError, ValueError, FileNotFoundError: the launch is invalid (nothing
+        was written).
+      RunError: the run failed after validating its inputs.
+    """
+    if distributed is not None:
+        distributed.initialize()
+    if request.tfds_data_dir:
         import seqio
 
-        seqio.set_tfds_data_dir_override(args.tfds_data_dir)
+        seqio.set_tfds_data_dir_override(request.tfds_data_dir)
     import gin
 
-    from gqa_t5x import gin_config
-
-    search_paths = [p for entry in args.gin_search_paths for p in entry.split(",") if p]
-    bindings = [*args.gin_bindings, *gin_bindings]
-    try:
-        gin_config.parse_gin(args.gin_file, bindings, search_paths)
-        missing: list[str] = []
-    except ValueError as e:
-        # Gin's finalize hook stops at the first `%gin.REQUIRED` it meets; the
-        # parsed config still lists all of them.
-        found = re.search(r"(\S+?)/(?:gin\.)?macro\.value set to `%gin\.REQUIRED`", str(e))
-        if found is None:
-            raise
-        missing = required_macros_missing(gin.config_str()) or [found.group(1)]
-    config_str = gin.config_str()
-    missing = missing or required_macros_missing(config_str)
-    if missing:
-        raise UsageError(
-            f"Required gin macro(s) not set: {', '.join(missing)}; pass e.g. "
-            f"--gin.{missing[0]}=... (strings in escaped quotes: "
-            f"--gin.{missing[0]}=\\\"/path\\\")."
-        )
-    fn = _run_function(run_mode)
+    config_str = gin_config.parse_gin(request.gin_files, request.gin_bindings, request.gin_search_paths)
+    fn = run_function(request.run_mode)
     try:
         configured = gin.get_configurable(fn)
     except ValueError as e:
+        mode = RUN_MODES[request.run_mode]
         raise UsageError(
-            f"--run_mode={run_mode} needs {fn.__module__}.{fn.__name__} to be "
-            f"configured by the run gin (e.g. gin/runs/{run_mode}.gin): {e}"
+            f"--run_mode={request.run_mode} needs {mode.module}.{mode.function} to be "
+            f"configured by its run gin ({mode.run_gins}): {e}"
         ) from e
-    import jax
+    validated = False
 
-    output_dir = next((_macro(m) for m in _OUTPUT_MACROS[run_mode] if isinstance(_macro(m), str)), None)
-    if output_dir and jax.process_index() == 0:
-        path = write_config(output_dir, config_str)
-        logging.info("Wrote %s", path)
-    return configured()
+    def record() -> None:
+        import jax
 
+        macros = RUN_MODES[request.run_mode].output_macros
+        output_dir = next((v for v in map(gin_config.macro_value, macros) if isinstance(v, str)), None)
+        if output_dir and jax.process_index() == 0:
+            logging.info("Wrote %s", write_config(output_dir, config_str))
 
-def _cli_run(run_mode: str):
-    def run_subcommand(args: argparse.Namespace) -> int:
-        args.run_mode = run_mode
-        run(args, args.gin_bindings)
-        return 0
+    def on_validated() -> None:
+        nonlocal validated
+        record()
+        validated = True
 
-    return run_subcommand
-
-
-def _register() -> None:
-    """`gqa-t5x train` / `gqa-t5x eval`: this launcher as CLI subcommands."""
-    from gqa_t5x import cli
-
-    add = lambda parser: add_arguments(parser, with_run_mode=False)  # noqa: E731
-    cli.register(cli.Subcommand(
-        "train", "Uptrain or fine-tune with gin configs (python -m gqa_t5x.main --run_mode=train).",
-        add, _cli_run("train"), accepts_gin=True))
-    cli.register(cli.Subcommand(
-        "eval", "Evaluate a checkpoint with gin configs (python -m gqa_t5x.main --run_mode=eval).",
-        add, _cli_run("eval"), accepts_gin=True))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the launcher; returns the exit code (2 for configuration errors)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    takes_hook = "on_validated" in inspect.signature(fn).parameters
+    if not takes_hook:
+        record()  # The run function validates nothing the gin parse has not.
     try:
-        rest, bindings = split_gin_flags(argv)
-        args = build_parser().parse_args(rest)
-        run(args, bindings)
-    except (UsageError, FileNotFoundError) as e:
-        if os.environ.get("GQA_T5X_TRACEBACK"):
-            raise
-        print(f"gqa_t5x.main: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # trainer.NonFiniteLossError
-        if os.environ.get("GQA_T5X_TRACEBACK"):
-            raise
-        print(f"gqa_t5x.main: training stopped: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-else:  # Imported: register the subcommands once.
-    _register()
+        return configured(on_validated=on_validated) if takes_hook else configured()
+    except (RunError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if validated:
+            raise RunError(e) from e
+        raise

@@ -92,19 +92,20 @@ def test_gin_entry_point_converts_like_the_flags(tmp_path, capsys):
         np.testing.assert_array_equal(flat(a)[path], value)
 
 
-def test_python_dash_m_convert_main_runs_in_a_fresh_process(tmp_path):
+def test_python_dash_m_main_run_mode_convert_runs_in_a_fresh_process(tmp_path):
     if not T5X_TINY.exists():
         pytest.skip(f"T5X fixture not found at {T5X_TINY}")
     env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "gqa_t5x.convert_main", "--gin_file=gin/runs/convert.gin",
+        [sys.executable, "-m", "gqa_t5x.main", "--gin_file=gin/runs/convert.gin", "--run_mode=convert",
          f'--gin.SOURCE="{T5X_TINY}"', f'--gin.OUTPUT="{tmp_path / "out"}"', "--gin.NUM_KV_HEADS=1"],
         capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out").is_dir()
     missing = subprocess.run(
-        [sys.executable, "-m", "gqa_t5x.convert_main", "--gin_file=gin/runs/convert.gin", "--gin.NUM_KV_HEADS=1"],
+        [sys.executable, "-m", "gqa_t5x.main", "--gin_file=gin/runs/convert.gin", "--run_mode=convert",
+         "--gin.NUM_KV_HEADS=1"],
         capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
     )
     assert missing.returncode == 2
@@ -163,11 +164,8 @@ def test_existing_output_is_kept_unless_overwrite(hf_dir, tmp_path, capsys):
 
 def test_unknown_method_is_rejected_before_anything_is_written(hf_dir, tmp_path, capsys):
     source, _ = hf_dir
-    with pytest.raises(SystemExit) as info:  # argparse's own usage error
-        cli.main(["convert", "--source", str(source), "--output", str(tmp_path / "o"), "--num_kv_heads", "2", "--method", "median"])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "invalid choice: 'median'" in err and "align" in err
+    code, _, err = _run(["convert", "--source", source, "--output", tmp_path / "o", "--num_kv_heads", 2, "--method", "median"], capsys)
+    _assert_user_error(code, err, "'median'", "align")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="median"):
         conversion.convert_checkpoint(source, tmp_path / "o", 2, method="median")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gqa_t5x import launcher
+from gqa_t5x import cli, gin_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "gin/models/t5_1_1/tiny.gin"
@@ -33,7 +33,7 @@ def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 # --------------------------------------------------------------- configuration
 def test_missing_required_macro_is_named(capsys, tmp_path):
-    code = launcher.main([f"--gin_file={TINY}", "--gin_file=gin/runs/uptrain.gin",
+    code = cli.launcher_main([f"--gin_file={TINY}", "--gin_file=gin/runs/uptrain.gin",
                           "--gin.INITIAL_CHECKPOINT_PATH='/nowhere'", "--run_mode=train"])
     assert code == 2
     err = capsys.readouterr().err
@@ -51,7 +51,7 @@ def test_gqa_t5x_train_subcommand_forwards_to_the_launcher(capsys):
 
 
 def test_finetune_requires_train_steps_and_initial_checkpoint(capsys, tmp_path):
-    code = launcher.main([f"--gin_file={TINY}", "--gin_file=gin/runs/finetune.gin",
+    code = cli.launcher_main([f"--gin_file={TINY}", "--gin_file=gin/runs/finetune.gin",
                           f"--gin.MODEL_DIR='{tmp_path}'", "--run_mode=train"])
     assert code == 2
     err = capsys.readouterr().err
@@ -61,18 +61,18 @@ def test_finetune_requires_train_steps_and_initial_checkpoint(capsys, tmp_path):
 
 def test_gin_search_paths_find_experiment_gins_outside_the_repo(capsys, tmp_path):
     (tmp_path / "exp.gin").write_text("MODEL_DIR = None\nBATCH_SIZE = 4\n")
-    code = launcher.main([f"--gin_file={TINY}", "--gin_file=gin/runs/finetune.gin",
+    code = cli.launcher_main([f"--gin_file={TINY}", "--gin_file=gin/runs/finetune.gin",
                           "--gin_file=exp.gin", f"--gin_search_paths={tmp_path}",
                           "--gin.TRAIN_STEPS=10", "--run_mode=train"])
     assert code == 2  # INITIAL_CHECKPOINT_PATH is still required.
     assert "INITIAL_CHECKPOINT_PATH" in capsys.readouterr().err
-    code = launcher.main([f"--gin_file={TINY}", "--gin_file=missing_experiment.gin"])
+    code = cli.launcher_main([f"--gin_file={TINY}", "--gin_file=missing_experiment.gin"])
     assert code == 2
     assert "missing_experiment.gin" in capsys.readouterr().err
 
 
 def test_gin_bindings_split_like_t5x():
-    rest, bindings = launcher.split_gin_flags(
+    rest, bindings = gin_config.split_gin_flags(
         ["--gin_file=a.gin", "--gin.MODEL_DIR=\"/x\"", "--gin.TRAIN_STEPS", "5", "--run_mode=eval"])
     assert rest == ["--gin_file=a.gin", "--run_mode=eval"]
     assert bindings == ['MODEL_DIR="/x"', "TRAIN_STEPS=5"]

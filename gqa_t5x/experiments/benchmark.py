@@ -28,17 +28,13 @@ Outputs: a table on stdout, `<prefix>.json`, `<prefix>.md`, `<prefix>.png`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import gc
 import itertools
 import os
 import platform
-import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,9 +43,7 @@ import numpy as np
 
 from gqa_t5x import conversion
 from gqa_t5x.model import decoding
-from gqa_t5x import gin_config
 from gqa_t5x.model import network
-from gqa_t5x.experiments.bench_report import format_table, write_reports
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
@@ -441,93 +435,3 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
                      "config": base.to_dict()},
         "machine": machine, "bandwidth_gbs": bandwidth, "rows": rows, "huggingface": hf_rows,
     }
-
-
-# ---------------------------------------------------------------------- CLI
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `gqa-t5x bench`."""
-    parser.add_argument("--gin_file", default="gin/models/t5_1_1/large.gin", help="Model gin (sizes).")
-    parser.add_argument("--num_encoder_layers", type=int, help="Override the gin's encoder depth (fit a CPU).")
-    parser.add_argument("--num_decoder_layers", type=int, help="Override the gin's decoder depth.")
-    parser.add_argument("--num_kv_heads", type=_ints, help="kv heads to sweep, e.g. 1,8,64 (default: powers of 2 up to num_heads).")
-    parser.add_argument("--input_length", type=_ints, default=(512,), help="Encoder length(s).")
-    parser.add_argument("--output_length", type=_ints, default=(128,), help="Decoded tokens per sample.")
-    parser.add_argument("--batch_size", type=_ints, default=(16,), help="Batch cap(s): the largest batch that fits up to it is used.")
-    parser.add_argument("--repeats", type=int, default=2, help="Timed runs after the warm-up (fastest reported).")
-    parser.add_argument("--no_huggingface", action="store_true", help="Skip the HuggingFace transformers comparison.")
-    parser.add_argument("--huggingface_repeats", type=int, default=1, help="Timed HuggingFace runs after its warm-up.")
-    parser.add_argument("--memory_fraction", type=float, default=0.5, help="Share of available RAM a run may use.")
-    parser.add_argument("--label", default="", help="Name of the shape in the reports.")
-    parser.add_argument("--output", default="bench_decode", help="Report prefix: writes PREFIX.json/.md/.png.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of weights and inputs.")
-    parser.add_argument("--bandwidth_mb", type=int, default=256, help="Buffer of the bandwidth measurement (MB).")
-
-
-def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    """Builds `BenchSettings` from parsed flags (+ `args.gin_bindings`)."""
-    config = gin_config.model_config_from_gin(args.gin_file, getattr(args, "gin_bindings", []) or [])
-    overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers") if getattr(args, k) is not None}
-    config = config.replace(dtype="float32", dropout_rate=0.0, num_kv_heads=None, **overrides)
-    kv = args.num_kv_heads or tuple(sorted({2**i for i in range(config.num_heads.bit_length()) if config.num_heads % 2**i == 0} | {config.num_heads}))
-    for g in kv:
-        if config.num_heads % g:
-            raise ValueError(f"--num_kv_heads {g} does not divide num_heads={config.num_heads}.")
-    for flag in ("repeats", "huggingface_repeats"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag}={getattr(args, flag)} must be >= 1.")
-    if not 0 < args.memory_fraction <= 1:
-        raise ValueError(f"--memory_fraction={args.memory_fraction} must be in (0, 1].")
-    return BenchSettings(
-        config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
-        batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
-        huggingface_repeats=args.huggingface_repeats,
-        memory_fraction=args.memory_fraction, seed=args.seed, label=args.label or Path(args.gin_file).stem,
-        bandwidth_mb=args.bandwidth_mb,
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Runs the benchmark for parsed flags, prints the table, writes reports."""
-    settings = settings_from_args(args)
-    results = run_benchmark(settings)
-    print(format_table(results))
-    paths = write_reports(results, args.output)
-    print("Wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-def bench_main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry: `python -m gqa_t5x.benchmark [flags] [--gin.X=v]`."""
-    from gqa_t5x import cli
-
-    parser = argparse.ArgumentParser(prog="gqa-t5x bench", description=__doc__.splitlines()[0])
-    add_bench_arguments(parser)
-    rest, bindings = cli.split_gin_flags(list(argv) if argv is not None else sys.argv[1:])
-    args = parser.parse_args(rest)
-    args.gin_bindings = bindings
-    return run_from_args(args)
-
-
-def _register() -> None:
-    from gqa_t5x import cli
-
-    cli.register(cli.Subcommand(
-        "bench", "Time per sample of greedy decoding vs number of kv heads (and HuggingFace).",
-        add_bench_arguments, run_from_args, accepts_gin=True,
-    ))
-
-
-_register()
-
-if __name__ == "__main__":
-    raise SystemExit(bench_main())

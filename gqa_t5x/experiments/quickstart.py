@@ -17,13 +17,12 @@ not the paper's results.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
 
-from gqa_t5x import gin_config
+from gqa_t5x import gin_config, launcher
 from gqa_t5x.data import local_corpus
 from gqa_t5x.experiments import report
 from gqa_t5x.experiments import sweep
@@ -132,12 +131,13 @@ def run_quickstart(output_dir: str | Path, settings: QuickstartSettings | None =
         base = None
     if base is None or not base.endswith(f"checkpoint_{s.pretrain_steps}"):
         log(f"[2/4] pre-training an MHA model ({s.num_heads} heads) for {s.pretrain_steps} steps")
-        runner = sweep.Runner(sweep.SweepSpec(), out)
-        runner._main([
-            f"--gin_file={model_gin}", "--gin_file=gin/runs/uptrain.gin", f"--gin_file={experiment}",
-            f"--gin.MODEL_DIR={json.dumps(str(pretrain_dir))}", "--gin.INITIAL_CHECKPOINT_PATH=None",
-            f"--gin.TRAIN_STEPS={s.pretrain_steps}", "--run_mode=train",
-        ])
+        sweep.enable_compilation_cache(out / "runs" / ".jax_cache")
+        launcher.launch(launcher.Launch(
+            run_mode="train",
+            gin_files=(model_gin, "gin/runs/uptrain.gin", str(experiment)),
+            gin_bindings=(f"MODEL_DIR={json.dumps(str(pretrain_dir))}", "INITIAL_CHECKPOINT_PATH=None",
+                          f"TRAIN_STEPS={s.pretrain_steps}"),
+        ))
         base = sweep.latest_checkpoint(pretrain_dir)
 
     log("[3/4] converting, uptraining, fine-tuning and evaluating each variant")
@@ -162,24 +162,3 @@ def run_quickstart(output_dir: str | Path, settings: QuickstartSettings | None =
         log(f"{name}: {path}")
     log(f"quickstart finished in {time.time() - start:.0f}s; outputs in {out}")
     return files
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="quickstart_out", help="Output directory (default: ./quickstart_out).")
-    parser.add_argument("--reduced", action="store_true", help="A minute-scale run (what the tests use).")
-
-
-def run(args: argparse.Namespace) -> int:
-    run_quickstart(args.output, QuickstartSettings.reduced() if args.reduced else None)
-    return 0
-
-
-def _register() -> None:
-    from gqa_t5x import cli
-
-    cli.register(cli.Subcommand(
-        name="quickstart", help="Run the whole GQA pipeline on a small model, CPU only, no downloads.",
-        add_arguments=add_arguments, run=run))
-
-
-_register()

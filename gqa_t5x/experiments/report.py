@@ -22,7 +22,6 @@ their own panels because the scales differ.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -320,34 +319,3 @@ def write_report(
     plot_methods(results, files["methods"])
     plot_time_vs_groups(results, files["time_vs_groups"])
     return files
-
-
-# ------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", help="Run directories (or folders of them).")
-    parser.add_argument("--output", required=True, help="Directory for the table and figures.")
-    parser.add_argument("--no_paper", action="store_true", help="Leave out the paper's reference numbers.")
-
-
-def run(args: argparse.Namespace) -> int:
-    files = write_report(args.run_dirs, args.output, include_paper=not args.no_paper)
-    print(files["table_md"].read_text())
-    for name, path in files.items():
-        print(f"{name}: {path}")
-    return 0
-
-
-def _register() -> None:
-    from gqa_t5x import cli
-
-    cli.register(
-        cli.Subcommand(
-            name="report",
-            help="Collect run results into the paper's Table 1 and figures.",
-            add_arguments=add_arguments,
-            run=run,
-        )
-    )
-
-
-_register()

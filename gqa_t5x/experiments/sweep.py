@@ -20,12 +20,10 @@ them, for cluster users who launch each run as its own job.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import re
-import shlex
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -34,7 +32,7 @@ from typing import Any
 
 import gin
 
-from gqa_t5x import gin_config
+from gqa_t5x import gin_config, launcher
 
 # Task key (report column) -> (task gin, metric used for model selection and Table 1).
 TASKS: dict[str, tuple[str, str]] = {
@@ -200,29 +198,35 @@ def _gin_str(value: str) -> str:
     return json.dumps(str(value))
 
 
-# --------------------------------------------------------------- stage argv
-def _train_args(spec: SweepSpec, run_gin: str, extra_gins: Sequence[str], g: int | None,
-                model_dir: Path, initial: str, bindings: Sequence[str]) -> list[str]:
-    argv = [f"--gin_file={spec.model_gin}", f"--gin_file={run_gin}"]
-    argv += [f"--gin_file={f}" for f in [*extra_gins, *spec.gin_files]]
-    argv += [
-        f"--gin.NUM_KV_HEADS={g if g else None}",
-        f"--gin.MODEL_DIR={_gin_str(model_dir)}",
-        f"--gin.INITIAL_CHECKPOINT_PATH={_gin_str(initial)}",
-    ]
-    argv += [f"--gin.{b}" for b in bindings]
-    return argv + ["--run_mode=train"]
+# ------------------------------------------------------------------ stages
+def _train_launch(spec: SweepSpec, run_gin: str, extra_gins: Sequence[str], g: int | None,
+                  model_dir: Path, initial: str, bindings: Sequence[str]) -> launcher.Launch:
+    return launcher.Launch(
+        run_mode="train",
+        gin_files=(spec.model_gin, run_gin, *extra_gins, *spec.gin_files),
+        gin_bindings=(
+            f"NUM_KV_HEADS={g if g else None}",
+            f"MODEL_DIR={_gin_str(model_dir)}",
+            f"INITIAL_CHECKPOINT_PATH={_gin_str(initial)}",
+            *bindings,
+        ),
+    )
 
 
 class Runner:
-    """Runs (or prints) the stages of sweep points under `output_dir`."""
+    """Runs (or prints) the stages of sweep points under `output_dir`.
+
+    Every stage is a `launcher.Launch`: `mode='local'` runs it in this process
+    (`launcher.launch`), `mode='print'` prints its command line
+    (`Launch.command_line`) behind `launcher_prefix`.
+    """
 
     def __init__(self, spec: SweepSpec, output_dir: str | os.PathLike, *,
                  mode: str = "local", launcher: str = "", log: Callable[[str], None] = print,
                  compilation_cache: bool = True):
         if mode not in ("local", "print"):
             raise ValueError(f"--mode={mode!r}; choose 'local' or 'print'.")
-        self.spec, self.out, self.mode, self.launcher, self.log = spec, Path(output_dir), mode, launcher, log
+        self.spec, self.out, self.mode, self.launcher_prefix, self.log = spec, Path(output_dir), mode, launcher, log
         if mode == "local" and compilation_cache:
             enable_compilation_cache(self.out / ".jax_cache")
 
@@ -238,16 +242,11 @@ class Runner:
         os.replace(tmp, path)
         return info
 
-    def _main(self, argv: list[str]) -> Any:
+    def _run(self, request: launcher.Launch) -> Any:
         if self.mode == "print":
-            cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "gqa_t5x.main", *argv])
-            self.log(f"{self.launcher} {cmd}".strip())
+            self.log(f"{self.launcher_prefix} {request.command_line()}".strip())
             return None
-        from gqa_t5x import launcher as main_lib
-
-        rest, bindings = main_lib.split_gin_flags(argv)
-        args = main_lib.build_parser().parse_args(rest)
-        return main_lib.run(args, bindings)
+        return launcher.launch(request)
 
     # -- stages
     def convert(self, point: Point, run_dir: Path) -> str:
@@ -257,14 +256,17 @@ class Runner:
         if done:
             return done["checkpoint"]
         out = run_dir / "converted"
+        self._run(launcher.Launch(
+            run_mode="convert",
+            gin_files=("gin/runs/convert.gin",),
+            gin_bindings=(
+                f"SOURCE={_gin_str(self.spec.base_checkpoint)}", f"OUTPUT={_gin_str(out)}",
+                f"NUM_KV_HEADS={point.num_kv_heads}", f"METHOD={_gin_str(point.method)}",
+                f"RANDOM_SEED={self.spec.seed}", "OVERWRITE=True", "converter.convert_checkpoint.progress=False",
+            ),
+        ))
         if self.mode == "print":
-            self.log(f"gqa-t5x convert --source {shlex.quote(self.spec.base_checkpoint)} --output {shlex.quote(str(out))} "
-                     f"--num_kv_heads {point.num_kv_heads} --method {point.method} --seed {self.spec.seed}")
             return str(out)
-        from gqa_t5x import conversion
-
-        conversion.convert_checkpoint(self.spec.base_checkpoint, str(out), point.num_kv_heads,
-                                      method=point.method, overwrite=True, progress=False, seed=self.spec.seed)
         return self._mark(run_dir, "convert", {"checkpoint": str(out)})["checkpoint"]
 
     def uptrain(self, point: Point, run_dir: Path, initial: str) -> str:
@@ -274,9 +276,8 @@ class Runner:
         if done:
             return done["checkpoint"]
         model_dir = run_dir / "uptrain"
-        argv = _train_args(self.spec, "gin/runs/uptrain.gin", [], point.gin_kv_heads, model_dir, initial,
-                           [f"UPTRAIN_ALPHA={point.alpha}", *self.spec.uptrain_bindings])
-        self._main(argv)
+        self._run(_train_launch(self.spec, "gin/runs/uptrain.gin", [], point.gin_kv_heads, model_dir, initial,
+                                [f"UPTRAIN_ALPHA={point.alpha}", *self.spec.uptrain_bindings]))
         if self.mode == "print":
             return str(model_dir / "checkpoint_<final>")
         return self._mark(run_dir, "uptrain", {"checkpoint": latest_checkpoint(model_dir)})["checkpoint"]
@@ -287,12 +288,12 @@ class Runner:
             return done["score"]
         task_gin, metric = TASKS[task]
         model_dir = run_dir / f"finetune_{task}"
-        argv = _train_args(self.spec, "gin/runs/finetune.gin", [task_gin], point.gin_kv_heads, model_dir, initial,
+        request = _train_launch(self.spec, "gin/runs/finetune.gin", [task_gin], point.gin_kv_heads, model_dir, initial,
                            ["TRAIN_STEPS=@gqa_t5x.training.trainer.steps_after_checkpoint()",
                             "gqa_t5x.training.trainer.steps_after_checkpoint.initial_checkpoint_path=%INITIAL_CHECKPOINT_PATH",
                             f"gqa_t5x.training.trainer.steps_after_checkpoint.steps={self.spec.finetune_steps}",
                             f"EVAL_METRIC={_gin_str(metric)}", *self.spec.finetune_bindings])
-        summary = self._main(argv)
+        summary = self._run(request)
         if self.mode == "local" and not self.spec.final_eval and getattr(summary, "best", None):
             step = summary.best[0]
             values = next(iter(summary.eval_metrics[step].values()))
@@ -303,11 +304,12 @@ class Runner:
         eval_dir = run_dir / f"eval_{task}"
         checkpoint = str(best / "checkpoint_<best>") if self.mode == "print" else (
             latest_checkpoint(best) if best.is_dir() else latest_checkpoint(model_dir))
-        argv = [f"--gin_file={self.spec.model_gin}", "--gin_file=gin/runs/eval.gin", f"--gin_file={task_gin}"]
-        argv += [f"--gin_file={f}" for f in self.spec.gin_files]
-        argv += [f"--gin.CHECKPOINT_PATH={_gin_str(checkpoint)}", f"--gin.EVAL_OUTPUT_DIR={_gin_str(eval_dir)}"]
-        argv += [f"--gin.{b}" for b in self.spec.eval_bindings] + ["--run_mode=eval"]
-        metrics = self._main(argv)
+        metrics = self._run(launcher.Launch(
+            run_mode="eval",
+            gin_files=(self.spec.model_gin, "gin/runs/eval.gin", task_gin, *self.spec.gin_files),
+            gin_bindings=(f"CHECKPOINT_PATH={_gin_str(checkpoint)}", f"EVAL_OUTPUT_DIR={_gin_str(eval_dir)}",
+                          *self.spec.eval_bindings),
+        ))
         if self.mode == "print":
             return None
         values = next(iter(metrics.values())) if metrics else {}
@@ -378,42 +380,3 @@ class Runner:
                     {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}, indent=2))
                 self.log(f"[{point.name}] FAILED: {type(err).__name__}: {err} (see {run_dir / 'failed.json'})")
         return results, failed
-
-
-# ------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep_gin", help="Sweep gin file (configs/sweeps/*.gin).")
-    parser.add_argument("--output", required=True, help="Directory of the sweep's runs.")
-    parser.add_argument("--mode", default="local", choices=("local", "print"),
-                        help="local: run the points here, one after another; print: print one command per run.")
-    parser.add_argument("--launcher", default="", help="Prefix of printed commands (e.g. 'bash scripts/tpu_pod_train.sh').")
-    parser.add_argument("--report", action="store_true", help="Write the Table 1 report into OUTPUT/report afterwards.")
-
-
-def run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.sweep_gin, getattr(args, "gin_bindings", []))
-    num_heads = gin_config.model_config_from_gin(spec.model_gin).num_heads
-    spec.validate(num_heads)
-    points = expand(spec, num_heads)
-    print(f"Sweep {spec.name!r}: {len(points)} points -> {args.output}")
-    runner = Runner(spec, args.output, mode=args.mode, launcher=args.launcher)
-    results, failed = runner.run(points)
-    if args.mode == "local":
-        print(f"{len(results)} of {len(points)} points finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
-        if args.report and results:
-            from gqa_t5x.experiments import report
-
-            files = report.write_report([args.output], Path(args.output) / "report")
-            print(files["table_md"].read_text())
-    return 1 if failed else 0
-
-
-def _register() -> None:
-    from gqa_t5x import cli
-
-    cli.register(cli.Subcommand(
-        name="sweep", help="Run or print an ablation sweep (convert -> uptrain -> fine-tune -> eval).",
-        add_arguments=add_arguments, run=run, accepts_gin=True))
-
-
-_register()

@@ -21,6 +21,7 @@ import seqio
 import tensorflow as tf
 
 from gqa_t5x import checkpoints
+from gqa_t5x.model import param_tree
 from gqa_t5x.data import datasets
 from gqa_t5x.model import models
 
@@ -187,7 +188,7 @@ def evaluate(
     model = model.with_config(
         config.replace(dtype=model.config.dtype, dropout_rate=model.config.dropout_rate)
     )
-    params = jax.tree_util.tree_map(np.asarray, checkpoints.names.unflatten(flat))
+    params = jax.tree_util.tree_map(np.asarray, param_tree.unflatten(flat))
     tf.io.gfile.makedirs(output_dir)  # Local or gs://.
     start = time.time()
     evaluator = make_evaluator(dataset_cfg, output_dir, num_examples)

@@ -141,7 +141,7 @@ def test_infer_run_mode_decodes_a_real_t5x_checkpoint_with_the_t5_vocabulary(sha
     """launcher.py --run_mode=infer with gin/runs/infer.gin on T5X's own tiny checkpoint."""
     import gin
 
-    from gqa_t5x import launcher
+    from gqa_t5x import cli
     from gqa_t5x.data import vocabularies
 
     checkpoint = shared_dir / "fixtures" / "t5x" / "t5_1_1_tiny" / "checkpoint_0"
@@ -150,7 +150,7 @@ def test_infer_run_mode_decodes_a_real_t5x_checkpoint_with_the_t5_vocabulary(sha
     inputs.parent.mkdir()
     inputs.write_text('{"inputs": "Hello World!, how are you?"}\n{"inputs": "GQA is fast."}\n')
     try:
-        code = launcher.main([
+        code = cli.launcher_main([
             "--gin_file=gin/runs/infer.gin",
             f'--gin.CHECKPOINT_PATH="{checkpoint}"',
             f'--gin.INPUT_FILE="{inputs}"',
@@ -160,7 +160,7 @@ def test_infer_run_mode_decodes_a_real_t5x_checkpoint_with_the_t5_vocabulary(sha
             "--run_mode=infer",
         ])
     finally:
-        gin.clear_config()  # launcher.main leaves gin's config locked; unlock it for later tests
+        gin.clear_config()  # the launcher leaves gin's config locked; unlock it for later tests
     assert code == 0
     lines = [json.loads(x) for x in (tmp_path / "in" / "questions-predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["inputs"] == "Hello World!, how are you?"

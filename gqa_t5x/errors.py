@@ -1,0 +1,66 @@
+"""The errors a command reports in one line, and the exit status of each.
+
+* `UsageError` (and the built-in exceptions in `CONFIG_ERRORS` raised before
+  a run has validated its inputs): the user asked for something impossible
+  (a flag, a gin macro, a path, a head count). Exit status 2.
+* `RunError`: a run that had validated its inputs failed while running (bad
+  data deep in a file, a full disk, a diverged loss). Exit status 1.
+* Anything else is a bug or an environment failure. Exit status 1.
+
+Library code raises the most specific built-in or project exception; only the
+command line (`gqa_t5x.cli`) turns them into messages and exit statuses.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Exceptions that mean "the request cannot be carried out as given".
+CONFIG_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+class UsageError(ValueError):
+    """A command-line or gin-configuration error (exit status 2)."""
+
+
+class RunError(RuntimeError):
+    """A run failed after its inputs were validated (exit status 1).
+
+    Attributes:
+      cause: The exception that stopped the run.
+    """
+
+    def __init__(self, cause: BaseException):
+        super().__init__(describe(cause))
+        self.cause = cause
+
+
+def describe(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def exit_status(error: BaseException) -> int:
+    """The exit status a command ends with after `error`."""
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, RunError):
+        return EXIT_FAILURE
+    if isinstance(error, (UsageError, *CONFIG_ERRORS)):
+        return EXIT_USAGE
+    return EXIT_FAILURE
