@@ -71,13 +71,6 @@ def test_gin_search_paths_find_experiment_gins_outside_the_repo(capsys, tmp_path
     assert "missing_experiment.gin" in capsys.readouterr().err
 
 
-def test_gin_bindings_split_like_t5x():
-    rest, bindings = gin_config.split_gin_flags(
-        ["--gin_file=a.gin", "--gin.MODEL_DIR=\"/x\"", "--gin.TRAIN_STEPS", "5", "--run_mode=eval"])
-    assert rest == ["--gin_file=a.gin", "--run_mode=eval"]
-    assert bindings == ['MODEL_DIR="/x"', "TRAIN_STEPS=5"]
-
-
 # ------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def converted(shared_dir, tmp_path_factory):
@@ -185,3 +178,58 @@ def test_eval_run_mode_scores_a_training_checkpoint(finetuned, shared_dir, tmp_p
     assert result["step"] == 1050
     assert set(result["metrics"]["gqa_cnn_dailymail"]) >= {"rouge1", "rouge2", "rougeLsum"}
     assert (tmp_path / "config.gin").exists()
+
+
+# ------------------------------------------------------- records and errors
+def _train_in_process(model_dir: Path, initial: Path, shared: Path, *flags: str) -> int:
+    return cli.launcher_main([
+        f"--gin_file={TINY}", "--gin_file=gin/runs/uptrain.gin", "--gin_file=configs/uptrain_c4_sample.gin",
+        *_data_flags(shared)[:2], "--gin.NUM_KV_HEADS=2", f"--gin.INITIAL_CHECKPOINT_PATH='{initial}'",
+        f"--gin.MODEL_DIR='{model_dir}'", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+        "--gin.BATCH_SIZE=2", "--gin.LOG_EVERY=1", *flags, "--run_mode=train",
+    ])
+
+
+def test_rejected_relaunch_keeps_the_record_and_accepted_ones_keep_history(converted, shared_dir, tmp_path, capsys):
+    model_dir = tmp_path / "run"
+    initial = converted / "gqa" / "checkpoint_1000"
+    assert _train_in_process(model_dir, initial, shared_dir, "--gin.TRAIN_STEPS=1001") == 0
+    first = (model_dir / "config.gin").read_text()
+    assert "TRAIN_STEPS = 1001" in first
+    capsys.readouterr()
+    # Invalid head count: refused before anything is written.
+    assert _train_in_process(model_dir, initial, shared_dir, "--gin.TRAIN_STEPS=1002", "--gin.NUM_KV_HEADS=3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m gqa_t5x.main: error:") and "num_kv_heads=3" in err[-1], err
+    assert (model_dir / "config.gin").read_text() == first
+    assert sorted(p.name for p in model_dir.glob("config*.gin")) == ["config.gin"]
+    # A valid relaunch records its own configuration and keeps the earlier one.
+    assert _train_in_process(model_dir, initial, shared_dir, "--gin.TRAIN_STEPS=1002") == 0
+    assert "TRAIN_STEPS = 1002" in (model_dir / "config.gin").read_text()
+    kept = [p for p in model_dir.glob("config-*.gin")]
+    assert len(kept) == 1 and kept[0].read_text() == first
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--gin.MIXTURE_OR_TASK_NAME='no_such_task'", "no_such_task"),
+    ("--gin.VOCAB_PATH='/nowhere/spiece.model'", "/nowhere/spiece.model"),
+    ("--gin.CHECKPOINT_PERIODD=5", "did you mean --gin.CHECKPOINT_PERIOD?"),
+])
+def test_configuration_errors_are_one_line_with_exit_status_2(converted, shared_dir, tmp_path, capsys, flag, needle):
+    code = _train_in_process(tmp_path / "run", converted / "gqa" / "checkpoint_1000", shared_dir,
+                             "--gin.TRAIN_STEPS=1001", flag)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    ours = [line for line in err.splitlines() if line.startswith("python -m gqa_t5x.main")]
+    assert len(ours) == 1 and needle in ours[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "config.gin").exists()
+
+
+def test_python_dash_m_main_reports_a_bad_head_count_in_one_line(converted, tmp_path):
+    proc = launch(f"--gin_file={TINY}", "--gin_file=gin/runs/uptrain.gin", "--gin.NUM_KV_HEADS=3",
+                  f"--gin.INITIAL_CHECKPOINT_PATH='{converted / 'gqa' / 'checkpoint_1000'}'",
+                  f"--gin.MODEL_DIR='{tmp_path}'", "--run_mode=train", timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "python -m gqa_t5x.main: error: num_heads=4 is not divisible by num_kv_heads=3"), proc.stderr
