@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x import conversion
+from gqa_t5x.model import attention
 from gqa_t5x.model import decoding
 from gqa_t5x import gin_config
 from gqa_t5x.model import network
@@ -323,19 +324,15 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
 
 
 def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5) -> float:
-    """GB/s of one decode query's attention core (the two einsums of
-    `attention.py`) over a `kv_len` cache: K + V bytes / time. Shows how
-    well XLA runs the grouped contraction at this number of kv heads (fastest run)."""
-    g, r, d = config.decoder_kv_heads, config.num_heads // config.decoder_kv_heads, config.head_dim
+    """GB/s of one decode query's attention core
+    (`attention.grouped_dot_product_attention`, float32) over a `kv_len`
+    cache: K + V bytes / time. Shows how well XLA runs the grouped
+    contraction at this number of kv heads (fastest run)."""
+    g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
     rng = np.random.default_rng(0)
-    query = jnp.asarray(rng.random((batch, 1, g, r, d), np.float32))
+    query = jnp.asarray(rng.random((batch, 1, h, d), np.float32))  # [batch, 1, heads, head_dim]
     key, value = (jnp.asarray(rng.random((batch, kv_len, g, d), np.float32)) for _ in range(2))
-
-    @jax.jit
-    def core(q, k, v):
-        weights = jax.nn.softmax(jnp.einsum("bqgrd,bkgd->bgrqk", q, k), axis=-1)
-        return jnp.einsum("bgrqk,bkgd->bqgrd", weights, v)
-
+    core = jax.jit(attention.grouped_dot_product_attention)
     seconds, _ = _timed(lambda: core(query, key, value).block_until_ready(), repeats)
     return (key.nbytes + value.nbytes) / seconds / _GB
 

@@ -215,6 +215,13 @@ def test_packed_segments_give_the_same_logits_as_separate_examples():
     )
     np.testing.assert_allclose(packed[:, :3], sep_a, atol=1e-5)
     np.testing.assert_allclose(packed[:, 3:7], sep_b, atol=1e-5)
+    # Positions are accepted for T5X compatibility and unused (relative bias).
+    shuffled = _logits(
+        config, params, enc, dec_in, tgt,
+        encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg,
+        encoder_positions=enc_pos[:, ::-1], decoder_positions=dec_pos[:, ::-1],
+    )
+    np.testing.assert_array_equal(shuffled, packed)
 
 
 def test_bfloat16_activations_with_float32_params_track_float32():
