@@ -168,7 +168,10 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
     """
     model = network.Transformer(config)
     encoded = jax.ShapeDtypeStruct((batch, input_length, config.emb_dim), config.activation_dtype)
-    params = jax.eval_shape(lambda: network.init_params(config, 0, 1, 2))
+    params = param_tree.unflatten({
+        path: jax.ShapeDtypeStruct(shape, jnp.float32)
+        for path, shape in param_tree.param_shapes(config).items()
+    })
     _, variables = jax.eval_shape(
         lambda p, e: model.apply({"params": p}, e, output_length,
                                  method=network.Transformer.init_decode_cache, mutable=["cache"]),
@@ -176,8 +179,8 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
     )
     sizes = {"self": 0, "cross": 0}
     for path, leaf in param_tree.flatten(variables["cache"]).items():
-        if path.endswith(("cached_key", "cached_value")):
-            kind = "cross" if "encoder_decoder_attention" in path else "self"
+        if path.split("/")[-1] in (attention.CACHED_KEY, attention.CACHED_VALUE):
+            kind = "cross" if param_tree.is_cross_attention(path) else "self"
             sizes[kind] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return sizes
 
@@ -191,7 +194,8 @@ def decoder_weight_bytes(config: T5Config) -> int:
     """
     total = 0
     for path, shape in param_tree.param_shapes(config).items():
-        once = "encoder_decoder_attention/key/" in path or "encoder_decoder_attention/value/" in path
+        once = (param_tree.is_cross_attention(path)
+                and param_tree.attention_projection(path) in param_tree.KEY_VALUE_PROJECTIONS)
         if (path.startswith("decoder/") and not once) or (
             config.logits_via_embedding and path == "token_embedder/embedding"
         ):

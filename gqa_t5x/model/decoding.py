@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.model import network
+from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
 Array = jax.Array
@@ -253,9 +254,8 @@ def _gather_beams(tree: Any, flat_index: Array) -> Any:
     (the largest leaves) are not copied at all.
     """
 
-    def gather(path, leaf):
-        names = {getattr(k, "key", None) for k in path}
-        if leaf.ndim < 2 or "encoder_decoder_attention" in names:
+    def gather(keypath, leaf):
+        if leaf.ndim < 2 or param_tree.is_cross_attention(param_tree.keypath_str(keypath)):
             return leaf
         return jnp.take(leaf, flat_index, axis=0)
 

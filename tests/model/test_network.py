@@ -151,7 +151,7 @@ def _cache_bytes(cache) -> dict[str, int]:
     sizes = {"self": 0, "cross": 0}
     for path, value in flat.items():
         if path.endswith(("cached_key", "cached_value")):
-            sizes["cross" if "encoder_decoder_attention" in path else "self"] += value.nbytes
+            sizes["cross" if param_tree.is_cross_attention(path) else "self"] += value.nbytes
     return sizes
 
 
