@@ -4,7 +4,7 @@ The paper's protocol at the scale of one run: fixed input/output lengths
 (no early stop at EOS, so every model decodes the same number of steps),
 warm-up excluded, `block_until_ready`, time divided by the batch size. The
 full benchmark with the kv-head sweep, HF comparison and bandwidth figures is
-`gqa-t5x bench` (`gqa_t5x/benchmark.py`).
+`gqa-t5x bench` (`gqa_t5x/experiments/benchmark.py`).
 """
 
 from __future__ import annotations
