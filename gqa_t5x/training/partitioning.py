@@ -103,10 +103,6 @@ class Partitioner:
     def data_shards(self) -> int:
         return self.mesh.shape[DATA_AXIS]
 
-    @property
-    def model_shards(self) -> int:
-        return self.mesh.shape[MODEL_AXIS]
-
     # ------------------------------------------------------------- parameters
     def _param_spec(
         self, path: str, shape: tuple[int, ...], axes: tuple[str, ...], config: T5Config
