@@ -9,8 +9,9 @@ Every parameter is created by `param_with_axes`, which also records the
 parameter's logical axis names (T5X's `kernel_axes`, e.g. `('embed', 'mlp')`)
 in the side collection `params_axes`, under `<name>_axes` as T5X does. The
 `params` collection therefore holds plain float32 arrays (the T5X tree, as
-checkpoints store it), and `training/partitioning.py` reads the logical axes
-of any config from `jax.eval_shape` of the network's `init`.
+checkpoints store it); `param_tree.param_axes` reads the axes of any config
+from `jax.eval_shape` of the network's `init`, and `training/partitioning.py`
+maps them to the device mesh.
 """
 
 from __future__ import annotations
