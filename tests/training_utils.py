@@ -172,10 +172,10 @@ def _flat_specs(specs) -> dict:
     import jax
     from jax.sharding import PartitionSpec
 
-    from gqa_t5x.training.partitioning import _path_str
+    from gqa_t5x.model import param_tree
 
     leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return {_path_str(p): tuple(s) for p, s in leaves}
+    return {param_tree.keypath_str(p): tuple(s) for p, s in leaves}
 
 
 if __name__ == "__main__":

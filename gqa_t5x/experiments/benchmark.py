@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x import conversion
+from gqa_t5x.model import attention
 from gqa_t5x.model import decoding
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
@@ -161,7 +162,10 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
     """
     model = network.Transformer(config)
     encoded = jax.ShapeDtypeStruct((batch, input_length, config.emb_dim), config.activation_dtype)
-    params = jax.eval_shape(lambda: network.init_params(config, 0, 1, 2))
+    params = param_tree.unflatten({
+        path: jax.ShapeDtypeStruct(shape, jnp.float32)
+        for path, shape in param_tree.param_shapes(config).items()
+    })
     _, variables = jax.eval_shape(
         lambda p, e: model.apply({"params": p}, e, output_length,
                                  method=network.Transformer.init_decode_cache, mutable=["cache"]),
@@ -169,8 +173,8 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
     )
     sizes = {"self": 0, "cross": 0}
     for path, leaf in param_tree.flatten(variables["cache"]).items():
-        if path.endswith(("cached_key", "cached_value")):
-            kind = "cross" if "encoder_decoder_attention" in path else "self"
+        if path.split("/")[-1] in (attention.CACHED_KEY, attention.CACHED_VALUE):
+            kind = "cross" if param_tree.is_cross_attention(path) else "self"
             sizes[kind] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return sizes
 
@@ -184,7 +188,8 @@ def decoder_weight_bytes(config: T5Config) -> int:
     """
     total = 0
     for path, shape in param_tree.param_shapes(config).items():
-        once = "encoder_decoder_attention/key/" in path or "encoder_decoder_attention/value/" in path
+        once = (param_tree.is_cross_attention(path)
+                and param_tree.attention_projection(path) in param_tree.KEY_VALUE_PROJECTIONS)
         if (path.startswith("decoder/") and not once) or (
             config.logits_via_embedding and path == "token_embedder/embedding"
         ):
@@ -317,19 +322,15 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
 
 
 def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5) -> float:
-    """GB/s of one decode query's attention core (the two einsums of
-    `attention.py`) over a `kv_len` cache: K + V bytes / time. Shows how
-    well XLA runs the grouped contraction at this number of kv heads (fastest run)."""
-    g, r, d = config.decoder_kv_heads, config.num_heads // config.decoder_kv_heads, config.head_dim
+    """GB/s of one decode query's attention core
+    (`attention.grouped_dot_product_attention`, float32) over a `kv_len`
+    cache: K + V bytes / time. Shows how well XLA runs the grouped
+    contraction at this number of kv heads (fastest run)."""
+    g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
     rng = np.random.default_rng(0)
-    query = jnp.asarray(rng.random((batch, 1, g, r, d), np.float32))
+    query = jnp.asarray(rng.random((batch, 1, h, d), np.float32))  # [batch, 1, heads, head_dim]
     key, value = (jnp.asarray(rng.random((batch, kv_len, g, d), np.float32)) for _ in range(2))
-
-    @jax.jit
-    def core(q, k, v):
-        weights = jax.nn.softmax(jnp.einsum("bqgrd,bkgd->bgrqk", q, k), axis=-1)
-        return jnp.einsum("bgrqk,bkgd->bqgrd", weights, v)
-
+    core = jax.jit(attention.grouped_dot_product_attention)
     seconds, _ = _timed(lambda: core(query, key, value).block_until_ready(), repeats)
     return (key.nbytes + value.nbytes) / seconds / _GB
 

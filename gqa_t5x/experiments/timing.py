@@ -40,10 +40,10 @@ def time_params(config: Any, params: Any, *, batch: int, input_length: int,
     rng = np.random.default_rng(seed)
     tokens = rng.integers(2, min(config.vocab_size, 32000), size=(batch, input_length)).astype(np.int32)
     params = jax.device_put(params)
+    spec = decoding.DecodingSpec(method="greedy", max_decode_length=output_length, eos_id=None)
 
     def run() -> None:
-        result = decoding.decode(config, params, tokens, max_decode_length=output_length,
-                                 method="greedy", eos_id=None)
+        result = decoding.decode(config, params, tokens, spec)
         jax.block_until_ready(result.tokens)
 
     run()  # compile + warm-up

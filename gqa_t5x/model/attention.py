@@ -8,6 +8,10 @@ contracted against `[batch, kv_len, kv_heads, head_dim]`, so both FLOPs of the
 key/value projections and the memory of the decoding cache scale with
 `num_kv_heads`.
 
+`grouped_dot_product_attention` is the pure attention core (no parameters);
+`MultiHeadDotProductAttention` adds the T5X projections and the decoding cache
+around it.
+
 Decoding (`decode=True`) keeps, per layer:
 * self-attention: `cached_key`/`cached_value` `[batch, max_len, kv_heads,
   head_dim]` and `cache_index`;
@@ -30,6 +34,11 @@ from gqa_t5x.model import layers
 Array = jax.Array
 
 _MASK_VALUE = -1e10
+
+# Names of the decoding-cache variables of an attention layer.
+CACHED_KEY = "cached_key"
+CACHED_VALUE = "cached_value"
+CACHE_INDEX = "cache_index"
 
 
 # ---------------------------------------------------------------------- masks
@@ -146,12 +155,13 @@ class RelativePositionBiases(nn.Module):
           bidirectional: True in the encoder, False in the decoder.
           query_offset: Position of the first query (the step when decoding).
         """
-        rel_embedding = self.param(
+        rel_embedding = layers.param_with_axes(
+            self,
             "rel_embedding",
             nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
             (self.num_heads, self.num_buckets),
-            jnp.float32,
-        )
+            ("heads", "relpos_buckets"),
+        )  # [heads, buckets]
         context_position = jnp.arange(qlen, dtype=jnp.int32)[:, None] + query_offset
         memory_position = jnp.arange(klen, dtype=jnp.int32)[None, :]
         buckets = relative_position_bucket(
@@ -165,13 +175,108 @@ class RelativePositionBiases(nn.Module):
 
 
 # ------------------------------------------------------------------ attention
+def grouped_dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    *,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    float32_logits: bool = True,
+    dtype: Any = jnp.float32,
+) -> Array:
+    """Dot-product attention of `heads` query heads over `kv_heads` key/value heads.
+
+    Query head `h` reads key/value head `h // (heads // kv_heads)`: queries
+    are viewed as `[batch, q, kv_heads, group, head_dim]` and contracted with
+    the un-repeated keys and values. Einsum letters: b = batch, q = query
+    length, k = key/value length, g = key/value heads, r = query heads per
+    key/value head (the group), d = head dim.
+
+        logits  [b, g, r, q, k] = einsum('bqgrd,bkgd->bgrqk', query, key)
+        output  [b, q, g, r, d] = einsum('bgrqk,bkgd->bqgrd', weights, value)
+
+    Logits are not scaled by 1/sqrt(head_dim) (T5 folds the scale into the
+    query initialiser).
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`.
+      key: `[batch, kv_len, kv_heads, head_dim]`; kv_heads must divide heads.
+      value: `[batch, kv_len, kv_heads, head_dim]`.
+      bias: Additive bias broadcastable to `[batch, heads, q_len, kv_len]`
+        (T5's relative position bias is `[1, heads, q_len, kv_len]`).
+      mask: Broadcastable to `[batch, heads, q_len, kv_len]`, > 0 = attend
+        (the network's masks are `[batch, 1, q_len, kv_len]`).
+      dropout_rng: PRNG key of the attention-weight dropout.
+      dropout_rate: Dropout rate on the attention weights, broadcast along
+        the query axis as in T5X.
+      deterministic: Disables dropout.
+      float32_logits: Compute logits and softmax in float32.
+      dtype: Dtype of the weights and the output.
+
+    Returns:
+      `[batch, q_len, heads, head_dim]`.
+    """
+    if query.ndim != 4:
+        raise ValueError(f"query must be [batch, q_len, heads, head_dim]; got shape {query.shape}.")
+    batch, q_len, heads, head_dim = query.shape
+    if key.ndim != 4 or value.shape != key.shape or key.shape[3] != head_dim:
+        raise ValueError(
+            f"key and value must both be [batch, kv_len, kv_heads, {head_dim}] "
+            f"to match query {query.shape}; got key {key.shape}, value {value.shape}."
+        )
+    kv_len, kv_heads = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(
+            f"query has {heads} heads, which is not a multiple of the {kv_heads} "
+            "key/value heads; use a number of key/value heads that divides it."
+        )
+    use_dropout = not deterministic and dropout_rate > 0.0
+    if use_dropout and dropout_rng is None:
+        raise ValueError(
+            f"dropout_rate={dropout_rate} with deterministic=False needs a dropout_rng."
+        )
+    group = heads // kv_heads
+    query = query.reshape(batch, q_len, kv_heads, group, head_dim)  # [b, q, g, r, d]
+    if float32_logits:
+        query = query.astype(jnp.float32)
+        key = key.astype(jnp.float32)
+    else:
+        key = key.astype(dtype)
+    logits = jnp.einsum("bqgrd,bkgd->bgrqk", query, key)  # [b, g, r, q, k]
+
+    if mask is not None:
+        mask_bias = jnp.where(mask > 0, 0.0, _MASK_VALUE)  # [b or 1, 1 or heads, q, k]
+        bias = mask_bias if bias is None else bias + mask_bias
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (bias.shape[0], heads, q_len, kv_len)).reshape(
+            bias.shape[0], kv_heads, group, q_len, kv_len
+        )  # [b or 1, g, r, q, k]
+        logits = logits + bias.astype(logits.dtype)
+
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    if use_dropout:
+        keep_prob = 1.0 - dropout_rate
+        keep_shape = list(weights.shape)
+        keep_shape[-2] = 1  # Broadcast along the query axis, as T5X does.
+        keep = jax.random.bernoulli(dropout_rng, keep_prob, keep_shape)
+        weights = weights * (keep.astype(weights.dtype) / keep_prob)
+
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, value.astype(dtype))  # [b, q, g, r, d]
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Grouped-query attention (MHA when num_kv_heads == num_heads, MQA at 1).
 
-    Parameters (T5X names): `query/kernel` `[emb, heads*head_dim]`,
-    `key/kernel` and `value/kernel` `[emb, kv_heads*head_dim]`, `out/kernel`
-    `[heads*head_dim, emb]`. Logits are not scaled by 1/sqrt(head_dim): T5
-    folds that scale into the query initialiser.
+    Parameters (T5X names and logical axes): `query/kernel`
+    `[emb, heads*head_dim]` ('embed', 'joined_kv'), `key/kernel` and
+    `value/kernel` `[emb, kv_heads*head_dim]` ('embed', 'kv_joined_kv'),
+    `out/kernel` `[heads*head_dim, emb]` ('joined_kv', 'embed'). The attention
+    itself is `grouped_dot_product_attention`.
 
     Attributes:
       num_heads: Query heads.
@@ -207,10 +312,14 @@ class MultiHeadDotProductAttention(nn.Module):
 
         inner = self.num_heads * self.head_dim
         kv_inner = self.num_kv_heads * self.head_dim
-        self.query = layers.Dense(inner, dtype=self.dtype, kernel_init=query_init)
-        self.key = layers.Dense(kv_inner, dtype=self.dtype)
-        self.value = layers.Dense(kv_inner, dtype=self.dtype)
-        self.out = layers.Dense(self.out_features, dtype=self.dtype)
+        self.query = layers.Dense(
+            inner, kernel_axes=("embed", "joined_kv"), dtype=self.dtype, kernel_init=query_init
+        )
+        self.key = layers.Dense(kv_inner, kernel_axes=("embed", "kv_joined_kv"), dtype=self.dtype)
+        self.value = layers.Dense(kv_inner, kernel_axes=("embed", "kv_joined_kv"), dtype=self.dtype)
+        self.out = layers.Dense(
+            self.out_features, kernel_axes=("joined_kv", "embed"), dtype=self.dtype
+        )
 
     def project_kv(self, inputs_kv: Array) -> tuple[Array, Array]:
         """Keys and values `[batch, kv_len, kv_heads, head_dim]` of `inputs_kv`."""
@@ -231,13 +340,40 @@ class MultiHeadDotProductAttention(nn.Module):
             if inputs_kv is None:
                 raise ValueError("Cross-attention cache needs the encoder output.")
             key, value = self.project_kv(inputs_kv)
-            self.put_variable("cache", "cached_key", key.astype(self.dtype))
-            self.put_variable("cache", "cached_value", value.astype(self.dtype))
+            self.put_variable("cache", CACHED_KEY, key.astype(self.dtype))
+            self.put_variable("cache", CACHED_VALUE, value.astype(self.dtype))
             return
         shape = (batch, max_length, self.num_kv_heads, self.head_dim)
-        self.put_variable("cache", "cached_key", jnp.zeros(shape, self.dtype))
-        self.put_variable("cache", "cached_value", jnp.zeros(shape, self.dtype))
-        self.put_variable("cache", "cache_index", jnp.array(0, dtype=jnp.int32))
+        self.put_variable("cache", CACHED_KEY, jnp.zeros(shape, self.dtype))
+        self.put_variable("cache", CACHED_VALUE, jnp.zeros(shape, self.dtype))
+        self.put_variable("cache", CACHE_INDEX, jnp.array(0, dtype=jnp.int32))
+
+    def _cached_kv(self, inputs_kv: Array | None, mask: Array | None) -> tuple[Array, Array, Array | None]:
+        """Keys, values and mask of one decoding step, updating the cache."""
+        if self.is_cross_attention:
+            return (
+                self.get_variable("cache", CACHED_KEY),
+                self.get_variable("cache", CACHED_VALUE),
+                mask,
+            )
+        assert inputs_kv is not None
+        new_key, new_value = self.project_kv(inputs_kv)  # [batch, 1, kv_heads, head_dim]
+        cached_key = self.get_variable("cache", CACHED_KEY)
+        cached_value = self.get_variable("cache", CACHED_VALUE)
+        index = self.get_variable("cache", CACHE_INDEX)
+        max_len = cached_key.shape[1]
+        key = jax.lax.dynamic_update_slice(
+            cached_key, new_key.astype(cached_key.dtype), (0, index, 0, 0)
+        )  # [batch, max_len, kv_heads, head_dim]
+        value = jax.lax.dynamic_update_slice(
+            cached_value, new_value.astype(cached_value.dtype), (0, index, 0, 0)
+        )
+        self.put_variable("cache", CACHED_KEY, key)
+        self.put_variable("cache", CACHED_VALUE, value)
+        self.put_variable("cache", CACHE_INDEX, index + 1)
+        # Only positions written so far are visible.
+        step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]
+        return key, value, combine_masks(mask, step_mask)
 
     def __call__(
         self,
@@ -265,75 +401,32 @@ class MultiHeadDotProductAttention(nn.Module):
           `[batch, q_len, emb]`.
         """
         batch, q_len, _ = inputs_q.shape
-        group = self.num_heads // self.num_kv_heads
         query = self.query(inputs_q).reshape(
-            batch, q_len, self.num_kv_heads, group, self.head_dim
-        )  # [batch, q_len, kv_heads, group, head_dim]
-
-        if decode and self.has_variable("cache", "cached_key"):
-            if self.is_cross_attention:
-                key = self.get_variable("cache", "cached_key")
-                value = self.get_variable("cache", "cached_value")
-            else:
-                if q_len != 1:
-                    raise ValueError(
-                        f"Incremental decoding feeds one token per step; got a "
-                        f"query of length {q_len}."
-                    )
-                assert inputs_kv is not None
-                new_key, new_value = self.project_kv(inputs_kv)  # [batch, 1, kv, d]
-                cached_key = self.get_variable("cache", "cached_key")
-                cached_value = self.get_variable("cache", "cached_value")
-                index = self.get_variable("cache", "cache_index")
-                max_len = cached_key.shape[1]
-                key = jax.lax.dynamic_update_slice(
-                    cached_key, new_key.astype(cached_key.dtype), (0, index, 0, 0)
+            batch, q_len, self.num_heads, self.head_dim
+        )  # [batch, q_len, heads, head_dim]
+        if decode and self.has_variable("cache", CACHED_KEY):
+            if q_len != 1 and not self.is_cross_attention:
+                raise ValueError(
+                    f"Incremental decoding feeds one token per step; got a "
+                    f"query of length {q_len}."
                 )
-                value = jax.lax.dynamic_update_slice(
-                    cached_value, new_value.astype(cached_value.dtype), (0, index, 0, 0)
-                )
-                self.put_variable("cache", "cached_key", key)
-                self.put_variable("cache", "cached_value", value)
-                self.put_variable("cache", "cache_index", index + 1)
-                # Only positions written so far are visible.
-                step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]
-                mask = combine_masks(mask, step_mask)
+            key, value, mask = self._cached_kv(inputs_kv, mask)
         else:
             if inputs_kv is None:
                 raise ValueError("inputs_kv is required unless decoding from a cache.")
-            key, value = self.project_kv(inputs_kv)  # [batch, kv_len, kv_heads, d]
+            key, value = self.project_kv(inputs_kv)  # [batch, kv_len, kv_heads, head_dim]
 
-        if self.float32_logits:
-            query = query.astype(jnp.float32)
-            key = key.astype(jnp.float32)
-        else:
-            key = key.astype(self.dtype)
-        kv_len = key.shape[1]
-        logits = jnp.einsum(
-            "bqgrd,bkgd->bgrqk", query, key
-        )  # [batch, kv_heads, group, q_len, kv_len]
-
-        if mask is not None:
-            mask_bias = jnp.where(mask > 0, 0.0, _MASK_VALUE)  # [batch, 1, q, k]
-            bias = mask_bias if bias is None else bias + mask_bias
-        if bias is not None:
-            bias = jnp.broadcast_to(
-                bias, (bias.shape[0], self.num_heads, q_len, kv_len)
-            ).reshape(bias.shape[0], self.num_kv_heads, group, q_len, kv_len)
-            logits = logits + bias.astype(logits.dtype)
-
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        if not deterministic and self.dropout_rate > 0.0:
-            keep_prob = 1.0 - self.dropout_rate
-            dropout_rng = self.make_rng("dropout")
-            # Broadcast along the query axis, as T5X does.
-            keep_shape = list(weights.shape)
-            keep_shape[-2] = 1
-            keep = jax.random.bernoulli(dropout_rng, keep_prob, keep_shape)
-            weights = weights * (keep.astype(weights.dtype) / keep_prob)
-
-        out = jnp.einsum(
-            "bgrqk,bkgd->bqgrd", weights, value.astype(self.dtype)
-        )  # [batch, q_len, kv_heads, group, head_dim]
-        out = out.reshape(batch, q_len, self.num_heads * self.head_dim)
-        return self.out(out)  # [batch, q_len, emb]
+        use_dropout = not deterministic and self.dropout_rate > 0.0
+        out = grouped_dot_product_attention(
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None,
+            dropout_rate=self.dropout_rate,
+            deterministic=deterministic,
+            float32_logits=self.float32_logits,
+            dtype=self.dtype,
+        )  # [batch, q_len, heads, head_dim]
+        return self.out(out.reshape(batch, q_len, self.num_heads * self.head_dim))  # [batch, q_len, emb]

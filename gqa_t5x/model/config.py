@@ -217,8 +217,12 @@ class T5Config:
         return cls.from_dict(json.loads(text))
 
     def to_gin(self) -> str:
-        """Gin bindings that rebuild this config (`network.T5Config.*`)."""
-        lines = ["from gqa_t5x import network", ""]
+        """Gin bindings that rebuild this config (`network.T5Config.*`).
+
+        The text uses gin's dynamic registration, as the model gins under
+        `gin/models/` do, so `gin.parse_config` of it binds this config.
+        """
+        lines = ["from __gin__ import dynamic_registration", "from gqa_t5x.model import network", ""]
         for key, value in self.to_dict().items():
             if isinstance(value, str):
                 rendered = repr(value)

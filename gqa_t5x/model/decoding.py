@@ -17,7 +17,12 @@ encoder input is all padding (filler rows that keep a batch at its compiled
 size) count as finished from the start, so they never delay the early exit.
 
 The split lets the benchmark time the encoder and the decoder separately
-(`gqa_t5x/benchmark.py`); `decode` runs all three.
+(`gqa_t5x/experiments/benchmark.py`); `decode` runs all three. What to decode
+(method, length, EOS, sampling and beam settings) is one `DecodingSpec`,
+validated when it is built and passed whole:
+
+    spec = DecodingSpec(method="beam", max_decode_length=64, beam_size=4)
+    result = decode(config, params, encoder_input_tokens, spec)
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.model import network
+from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
 Array = jax.Array
@@ -52,7 +58,7 @@ class DecodeResult(NamedTuple):
     Attributes:
       tokens: Decoded ids (no start token); 0 after EOS.
       log_probs: Sum of the model's log-probabilities of the tokens up to and
-        including EOS (untempered; equals `inference.score_batch` of `tokens`).
+        including EOS (untempered; equals `models.score_batch` of `tokens`).
       scores: Ranking score: `log_probs` for greedy/sampling; for beam search
         `log_probs / ((5 + length) / 6) ** alpha` (T5X's brevity penalty).
       lengths: Number of tokens up to and including EOS.
@@ -66,13 +72,22 @@ class DecodeResult(NamedTuple):
     steps: Array
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodingSpec:
-    """Hashable description of a decoding method (keys the compile cache).
+    """What to decode; hashable, it keys the compile cache.
+
+    Fields are checked when the spec is built; `validate` adds the checks
+    that need the model's vocabulary size.
 
     Attributes:
       method: 'greedy' (the paper's), 'sample' or 'beam'.
-      max_decode_length: Number of tokens to decode at most.
+      max_decode_length: Number of tokens to decode at most. None only where
+        a batch supplies it (`models.predict_batch` takes the targets'
+        length); `decode` needs a number.
       eos_id: End-of-sequence id; None decodes exactly `max_decode_length`
         tokens (benchmarks use this to time a fixed output length).
       temperature: Sampling temperature (> 0), 'sample' only.
@@ -82,36 +97,67 @@ class DecodingSpec:
     """
 
     method: str = "greedy"
-    max_decode_length: int = 0
+    max_decode_length: int | None = None
     eos_id: int | None = 1
     temperature: float = 1.0
     topk: int = 0
     beam_size: int = 4
     alpha: float = 0.6
 
-    def validate(self, vocab_size: int) -> None:
-        """Raises ValueError naming the argument that is out of range."""
+    def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}.")
-        if not isinstance(self.max_decode_length, int) or self.max_decode_length <= 0:
             raise ValueError(
-                f"max_decode_length={self.max_decode_length!r} must be a positive integer."
+                f"DecodingSpec.method={self.method!r} is not one of {list(METHODS)}."
             )
-        if self.eos_id is not None and not 0 <= self.eos_id < vocab_size:
-            raise ValueError(f"eos_id={self.eos_id} is outside the vocabulary [0, {vocab_size}).")
+        length = self.max_decode_length
+        if length is not None and (not _is_int(length) or length <= 0):
+            raise ValueError(
+                f"DecodingSpec.max_decode_length={length!r} must be a positive integer "
+                "(or None to take the targets' length)."
+            )
+        if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
+            raise ValueError(
+                f"DecodingSpec.eos_id={self.eos_id!r} must be a token id >= 0, or None "
+                "to decode max_decode_length tokens."
+            )
         if self.method == "sample":
             if not self.temperature > 0:
-                raise ValueError(f"temperature={self.temperature} must be > 0 for sampling.")
-            if not 0 <= self.topk <= vocab_size:
-                raise ValueError(f"topk={self.topk} must be in [0, vocab_size={vocab_size}].")
-        if self.method == "beam":
-            if self.beam_size < 1 or 2 * self.beam_size > vocab_size:
                 raise ValueError(
-                    f"beam_size={self.beam_size} must be >= 1 and at most half the "
-                    f"vocabulary ({vocab_size // 2})."
+                    f"DecodingSpec.temperature={self.temperature} must be > 0 for sampling."
                 )
-            if self.alpha < 0:
-                raise ValueError(f"alpha={self.alpha} (brevity penalty) must be >= 0.")
+            if not _is_int(self.topk) or self.topk < 0:
+                raise ValueError(
+                    f"DecodingSpec.topk={self.topk!r} must be an integer >= 0 (0 = no cut-off)."
+                )
+        if self.method == "beam":
+            if not _is_int(self.beam_size) or self.beam_size < 1:
+                raise ValueError(f"DecodingSpec.beam_size={self.beam_size!r} must be an integer >= 1.")
+            if not self.alpha >= 0:
+                raise ValueError(f"DecodingSpec.alpha={self.alpha} (brevity penalty) must be >= 0.")
+
+    def validate(self, vocab_size: int) -> None:
+        """Raises ValueError naming the field that does not fit the model.
+
+        Args:
+          vocab_size: The model's vocabulary size.
+        """
+        if self.max_decode_length is None:
+            raise ValueError(
+                "DecodingSpec.max_decode_length is None; set the number of tokens to decode."
+            )
+        if self.eos_id is not None and self.eos_id >= vocab_size:
+            raise ValueError(
+                f"DecodingSpec.eos_id={self.eos_id} is outside the vocabulary [0, {vocab_size})."
+            )
+        if self.method == "sample" and self.topk > vocab_size:
+            raise ValueError(
+                f"DecodingSpec.topk={self.topk} must be in [0, vocab_size={vocab_size}]."
+            )
+        if self.method == "beam" and 2 * self.beam_size > vocab_size:
+            raise ValueError(
+                f"DecodingSpec.beam_size={self.beam_size} must be >= 1 and at most half "
+                f"the vocabulary ({vocab_size // 2})."
+            )
 
     def normalized(self) -> "DecodingSpec":
         """The spec with the fields its method ignores reset (fewer recompiles)."""
@@ -253,9 +299,8 @@ def _gather_beams(tree: Any, flat_index: Array) -> Any:
     (the largest leaves) are not copied at all.
     """
 
-    def gather(path, leaf):
-        names = {getattr(k, "key", None) for k in path}
-        if leaf.ndim < 2 or "encoder_decoder_attention" in names:
+    def gather(keypath, leaf):
+        if leaf.ndim < 2 or param_tree.is_cross_attention(param_tree.keypath_str(keypath)):
             return leaf
         return jnp.take(leaf, flat_index, axis=0)
 
@@ -435,15 +480,9 @@ def decode(
     config: T5Config,
     params: Any,
     encoder_input_tokens: Any,
+    spec: DecodingSpec,
     *,
-    max_decode_length: int,
-    method: str = "greedy",
-    eos_id: int | None = 1,
     rng: Any = None,
-    temperature: float = 1.0,
-    topk: int = 0,
-    beam_size: int = 4,
-    alpha: float = 0.6,
 ) -> DecodeResult:
     """Decodes `encoder_input_tokens` with the cached incremental decoder.
 
@@ -451,33 +490,23 @@ def decode(
       config: Model config.
       params: The model's `params` collection.
       encoder_input_tokens: `[batch, enc_len]` int ids, 0 = padding.
-      max_decode_length: Maximum number of output tokens.
-      method: 'greedy', 'sample' or 'beam'.
-      eos_id: End-of-sequence id (T5: 1); None disables the early stop.
+      spec: What to decode; its `max_decode_length` must be set.
       rng: PRNG key or int seed ('sample' only; default seed 0).
-      temperature: Sampling temperature.
-      topk: Top-k sampling cut-off (0 = none).
-      beam_size: Beams per example.
-      alpha: Beam-search brevity-penalty exponent.
 
     Returns:
       A `DecodeResult` (see its docstring for shapes).
     """
+    if not isinstance(spec, DecodingSpec):
+        raise TypeError(
+            f"spec must be a decoding.DecodingSpec, got {type(spec).__name__}; e.g. "
+            "DecodingSpec(method='greedy', max_decode_length=64)."
+        )
     tokens = jnp.asarray(encoder_input_tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(
             "encoder_input_tokens must be an integer array [batch, length]; got "
             f"shape {tokens.shape}, dtype {tokens.dtype}."
         )
-    spec = DecodingSpec(
-        method=method,
-        max_decode_length=max_decode_length,
-        eos_id=eos_id,
-        temperature=float(temperature),
-        topk=int(topk),
-        beam_size=int(beam_size),
-        alpha=float(alpha),
-    )
     fns = compile_decoding(config, spec)
     tokens = tokens.astype(jnp.int32)
     encoded = fns.encode(params, tokens)

@@ -4,6 +4,14 @@ Parameter names and shapes follow T5X (`t5x/examples/t5/layers.py`): kernels
 are stored 2-D (`[in, out]`), norms have a `scale`, the embedding table is
 `embedding`. Parameters are float32; computation runs in the config's
 activation dtype.
+
+Every parameter is created by `param_with_axes`, which also records the
+parameter's logical axis names (T5X's `kernel_axes`, e.g. `('embed', 'mlp')`)
+in the side collection `params_axes`, under `<name>_axes` as T5X does. The
+`params` collection therefore holds plain float32 arrays (the T5X tree, as
+checkpoints store it); `param_tree.param_axes` reads the axes of any config
+from `jax.eval_shape` of the network's `init`, and `training/partitioning.py`
+maps them to the device mesh.
 """
 
 from __future__ import annotations
@@ -14,14 +22,54 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import partitioning as nn_partitioning
 
 Array = jax.Array
 Initializer = Callable[..., Array]
+
+# Collection holding one `AxisMetadata` per parameter (T5X's name for it).
+AXES_COLLECTION = "params_axes"
+AXES_SUFFIX = "_axes"
 
 # T5X's default initialisers.
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 mlp_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 embedding_init = nn.initializers.normal(stddev=1.0)
+
+
+def param_with_axes(
+    module: nn.Module,
+    name: str,
+    init_fn: Initializer,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+) -> Array:
+    """Creates (or fetches) float32 parameter `name` and records its logical axes.
+
+    The axes go to the `params_axes` collection as `<name>_axes` when that
+    collection is mutable (during `init`); `apply` only reads the parameter.
+
+    Args:
+      module: The module that owns the parameter.
+      name: Parameter name (T5X's: 'kernel', 'scale', 'embedding', ...).
+      init_fn: Initialiser `(rng, shape, dtype) -> array`.
+      shape: Parameter shape.
+      axes: One logical axis name per dimension, e.g. ('embed', 'mlp').
+
+    Returns:
+      The float32 parameter.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(
+            f"{type(module).__name__}.{name} has shape {shape} but logical axes "
+            f"{axes}; give one axis name per dimension."
+        )
+    value = module.param(name, init_fn, shape, jnp.float32)
+    if module.is_mutable_collection(AXES_COLLECTION):
+        module.put_variable(
+            AXES_COLLECTION, name + AXES_SUFFIX, nn_partitioning.AxisMetadata(names=tuple(axes))
+        )
+    return value
 
 
 def activation_fn(name: str) -> Callable[[Array], Array]:
@@ -49,19 +97,21 @@ class Dense(nn.Module):
 
     Attributes:
       features: Output width.
+      kernel_axes: Logical names of the kernel's (input, output) dimensions.
       dtype: Computation dtype (the kernel is cast to it).
       kernel_init: Initialiser of the float32 kernel.
     """
 
     features: int
+    kernel_axes: tuple[str, str]
     dtype: Any = jnp.float32
     kernel_init: Initializer = default_kernel_init
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
-        kernel = self.param(
-            "kernel", self.kernel_init, (inputs.shape[-1], self.features), jnp.float32
-        )
+        kernel = param_with_axes(
+            self, "kernel", self.kernel_init, (inputs.shape[-1], self.features), self.kernel_axes
+        )  # [in, out]
         inputs = inputs.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         return jnp.einsum("...i,io->...o", inputs, kernel)
@@ -82,12 +132,13 @@ class Embed(nn.Module):
     embedding_init: Initializer = embedding_init
 
     def setup(self) -> None:
-        self.embedding = self.param(
+        self.embedding = param_with_axes(
+            self,
             "embedding",
             self.embedding_init,
             (self.num_embeddings, self.features),
-            jnp.float32,
-        )
+            ("vocab", "embed"),
+        )  # [vocab, emb]
 
     def __call__(self, inputs: Array) -> Array:
         """Looks up integer ids `[...]` -> `[..., features]`."""
@@ -114,7 +165,7 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (features,), ("embed",))
         x32 = jnp.asarray(x, jnp.float32)
         mean2 = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(mean2 + self.epsilon)
@@ -147,6 +198,7 @@ class MlpBlock(nn.Module):
             name = "wi" if len(self.activations) == 1 else f"wi_{idx}"
             h = Dense(
                 self.intermediate_dim,
+                kernel_axes=("embed", "mlp"),
                 dtype=self.dtype,
                 kernel_init=mlp_kernel_init,
                 name=name,
@@ -157,6 +209,10 @@ class MlpBlock(nn.Module):
         hidden = nn.Dropout(
             rate=self.intermediate_dropout_rate, broadcast_dims=(-2,)
         )(hidden, deterministic=deterministic)
-        return Dense(emb_dim, dtype=self.dtype, kernel_init=mlp_kernel_init, name="wo")(
-            hidden
-        )  # [batch, length, emb]
+        return Dense(
+            emb_dim,
+            kernel_axes=("mlp", "embed"),
+            dtype=self.dtype,
+            kernel_init=mlp_kernel_init,
+            name="wo",
+        )(hidden)  # [batch, length, emb]

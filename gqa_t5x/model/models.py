@@ -4,7 +4,15 @@ It owns what T5X's `models.EncoderDecoderModel` owns: the flax module, the
 vocabularies, the feature converter class and the loss (token cross-entropy
 plus z-loss, weighted by `decoder_loss_weights`), and exposes
 `predict_batch`/`score_batch` for evaluation. Optimisation lives in
-`trainer.py`.
+`training/trainer.py`.
+
+The module-level `score_batch`, `predict_batch` and `predict_batch_with_aux`
+do the same from a config and parameters (the inference run and the decoding
+tests use them). Batches are dicts of int arrays with T5X feature names:
+`encoder_input_tokens` `[batch, enc_len]` (0 = padding), and for scoring
+`decoder_target_tokens` `[batch, dec_len]`, optionally `decoder_input_tokens`
+(default: targets shifted right, starting from 0) and `decoder_loss_weights`
+(default: `decoder_target_tokens > 0`).
 
 Loss (T5X `losses.compute_weighted_cross_entropy`), per target token t with
 weight w_t, logits z_t and log-partition log Z_t = logsumexp(z_t):
@@ -20,6 +28,8 @@ divides by that constant.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from gqa_t5x.model import decoding
 from gqa_t5x.model import network
+from gqa_t5x.model.config import T5Config
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -112,7 +124,7 @@ class EncoderDecoderModel:
     ):
         if not isinstance(module, network.Transformer):
             raise TypeError(
-                "EncoderDecoderModel.module must be a gqa_t5x.network.Transformer, "
+                "EncoderDecoderModel.module must be a gqa_t5x.model.network.Transformer, "
                 f"got {type(module).__name__}; bind "
                 "`models.EncoderDecoderModel.module = @network.Transformer()`."
             )
@@ -131,10 +143,10 @@ class EncoderDecoderModel:
         self.loss_normalizing_factor = loss_normalizing_factor
 
     @property
-    def config(self) -> network.T5Config:
+    def config(self) -> T5Config:
         return self.module.config
 
-    def with_config(self, config: network.T5Config) -> "EncoderDecoderModel":
+    def with_config(self, config: T5Config) -> "EncoderDecoderModel":
         """A copy of this model whose network uses `config`."""
         return EncoderDecoderModel(
             network.Transformer(config),
@@ -148,8 +160,7 @@ class EncoderDecoderModel:
     # ---------------------------------------------------------------- params
     def get_initial_params(self, rng: Array, batch_size: int = 1, length: int = 8) -> Any:
         """Randomly initialised parameters (float32, T5X initialisers)."""
-        tokens = jnp.ones((batch_size, length), jnp.int32)
-        return self.module.init(rng, tokens, tokens, tokens, enable_dropout=False)["params"]
+        return network.init_variables(self.config, rng, batch_size, length)["params"]
 
     # ------------------------------------------------------------------ loss
     def compute_logits(
@@ -222,41 +233,231 @@ class EncoderDecoderModel:
         }
         return loss, metrics
 
-    # ---------------------------------------------------------------- scoring
+    # ------------------------------------------------------ scoring / decoding
     def score_batch(self, params: Any, batch: Batch) -> np.ndarray:
-        """Log-likelihood of each example's targets, `[batch]` (T5X semantics).
+        """Log-likelihood of each example's targets, `[batch]` (see `score_batch`)."""
+        return score_batch(self.config, params, batch)
 
-        Delegates to `gqa_t5x.inference.score_batch` (teacher forcing, jit).
+    def predict_batch_with_aux(
+        self,
+        params: Any,
+        batch: Batch,
+        spec: decoding.DecodingSpec | None = None,
+        *,
+        rng: Any = None,
+        return_all_decodes: bool = False,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Decodes a batch; returns decodes and aux scores (see `predict_batch_with_aux`)."""
+        return predict_batch_with_aux(
+            self.config, params, batch, spec, rng=rng, return_all_decodes=return_all_decodes
+        )
+
+    def predict_batch(
+        self,
+        params: Any,
+        batch: Batch,
+        spec: decoding.DecodingSpec | None = None,
+        *,
+        rng: Any = None,
+        max_decode_length: int | None = None,
+    ) -> np.ndarray:
+        """Decoded ids `[batch, length]` (0 after EOS).
 
         Args:
           params: Network parameters.
-          batch: Unpacked converted features (`encoder_input_tokens`,
-            `decoder_target_tokens`, optionally `decoder_input_tokens` and
-            `decoder_loss_weights`).
+          batch: Unpacked converted features; `encoder_input_tokens` is decoded.
+          spec: What to decode (default: greedy, the paper's, to the targets'
+            length).
+          rng: PRNG key or int seed for sampling.
+          max_decode_length: Replaces `spec.max_decode_length` when given
+            (what `training/evaluation.py` passes).
 
         Returns:
-          Sum over weighted target tokens of log p(target_t | ...).
+          The best decode of every example.
         """
-        from gqa_t5x.training import inference
+        spec = spec or decoding.DecodingSpec()
+        if max_decode_length is not None:
+            spec = dataclasses.replace(spec, max_decode_length=max_decode_length)
+        return predict_batch(self.config, params, batch, spec, rng=rng)
 
-        return inference.score_batch(self.config, params, batch)
 
-    # -------------------------------------------------------------- prediction
-    def predict_batch(self, params: Any, batch: Batch, **kwargs: Any) -> np.ndarray:
-        """Decodes a batch through `gqa_t5x.inference.predict_batch`.
+# ------------------------------------------------------------------ scoring
+def shift_right(targets: Any) -> np.ndarray:
+    """Decoder inputs for `targets` `[batch, len]`: start id 0, then targets[:-1]."""
+    targets = np.asarray(targets)
+    out = np.zeros_like(targets)
+    out[..., 1:] = targets[..., :-1]
+    return out
 
-        Args:
-          params: Network parameters.
-          batch: Unpacked converted features; `encoder_input_tokens` is
-            decoded; without `max_decode_length` the targets' length is used.
-          **kwargs: `method` ('greedy', the paper's, 'sample', 'beam'),
-            `max_decode_length`, `eos_id`, ... (see `inference.predict_batch`).
 
-        Returns:
-          Decoded ids `[batch, max_decode_length]` (0 after EOS).
-        """
-        from gqa_t5x.training import inference  # Decoding is only needed for prediction.
+def loss_weights_from_lengths(tokens: Any, lengths: Any) -> np.ndarray:
+    """`decoder_loss_weights` covering the first `lengths` tokens of each row.
 
-        if kwargs.get("max_decode_length") is None:
-            kwargs.pop("max_decode_length", None)
-        return inference.predict_batch(self.config, params, batch, **kwargs)
+    Args:
+      tokens: `[..., length]` decoded ids (only the shape is used).
+      lengths: `[...]` tokens per row, e.g. `DecodeResult.lengths`.
+
+    Returns:
+      Float32 `[..., length]`, 1 on the first `lengths` positions.
+    """
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    return (np.arange(tokens.shape[-1]) < lengths[..., None]).astype(np.float32)
+
+
+def _require(batch: Mapping[str, Any], key: str) -> np.ndarray:
+    if key not in batch:
+        raise ValueError(f"batch lacks {key!r}; it has {sorted(batch)}.")
+    value = np.asarray(batch[key])
+    if value.ndim != 2:
+        raise ValueError(f"batch[{key!r}] must be [batch, length]; got shape {value.shape}.")
+    return value
+
+
+@functools.lru_cache(maxsize=16)
+def _scorer(config: T5Config, with_log_probs: bool):
+    model = network.Transformer(config)
+
+    @jax.jit
+    def score(params, encoder_input_tokens, decoder_input_tokens, targets, weights):
+        # The network derives its padding masks from `decoder_target_tokens > 0`;
+        # pass the weights instead so that a decoded pad id (0) inside a
+        # sequence is scored like HuggingFace and the cached decoder do.
+        mask_tokens = (weights > 0).astype(jnp.int32)
+        logits = model.apply(
+            {"params": params},
+            encoder_input_tokens,
+            decoder_input_tokens,
+            mask_tokens,
+            enable_dropout=False,
+        )  # [batch, dec_len, vocab]
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        token_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        scores = jnp.sum(token_lp * weights, axis=-1)  # [batch]
+        return (scores, log_probs) if with_log_probs else scores
+
+    return score
+
+
+def score_batch(
+    config: T5Config,
+    params: Any,
+    batch: Mapping[str, Any],
+    *,
+    return_token_log_probs: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced log-likelihood of `decoder_target_tokens` per example (T5X).
+
+    Args:
+      config: Model config.
+      params: Model parameters.
+      batch: `encoder_input_tokens`, `decoder_target_tokens`, optional
+        `decoder_input_tokens` and `decoder_loss_weights`.
+      return_token_log_probs: Also return the full log-softmax
+        `[batch, dec_len, vocab]`.
+
+    Returns:
+      `[batch]` float32 sums of log p(target) over weighted positions (and the
+      log-probabilities when asked).
+    """
+    encoder_input_tokens = _require(batch, "encoder_input_tokens").astype(np.int32)
+    targets = _require(batch, "decoder_target_tokens").astype(np.int32)
+    if "decoder_input_tokens" in batch:
+        decoder_input_tokens = _require(batch, "decoder_input_tokens").astype(np.int32)
+    else:
+        decoder_input_tokens = shift_right(targets)
+    weights = np.asarray(batch.get("decoder_loss_weights", targets > 0), np.float32)
+    if weights.shape != targets.shape or decoder_input_tokens.shape != targets.shape:
+        raise ValueError(
+            "decoder_input_tokens / decoder_loss_weights must have the shape of "
+            f"decoder_target_tokens {targets.shape}; got {decoder_input_tokens.shape} / "
+            f"{weights.shape}."
+        )
+    out = _scorer(config, bool(return_token_log_probs))(
+        params, encoder_input_tokens, decoder_input_tokens, targets, weights
+    )
+    if return_token_log_probs:
+        return np.asarray(out[0]), np.asarray(out[1])
+    return np.asarray(out)
+
+
+# --------------------------------------------------------------- prediction
+def _pad_rows(tokens: np.ndarray, rows: int | None) -> np.ndarray:
+    if rows is None or rows == tokens.shape[0]:
+        return tokens
+    if rows < tokens.shape[0]:
+        raise ValueError(f"pad_batch_to={rows} is smaller than the batch ({tokens.shape[0]}).")
+    filler = np.zeros((rows - tokens.shape[0], tokens.shape[1]), tokens.dtype)
+    return np.concatenate([tokens, filler], axis=0)
+
+
+def predict_batch_with_aux(
+    config: T5Config,
+    params: Any,
+    batch: Mapping[str, Any],
+    spec: decoding.DecodingSpec | None = None,
+    *,
+    rng: Any = None,
+    return_all_decodes: bool = False,
+    pad_batch_to: int | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Decodes a batch; returns the decodes and per-example scores.
+
+    Args:
+      config: Model config.
+      params: Model parameters.
+      batch: `encoder_input_tokens` `[batch, enc_len]`; when the spec has no
+        `max_decode_length`, the length of `decoder_input_tokens` or
+        `decoder_target_tokens` is used (as T5X does).
+      spec: What to decode (default: greedy, the paper's).
+      rng: PRNG key or int seed for sampling.
+      return_all_decodes: For 'beam', return every beam `[batch, beams, len]`
+        (best first) instead of the best `[batch, len]`.
+      pad_batch_to: Append all-padding filler rows up to this many (stripped
+        from the outputs) so differently sized batches share one compilation.
+
+    Returns:
+      (decodes, aux) with aux keys `scores`, `log_probs`, `lengths`.
+    """
+    spec = spec or decoding.DecodingSpec()
+    encoder_input_tokens = _require(batch, "encoder_input_tokens").astype(np.int32)
+    if spec.max_decode_length is None:
+        key = next(
+            (k for k in ("decoder_input_tokens", "decoder_target_tokens") if k in batch), None
+        )
+        if key is None:
+            raise ValueError(
+                "DecodingSpec.max_decode_length is required when the batch has no "
+                "decoder_input_tokens / decoder_target_tokens."
+            )
+        spec = dataclasses.replace(spec, max_decode_length=int(np.shape(batch[key])[1]))
+    n = encoder_input_tokens.shape[0]
+    result = decoding.decode(
+        config, params, _pad_rows(encoder_input_tokens, pad_batch_to), spec, rng=rng
+    )
+    tokens, log_probs = np.asarray(result.tokens)[:n], np.asarray(result.log_probs)[:n]
+    scores, lengths = np.asarray(result.scores)[:n], np.asarray(result.lengths)[:n]
+    if spec.method == "beam" and not return_all_decodes:
+        tokens, log_probs, scores, lengths = tokens[:, 0], log_probs[:, 0], scores[:, 0], lengths[:, 0]
+    return tokens, {"scores": scores, "log_probs": log_probs, "lengths": lengths}
+
+
+def predict_batch(
+    config: T5Config,
+    params: Any,
+    batch: Mapping[str, Any],
+    spec: decoding.DecodingSpec | None = None,
+    *,
+    rng: Any = None,
+    return_all_decodes: bool = False,
+    pad_batch_to: int | None = None,
+) -> np.ndarray:
+    """Decoded ids `[batch, len]` (see `predict_batch_with_aux` for arguments)."""
+    return predict_batch_with_aux(
+        config,
+        params,
+        batch,
+        spec,
+        rng=rng,
+        return_all_decodes=return_all_decodes,
+        pad_batch_to=pad_batch_to,
+    )[0]

@@ -9,6 +9,11 @@ Decoding: `Transformer.init_decode_cache` builds the cache (decoder
 self-attention zeros with `num_kv_heads` heads; encoder-decoder keys/values
 projected once from the encoder output), then `decode(..., decode=True)` is fed
 one token per step with `mutable=['cache']`.
+
+`Transformer.init` returns the T5X tree of plain float32 arrays under
+`params` and, under `params_axes`, every parameter's logical axis names
+(`layers.param_with_axes`); `model/param_tree.py` derives the tree's paths,
+shapes and axes from it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from gqa_t5x.model.config import T5Config, resolve_dtype
 
 Array = jax.Array
 
-__all__ = ["T5Config", "Transformer", "Encoder", "Decoder", "init_params"]
+__all__ = ["T5Config", "Transformer", "Encoder", "Decoder", "init_variables", "init_params"]
 
 
 class EncoderLayer(nn.Module):
@@ -149,6 +154,9 @@ class Encoder(nn.Module):
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype)
         length = encoder_input_tokens.shape[-1]
+        # Embedding first: parameters are created in T5X's order
+        # (token_embedder, then the encoder), which `param_tree` reports.
+        x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
         rel_emb = attention.RelativePositionBiases(
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance,
@@ -157,7 +165,6 @@ class Encoder(nn.Module):
             name="relpos_bias",
         )
         bias = rel_emb(length, length, bidirectional=True)  # [1, heads, len, len]
-        x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
         x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
             x, deterministic=deterministic
         )
@@ -191,7 +198,10 @@ class Decoder(nn.Module):
         self.final_dropout = nn.Dropout(rate=cfg.dropout_rate)
         if not cfg.logits_via_embedding:
             self.logits_dense = layers.Dense(
-                cfg.vocab_size, dtype=jnp.float32, kernel_init=layers.mlp_kernel_init
+                cfg.vocab_size,
+                kernel_axes=("embed", "vocab"),
+                dtype=jnp.float32,
+                kernel_init=layers.mlp_kernel_init,
             )
 
     def init_cache(self, encoded: Array, max_length: int) -> None:
@@ -207,7 +217,6 @@ class Decoder(nn.Module):
         self,
         encoded: Array | None,
         decoder_input_tokens: Array,
-        decoder_positions: Array | None = None,
         decoder_mask: Array | None = None,
         encoder_decoder_mask: Array | None = None,
         deterministic: bool = True,
@@ -328,7 +337,14 @@ class Transformer(nn.Module):
         With `decode=True` and an existing cache, feed one token per step
         (`decoder_input_tokens` `[batch, 1]`); `encoded` may then be None because
         the encoder-decoder keys/values are read from the cache.
+
+        `decoder_positions` is accepted for T5X compatibility and unused: as in
+        T5X, the relative position bias comes from array offsets (the cache
+        position when decoding), which equal the per-segment positions of
+        packed examples because the segment mask keeps attention within a
+        segment.
         """
+        del decoder_positions
         if decode:
             decoder_mask = None
             encoder_decoder_mask = attention.make_attention_mask(
@@ -366,7 +382,6 @@ class Transformer(nn.Module):
         return self.decoder(
             encoded,
             decoder_input_tokens,
-            decoder_positions=decoder_positions,
             decoder_mask=decoder_mask,
             encoder_decoder_mask=encoder_decoder_mask,
             deterministic=not enable_dropout,
@@ -418,6 +433,22 @@ class Transformer(nn.Module):
         )
 
 
+def init_variables(config: T5Config, rng: Array, batch: int = 1, length: int = 8) -> dict[str, Any]:
+    """`Transformer(config).init` on dummy all-ones tokens.
+
+    Args:
+      config: Model config.
+      rng: PRNG key of the initialisers.
+      batch: Batch size of the dummy inputs (shapes do not depend on it).
+      length: Sequence length of the dummy inputs.
+
+    Returns:
+      {'params': the T5X tree of float32 arrays, 'params_axes': logical axes}.
+    """
+    tokens = jnp.ones((batch, length), jnp.int32)
+    return Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)
+
+
 def init_params(config: T5Config, seed: int = 0, batch: int = 1, length: int = 8) -> Any:
     """Randomly initialised parameters (T5X initialisers) for `config`.
 
@@ -430,9 +461,5 @@ def init_params(config: T5Config, seed: int = 0, batch: int = 1, length: int = 8
     Returns:
       The `params` collection (nested dict of float32 arrays).
     """
-    model = Transformer(config)
-    tokens = jnp.ones((batch, length), jnp.int32)
-    variables = jax.jit(
-        lambda rng: model.init(rng, tokens, tokens, tokens, enable_dropout=False)
-    )(jax.random.PRNGKey(seed))
-    return variables["params"]
+    init = jax.jit(lambda rng: init_variables(config, rng, batch, length)["params"])
+    return init(jax.random.PRNGKey(seed))

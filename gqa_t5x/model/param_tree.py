@@ -3,19 +3,28 @@
 Every checkpoint reader and writer in the project agrees on one canonical
 naming: T5X's parameter paths (the tree under `target/` in a T5X checkpoint),
 written as '/'-joined strings such as
-`decoder/layers_0/self_attention/key/kernel`. This module enumerates them for a
-config, with their shapes, and maps each to the HuggingFace `transformers` and
-Mesh TensorFlow (original T5) variable names.
+`decoder/layers_0/self_attention/key/kernel`. The paths, shapes and logical
+axes of a config are read from the network itself (`jax.eval_shape` of
+`network.init_variables`, cached per config), so the tree is written down in
+one place: `network.py` and `layers.py`. The module names below let callers
+test a path without spelling them; `tests/model/test_param_tree.py` checks
+them against the network. This module also maps each path to the
+HuggingFace `transformers` and Mesh TensorFlow (original T5) variable names.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from flax.linen import partitioning as nn_partitioning
 
+from gqa_t5x.model import layers
+from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
 
 # Attention sub-modules and which key/value head count each one uses.
@@ -23,6 +32,32 @@ ENCODER_ATTENTION = "attention"
 DECODER_SELF_ATTENTION = "self_attention"
 DECODER_CROSS_ATTENTION = "encoder_decoder_attention"
 ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
+KEY_VALUE_PROJECTIONS = ("key", "value")
+
+
+@functools.lru_cache(maxsize=64)
+def _tree(config: T5Config) -> tuple[tuple[str, tuple[int, ...], tuple[str, ...]], ...]:
+    """(path, shape, logical axes) of every parameter, in the network's order."""
+    order: list[str] = []
+
+    def init(rng: jax.Array) -> dict[str, Any]:
+        variables = network.init_variables(config, rng)
+        # `eval_shape` returns dicts with sorted keys ('layers_10' before
+        # 'layers_2'); inside the trace they are in creation order, T5X's.
+        order.extend(flatten(variables["params"]))
+        return variables
+
+    variables = jax.eval_shape(init, jax.random.PRNGKey(0))
+    flat_shapes = flatten(variables["params"])
+    shapes = {path: flat_shapes[path] for path in order}
+    axes = flatten(nn_partitioning.get_axis_names(variables[layers.AXES_COLLECTION]))
+    missing = sorted(set(shapes) - set(axes))
+    if missing:
+        raise ValueError(
+            f"Parameters {missing} were created without logical axes; create them "
+            "with layers.param_with_axes."
+        )
+    return tuple((path, tuple(leaf.shape), tuple(axes[path])) for path, leaf in shapes.items())
 
 
 def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
@@ -32,53 +67,52 @@ def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
       config: the model config (num_kv_heads decides key/value kernel widths).
 
     Returns:
-      An insertion-ordered dict `path -> shape`.
+      An insertion-ordered dict `path -> shape` (a new dict per call).
     """
-    emb, heads, hd = config.emb_dim, config.num_heads, config.head_dim
-    mlp, vocab, buckets = config.mlp_dim, config.vocab_size, config.relative_attention_num_buckets
-    n_mlp_in = len(config.mlp_activations)
-    shapes: dict[str, tuple[int, ...]] = {}
-    shapes["token_embedder/embedding"] = (vocab, emb)
+    return {path: shape for path, shape, _ in _tree(config)}
 
-    def attention(prefix: str, kv_heads: int) -> None:
-        shapes[f"{prefix}/query/kernel"] = (emb, heads * hd)
-        shapes[f"{prefix}/key/kernel"] = (emb, kv_heads * hd)
-        shapes[f"{prefix}/value/kernel"] = (emb, kv_heads * hd)
-        shapes[f"{prefix}/out/kernel"] = (heads * hd, emb)
 
-    def mlp_block(prefix: str) -> None:
-        if n_mlp_in == 1:
-            shapes[f"{prefix}/wi/kernel"] = (emb, mlp)
-        else:
-            for i in range(n_mlp_in):
-                shapes[f"{prefix}/wi_{i}/kernel"] = (emb, mlp)
-        shapes[f"{prefix}/wo/kernel"] = (mlp, emb)
+def param_axes(config: T5Config) -> dict[str, tuple[str, ...]]:
+    """Every parameter path with the logical axis names its layer declares.
 
-    shapes["encoder/relpos_bias/rel_embedding"] = (heads, buckets)
-    for i in range(config.num_encoder_layers):
-        p = f"encoder/layers_{i}"
-        shapes[f"{p}/pre_attention_layer_norm/scale"] = (emb,)
-        attention(f"{p}/{ENCODER_ATTENTION}", config.encoder_kv_heads)
-        shapes[f"{p}/pre_mlp_layer_norm/scale"] = (emb,)
-        mlp_block(f"{p}/mlp")
-    shapes["encoder/encoder_norm/scale"] = (emb,)
+    Args:
+      config: the model config.
 
-    shapes["decoder/relpos_bias/rel_embedding"] = (heads, buckets)
-    for i in range(config.num_decoder_layers):
-        p = f"decoder/layers_{i}"
-        shapes[f"{p}/pre_self_attention_layer_norm/scale"] = (emb,)
-        attention(f"{p}/{DECODER_SELF_ATTENTION}", config.decoder_kv_heads)
-        shapes[f"{p}/pre_cross_attention_layer_norm/scale"] = (emb,)
-        attention(f"{p}/{DECODER_CROSS_ATTENTION}", config.decoder_kv_heads)
-        shapes[f"{p}/pre_mlp_layer_norm/scale"] = (emb,)
-        mlp_block(f"{p}/mlp")
-    shapes["decoder/decoder_norm/scale"] = (emb,)
-    if not config.logits_via_embedding:
-        shapes["decoder/logits_dense/kernel"] = (emb, vocab)
-    return shapes
+    Returns:
+      An insertion-ordered dict `path -> axes`, one name per dimension, e.g.
+      `'decoder/layers_0/self_attention/key/kernel' -> ('embed', 'kv_joined_kv')`.
+    """
+    return {path: axes for path, _, axes in _tree(config)}
+
+
+def is_cross_attention(path: str) -> bool:
+    """Whether a '/'-joined parameter or cache path lies in encoder-decoder attention."""
+    return DECODER_CROSS_ATTENTION in path.split("/")
+
+
+def attention_projection(path: str) -> str | None:
+    """'query', 'key', 'value' or 'out' for an attention kernel path, else None."""
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[-1] == "kernel" and parts[-2] in ATTENTION_PROJECTIONS:
+        if parts[-3] in (ENCODER_ATTENTION, DECODER_SELF_ATTENTION, DECODER_CROSS_ATTENTION):
+            return parts[-2]
+    return None
 
 
 # ----------------------------------------------------------------- tree utils
+def keypath_str(keypath: Sequence[Any]) -> str:
+    """'/'-joined path of a `jax.tree_util` key path (dict keys, attributes, indices)."""
+    parts = []
+    for key in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {'a/b/c': leaf}."""
     out: dict[str, Any] = {}

@@ -1,16 +1,10 @@
-"""Inference: `predict_batch` / `score_batch` (T5X `EncoderDecoderModel` style)
-and the predictions-to-JSONL run behind `--run_mode=infer`.
-
-Batches are dicts of int arrays with T5X feature names:
-`encoder_input_tokens` `[batch, enc_len]` (0 = padding), and for scoring
-`decoder_target_tokens` `[batch, dec_len]`, optionally `decoder_input_tokens`
-(default: targets shifted right, starting from 0) and `decoder_loss_weights`
-(default: `decoder_target_tokens > 0`).
+"""The predictions-to-JSONL run behind `--run_mode=infer`.
 
 `run_inference` reads a `.txt` (one input per line) or `.jsonl` file (field
 `inputs`), tokenizes with a seqio vocabulary, decodes in fixed-size batches
-(the last one is padded with filler rows, so one compilation serves the whole
-file) and writes one JSON line per input, T5X-style:
+with `models.predict_batch_with_aux` (the last one is padded with filler
+rows, so one compilation serves the whole file) and writes one JSON line per
+input, T5X-style:
 `{"inputs": ..., "prediction": ..., "aux": {"scores": ..., "log_prob": ...}}`
 plus any other fields of the input record. `infer` is the gin entry point
 (`gin/runs/infer.gin`) that loads a checkpoint first.
@@ -18,7 +12,6 @@ plus any other fields of the input record. `infer` is the gin entry point
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -31,185 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.model import decoding
-from gqa_t5x.model import network
+from gqa_t5x.model import models
 from gqa_t5x.model.config import T5Config
 
-Array = jax.Array
 EOS_ID = 1
-
-
-# ------------------------------------------------------------------ scoring
-@functools.lru_cache(maxsize=16)
-def _scorer(config: T5Config, with_log_probs: bool):
-    model = network.Transformer(config)
-
-    @jax.jit
-    def score(params, encoder_input_tokens, decoder_input_tokens, targets, weights):
-        # The network derives its padding masks from `decoder_target_tokens > 0`;
-        # pass the weights instead so that a decoded pad id (0) inside a
-        # sequence is scored like HuggingFace and the cached decoder do.
-        mask_tokens = (weights > 0).astype(jnp.int32)
-        logits = model.apply(
-            {"params": params},
-            encoder_input_tokens,
-            decoder_input_tokens,
-            mask_tokens,
-            enable_dropout=False,
-        )  # [batch, dec_len, vocab]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        token_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        scores = jnp.sum(token_lp * weights, axis=-1)  # [batch]
-        return (scores, log_probs) if with_log_probs else scores
-
-    return score
-
-
-def shift_right(targets: Any) -> np.ndarray:
-    """Decoder inputs for `targets` `[batch, len]`: start id 0, then targets[:-1]."""
-    targets = np.asarray(targets)
-    out = np.zeros_like(targets)
-    out[..., 1:] = targets[..., :-1]
-    return out
-
-
-def _require(batch: Mapping[str, Any], key: str) -> np.ndarray:
-    if key not in batch:
-        raise ValueError(f"batch lacks {key!r}; it has {sorted(batch)}.")
-    value = np.asarray(batch[key])
-    if value.ndim != 2:
-        raise ValueError(f"batch[{key!r}] must be [batch, length]; got shape {value.shape}.")
-    return value
-
-
-def score_batch(
-    config: T5Config, params: Any, batch: Mapping[str, Any], *, return_token_log_probs: bool = False
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced log-likelihood of `decoder_target_tokens` per example.
-
-    Args:
-      config: Model config.
-      params: Model parameters.
-      batch: `encoder_input_tokens`, `decoder_target_tokens`, optional
-        `decoder_input_tokens` and `decoder_loss_weights`.
-      return_token_log_probs: Also return the full log-softmax
-        `[batch, dec_len, vocab]`.
-
-    Returns:
-      `[batch]` float32 sums of log p(target) over weighted positions (and the
-      log-probabilities when asked).
-    """
-    encoder_input_tokens = _require(batch, "encoder_input_tokens").astype(np.int32)
-    targets = _require(batch, "decoder_target_tokens").astype(np.int32)
-    if "decoder_input_tokens" in batch:
-        decoder_input_tokens = _require(batch, "decoder_input_tokens").astype(np.int32)
-    else:
-        decoder_input_tokens = shift_right(targets)
-    weights = np.asarray(batch.get("decoder_loss_weights", targets > 0), np.float32)
-    if weights.shape != targets.shape or decoder_input_tokens.shape != targets.shape:
-        raise ValueError(
-            "decoder_input_tokens / decoder_loss_weights must have the shape of "
-            f"decoder_target_tokens {targets.shape}; got {decoder_input_tokens.shape} / "
-            f"{weights.shape}."
-        )
-    out = _scorer(config, bool(return_token_log_probs))(
-        params, encoder_input_tokens, decoder_input_tokens, targets, weights
-    )
-    if return_token_log_probs:
-        return np.asarray(out[0]), np.asarray(out[1])
-    return np.asarray(out)
-
-
-def loss_weights_from_lengths(tokens: Any, lengths: Any) -> np.ndarray:
-    """`decoder_loss_weights` covering the first `lengths` tokens of each row."""
-    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    return (np.arange(tokens.shape[-1]) < lengths[..., None]).astype(np.float32)
-
-
-# --------------------------------------------------------------- prediction
-def _pad_rows(tokens: np.ndarray, rows: int | None) -> np.ndarray:
-    if rows is None or rows == tokens.shape[0]:
-        return tokens
-    if rows < tokens.shape[0]:
-        raise ValueError(f"pad_batch_to={rows} is smaller than the batch ({tokens.shape[0]}).")
-    filler = np.zeros((rows - tokens.shape[0], tokens.shape[1]), tokens.dtype)
-    return np.concatenate([tokens, filler], axis=0)
-
-
-def predict_batch_with_aux(
-    config: T5Config,
-    params: Any,
-    batch: Mapping[str, Any],
-    *,
-    method: str = "greedy",
-    max_decode_length: int | None = None,
-    rng: Any = None,
-    eos_id: int | None = EOS_ID,
-    temperature: float = 1.0,
-    topk: int = 0,
-    beam_size: int = 4,
-    alpha: float = 0.6,
-    return_all_decodes: bool = False,
-    pad_batch_to: int | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Decodes a batch; returns the decodes and per-example scores.
-
-    Args:
-      config: Model config.
-      params: Model parameters.
-      batch: `encoder_input_tokens` `[batch, enc_len]`; when
-        `max_decode_length` is None the length of `decoder_input_tokens` or
-        `decoder_target_tokens` is used (as T5X does).
-      method: 'greedy' (the paper's), 'sample' or 'beam'.
-      max_decode_length: Output length limit.
-      rng: PRNG key or int seed for sampling.
-      eos_id: End-of-sequence id.
-      temperature: Sampling temperature.
-      topk: Top-k cut-off for sampling (0 = none).
-      beam_size: Beams for 'beam'.
-      alpha: Brevity-penalty exponent for 'beam'.
-      return_all_decodes: For 'beam', return every beam `[batch, beams, len]`
-        (best first) instead of the best `[batch, len]`.
-      pad_batch_to: Append all-padding filler rows up to this many (stripped
-        from the outputs) so differently sized batches share one compilation.
-
-    Returns:
-      (decodes, aux) with aux keys `scores`, `log_probs`, `lengths`.
-    """
-    encoder_input_tokens = _require(batch, "encoder_input_tokens").astype(np.int32)
-    if max_decode_length is None:
-        for key in ("decoder_input_tokens", "decoder_target_tokens"):
-            if key in batch:
-                max_decode_length = int(np.shape(batch[key])[1])
-                break
-        else:
-            raise ValueError(
-                "max_decode_length is required when the batch has no "
-                "decoder_input_tokens / decoder_target_tokens."
-            )
-    n = encoder_input_tokens.shape[0]
-    result = decoding.decode(
-        config,
-        params,
-        _pad_rows(encoder_input_tokens, pad_batch_to),
-        max_decode_length=max_decode_length,
-        method=method,
-        eos_id=eos_id,
-        rng=rng,
-        temperature=temperature,
-        topk=topk,
-        beam_size=beam_size,
-        alpha=alpha,
-    )
-    tokens, log_probs = np.asarray(result.tokens)[:n], np.asarray(result.log_probs)[:n]
-    scores, lengths = np.asarray(result.scores)[:n], np.asarray(result.lengths)[:n]
-    if method == "beam" and not return_all_decodes:
-        tokens, log_probs, scores, lengths = tokens[:, 0], log_probs[:, 0], scores[:, 0], lengths[:, 0]
-    return tokens, {"scores": scores, "log_probs": log_probs, "lengths": lengths}
-
-
-def predict_batch(config: T5Config, params: Any, batch: Mapping[str, Any], **kwargs: Any) -> np.ndarray:
-    """Decoded ids `[batch, len]` (see `predict_batch_with_aux` for arguments)."""
-    return predict_batch_with_aux(config, params, batch, **kwargs)[0]
 
 
 # ------------------------------------------------------------- files / runs
@@ -305,8 +123,8 @@ def run_inference(
       input_field: JSONL field with the input text.
       method: 'greedy', 'sample' or 'beam'.
       seed: Sampling seed (batch i uses fold_in(seed, i)).
-      **decode_kwargs: Further `predict_batch_with_aux` arguments (beam_size,
-        alpha, temperature, topk).
+      **decode_kwargs: Further `decoding.DecodingSpec` fields (beam_size,
+        alpha, temperature, topk, eos_id).
 
     Returns:
       The path written.
@@ -327,6 +145,9 @@ def run_inference(
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     eos_id = decode_kwargs.pop("eos_id", getattr(vocabulary, "eos_id", EOS_ID))
+    spec = decoding.DecodingSpec(
+        method=method, max_decode_length=max_decode_length, eos_id=eos_id, **decode_kwargs
+    )
     tmp = output_path.with_name(output_path.name + ".tmp")
     truncated = 0
     with tmp.open("w", encoding="utf-8") as out:
@@ -338,16 +159,13 @@ def run_inference(
                 rows.append(ids)
                 truncated += cut
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), start // batch_size)
-            tokens, aux = predict_batch_with_aux(
+            tokens, aux = models.predict_batch_with_aux(
                 config,
                 params,
                 {"encoder_input_tokens": np.stack(rows)},
-                method=method,
-                max_decode_length=max_decode_length,
+                spec,
                 rng=rng,
-                eos_id=eos_id,
                 pad_batch_to=batch_size,
-                **decode_kwargs,
             )
             for i, record in enumerate(chunk):
                 length = int(aux["lengths"][i])

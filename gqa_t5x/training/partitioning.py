@@ -1,8 +1,10 @@
 """Device mesh, logical axis rules and shardings (T5X `PjitPartitioner` style).
 
 The mesh has two axes, `data` and `model` (`num_partitions` devices along
-`model`, the rest along `data`). Every parameter gets logical axis names from
-its T5X path, and logical names map to mesh axes with T5X's standard rules:
+`model`, the rest along `data`). Every parameter's logical axis names are
+declared by the layer that creates it (`model/layers.py`, T5X's
+`kernel_axes`) and read from the network by `param_tree.param_axes(config)`;
+logical names map to mesh axes with T5X's standard rules:
 
     batch -> data      vocab -> model     mlp -> model     heads -> model
     joined_kv -> model kv_joined_kv -> model   embed, relpos_buckets -> None
@@ -21,7 +23,6 @@ keep the specs of the remaining dimensions; scalars are replicated.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
 DATA_AXIS = "data"
@@ -48,52 +50,6 @@ STANDARD_LOGICAL_AXIS_RULES: LogicalRules = (
     ("relpos_buckets", None),
     ("length", None),
 )
-
-# (regex on the '/'-joined T5X path, logical axes), first match wins.
-_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (r"token_embedder/embedding", ("vocab", "embed")),
-    (r".*/relpos_bias/rel_embedding", ("heads", "relpos_buckets")),
-    (r".*/(query)/kernel", ("embed", "joined_kv")),
-    (r".*/(key|value)/kernel", ("embed", "kv_joined_kv")),
-    (r".*/out/kernel", ("joined_kv", "embed")),
-    (r".*/mlp/wi(_\d+)?/kernel", ("embed", "mlp")),
-    (r".*/mlp/wo/kernel", ("mlp", "embed")),
-    (r"decoder/logits_dense/kernel", ("embed", "vocab")),
-    (r".*/scale", ("embed",)),
-)
-
-
-def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def param_logical_axes(path: str) -> tuple[str, ...]:
-    """Logical axis names of the parameter at T5X path `path`.
-
-    Args:
-      path: '/'-joined path such as 'decoder/layers_0/self_attention/key/kernel'.
-
-    Returns:
-      One logical name per dimension.
-
-    Raises:
-      ValueError: the path is not a parameter of the T5.1.1 network.
-    """
-    for pattern, axes in _PARAM_AXES:
-        if re.fullmatch(pattern, path):
-            return axes
-    raise ValueError(
-        f"No logical axis rule for parameter {path!r}; partitioning.py knows "
-        "the T5.1.1 parameter tree only."
-    )
 
 
 def create_mesh(num_partitions: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -147,13 +103,10 @@ class Partitioner:
     def data_shards(self) -> int:
         return self.mesh.shape[DATA_AXIS]
 
-    @property
-    def model_shards(self) -> int:
-        return self.mesh.shape[MODEL_AXIS]
-
     # ------------------------------------------------------------- parameters
-    def _param_spec(self, path: str, shape: tuple[int, ...], config: T5Config) -> PartitionSpec:
-        axes = param_logical_axes(path)
+    def _param_spec(
+        self, path: str, shape: tuple[int, ...], axes: tuple[str, ...], config: T5Config
+    ) -> PartitionSpec:
         if len(axes) != len(shape):
             raise ValueError(f"Parameter {path!r} has shape {shape} but logical axes {axes}.")
         spec: list[str | None] = []
@@ -179,11 +132,29 @@ class Partitioner:
         return PartitionSpec(*spec)
 
     def param_specs(self, params: Any, config: T5Config) -> Any:
-        """PartitionSpecs for a params tree (arrays or ShapeDtypeStructs)."""
+        """PartitionSpecs for a params tree (arrays or ShapeDtypeStructs).
+
+        Args:
+          params: A parameter tree of the network built from `config`.
+          config: Its config; the network declares each parameter's logical
+            axes (`param_tree.param_axes`).
+
+        Returns:
+          A tree of `PartitionSpec`s with the structure of `params`.
+        """
         self.replicated_params = []
-        return jax.tree_util.tree_map_with_path(
-            lambda p, x: self._param_spec(_path_str(p), tuple(x.shape), config), params
-        )
+        logical = param_tree.param_axes(config)
+
+        def spec(keypath: Sequence[Any], leaf: Any) -> PartitionSpec:
+            path = param_tree.keypath_str(keypath)
+            if path not in logical:
+                raise ValueError(
+                    f"{path!r} is not a parameter of the network built from "
+                    "`config`; pass the config the parameters were made for."
+                )
+            return self._param_spec(path, tuple(leaf.shape), logical[path], config)
+
+        return jax.tree_util.tree_map_with_path(spec, params)
 
     def param_shardings(self, params: Any, config: T5Config) -> Any:
         """NamedShardings for a params tree."""
@@ -205,7 +176,7 @@ class Partitioner:
           A tree of NamedShardings with the structure of `opt_state`.
         """
         flat_params = {
-            _path_str(p): (tuple(x.shape), s.spec)
+            param_tree.keypath_str(p): (tuple(x.shape), s.spec)
             for (p, x), s in zip(
                 jax.tree_util.tree_leaves_with_path(params),
                 jax.tree_util.tree_leaves(param_shardings),
@@ -217,7 +188,7 @@ class Partitioner:
             shape = tuple(np.shape(leaf))
             if not shape:
                 return replicated
-            key = _path_str(path)
+            key = param_tree.keypath_str(path)
             match = next((k for k in flat_params if key.endswith("/" + k) or key == k), None)
             if match is None:
                 return replicated

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gqa_t5x.model import decoding
 from gqa_t5x.checkpoints import hf_export
-from gqa_t5x.training import inference
+from gqa_t5x.model import decoding
+from gqa_t5x.model import models
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -21,6 +21,7 @@ hf_reference = pytest.importorskip("hf_reference")
 
 VOCAB = 48
 MAX_LEN = 14
+GREEDY = decoding.DecodingSpec(max_decode_length=MAX_LEN)
 
 
 def _config(num_kv_heads: int | None) -> T5Config:
@@ -53,7 +54,7 @@ def _eos_like(params, token: int, factor: float = 1.05):
 
 def _eos_candidate(config: T5Config, params, enc: np.ndarray) -> int:
     """The token whose first greedy occurrence varies most across rows."""
-    plain = np.asarray(decoding.decode(config, params, enc, max_decode_length=MAX_LEN).tokens)
+    plain = np.asarray(decoding.decode(config, params, enc, GREEDY).tokens)
     best, best_spread = None, -1
     for token in np.unique(plain):
         if token < 2:
@@ -85,11 +86,11 @@ def model():
 @pytest.mark.parametrize("num_kv_heads", [1, 2])  # MQA and GQA; MHA vs HuggingFace below
 def test_greedy_is_the_argmax_of_teacher_forced_scoring_of_its_own_output(num_kv_heads, model):
     config, params, enc = model if num_kv_heads == 2 else _model(num_kv_heads)
-    result = decoding.decode(config, params, enc, max_decode_length=MAX_LEN)
+    result = decoding.decode(config, params, enc, GREEDY)
     tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     assert len(set(lengths.tolist())) >= 2, lengths  # some rows end early, not all alike
-    weights = inference.loss_weights_from_lengths(tokens, lengths)
-    scores, log_probs = inference.score_batch(
+    weights = models.loss_weights_from_lengths(tokens, lengths)
+    scores, log_probs = models.score_batch(
         config, params,
         {"encoder_input_tokens": enc, "decoder_target_tokens": tokens, "decoder_loss_weights": weights},
         return_token_log_probs=True,
@@ -130,7 +131,7 @@ def test_greedy_matches_huggingface_generate_for_a_model_born_in_huggingface():
     with torch.no_grad():
         hf_model.lm_head.weight[1] = 1.05 * hf_model.lm_head.weight[token]
     params = hf_reference.our_params_for(hf_model, config)
-    ours = decoding.decode(config, params, enc, max_decode_length=MAX_LEN)
+    ours = decoding.decode(config, params, enc, GREEDY)
     assert len(set(np.asarray(ours.lengths).tolist())) >= 2
     np.testing.assert_array_equal(np.asarray(ours.tokens), _hf_generate(hf_model, enc, MAX_LEN))
 
@@ -148,19 +149,19 @@ def test_gqa_greedy_matches_huggingface_generate_with_kv_heads_repeated(model):
             value = hf_export.repeat_kv_heads(value, config.num_heads, config.head_dim)
         state[name] = torch.from_numpy(np.ascontiguousarray(value.T if transpose else value))
     hf_model.load_state_dict(state)
-    ours = decoding.decode(config, params, enc, max_decode_length=MAX_LEN)
+    ours = decoding.decode(config, params, enc, GREEDY)
     assert len(set(np.asarray(ours.lengths).tolist())) >= 2
     np.testing.assert_array_equal(np.asarray(ours.tokens), _hf_generate(hf_model, enc, MAX_LEN))
 
 
 def test_early_exit_when_every_sequence_has_ended_and_filler_rows_do_not_block_it(model):
     config, params, enc = model
-    result = decoding.decode(config, params, enc, max_decode_length=MAX_LEN)
+    result = decoding.decode(config, params, enc, GREEDY)
     ended = np.asarray(result.lengths) < MAX_LEN
     finished = enc[ended]
     filler = np.zeros((3, enc.shape[1]), np.int32)
     batch = np.concatenate([finished, filler])
-    short = decoding.decode(config, params, batch, max_decode_length=MAX_LEN)
+    short = decoding.decode(config, params, batch, GREEDY)
     longest = int(np.asarray(result.lengths)[ended].max())
     assert int(short.steps) == longest < MAX_LEN
     np.testing.assert_array_equal(np.asarray(short.tokens)[: len(finished)], np.asarray(result.tokens)[ended])
@@ -170,15 +171,17 @@ def test_early_exit_when_every_sequence_has_ended_and_filler_rows_do_not_block_i
 
 def test_eos_none_decodes_exactly_max_decode_length_tokens(model):
     config, params, enc = model
-    result = decoding.decode(config, params, enc[:2], max_decode_length=MAX_LEN, eos_id=None)
+    result = decoding.decode(config, params, enc[:2], decoding.DecodingSpec(max_decode_length=MAX_LEN, eos_id=None))
     assert int(result.steps) == MAX_LEN
     assert (np.asarray(result.lengths) == MAX_LEN).all()
 
 
 def test_beam_size_one_equals_greedy(model):
     config, params, enc = model
-    greedy = decoding.decode(config, params, enc, max_decode_length=MAX_LEN)
-    beam = decoding.decode(config, params, enc, max_decode_length=MAX_LEN, method="beam", beam_size=1, alpha=0.0)
+    greedy = decoding.decode(config, params, enc, GREEDY)
+    beam = decoding.decode(
+        config, params, enc, decoding.DecodingSpec("beam", MAX_LEN, beam_size=1, alpha=0.0)
+    )
     np.testing.assert_array_equal(np.asarray(beam.tokens)[:, 0], np.asarray(greedy.tokens))
     np.testing.assert_allclose(np.asarray(beam.log_probs)[:, 0], np.asarray(greedy.log_probs), atol=1e-4)
 
@@ -218,13 +221,15 @@ def _reference_beam_search(config, params, enc_row, k, alpha, max_len):
 def test_beam_search_equals_plain_python_beam_search_and_log_probs_equal_score_batch(model):
     config, params, enc = model
     k, alpha = 3, 0.6
-    result = decoding.decode(config, params, enc, max_decode_length=MAX_LEN, method="beam", beam_size=k, alpha=alpha)
+    result = decoding.decode(
+        config, params, enc, decoding.DecodingSpec("beam", MAX_LEN, beam_size=k, alpha=alpha)
+    )
     tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)  # [batch, beams, ...]
     flat = tokens.reshape(-1, MAX_LEN)
-    scored = inference.score_batch(config, params, {
+    scored = models.score_batch(config, params, {
         "encoder_input_tokens": np.repeat(enc, k, axis=0),
         "decoder_target_tokens": flat,
-        "decoder_loss_weights": inference.loss_weights_from_lengths(flat, lengths.reshape(-1)),
+        "decoder_loss_weights": models.loss_weights_from_lengths(flat, lengths.reshape(-1)),
     }).reshape(enc.shape[0], k)
     np.testing.assert_allclose(np.asarray(result.log_probs), scored, rtol=1e-5, atol=1e-4)
     penalty = ((5.0 + lengths) / 6.0) ** alpha
@@ -242,15 +247,15 @@ def test_beam_search_equals_plain_python_beam_search_and_log_probs_equal_score_b
 
 def test_sampling_with_top_k_stays_in_the_top_k_and_is_reproducible(model):
     config, params, enc = model
-    kwargs = dict(max_decode_length=MAX_LEN, method="sample", topk=3, temperature=2.0)
-    a = decoding.decode(config, params, enc, rng=7, **kwargs)
-    b = decoding.decode(config, params, enc, rng=7, **kwargs)
-    c = decoding.decode(config, params, enc, rng=8, **kwargs)
+    spec = decoding.DecodingSpec("sample", MAX_LEN, topk=3, temperature=2.0)
+    a = decoding.decode(config, params, enc, spec, rng=7)
+    b = decoding.decode(config, params, enc, spec, rng=7)
+    c = decoding.decode(config, params, enc, spec, rng=8)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
     tokens, lengths = np.asarray(a.tokens), np.asarray(a.lengths)
-    weights = inference.loss_weights_from_lengths(tokens, lengths)
-    scores, log_probs = inference.score_batch(
+    weights = models.loss_weights_from_lengths(tokens, lengths)
+    scores, log_probs = models.score_batch(
         config, params,
         {"encoder_input_tokens": enc, "decoder_target_tokens": tokens, "decoder_loss_weights": weights},
         return_token_log_probs=True,
@@ -258,46 +263,78 @@ def test_sampling_with_top_k_stays_in_the_top_k_and_is_reproducible(model):
     top3 = np.argsort(-log_probs, axis=-1)[..., :3]
     valid = weights > 0
     assert (top3 == tokens[..., None]).any(-1)[valid].all()
-    assert (tokens != np.asarray(decoding.decode(config, params, enc, max_decode_length=MAX_LEN).tokens)).any()
+    assert (tokens != np.asarray(decoding.decode(config, params, enc, GREEDY).tokens)).any()
     np.testing.assert_allclose(np.asarray(a.log_probs), scores, rtol=1e-5, atol=1e-4)  # untempered
-    top1 = decoding.decode(config, params, enc, rng=7, max_decode_length=MAX_LEN, method="sample", topk=1)
-    greedy = decoding.decode(config, params, enc, max_decode_length=MAX_LEN)
+    top1 = decoding.decode(config, params, enc, decoding.DecodingSpec("sample", MAX_LEN, topk=1), rng=7)
+    greedy = decoding.decode(config, params, enc, GREEDY)
     np.testing.assert_array_equal(np.asarray(top1.tokens), np.asarray(greedy.tokens))
 
 
 def test_new_inputs_of_a_compiled_shape_do_not_recompile(model):
     config, params, enc = model
-    spec = decoding.DecodingSpec(method="greedy", max_decode_length=MAX_LEN)
-    fns = decoding.compile_decoding(config, spec)
-    decoding.decode(config, params, enc, max_decode_length=MAX_LEN)
+    fns = decoding.compile_decoding(config, GREEDY)
+    decoding.decode(config, params, enc, GREEDY)
     sizes = (fns.encode._cache_size(), fns.init_cache._cache_size(), fns.run._cache_size())
     rng = np.random.default_rng(1)
     for _ in range(3):
         other = rng.integers(2, VOCAB, size=enc.shape).astype(np.int32)
-        decoding.decode(config, params, other, max_decode_length=MAX_LEN)
+        decoding.decode(config, params, other, GREEDY)
     assert (fns.encode._cache_size(), fns.init_cache._cache_size(), fns.run._cache_size()) == sizes
-    assert decoding.compile_decoding(config, spec) is fns
+    assert decoding.compile_decoding(config, GREEDY) is fns
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "fields,message",
     [
-        (dict(method="nucleus"), "method='nucleus' is not one of"),
-        (dict(max_decode_length=0), "max_decode_length=0 must be a positive integer"),
-        (dict(method="sample", temperature=0.0), "temperature=0.0 must be > 0"),
-        (dict(method="sample", topk=-1), "topk=-1"),
-        (dict(method="beam", beam_size=40), "beam_size=40 must be >= 1 and at most half"),
-        (dict(method="beam", alpha=-1.0), "alpha=-1.0"),
-        (dict(eos_id=99), "eos_id=99 is outside the vocabulary"),
+        (dict(method="nucleus"), "DecodingSpec.method='nucleus' is not one of"),
+        (dict(max_decode_length=0), "DecodingSpec.max_decode_length=0 must be a positive integer"),
+        (dict(method="sample", temperature=0.0), "DecodingSpec.temperature=0.0 must be > 0"),
+        (dict(method="sample", topk=-1), "DecodingSpec.topk=-1"),
+        (dict(method="beam", beam_size=0), "DecodingSpec.beam_size=0 must be an integer >= 1"),
+        (dict(method="beam", alpha=-1.0), "DecodingSpec.alpha=-1.0"),
+        (dict(eos_id=-1), "DecodingSpec.eos_id=-1 must be a token id >= 0"),
     ],
 )
-def test_invalid_decoding_arguments_are_named(kwargs, message):
-    config = _config(2)
-    args = dict(max_decode_length=4) | kwargs
+def test_invalid_decoding_specs_fail_when_built_naming_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
-        decoding.decode(config, {}, np.ones((1, 3), np.int32), **args)
+        decoding.DecodingSpec(**dict(max_decode_length=4) | fields)
 
 
-def test_encoder_tokens_must_be_a_2d_integer_array():
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(), "DecodingSpec.max_decode_length is None"),
+        (dict(max_decode_length=4, method="beam", beam_size=40), "beam_size=40 must be >= 1 and at most half"),
+        (dict(max_decode_length=4, method="sample", topk=49), "DecodingSpec.topk=49 must be in"),
+        (dict(max_decode_length=4, eos_id=99), "DecodingSpec.eos_id=99 is outside the vocabulary"),
+    ],
+)
+def test_specs_that_do_not_fit_the_model_are_named_before_decoding(fields, message):
+    with pytest.raises(ValueError, match=message):
+        decoding.decode(_config(2), {}, np.ones((1, 3), np.int32), decoding.DecodingSpec(**fields))
+
+
+def test_decode_takes_a_spec_and_a_2d_integer_array():
     with pytest.raises(ValueError, match="encoder_input_tokens must be an integer array"):
-        decoding.decode(_config(2), {}, np.ones((3,), np.int32), max_decode_length=4)
+        decoding.decode(_config(2), {}, np.ones((3,), np.int32), GREEDY)
+    with pytest.raises(TypeError, match="spec must be a decoding.DecodingSpec"):
+        decoding.decode(_config(2), {}, np.ones((1, 3), np.int32), {"max_decode_length": 4})
+
+
+def test_beam_reordering_gathers_self_attention_caches_and_shares_cross_attention_ones():
+    config = _config(2)
+    model = network.Transformer(config)
+    encoded = jnp.arange(3 * 5 * 32, dtype=jnp.float32).reshape(3, 5, 32) / 100.0  # rows differ
+    _, variables = model.apply({"params": network.init_params(config)}, encoded, 4,
+                               method=network.Transformer.init_decode_cache, mutable=["cache"])
+    cache = jax.tree_util.tree_map(lambda x: x + 1.0 if x.ndim == 4 else x, variables["cache"])
+    cache["decoder"]["layers_0"]["self_attention"]["cached_key"] *= jnp.arange(1.0, 4.0)[:, None, None, None]
+    order = jnp.array([2, 0, 1])
+    gathered = param_tree.flatten(decoding._gather_beams(cache, order))
+    for path, leaf in param_tree.flatten(cache).items():
+        if param_tree.is_cross_attention(path) or leaf.ndim < 2:
+            np.testing.assert_array_equal(np.asarray(gathered[path]), np.asarray(leaf), err_msg=path)
+        else:
+            np.testing.assert_array_equal(np.asarray(gathered[path]), np.asarray(leaf)[np.asarray(order)], err_msg=path)
+    cross = "decoder/layers_0/encoder_decoder_attention/cached_key"
+    assert not np.array_equal(np.asarray(gathered[cross]), np.asarray(gathered[cross])[np.asarray(order)])

@@ -1,4 +1,4 @@
-"""EncoderDecoderModel: cross-entropy + z-loss over target weights, scoring."""
+"""EncoderDecoderModel (loss, scoring, prediction) and predict_batch / score_batch."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gqa_t5x.model import decoding
 from gqa_t5x.model import models
 from gqa_t5x.model import network
+from gqa_t5x.model.config import T5Config
 from training_utils import tiny_config
 
 
@@ -87,7 +89,7 @@ def test_loss_normalizing_factor_divides_by_real_target_tokens(tiny):
         models.EncoderDecoderModel(model.module, loss_normalizing_factor="tokens")
 
 
-def test_score_batch_through_inference_is_minus_the_per_example_cross_entropy(tiny):
+def test_model_score_batch_is_minus_the_per_example_cross_entropy(tiny):
     model, params, batch = tiny
     no_z = models.EncoderDecoderModel(model.module, z_loss=0.0)
     scores = np.asarray(no_z.score_batch(params, batch))
@@ -108,3 +110,90 @@ def test_dropout_rng_changes_the_loss_only_when_dropout_is_enabled(tiny):
 def test_model_rejects_a_module_that_is_not_the_t5_network():
     with pytest.raises(TypeError, match="network.Transformer"):
         models.EncoderDecoderModel(object())
+
+
+def _config() -> T5Config:
+    return T5Config(
+        vocab_size=40, dtype="float32", emb_dim=16, num_heads=4, head_dim=4, mlp_dim=24,
+        num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0, num_kv_heads=2,
+    )
+
+
+def _batch(rng: np.random.Generator, batch: int = 3) -> dict[str, np.ndarray]:
+    enc = rng.integers(2, 40, size=(batch, 7)).astype(np.int32)
+    enc[1, 4:] = 0
+    tgt = rng.integers(2, 40, size=(batch, 5)).astype(np.int32)
+    tgt[2, 3:] = 0
+    return {"encoder_input_tokens": enc, "decoder_target_tokens": tgt}
+
+
+def test_score_batch_equals_the_sum_of_huggingface_target_log_probs():
+    hf_reference = pytest.importorskip("hf_reference")
+    hf_model = hf_reference.make_hf_t5(
+        vocab_size=40, d_model=16, num_heads=4, d_kv=4, d_ff=24, num_layers=1, num_decoder_layers=1, seed=2,
+    )
+    config = hf_reference.our_config_for(hf_model)
+    params = hf_reference.our_params_for(hf_model, config)
+    batch = _batch(np.random.default_rng(0))
+    tgt = batch["decoder_target_tokens"]
+    logits = hf_reference.hf_logits(hf_model, batch["encoder_input_tokens"], models.shift_right(tgt), tgt)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = (np.take_along_axis(log_probs, tgt[..., None], -1)[..., 0] * (tgt > 0)).sum(-1)
+    np.testing.assert_allclose(models.score_batch(config, params, batch), expected, rtol=1e-5, atol=1e-4)
+    weights = np.ones_like(tgt, np.float32)
+    weights[:, -1] = 0  # explicit loss weights are honoured
+    partial = models.score_batch(config, params, dict(batch, decoder_loss_weights=weights * (tgt > 0)))
+    last = np.take_along_axis(log_probs, tgt[..., None], -1)[:, -1, 0] * (tgt[:, -1] > 0)
+    np.testing.assert_allclose(partial, expected - last, rtol=1e-5, atol=1e-4)
+
+
+def test_predict_batch_defaults_to_the_targets_length_and_strips_filler_rows():
+    config = _config()
+    params = network.init_params(config, seed=1)
+    batch = _batch(np.random.default_rng(1))
+    tokens, aux = models.predict_batch_with_aux(config, params, batch)
+    direct = decoding.decode(config, params, batch["encoder_input_tokens"], decoding.DecodingSpec(max_decode_length=5))
+    np.testing.assert_array_equal(tokens, np.asarray(direct.tokens))
+    padded, padded_aux = models.predict_batch_with_aux(config, params, batch, pad_batch_to=8)
+    np.testing.assert_array_equal(padded, tokens)
+    np.testing.assert_allclose(padded_aux["log_probs"], aux["log_probs"], atol=1e-5)
+    assert set(aux) == {"scores", "log_probs", "lengths"}
+    beam = decoding.DecodingSpec(method="beam", beam_size=2)
+    beams = models.predict_batch(config, params, batch, beam, return_all_decodes=True)
+    assert beams.shape == (3, 2, 5)
+    best = models.predict_batch(config, params, batch, beam)
+    np.testing.assert_array_equal(best, beams[:, 0])
+
+
+def test_model_predict_batch_decodes_with_its_spec_and_an_explicit_length():
+    config = _config()
+    model = models.EncoderDecoderModel(network.Transformer(config))
+    params = network.init_params(config, seed=1)
+    batch = _batch(np.random.default_rng(2))
+    three = decoding.DecodingSpec(max_decode_length=3)
+    expected = models.predict_batch(config, params, batch, three)
+    assert expected.shape == (3, 3)
+    np.testing.assert_array_equal(model.predict_batch(params, batch, three), expected)
+    np.testing.assert_array_equal(model.predict_batch(params, batch, max_decode_length=3), expected)
+    tokens, aux = model.predict_batch_with_aux(params, batch)
+    assert tokens.shape == (3, 5) and aux["lengths"].shape == (3,)
+
+
+def test_predict_batch_errors_name_the_missing_argument():
+    config = _config()
+    params = network.init_params(config, seed=1)
+    enc = {"encoder_input_tokens": np.ones((2, 3), np.int32)}
+    with pytest.raises(ValueError, match="max_decode_length is required"):
+        models.predict_batch(config, params, enc)
+    with pytest.raises(ValueError, match="batch lacks 'decoder_target_tokens'"):
+        models.score_batch(config, params, enc)
+    with pytest.raises(ValueError, match="pad_batch_to=1 is smaller than the batch"):
+        models.predict_batch(config, params, enc, decoding.DecodingSpec(max_decode_length=2), pad_batch_to=1)
+
+
+def test_shift_right_and_loss_weights_from_lengths():
+    targets = np.array([[5, 6, 1, 0], [7, 1, 0, 0]])
+    np.testing.assert_array_equal(models.shift_right(targets), [[0, 5, 6, 1], [0, 7, 1, 0]])
+    np.testing.assert_array_equal(
+        models.loss_weights_from_lengths(targets, np.array([3, 1])), [[1, 1, 1, 0], [1, 0, 0, 0]]
+    )

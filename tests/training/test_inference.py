@@ -1,4 +1,4 @@
-"""predict_batch / score_batch and the predictions-to-JSONL inference run."""
+"""The predictions-to-JSONL inference run (`run_inference`, `infer`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from gqa_t5x.model import decoding
-from gqa_t5x.training import inference
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
-
-hf_reference = pytest.importorskip("hf_reference")
+from gqa_t5x.training import inference
 
 
 def _config() -> T5Config:
@@ -20,62 +18,6 @@ def _config() -> T5Config:
         vocab_size=40, dtype="float32", emb_dim=16, num_heads=4, head_dim=4, mlp_dim=24,
         num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.0, num_kv_heads=2,
     )
-
-
-def _batch(rng: np.random.Generator, batch: int = 3) -> dict[str, np.ndarray]:
-    enc = rng.integers(2, 40, size=(batch, 7)).astype(np.int32)
-    enc[1, 4:] = 0
-    tgt = rng.integers(2, 40, size=(batch, 5)).astype(np.int32)
-    tgt[2, 3:] = 0
-    return {"encoder_input_tokens": enc, "decoder_target_tokens": tgt}
-
-
-def test_score_batch_equals_the_sum_of_huggingface_target_log_probs():
-    hf_model = hf_reference.make_hf_t5(
-        vocab_size=40, d_model=16, num_heads=4, d_kv=4, d_ff=24, num_layers=1, num_decoder_layers=1, seed=2,
-    )
-    config = hf_reference.our_config_for(hf_model)
-    params = hf_reference.our_params_for(hf_model, config)
-    batch = _batch(np.random.default_rng(0))
-    tgt = batch["decoder_target_tokens"]
-    logits = hf_reference.hf_logits(hf_model, batch["encoder_input_tokens"], inference.shift_right(tgt), tgt)
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    expected = (np.take_along_axis(log_probs, tgt[..., None], -1)[..., 0] * (tgt > 0)).sum(-1)
-    np.testing.assert_allclose(inference.score_batch(config, params, batch), expected, rtol=1e-5, atol=1e-4)
-    weights = np.ones_like(tgt, np.float32)
-    weights[:, -1] = 0  # explicit loss weights are honoured
-    partial = inference.score_batch(config, params, dict(batch, decoder_loss_weights=weights * (tgt > 0)))
-    last = np.take_along_axis(log_probs, tgt[..., None], -1)[:, -1, 0] * (tgt[:, -1] > 0)
-    np.testing.assert_allclose(partial, expected - last, rtol=1e-5, atol=1e-4)
-
-
-def test_predict_batch_defaults_to_the_targets_length_and_strips_filler_rows():
-    config = _config()
-    params = network.init_params(config, seed=1)
-    batch = _batch(np.random.default_rng(1))
-    tokens, aux = inference.predict_batch_with_aux(config, params, batch)
-    direct = decoding.decode(config, params, batch["encoder_input_tokens"], max_decode_length=5)
-    np.testing.assert_array_equal(tokens, np.asarray(direct.tokens))
-    padded, padded_aux = inference.predict_batch_with_aux(config, params, batch, pad_batch_to=8)
-    np.testing.assert_array_equal(padded, tokens)
-    np.testing.assert_allclose(padded_aux["log_probs"], aux["log_probs"], atol=1e-5)
-    assert set(aux) == {"scores", "log_probs", "lengths"}
-    beams = inference.predict_batch(config, params, batch, method="beam", beam_size=2, return_all_decodes=True)
-    assert beams.shape == (3, 2, 5)
-    best = inference.predict_batch(config, params, batch, method="beam", beam_size=2)
-    np.testing.assert_array_equal(best, beams[:, 0])
-
-
-def test_predict_batch_errors_name_the_missing_argument():
-    config = _config()
-    params = network.init_params(config, seed=1)
-    enc = {"encoder_input_tokens": np.ones((2, 3), np.int32)}
-    with pytest.raises(ValueError, match="max_decode_length is required"):
-        inference.predict_batch(config, params, enc)
-    with pytest.raises(ValueError, match="batch lacks 'decoder_target_tokens'"):
-        inference.score_batch(config, params, enc)
-    with pytest.raises(ValueError, match="pad_batch_to=1 is smaller than the batch"):
-        inference.predict_batch(config, params, enc, max_decode_length=2, pad_batch_to=1)
 
 
 class _CharVocabulary:
@@ -108,7 +50,7 @@ def test_run_inference_writes_one_prediction_per_jsonl_record_next_to_the_input(
     for i, r in enumerate(records):
         ids = vocab.encode(r["inputs"])[:5] + [1]
         enc[i, : len(ids)] = ids
-    direct = decoding.decode(config, params, enc, max_decode_length=5)
+    direct = decoding.decode(config, params, enc, decoding.DecodingSpec(max_decode_length=5))
     for i, line in enumerate(lines):
         n = int(direct.lengths[i])
         ids = [int(t) for t in np.asarray(direct.tokens)[i, :n]]
@@ -170,7 +112,9 @@ def test_infer_run_mode_decodes_a_real_t5x_checkpoint_with_the_t5_vocabulary(sha
     vocab = vocabularies.T5Vocabulary(str(spm))
     enc = np.zeros((1, 16), np.int32)
     enc[0, :9] = [8774, 1150, 55, 6, 149, 33, 25, 58, 1]  # the fixture README's ids + EOS
-    direct = decoding.decode(config.replace(dropout_rate=0.0), params, enc, max_decode_length=6)
+    direct = decoding.decode(
+        config.replace(dropout_rate=0.0), params, enc, decoding.DecodingSpec(max_decode_length=6)
+    )
     n = int(direct.lengths[0])
     assert lines[0]["aux"]["prediction_ids"] == [int(t) for t in np.asarray(direct.tokens)[0, :n]]
     assert lines[0]["prediction"] == vocab.decode(lines[0]["aux"]["prediction_ids"])

@@ -1,4 +1,4 @@
-"""Mesh, logical axis rules and sharded training equivalence.
+"""Mesh, logical axis rules, batch checks and sharded training equivalence.
 
 The equivalence test trains the same tiny model in a subprocess with 8
 simulated CPU devices (XLA_FLAGS set before jax is imported) on a single
@@ -14,27 +14,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from gqa_t5x.training import partitioning
-from gqa_t5x.model import param_tree
-from training_utils import tiny_config
 
 from paths import REPO, TESTS
-
-
-def test_every_t5_parameter_has_logical_axes_of_its_rank():
-    config = tiny_config(num_kv_heads=2)
-    for path, shape in param_tree.param_shapes(config).items():
-        assert len(partitioning.param_logical_axes(path)) == len(shape), path
-    assert partitioning.param_logical_axes("decoder/layers_3/self_attention/key/kernel") == (
-        "embed", "kv_joined_kv")
-    with pytest.raises(ValueError, match="No logical axis rule"):
-        partitioning.param_logical_axes("decoder/adapter/kernel")
 
 
 def test_mesh_rejects_num_partitions_that_do_not_divide_the_devices():
@@ -42,21 +29,46 @@ def test_mesh_rejects_num_partitions_that_do_not_divide_the_devices():
         partitioning.create_mesh(3, jax.devices()[:1] * 4)
 
 
-def test_batch_size_must_divide_over_data_shards():
-    p = partitioning.Partitioner(num_partitions=1, devices=jax.devices()[:1])
-    p.check_batch_size(8)
-    assert p.mesh.shape == {"data": 1, "model": 1}
-
-
-@pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding")
+def _eight_device_env() -> dict[str, str]:
+    """Environment of a subprocess whose jax sees 8 simulated CPU devices."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+_BATCH_SIZE_CHECK = """
+import json
+import jax
+from gqa_t5x.training import partitioning
+
+p = partitioning.Partitioner(num_partitions=2, devices=jax.devices()[:8])
+p.check_batch_size(8)
+try:
+    p.check_batch_size(6)
+    error = None
+except ValueError as e:
+    error = str(e)
+print(json.dumps({"mesh": dict(p.mesh.shape), "error": error}))
+"""
+
+
+def test_batch_size_must_divide_over_data_shards():
+    proc = subprocess.run([sys.executable, "-c", _BATCH_SIZE_CHECK], env=_eight_device_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mesh"] == {"data": 4, "model": 2}
+    assert result["error"] is not None and "BATCH_SIZE=6 must be divisible by the 4 data shards" in result["error"]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding")
+    env = _eight_device_env()
     runs = "1:1,1;1:8,1;1:4,2;1:2,4"
     proc = subprocess.run(
         [sys.executable, str(TESTS / "training_utils.py"), "--model_dir", str(out / "runs"),
