@@ -8,16 +8,23 @@ contracted against `[batch, kv_len, kv_heads, head_dim]`, so both FLOPs of the
 key/value projections and the memory of the decoding cache scale with
 `num_kv_heads`.
 
-`grouped_dot_product_attention` is the pure attention core (no parameters);
-`MultiHeadDotProductAttention` adds the T5X projections and the decoding cache
-around it.
+`grouped_dot_product_attention` is the pure attention core (einsums, any
+dropout); `dot_product_attention` routes the same computation through the
+ecosystem's fused kernel, `jax.nn.dot_product_attention` (grouped heads
+natively, cuDNN flash attention on GPUs), wherever its numerics are ours and
+falls back to the einsums elsewhere. `MultiHeadDotProductAttention` adds the
+T5X projections and the decoding cache around them.
 
-Decoding (`decode=True`) keeps, per layer:
-* self-attention: `cached_key`/`cached_value` `[batch, max_len, kv_heads,
-  head_dim]` and `cache_index`;
-* encoder-decoder attention: `cached_key`/`cached_value` `[batch, enc_len,
-  kv_heads, head_dim]`, projected ONCE from the encoder output (T5X recomputes
-  them at every step).
+Decoding (`decode=True`) keeps, per layer (`decode_attention.py` explains the
+layout and how a step reads it):
+* self-attention: `cached_key` `[batch, kv_heads, head_dim, length]`,
+  `cached_value` `[batch, kv_heads, length, head_dim]` and `cache_index`; a
+  step reads only the blocks written so far (`length` is `max_length` rounded
+  up to whole blocks);
+* encoder-decoder attention: `cached_key` `[cache_batch, kv_heads, head_dim,
+  enc_len]` and `cached_value` `[cache_batch, kv_heads, enc_len, head_dim]`,
+  projected ONCE from the encoder output (T5X recomputes them at every step);
+  `cache_batch` is the number of examples, shared by their beams.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5x.model import decode_attention
 from gqa_t5x.model import layers
 
 Array = jax.Array
@@ -269,6 +277,73 @@ def grouped_dot_product_attention(
     return out.reshape(batch, q_len, heads, head_dim)
 
 
+def fused_implementation(dtype: Any) -> str:
+    """The `jax.nn.dot_product_attention` implementation to ask for.
+
+    'cudnn' (flash attention) on GPUs with 16-bit activations, which is what
+    cuDNN's kernel takes; 'xla' elsewhere (CPU, TPU, float32).
+    """
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    *,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    float32_logits: bool = True,
+    dtype: Any = jnp.float32,
+) -> Array:
+    """`grouped_dot_product_attention` through the fused kernel where it applies.
+
+    `jax.nn.dot_product_attention` takes grouped key/value heads natively,
+    T5's additive bias and a boolean mask; called with `scale=1` it computes
+    what the einsum path computes when there is no dropout (it has none) and
+    the logits are float32 (it always accumulates them in float32). Those
+    calls go to it, with the implementation `fused_implementation` picks
+    (cuDNN flash attention on GPUs; if cuDNN rejects the shapes, XLA's);
+    everything else (attention dropout in training, `float32_logits=False`
+    with 16-bit activations) runs the einsums. Arguments and shapes are
+    those of `grouped_dot_product_attention`.
+
+    Returns:
+      `[batch, q_len, heads, head_dim]`.
+    """
+    use_dropout = not deterministic and dropout_rate > 0.0
+    exact_logits = float32_logits or jnp.dtype(dtype) == jnp.float32
+    if use_dropout or not exact_logits or query.ndim != 4 or key.ndim != 4:
+        return grouped_dot_product_attention(
+            query, key, value, bias, mask, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+            deterministic=deterministic, float32_logits=float32_logits, dtype=dtype,
+        )
+    if key.shape != value.shape or key.shape[3] != query.shape[3] or query.shape[2] % key.shape[2]:
+        # The einsum path raises the error that says what to change.
+        return grouped_dot_product_attention(query, key, value, bias, mask, dtype=dtype)
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+    bool_mask = None if mask is None else mask > 0
+    if bias is not None:
+        bias = bias.astype(jnp.float32)
+    implementation = fused_implementation(dtype)
+    try:
+        out = jax.nn.dot_product_attention(
+            query, key, value, bias, bool_mask, scale=1.0, implementation=implementation
+        )
+    except (ValueError, NotImplementedError):
+        if implementation == "xla":
+            raise
+        out = jax.nn.dot_product_attention(
+            query, key, value, bias, bool_mask, scale=1.0, implementation="xla"
+        )
+    return out.astype(dtype)
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Grouped-query attention (MHA when num_kv_heads == num_heads, MQA at 1).
 
@@ -329,51 +404,92 @@ class MultiHeadDotProductAttention(nn.Module):
         value = self.value(inputs_kv).reshape(shape)
         return key, value
 
-    def init_cache(self, batch: int, max_length: int, inputs_kv: Array | None = None) -> None:
-        """Creates this layer's decoding cache.
+    def init_cache(
+        self,
+        batch: int,
+        max_length: int,
+        inputs_kv: Array | None = None,
+    ) -> None:
+        """Creates this layer's decoding cache (the layout of `decode_attention`).
 
-        Self-attention: zero `cached_key`/`cached_value` `[batch, max_length,
-        kv_heads, head_dim]` and `cache_index = 0`. Cross-attention: keys and
-        values projected from `inputs_kv` (the encoder output), once.
+        Self-attention: zero `cached_key` `[batch, kv_heads, head_dim, length]`
+        and `cached_value` `[batch, kv_heads, length, head_dim]`, with `length`
+        `max_length` rounded up to whole blocks (`decode_attention.cache_blocks`),
+        and `cache_index = 0`. Cross-attention: keys and values projected once
+        from `inputs_kv` (the encoder output, one row per example; `batch` is
+        then unused and may be a multiple of it, e.g. examples x beams).
+
+        Args:
+          batch: Rows of the self-attention cache (sequences decoded at once).
+          max_length: Decoding steps the self-attention cache must hold.
+          inputs_kv: `[examples, enc_len, emb]`, cross-attention only.
         """
         if self.is_cross_attention:
             if inputs_kv is None:
                 raise ValueError("Cross-attention cache needs the encoder output.")
-            key, value = self.project_kv(inputs_kv)
-            self.put_variable("cache", CACHED_KEY, key.astype(self.dtype))
-            self.put_variable("cache", CACHED_VALUE, value.astype(self.dtype))
+            key, value = self.project_kv(inputs_kv)  # [examples, enc_len, kv_heads, head_dim]
+            self.put_variable("cache", CACHED_KEY,
+                              decode_attention.key_to_cache_layout(key).astype(self.dtype))
+            self.put_variable("cache", CACHED_VALUE,
+                              decode_attention.value_to_cache_layout(value).astype(self.dtype))
             return
-        shape = (batch, max_length, self.num_kv_heads, self.head_dim)
-        self.put_variable("cache", CACHED_KEY, jnp.zeros(shape, self.dtype))
-        self.put_variable("cache", CACHED_VALUE, jnp.zeros(shape, self.dtype))
+        block_size, num_blocks = decode_attention.cache_blocks(max_length)
+        length = block_size * num_blocks
+        key_shape = (batch, self.num_kv_heads, self.head_dim, length)
+        value_shape = (batch, self.num_kv_heads, length, self.head_dim)
+        self.put_variable("cache", CACHED_KEY, jnp.zeros(key_shape, self.dtype))
+        self.put_variable("cache", CACHED_VALUE, jnp.zeros(value_shape, self.dtype))
         self.put_variable("cache", CACHE_INDEX, jnp.array(0, dtype=jnp.int32))
 
-    def _cached_kv(self, inputs_kv: Array | None, mask: Array | None) -> tuple[Array, Array, Array | None]:
-        """Keys, values and mask of one decoding step, updating the cache."""
+    def _decode_step(self, query: Array, inputs_kv: Array | None, mask: Array | None,
+                     bias: Array | None) -> Array:
+        """Attention of one decoding step over the cache, updating it.
+
+        Args:
+          query: `[batch, q_len, heads, head_dim]` (q_len 1 for self-attention).
+          inputs_kv: `[batch, 1, emb]` for self-attention (its new key/value).
+          mask: Cross-attention `[batch, 1, q_len, enc_len]`; None for
+            self-attention (positions up to the step are visible).
+          bias: Additive bias `[1, heads, q_len, cache length]` or None.
+
+        Returns:
+          `[batch, q_len, heads, head_dim]`.
+        """
         if self.is_cross_attention:
-            return (
-                self.get_variable("cache", CACHED_KEY),
-                self.get_variable("cache", CACHED_VALUE),
-                mask,
+            return decode_attention.cached_attention(
+                query, self.get_variable("cache", CACHED_KEY),
+                self.get_variable("cache", CACHED_VALUE), bias, mask, dtype=self.dtype,
             )
-        assert inputs_kv is not None
+        if inputs_kv is None or query.shape[1] != 1:
+            raise ValueError(
+                "Incremental decoding feeds one token per step to self-attention; got a "
+                f"query of shape {query.shape} and inputs_kv "
+                f"{None if inputs_kv is None else inputs_kv.shape}."
+            )
+        if mask is not None:
+            raise ValueError(
+                "Cached self-attention sees positions 0..step; pass decoder_mask=None "
+                "when decoding (Transformer.decode does)."
+            )
         new_key, new_value = self.project_kv(inputs_kv)  # [batch, 1, kv_heads, head_dim]
-        cached_key = self.get_variable("cache", CACHED_KEY)
-        cached_value = self.get_variable("cache", CACHED_VALUE)
+        cached_key = self.get_variable("cache", CACHED_KEY)  # [batch, kv_heads, head_dim, length]
+        cached_value = self.get_variable("cache", CACHED_VALUE)  # [batch, kv_heads, length, head_dim]
         index = self.get_variable("cache", CACHE_INDEX)
-        max_len = cached_key.shape[1]
         key = jax.lax.dynamic_update_slice(
-            cached_key, new_key.astype(cached_key.dtype), (0, index, 0, 0)
-        )  # [batch, max_len, kv_heads, head_dim]
+            cached_key, decode_attention.key_to_cache_layout(new_key).astype(cached_key.dtype),
+            (0, 0, 0, index),
+        )
         value = jax.lax.dynamic_update_slice(
-            cached_value, new_value.astype(cached_value.dtype), (0, index, 0, 0)
+            cached_value, decode_attention.value_to_cache_layout(new_value).astype(cached_value.dtype),
+            (0, 0, index, 0),
         )
         self.put_variable("cache", CACHED_KEY, key)
         self.put_variable("cache", CACHED_VALUE, value)
         self.put_variable("cache", CACHE_INDEX, index + 1)
-        # Only positions written so far are visible.
-        step_mask = (jnp.arange(max_len) <= index)[None, None, None, :]
-        return key, value, combine_masks(mask, step_mask)
+        block_size, _ = decode_attention.cache_blocks(key.shape[3])
+        return decode_attention.prefix_attention(
+            query, key, value, bias, index, block_size=block_size, dtype=self.dtype
+        )
 
     def __call__(
         self,
@@ -405,28 +521,22 @@ class MultiHeadDotProductAttention(nn.Module):
             batch, q_len, self.num_heads, self.head_dim
         )  # [batch, q_len, heads, head_dim]
         if decode and self.has_variable("cache", CACHED_KEY):
-            if q_len != 1 and not self.is_cross_attention:
-                raise ValueError(
-                    f"Incremental decoding feeds one token per step; got a "
-                    f"query of length {q_len}."
-                )
-            key, value, mask = self._cached_kv(inputs_kv, mask)
+            out = self._decode_step(query, inputs_kv, mask, bias)
         else:
             if inputs_kv is None:
                 raise ValueError("inputs_kv is required unless decoding from a cache.")
             key, value = self.project_kv(inputs_kv)  # [batch, kv_len, kv_heads, head_dim]
-
-        use_dropout = not deterministic and self.dropout_rate > 0.0
-        out = grouped_dot_product_attention(
-            query,
-            key,
-            value,
-            bias,
-            mask,
-            dropout_rng=self.make_rng("dropout") if use_dropout else None,
-            dropout_rate=self.dropout_rate,
-            deterministic=deterministic,
-            float32_logits=self.float32_logits,
-            dtype=self.dtype,
-        )  # [batch, q_len, heads, head_dim]
+            use_dropout = not deterministic and self.dropout_rate > 0.0
+            out = dot_product_attention(
+                query,
+                key,
+                value,
+                bias,
+                mask,
+                dropout_rng=self.make_rng("dropout") if use_dropout else None,
+                dropout_rate=self.dropout_rate,
+                deterministic=deterministic,
+                float32_logits=self.float32_logits,
+                dtype=self.dtype,
+            )  # [batch, q_len, heads, head_dim]
         return self.out(out.reshape(batch, q_len, self.num_heads * self.head_dim))  # [batch, q_len, emb]

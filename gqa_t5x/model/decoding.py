@@ -7,7 +7,8 @@ encoder output. The work is split into three jit-compiled functions, compiled
 once per (config, decoding spec, shapes):
 
 * `encode(params, encoder_input_tokens) -> encoded` `[batch, enc_len, emb]`;
-* `init_cache(params, encoded) -> cache` (cross-attention K/V projected here);
+* `init_cache(params, encoded) -> cache` (cross-attention K/V projected here,
+  once per example: beam search's beams share them);
 * `run(params, cache, encoder_input_tokens, rng) -> DecodeResult`, a
   `lax.while_loop` that stops as soon as every sequence has emitted EOS.
 
@@ -293,10 +294,10 @@ def _gather_beams(tree: Any, flat_index: Array) -> Any:
     """Reorders the per-sequence rows of a decoding cache.
 
     Leaves with a leading `[batch * beams]` axis (ndim >= 2) are gathered;
-    scalars (`cache_index`, `position`) and `key_positions` `[max_len]` are
-    shared by all rows and kept. Encoder-decoder keys/values are identical for
-    the beams of one example, and beams only move within an example, so those
-    (the largest leaves) are not copied at all.
+    scalars (`cache_index`, `position`) and `key_positions` `[length]` are
+    shared by all rows and kept. Encoder-decoder keys/values are stored once
+    per example (`[batch, ...]`, read by all its beams), and beams only move
+    within an example, so those (the largest leaves) are not touched.
     """
 
     def gather(keypath, leaf):
@@ -324,7 +325,8 @@ def _beam_loop(
 
     Args:
       step: The cached decoding step over `batch * beams` rows.
-      cache: Cache with `batch * beams` rows (each example repeated K times).
+      cache: Cache whose self-attention leaves have `batch * beams` rows and
+        whose encoder-decoder keys/values have `batch` rows (shared by beams).
       encoder_input_tokens: `[batch * beams, enc_len]`.
       spec: The decoding spec.
 
@@ -427,7 +429,9 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
       `CompiledDecoding(encode, init_cache, run)`:
       `encode(params, enc_tokens [batch, enc_len]) -> [batch, enc_len, emb]`;
       `init_cache(params, encoded, enc_tokens) -> (cache, enc_tokens')`, where
-      beam search repeats every example `beam_size` times;
+      beam search repeats every example's tokens `beam_size` times (its
+      self-attention cache has `batch * beam_size` rows; the encoder-decoder
+      keys/values stay `batch` rows, shared by the beams);
       `run(params, cache, enc_tokens', rng) -> DecodeResult`.
     """
     spec = spec.normalized()
@@ -446,16 +450,18 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
 
     @jax.jit
     def init_cache(params, encoded, encoder_input_tokens):
-        if beams > 1:
-            encoded = jnp.repeat(encoded, beams, axis=0)  # [batch * beams, enc_len, emb]
-            encoder_input_tokens = jnp.repeat(encoder_input_tokens, beams, axis=0)
+        # Cross-attention keys/values are projected from `encoded` once per
+        # example; the beams of an example read them in place.
         _, variables = model.apply(
             {"params": params},
             encoded,
             spec.max_decode_length,
+            beams,
             method=network.Transformer.init_decode_cache,
             mutable=["cache"],
         )
+        if beams > 1:
+            encoder_input_tokens = jnp.repeat(encoder_input_tokens, beams, axis=0)  # [batch * beams, enc_len]
         return variables["cache"], encoder_input_tokens
 
     @jax.jit

@@ -7,8 +7,9 @@ parameter tree (names and shapes), plus configurable key/value heads
 
 Decoding: `Transformer.init_decode_cache` builds the cache (decoder
 self-attention zeros with `num_kv_heads` heads; encoder-decoder keys/values
-projected once from the encoder output), then `decode(..., decode=True)` is fed
-one token per step with `mutable=['cache']`.
+projected once from the encoder output and shared by an example's beams; the
+layout is `decode_attention`'s), then `decode(..., decode=True)` is fed one
+token per step with `mutable=['cache']`.
 
 `Transformer.init` returns the T5X tree of plain float32 arrays under
 `params` and, under `params_axes`, every parameter's logical axis names
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from gqa_t5x.model import attention
+from gqa_t5x.model import decode_attention
 from gqa_t5x.model import layers
 from gqa_t5x.model.config import T5Config, resolve_dtype
 
@@ -204,14 +206,27 @@ class Decoder(nn.Module):
                 kernel_init=layers.mlp_kernel_init,
             )
 
-    def init_cache(self, encoded: Array, max_length: int) -> None:
-        """Creates the decoding cache of every layer and the step counter."""
-        batch = encoded.shape[0]
+    def init_cache(self, encoded: Array, max_length: int, beam_size: int = 1) -> None:
+        """Creates the decoding cache of every layer and the step counter.
+
+        Args:
+          encoded: Encoder output `[examples, enc_len, emb]`, one row per
+            example (the cross-attention keys/values are projected from it).
+          max_length: Decoding steps.
+          beam_size: Sequences decoded per example: self-attention caches get
+            `examples * beam_size` rows, cross-attention caches stay shared.
+        """
+        if beam_size < 1:
+            raise ValueError(f"beam_size={beam_size} must be >= 1.")
+        rows = encoded.shape[0] * beam_size
         for layer in self.layers:
-            layer.init_cache(batch, max_length, encoded)
+            layer.init_cache(rows, max_length, encoded)
         self.put_variable("cache", "position", jnp.array(0, dtype=jnp.int32))
-        # Its static shape tells decoding steps the cache length.
-        self.put_variable("cache", "key_positions", jnp.arange(max_length, dtype=jnp.int32))
+        # Its static shape tells decoding steps the cache length (max_length
+        # rounded up to whole blocks; positions past max_length stay unread).
+        block_size, num_blocks = decode_attention.cache_blocks(max_length)
+        self.put_variable("cache", "key_positions",
+                          jnp.arange(block_size * num_blocks, dtype=jnp.int32))
 
     def __call__(
         self,
@@ -389,14 +404,23 @@ class Transformer(nn.Module):
             max_decode_length=max_decode_length,
         )
 
-    def init_decode_cache(self, encoded: Array, max_decode_length: int) -> None:
+    def init_decode_cache(self, encoded: Array, max_decode_length: int, beam_size: int = 1) -> None:
         """Creates the decoding cache (call with `mutable=['cache']`).
 
-        Decoder self-attention caches `[batch, max_decode_length, kv_heads,
-        head_dim]` start at zero; encoder-decoder keys/values `[batch, enc_len,
-        kv_heads, head_dim]` are projected here, once, from `encoded`.
+        Decoder self-attention caches (keys `[batch * beam_size, kv_heads,
+        head_dim, length]`, values `[batch * beam_size, kv_heads, length,
+        head_dim]`, length = max_decode_length rounded up to whole blocks)
+        start at zero; encoder-decoder keys/values (`[batch, kv_heads,
+        head_dim, enc_len]` / `[batch, kv_heads, enc_len, head_dim]`) are
+        projected here, once, from `encoded`, and shared by an example's beams.
+
+        Args:
+          encoded: `[batch, enc_len, emb]`, one row per example.
+          max_decode_length: Decoding steps.
+          beam_size: Sequences decoded per example (steps then feed
+            `batch * beam_size` rows, example-major).
         """
-        self.decoder.init_cache(encoded, max_decode_length)
+        self.decoder.init_cache(encoded, max_decode_length, beam_size)
 
     def __call__(
         self,

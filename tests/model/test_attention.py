@@ -79,6 +79,46 @@ def test_dropout_needs_a_key_and_is_reproducible_with_one():
         attention.grouped_dot_product_attention(query, key, value, dropout_rate=0.5, deterministic=False)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
+@pytest.mark.parametrize("with_bias,with_mask", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_kernel_path_equals_the_einsum_path(kv_heads, with_bias, with_mask):
+    query, key, value, bias, mask = _inputs(kv_heads, seed=3)
+    bias = bias if with_bias else None
+    mask = mask if with_mask else None
+    fused = attention.dot_product_attention(query, key, value, bias, mask)
+    einsum = attention.grouped_dot_product_attention(query, key, value, bias, mask)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(einsum), atol=1e-6)
+    # And their gradients (training runs the fused path without dropout).
+    grads = [jax.grad(lambda q, k, v, b: jnp.sum(fn(q, k, v, b, mask) ** 2), argnums=(0, 1, 2, 3))(
+        query, key, value, np.zeros_like(_inputs(kv_heads)[3]) if bias is None else bias)
+        for fn in (attention.dot_product_attention, attention.grouped_dot_product_attention)]
+    for fused_grad, einsum_grad in zip(*grads):
+        np.testing.assert_allclose(np.asarray(fused_grad), np.asarray(einsum_grad), atol=1e-5)
+
+
+def test_fully_masked_query_rows_match_between_fused_and_einsum_paths():
+    query, key, value, bias, mask = _inputs(kv_heads=2, seed=4)
+    mask[0, :, 2] = 0  # a query that may see nothing (a padding position)
+    fused = attention.dot_product_attention(query, key, value, bias, mask)
+    einsum = attention.grouped_dot_product_attention(query, key, value, bias, mask)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(einsum), atol=1e-6)
+
+
+def test_fused_path_hands_dropout_and_16_bit_logits_to_the_einsums():
+    query, key, value, bias, mask = _inputs(kv_heads=2, seed=5)
+    rng = jax.random.PRNGKey(3)
+    dropped = attention.dot_product_attention(query, key, value, bias, mask, dropout_rate=0.5,
+                                              dropout_rng=rng, deterministic=False)
+    expected = attention.grouped_dot_product_attention(query, key, value, bias, mask, dropout_rate=0.5,
+                                                       dropout_rng=rng, deterministic=False)
+    np.testing.assert_array_equal(np.asarray(dropped), np.asarray(expected))
+    low = attention.dot_product_attention(query, key, value, bias, mask, float32_logits=False, dtype=jnp.bfloat16)
+    expected = attention.grouped_dot_product_attention(query, key, value, bias, mask, float32_logits=False,
+                                                       dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(low, np.float32), np.asarray(expected, np.float32))
+    assert attention.fused_implementation(jnp.float32) == "xla"
+
+
 def test_shapes_that_cannot_be_grouped_are_rejected():
     query, key, value, _, _ = _inputs(kv_heads=4)
     with pytest.raises(ValueError, match="not a multiple of the 3 key/value heads"):
@@ -87,6 +127,8 @@ def test_shapes_that_cannot_be_grouped_are_rejected():
         attention.grouped_dot_product_attention(query, key, value[:, :, :2])
     with pytest.raises(ValueError, match="query must be"):
         attention.grouped_dot_product_attention(query[0], key, value)
+    with pytest.raises(ValueError, match="not a multiple of the 3 key/value heads"):
+        attention.dot_product_attention(query, key[:, :, :3], value[:, :, :3])
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])

@@ -245,6 +245,30 @@ def test_beam_search_equals_plain_python_beam_search_and_log_probs_equal_score_b
             assert abs(float(result.scores[row, beam]) - score) < 1e-4
 
 
+def test_beam_search_with_shared_cross_attention_kv_equals_beam_search_with_copies_per_beam(model):
+    config, params, enc = model
+    spec = decoding.DecodingSpec("beam", MAX_LEN, beam_size=3, alpha=0.6)
+    fns = decoding.compile_decoding(config, spec)
+    encoded = fns.encode(params, enc)
+    shared_cache, run_tokens = fns.init_cache(params, encoded, enc)
+    # The previous scheme: every example's encoder output repeated per beam, so
+    # each beam row holds its own copy of the encoder-decoder keys/values.
+    _, variables = network.Transformer(config).apply(
+        {"params": params}, jnp.repeat(encoded, 3, axis=0), MAX_LEN,
+        method=network.Transformer.init_decode_cache, mutable=["cache"])
+    copied_cache = variables["cache"]
+    cross = "decoder/layers_0/encoder_decoder_attention/cached_key"
+    assert param_tree.flatten(shared_cache)[cross].shape[0] == enc.shape[0]
+    assert param_tree.flatten(copied_cache)[cross].shape[0] == 3 * enc.shape[0]
+    key = jax.random.PRNGKey(0)
+    shared = fns.run(params, shared_cache, run_tokens, key)
+    copied = fns.run(params, copied_cache, run_tokens, key)
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(copied.tokens))
+    np.testing.assert_array_equal(np.asarray(shared.lengths), np.asarray(copied.lengths))
+    np.testing.assert_allclose(np.asarray(shared.scores), np.asarray(copied.scores), atol=1e-5)
+    assert int(shared.steps) == int(copied.steps)
+
+
 def test_sampling_with_top_k_stays_in_the_top_k_and_is_reproducible(model):
     config, params, enc = model
     spec = decoding.DecodingSpec("sample", MAX_LEN, topk=3, temperature=2.0)

@@ -163,10 +163,11 @@ def test_decoding_cache_holds_kv_heads_and_cross_attention_kv_once():
         config = _small_config(g)
         _, cache = _decode_step_by_step(config, network.init_params(config), enc, tgt)
         sizes[g] = _cache_bytes(cache)
-        key = cache["decoder"]["layers_0"]["self_attention"]["cached_key"]
-        assert key.shape == (2, 5, g, 8)  # [batch, max_len, kv_heads, head_dim]
-        cross = cache["decoder"]["layers_0"]["encoder_decoder_attention"]["cached_key"]
-        assert cross.shape == (2, 9, g, 8)  # [batch, enc_len, kv_heads, head_dim]
+        layer = cache["decoder"]["layers_0"]
+        assert layer["self_attention"]["cached_key"].shape == (2, g, 8, 5)  # [batch, kv_heads, head_dim, max_len]
+        assert layer["self_attention"]["cached_value"].shape == (2, g, 5, 8)  # [batch, kv_heads, max_len, head_dim]
+        assert layer["encoder_decoder_attention"]["cached_key"].shape == (2, g, 8, 9)  # [batch, kv_heads, head_dim, enc_len]
+        assert layer["encoder_decoder_attention"]["cached_value"].shape == (2, g, 9, 8)
     for g in (1, 2):
         assert sizes[g]["self"] * 4 == sizes[4]["self"] * g
         assert sizes[g]["cross"] * 4 == sizes[4]["cross"] * g
@@ -185,8 +186,9 @@ def test_cross_attention_keys_are_not_recomputed_during_decoding():
     encoded = model.apply({"params": params}, enc, enable_dropout=False, method=network.Transformer.encode)
     kernel = params["decoder"]["layers_0"]["encoder_decoder_attention"]["key"]["kernel"]
     expected = np.einsum("ble,ek->blk", np.asarray(encoded), np.asarray(kernel)).reshape(1, 6, 2, 8)
-    np.testing.assert_allclose(
-        np.asarray(cache["decoder"]["layers_0"]["encoder_decoder_attention"]["cached_key"]), expected, atol=1e-5
+    np.testing.assert_allclose(  # cached as [batch, kv_heads, head_dim, enc_len]
+        np.asarray(cache["decoder"]["layers_0"]["encoder_decoder_attention"]["cached_key"]),
+        expected.transpose(0, 2, 3, 1), atol=1e-5,
     )
     assert np.isfinite(stepped).all()
 
