@@ -185,31 +185,62 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+# Defaults of the bench flags a preset may set (the parser leaves them None,
+# so that a flag given explicitly wins over the preset).
+BENCH_DEFAULTS = dict(gin_file="gin/models/t5_1_1/large.gin", num_kv_heads=None, input_length=(512,),
+                      output_length=(128,), batch_size=(16,), dtype="float32", no_huggingface=False, label="")
+# `--preset paper`: the paper's Table 1 / Figure 6 setting (XXL, all 24+24
+# layers, input 2048, output 512, batch 32 per chip, bfloat16, MHA / GQA-8 /
+# MQA), sized for an accelerator.
+BENCH_PRESETS = {
+    "paper": dict(gin_file="gin/models/t5_1_1/xxl.gin", num_kv_heads=(1, 8, 64), input_length=(2048,),
+                  output_length=(512,), batch_size=(32,), dtype="bfloat16", no_huggingface=True,
+                  label="paper setting (T5.1.1-XXL, 24+24 layers, in 2048, out 512, batch 32, bfloat16)"),
+}
+
+
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gin_file", default="gin/models/t5_1_1/large.gin", help="Model gin (sizes).")
+    parser.add_argument("--preset", choices=sorted(BENCH_PRESETS),
+                        help="A named setting; 'paper' = XXL, 24+24 layers, input 2048, output 512, batch 32, "
+                             "bfloat16, kv heads 1,8,64, no HuggingFace (for an accelerator). Flags given "
+                             "explicitly override it.")
+    parser.add_argument("--gin_file", help="Model gin (sizes); default gin/models/t5_1_1/large.gin.")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="Activation dtype (default float32; weights stay float32; XLA:CPU runs "
+                             "bfloat16 products slowly).")
     parser.add_argument("--num_encoder_layers", type=int, help="Override the gin's encoder depth (fit a CPU).")
     parser.add_argument("--num_decoder_layers", type=int, help="Override the gin's decoder depth.")
     parser.add_argument("--num_kv_heads", type=_ints, help="kv heads to sweep, e.g. 1,8,64 (default: powers of 2 up to num_heads).")
-    parser.add_argument("--input_length", type=_ints, default=(512,), help="Encoder length(s).")
-    parser.add_argument("--output_length", type=_ints, default=(128,), help="Decoded tokens per sample.")
-    parser.add_argument("--batch_size", type=_ints, default=(16,), help="Batch cap(s): the largest batch that fits up to it is used.")
+    parser.add_argument("--input_length", type=_ints, help="Encoder length(s) (default 512).")
+    parser.add_argument("--output_length", type=_ints, help="Decoded tokens per sample (default 128).")
+    parser.add_argument("--batch_size", type=_ints, help="Batch cap(s): the largest batch that fits up to it is used (default 16).")
     parser.add_argument("--repeats", type=int, default=2, help="Timed runs after the warm-up (fastest reported).")
-    parser.add_argument("--no_huggingface", action="store_true", help="Skip the HuggingFace transformers comparison.")
+    parser.add_argument("--no_huggingface", action="store_true", default=None,
+                        help="Skip the HuggingFace transformers comparison.")
     parser.add_argument("--huggingface_repeats", type=int, default=1, help="Timed HuggingFace runs after its warm-up.")
     parser.add_argument("--memory_fraction", type=float, default=0.5, help="Share of available RAM a run may use.")
-    parser.add_argument("--label", default="", help="Name of the shape in the reports.")
+    parser.add_argument("--label", help="Name of the shape in the reports.")
     parser.add_argument("--output", default="bench_decode", help="Report prefix: writes PREFIX.json/.md/.png.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights and inputs.")
     parser.add_argument("--bandwidth_mb", type=int, default=256, help="Buffer of the bandwidth measurement (MB).")
 
 
+def _resolve_bench_flags(args: argparse.Namespace) -> None:
+    """Fills unset flags from `--preset`, then from `BENCH_DEFAULTS`."""
+    preset = BENCH_PRESETS[args.preset] if args.preset else {}
+    for name, default in BENCH_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, default))
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from gqa_t5x.experiments import bench_report, benchmark
 
+    _resolve_bench_flags(args)
     config = gin_config.model_config_from_gin(args.gin_file, args.gin_bindings)
     overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers")
                  if getattr(args, k) is not None}
-    config = config.replace(dtype="float32", dropout_rate=0.0, num_kv_heads=None, **overrides)
+    config = config.replace(dtype=args.dtype, dropout_rate=0.0, num_kv_heads=None, **overrides)
     powers = {2**i for i in range(config.num_heads.bit_length()) if config.num_heads % 2**i == 0}
     kv = args.num_kv_heads or tuple(sorted(powers | {config.num_heads}))
     for g in kv:

@@ -13,18 +13,25 @@ from typing import Any
 
 from gqa_t5x.experiments.paper import TIME_VS_GROUPS as PAPER_XXL_TIME_VS_GROUPS
 
+_pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+
 # (row key, column title, formatter)
 _COLUMNS = [
     ("variant", "variant", str), ("num_kv_heads", "kv heads", str), ("input_length", "in", str),
     ("output_length", "out", str), ("batch", "batch", str),
     ("encoder_per_sample_s", "enc s/sample", "{:.4f}".format),
+    ("encoder_roofline_fraction", "enc % roofline", _pct),
     ("decoder_per_sample_s", "dec s/sample", "{:.4f}".format),
     ("time_per_sample_s", "total s/sample", "{:.4f}".format),
     ("kv_cache_bytes_per_sample", "KV MB/sample", lambda v: f"{v / 2**20:.1f}"),
+    ("cache_init_s", "cache build s", "{:.3f}".format),
+    ("cache_build_roofline_fraction", "cache build % roofline", _pct),
     ("decode_step_s", "step ms", lambda v: f"{1e3 * v:.1f}"),
-    ("achieved_bandwidth_gbs", "step GB/s", "{:.1f}".format),
-    ("bandwidth_efficiency", "% of measured BW", lambda v: f"{100 * v:.0f}%"),
+    ("decode_step_bound_s", "step bound ms", lambda v: f"{1e3 * v:.1f}"),
+    ("decode_step_roofline_fraction", "step % roofline", _pct),
+    ("decoder_per_token_s", "dec ms/token", lambda v: f"{1e3 * v:.2f}"),
     ("cross_attention_core_gbs", "attn core GB/s", "{:.1f}".format),
+    ("cross_attention_core_fraction", "attn core % of BW", _pct),
     ("huggingface_time_per_sample_s", "HF s/sample", "{:.4f}".format),
     ("speedup_vs_huggingface", "HF / ours", "{:.2f}x".format),
 ]
@@ -61,10 +68,16 @@ def _markdown(results: dict[str, Any]) -> str:
         f"{results['settings']['repeats']} timed runs after a warm-up "
         f"(HuggingFace: {results['settings'].get('huggingface_repeats', 1)}).",
         "",
-        f"Measured memory bandwidth (GB/s): numpy copy {bw['numpy_copy']}, JAX scale {bw['jax_scale']}, "
-        f"JAX read {bw['jax_read']}; '% of measured BW' divides a decode step's bytes (decoder weights + "
-        f"whole KV cache) per second by the best of these ({bw['best']}). 'attn core GB/s': the "
-        f"cross-attention einsums alone for one query over the encoder-length cache (K + V bytes / time).",
+        f"Roofline of this machine: memory bandwidth (GB/s) numpy copy {bw['numpy_copy']}, JAX scale "
+        f"{bw['jax_scale']}, JAX read {bw['jax_read']} (best {bw['best']}); float32 matmul peak "
+        f"{results.get('matmul_peak_gflops', '-')} GFLOP/s. Each phase's bound is max(bytes / "
+        f"{bw['best']} GB/s, FLOPs / peak) with the minimum bytes and FLOPs of the phase "
+        "(gqa_t5x/experiments/roofline.py); '% roofline' = bound / measured time. A decode step's "
+        "bytes: the decoder weights it uses, the whole cross-attention cache and the self-attention "
+        "positions written so far (averaged over the steps). 'attn core GB/s': the decoder's "
+        "cross-attention core alone (decode_attention.cached_attention) for one query over the "
+        "encoder-length cache, K + V bytes / time; '% of BW' against the best bandwidth. "
+        "'dec ms/token': decoder time / (batch x out).",
         "",
         format_table(results, markdown=True),
         "",

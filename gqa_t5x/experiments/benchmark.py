@@ -14,13 +14,15 @@ output reused by every variant; the decoder (cross-attention K/V projection +
 the `while_loop`) is timed per variant, in interleaved rounds so that load
 from other processes falls on every variant alike, keeping the fastest run.
 
-Also reported per variant: KV-cache bytes per sample, the bytes a decode step
-must read (decoder weights + the whole self- and cross-attention cache, which
-the masked attention reads at every step) and the bandwidth that implies,
-against the machine's bandwidth measured here with a numpy copy and a JAX
-streaming kernel. HuggingFace `transformers` T5 (PyTorch, its own KV cache,
-`generate(do_sample=False)`) decodes the same shape with the same weights
-(kv heads repeated: HuggingFace has no GQA, so it always pays MHA costs).
+Also reported, per phase (encoder, cache build, decode step): the roofline
+bound for this machine, `max(bytes / measured bandwidth, FLOPs / measured
+matmul peak)` (`roofline.py` counts the bytes and FLOPs), and the fraction of
+it reached; per variant the KV-cache bytes per sample and the GB/s of the
+cross-attention core the decoder runs (`decode_attention.cached_attention`)
+against the measured stream bandwidth. HuggingFace `transformers` T5
+(PyTorch, its own KV cache, `generate(do_sample=False)`) decodes the same
+shape with the same weights (kv heads repeated: HuggingFace has no GQA, so it
+always pays MHA costs).
 
 Outputs: a table on stdout, `<prefix>.json`, `<prefix>.md`, `<prefix>.png`
 (written by `bench_report`).
@@ -42,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x import conversion
+from gqa_t5x.experiments import roofline
 from gqa_t5x.model import attention
+from gqa_t5x.model import decode_attention
 from gqa_t5x.model import decoding
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
@@ -93,6 +97,15 @@ def _available_memory_bytes() -> int | None:
         return None
 
 
+def _memory_budget_bytes() -> int | None:
+    """Memory a run may plan with: the device's on an accelerator, else available RAM."""
+    if jax.default_backend() != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return _available_memory_bytes()
+
+
 def _load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages (other processes share the CPU)."""
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -125,31 +138,7 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def measure_memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict[str, float]:
-    """Measured memory bandwidth in GB/s (best of `repeats`), STREAM-style.
-
-    * `numpy_copy`: `np.copyto` of a `megabytes` buffer, counting read + write.
-    * `jax_scale`: a jitted `y = 1.0001 * x` (read + write, XLA's threads).
-    * `jax_read`: a jitted sum (read only).
-
-    Returns:
-      The three figures and `best`, the physical limit a memory-bound decode
-      step is compared against.
-    """
-    n = megabytes * 2**20 // 4
-    src = np.random.default_rng(0).random(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    best = lambda fn, bytes_moved: bytes_moved / _timed(fn, repeats)[0] / _GB  # noqa: E731
-
-    out = {"numpy_copy": best(lambda: np.copyto(dst, src), 2 * src.nbytes)}
-    x = jnp.asarray(src)
-    scale = jax.jit(lambda v: v * 1.0001)
-    read = jax.jit(jnp.sum)
-    out["jax_scale"] = best(lambda: scale(x).block_until_ready(), 2 * src.nbytes)
-    out["jax_read"] = best(lambda: read(x).block_until_ready(), src.nbytes)
-    out["best"] = max(out.values())
-    out["buffer_mb"] = float(megabytes)
-    return {k: round(v, 2) for k, v in out.items()}
+measure_memory_bandwidth = roofline.measure_memory_bandwidth
 
 
 # ------------------------------------------------------------------ sizing
@@ -322,44 +311,63 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
 
 
 def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5) -> float:
-    """GB/s of one decode query's attention core
-    (`attention.grouped_dot_product_attention`, float32) over a `kv_len`
-    cache: K + V bytes / time. Shows how well XLA runs the grouped
-    contraction at this number of kv heads (fastest run)."""
+    """GB/s of one decode query's cross-attention core over a `kv_len` cache.
+
+    Times `decode_attention.cached_attention` (what a decode step runs, in the
+    decode-cache layout, float32) alone, fastest run, and divides the K + V
+    bytes it reads by the time: how close XLA gets to streaming the cache at
+    this number of kv heads.
+    """
     g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
     rng = np.random.default_rng(0)
     query = jnp.asarray(rng.random((batch, 1, h, d), np.float32))  # [batch, 1, heads, head_dim]
-    key, value = (jnp.asarray(rng.random((batch, kv_len, g, d), np.float32)) for _ in range(2))
-    core = jax.jit(attention.grouped_dot_product_attention)
+    key = jnp.asarray(rng.random((batch, g, d, kv_len), np.float32))  # [batch, kv_heads, head_dim, length]
+    value = jnp.asarray(rng.random((batch, g, kv_len, d), np.float32))  # [batch, kv_heads, length, head_dim]
+    core = jax.jit(decode_attention.cached_attention)
     seconds, _ = _timed(lambda: core(query, key, value).block_until_ready(), repeats)
     return (key.nbytes + value.nbytes) / seconds / _GB
 
 
-def _row(g, config, batch, n_in, n_out, encoder_s, ours, bandwidth) -> dict[str, Any]:
+def _phase(cost: roofline.PhaseCost, seconds: float, machine: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`<prefix>_bound_s`, `<prefix>_roofline_fraction` (bound / measured), bytes, FLOPs, limit."""
+    bw, peak = machine["bandwidth_gbs"]["best"], machine["matmul_peak_gflops"]
+    bound = cost.bound_s(bw, peak)
+    return {f"{prefix}_bytes": cost.bytes, f"{prefix}_flops": cost.flops, f"{prefix}_bound_s": bound,
+            f"{prefix}_roofline_fraction": bound / seconds, f"{prefix}_limit": cost.limit(bw, peak)}
+
+
+def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine) -> dict[str, Any]:
     cache = cache_bytes(config, batch, n_in, n_out)
-    weights = decoder_weight_bytes(config)
+    itemsize = jnp.dtype(config.activation_dtype).itemsize
     step_s = ours["loop_s"] / max(ours["steps"], 1)
-    step_bytes = weights + cache["self"] + cache["cross"]
-    achieved = step_bytes / step_s / _GB
+    step = roofline.decode_step_cost(config, batch, n_in, n_out, itemsize=itemsize)
+    core = attention_core_bandwidth(config, batch, n_in)
     return {
         "num_kv_heads": g,
         "variant": "MQA" if g == 1 else ("MHA" if g == config.num_heads else f"GQA-{g}"),
         "input_length": n_in, "output_length": n_out, "batch": batch,
         "encoder_s": encoder_s, "decoder_s": ours["decoder_s"], "cache_init_s": ours["cache_init_s"],
+        "loop_s": ours["loop_s"], "steps": ours["steps"],
         "time_per_sample_s": (encoder_s + ours["decoder_s"]) / batch,
         "encoder_per_sample_s": encoder_s / batch,
         "decoder_per_sample_s": ours["decoder_s"] / batch,
+        "decoder_per_token_s": ours["decoder_s"] / (batch * n_out),
         "kv_cache_bytes_per_sample": (cache["self"] + cache["cross"]) // batch,
         "self_kv_bytes_per_sample": cache["self"] // batch,
         "cross_kv_bytes_per_sample": cache["cross"] // batch,
-        "decode_step_s": step_s, "decode_step_bytes": step_bytes, "decoder_weight_bytes": weights,
-        "achieved_bandwidth_gbs": achieved,
-        "bandwidth_efficiency": achieved / bandwidth["best"],
-        "cross_attention_core_gbs": attention_core_bandwidth(config, batch, n_in),
+        "decode_step_s": step_s, "decoder_weight_bytes": decoder_weight_bytes(config),
+        "decode_step_bytes": step.bytes,
+        "achieved_bandwidth_gbs": step.bytes / step_s / _GB,
+        "bandwidth_efficiency": step.bytes / step_s / _GB / machine["bandwidth_gbs"]["best"],
+        **_phase(roofline.encoder_cost(config, batch, n_in, itemsize), encoder_s, machine, "encoder"),
+        **_phase(roofline.cache_build_cost(config, batch, n_in, itemsize), ours["cache_init_s"], machine, "cache_build"),
+        **_phase(step, step_s, machine, "decode_step"),
+        "cross_attention_core_gbs": core,
+        "cross_attention_core_fraction": core / machine["bandwidth_gbs"]["best"],
     }
 
 
-def _bench_shape(settings, base, mha_params, n_in, n_out, batch, bandwidth, log):
+def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log):
     """Rows of every kv-head variant at one shape, and the HuggingFace row."""
     tokens = np.random.default_rng(settings.seed).integers(2, base.vocab_size, size=(batch, n_in)).astype(np.int32)
     jtokens = jnp.asarray(tokens)
@@ -374,11 +382,12 @@ def _bench_shape(settings, base, mha_params, n_in, n_out, batch, bandwidth, log)
     rows, mha_tokens = [], None
     for g, (config, _), ours in zip(settings.num_kv_heads, variants, timings):
         mha_tokens = ours["tokens"] if g == base.num_heads else mha_tokens
-        rows.append(_row(g, config, batch, n_in, n_out, encoder_s, ours, bandwidth))
+        rows.append(_row(g, config, batch, n_in, n_out, encoder_s, ours, machine))
         r = rows[-1]
         log(f"[bench]   {r['variant']:>7}: {r['time_per_sample_s']:.4f} s/sample (decoder "
-            f"{r['decoder_per_sample_s']:.4f}), step {1e3 * r['decode_step_s']:.1f} ms, "
-            f"{r['achieved_bandwidth_gbs']:.1f} GB/s")
+            f"{r['decoder_per_sample_s']:.4f}), step {1e3 * r['decode_step_s']:.1f} ms "
+            f"({100 * r['decode_step_roofline_fraction']:.0f}% of roofline), "
+            f"attn core {r['cross_attention_core_gbs']:.1f} GB/s")
     del variants
     del encoded
     gc.collect()
@@ -390,6 +399,8 @@ def _bench_shape(settings, base, mha_params, n_in, n_out, batch, bandwidth, log)
         "encoder_s": hf["encoder_s"], "decoder_s": hf["decoder_s"],
         "time_per_sample_s": (hf["encoder_s"] + hf["decoder_s"]) / batch,
         "encoder_per_sample_s": hf["encoder_s"] / batch, "decoder_per_sample_s": hf["decoder_s"] / batch,
+        "decoder_per_token_s": hf["decoder_s"] / (batch * n_out),
+        "decode_step_s": hf["decoder_s"] / n_out,
     }
     if mha_tokens is not None:
         hf_row["greedy_token_agreement_with_ours_mha"] = float((hf["tokens"] == mha_tokens).mean())
@@ -416,15 +427,16 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
     machine = machine_info()
     log(f"[bench] {settings.label or 'model'}: {machine['cpu']}, {machine['cores']} cores, "
         f"load {machine['load_average']}, {machine['memory_available_gb']} GB available")
-    bandwidth = measure_memory_bandwidth(settings.bandwidth_mb)
-    log(f"[bench] measured bandwidth GB/s: {bandwidth}")
+    machine.update(roofline.measure_machine(settings.bandwidth_mb))
+    log(f"[bench] measured bandwidth GB/s: {machine['bandwidth_gbs']}; float32 matmul peak "
+        f"{machine['matmul_peak_gflops']} GFLOP/s")
     mha_params = network.init_params(base, settings.seed)  # one copy, shared by the variants
-    budget = _available_memory_bytes()
+    budget = _memory_budget_bytes()
     budget = int(budget * settings.memory_fraction) if budget else None
     rows, hf_rows = [], []
     for n_in, n_out, cap in itertools.product(settings.input_lengths, settings.output_lengths, settings.batch_caps):
         batch = pick_batch(base, cap, n_in, n_out, budget)
-        shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, bandwidth, log)
+        shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log)
         rows += shape_rows
         hf_rows += [hf_row] if hf_row else []
     machine["load_average_end"] = _load_average()
@@ -434,5 +446,6 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
         "wall_s": round(time.time() - started, 1),
         "settings": {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "config"},
                      "config": base.to_dict()},
-        "machine": machine, "bandwidth_gbs": bandwidth, "rows": rows, "huggingface": hf_rows,
+        "machine": machine, "bandwidth_gbs": machine["bandwidth_gbs"],
+        "matmul_peak_gflops": machine["matmul_peak_gflops"], "rows": rows, "huggingface": hf_rows,
     }

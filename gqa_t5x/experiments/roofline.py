@@ -1,0 +1,233 @@
+"""The roofline of `gqa-t5x bench`: the machine's two limits and each phase's bytes and FLOPs.
+
+A phase cannot run faster than `max(bytes / bandwidth, FLOPs / peak)`: the
+bytes it must move at the machine's measured memory bandwidth, or the
+multiply-adds it must do at the measured float32 matmul peak, whichever takes
+longer. The benchmark divides that bound by the measured time ("% of
+roofline"). Bytes and FLOPs are the minimum the phase needs, counted from the
+config (`itemsize` bytes per number, 4 for float32; with bfloat16
+activations the weights could be read as bfloat16 too, so 2 bounds that case
+from below; 2 FLOPs per multiply-add; norms, softmax and other element-wise
+work are not counted):
+
+* encoder: reads its weights once and writes its output; FLOPs are the
+  projections, the gated MLP and the two attention contractions per layer.
+* cache build: reads the encoder output and the encoder-decoder key/value
+  kernels, writes the cross-attention cache.
+* decode step (averaged over the `output_length` steps): reads the decoder
+  weights a step uses (all but the encoder-decoder key/value kernels, plus the
+  logits kernel), the whole cross-attention cache, and the self-attention
+  cache positions written so far (`i + 1` at step `i`, so `(n + 1) / 2` on
+  average); FLOPs are those weights times the batch plus both attentions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_t5x.model.config import T5Config
+
+_GB = 1e9
+_F32 = 4
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict[str, float]:
+    """Measured memory bandwidth in GB/s (best of `repeats`), STREAM-style.
+
+    * `numpy_copy`: `np.copyto` of a `megabytes` buffer, counting read + write.
+    * `jax_scale`: a jitted `y = 1.0001 * x` (read + write, XLA's threads).
+    * `jax_read`: a jitted sum (read only).
+
+    Returns:
+      The three figures and `best`, the limit a memory-bound phase is
+      compared against.
+    """
+    n = megabytes * 2**20 // 4
+    src = np.random.default_rng(0).random(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    rate = lambda fn, moved: moved / _best_seconds(fn, repeats) / _GB  # noqa: E731
+    out = {"numpy_copy": rate(lambda: np.copyto(dst, src), 2 * src.nbytes)}
+    x = jnp.asarray(src)
+    scale = jax.jit(lambda v: v * 1.0001)
+    read = jax.jit(jnp.sum)
+    out["jax_scale"] = rate(lambda: scale(x).block_until_ready(), 2 * src.nbytes)
+    out["jax_read"] = rate(lambda: read(x).block_until_ready(), src.nbytes)
+    out["best"] = max(out.values())
+    out["buffer_mb"] = float(megabytes)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 3) -> float:
+    """GFLOP/s of a jitted float32 `[size, 2 size] x [2 size, 2 size]` matmul (best of `repeats`)."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.random((size, 2 * size), np.float32))
+    b = jnp.asarray(rng.random((2 * size, 2 * size), np.float32))
+    matmul = jax.jit(jnp.matmul)
+    seconds = _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    return round(2 * size * (2 * size) ** 2 / seconds / _GB, 1)
+
+
+def measure_machine(bandwidth_mb: int = 256) -> dict[str, Any]:
+    """{'bandwidth_gbs': measure_memory_bandwidth(...), 'matmul_peak_gflops': ...}."""
+    return {"bandwidth_gbs": measure_memory_bandwidth(bandwidth_mb),
+            "matmul_peak_gflops": measure_matmul_peak()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseCost:
+    """Minimum bytes moved and FLOPs done by one phase.
+
+    Attributes:
+      bytes: Bytes read or written from memory.
+      flops: Floating-point operations (2 per multiply-add).
+    """
+
+    bytes: float
+    flops: float
+
+    def bound_s(self, bandwidth_gbs: float, peak_gflops: float) -> float:
+        """Roofline time: `max(bytes / bandwidth, FLOPs / peak)` in seconds."""
+        if bandwidth_gbs <= 0 or peak_gflops <= 0:
+            raise ValueError(
+                f"bandwidth_gbs={bandwidth_gbs} and peak_gflops={peak_gflops} must be > 0."
+            )
+        return max(self.bytes / (bandwidth_gbs * _GB), self.flops / (peak_gflops * _GB))
+
+    def limit(self, bandwidth_gbs: float, peak_gflops: float) -> str:
+        """'memory' or 'compute', whichever term of the bound is larger."""
+        memory = self.bytes / bandwidth_gbs >= self.flops / peak_gflops
+        return "memory" if memory else "compute"
+
+
+def _attention_weights(cfg: T5Config, kv_heads: int) -> int:
+    """Numbers in one attention layer's q, k, v, o kernels."""
+    return 2 * cfg.emb_dim * cfg.num_heads * cfg.head_dim + 2 * cfg.emb_dim * kv_heads * cfg.head_dim
+
+
+def _mlp_weights(cfg: T5Config) -> int:
+    return (len(cfg.mlp_activations) + 1) * cfg.emb_dim * cfg.mlp_dim
+
+
+def _logits_weights(cfg: T5Config) -> int:
+    return cfg.emb_dim * cfg.vocab_size
+
+
+def encoder_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int = _F32) -> PhaseCost:
+    """Bytes and FLOPs of encoding `batch` inputs of `input_length` tokens."""
+    tokens = batch * input_length
+    per_layer = _attention_weights(cfg, cfg.encoder_kv_heads) + _mlp_weights(cfg)
+    norms = (2 * cfg.num_encoder_layers + 1) * cfg.emb_dim
+    relpos = cfg.num_heads * cfg.relative_attention_num_buckets
+    weights = cfg.num_encoder_layers * per_layer + norms + relpos
+    activations = 2 * tokens * cfg.emb_dim  # embedding rows in, encoded out
+    attention_flops = 4 * batch * cfg.num_heads * input_length**2 * cfg.head_dim
+    flops = cfg.num_encoder_layers * (2 * tokens * per_layer + attention_flops)
+    return PhaseCost(bytes=itemsize * (weights + activations), flops=flops)
+
+
+def cache_build_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int = _F32) -> PhaseCost:
+    """Bytes and FLOPs of projecting the cross-attention keys/values once."""
+    kv_width = cfg.decoder_kv_heads * cfg.head_dim
+    kernels = cfg.num_decoder_layers * 2 * cfg.emb_dim * kv_width
+    encoded = batch * input_length * cfg.emb_dim
+    cache = cfg.num_decoder_layers * 2 * batch * input_length * kv_width
+    flops = 2 * batch * input_length * kernels
+    return PhaseCost(bytes=itemsize * (kernels + encoded + cache), flops=flops)
+
+
+def decode_step_weights(cfg: T5Config) -> int:
+    """Numbers of the weights every decode step reads.
+
+    Per decoder layer: three norms, self-attention q/k/v/o, cross-attention q/o
+    (its k/v kernels only build the cache), the gated MLP; then the decoder
+    relative position bias, the final norm and the logits kernel (the
+    embedding table when logits are tied to it). The embedding rows a step
+    gathers are counted with the activations.
+    """
+    e, hd = cfg.emb_dim, cfg.num_heads * cfg.head_dim
+    per_layer = 3 * e + _attention_weights(cfg, cfg.decoder_kv_heads) + 2 * e * hd + _mlp_weights(cfg)
+    relpos = cfg.num_heads * cfg.relative_attention_num_buckets
+    return cfg.num_decoder_layers * per_layer + relpos + e + _logits_weights(cfg)
+
+
+def decode_step_cost(cfg: T5Config, batch: int, input_length: int, output_length: int,
+                     beam_size: int = 1, itemsize: int = _F32) -> PhaseCost:
+    """Bytes and FLOPs of one decode step, averaged over `output_length` steps.
+
+    Args:
+      cfg: Model config.
+      batch: Examples decoded together.
+      input_length: Encoder length (the cross-attention cache length).
+      output_length: Steps; step `i` reads `i + 1` self-attention positions.
+      beam_size: Sequences per example (they share the cross-attention cache).
+      itemsize: Bytes per number.
+
+    Returns:
+      The average step's cost.
+    """
+    rows = batch * beam_size
+    kv_width = cfg.decoder_kv_heads * cfg.head_dim
+    layers = cfg.num_decoder_layers
+    mean_self = (output_length + 1) / 2
+    self_cache = layers * 2 * rows * kv_width * (mean_self + 1)  # read the prefix, write one position
+    cross_cache = layers * 2 * batch * kv_width * input_length
+    activations = rows * cfg.emb_dim + rows * cfg.vocab_size  # embedding rows in, logits out
+    weights = decode_step_weights(cfg)
+    matmul_weights = weights - cfg.num_heads * cfg.relative_attention_num_buckets - (3 * layers + 1) * cfg.emb_dim
+    attention_flops = 4 * rows * cfg.num_heads * cfg.head_dim * (mean_self + input_length) * layers
+    return PhaseCost(bytes=itemsize * (weights + self_cache + cross_cache + activations),
+                     flops=2 * rows * matmul_weights + attention_flops)
+
+
+def forward_flops(cfg: T5Config, batch: int, input_length: int, target_length: int) -> float:
+    """FLOPs of one teacher-forced forward pass (encoder + decoder + logits).
+
+    Matmul FLOPs only (2 per multiply-add): every projection and MLP kernel
+    times the tokens it is applied to, the encoder-decoder key/value kernels
+    times the encoder tokens, both contractions of every attention (full
+    `q_len x kv_len` products, as the dense kernels compute them) and the
+    logits.
+
+    Args:
+      cfg: Model config.
+      batch: Examples.
+      input_length: Encoder tokens per example.
+      target_length: Decoder tokens per example.
+
+    Returns:
+      FLOPs.
+    """
+    enc_tokens, dec_tokens = batch * input_length, batch * target_length
+    q_o = 2 * cfg.emb_dim * cfg.num_heads * cfg.head_dim
+    kv = 2 * cfg.emb_dim * cfg.decoder_kv_heads * cfg.head_dim
+    encoder = encoder_cost(cfg, batch, input_length).flops
+    per_layer = (2 * dec_tokens * (q_o + kv + q_o + _mlp_weights(cfg))  # self q/k/v/o, cross q/o, MLP
+                 + 2 * enc_tokens * kv  # cross k/v from the encoder output
+                 + 4 * batch * cfg.num_heads * cfg.head_dim * target_length * (target_length + input_length))
+    logits = 2 * dec_tokens * _logits_weights(cfg)
+    return encoder + cfg.num_decoder_layers * per_layer + logits
+
+
+def train_step_flops(cfg: T5Config, batch: int, input_length: int, target_length: int) -> float:
+    """Model FLOPs of a training step: 3x the forward pass (backward = 2x forward).
+
+    The usual MFU convention (PaLM, appendix B): rematerialisation and the
+    optimizer are not counted.
+    """
+    return 3 * forward_flops(cfg, batch, input_length, target_length)
