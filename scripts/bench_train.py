@@ -1,19 +1,27 @@
-"""Training throughput and peak memory: MHA vs GQA vs MQA, T5.1.1-small shape.
+"""Training throughput: ours (MHA / GQA / MQA) against HuggingFace T5 in PyTorch, and our MFU.
 
-    python scripts/bench_train.py                      # writes docs/bench_train.{json,md}
+    python scripts/bench_train.py                          # T5.1.1-small, writes docs/bench_train.{json,md}
+    python scripts/bench_train.py --model base --out docs/bench_train_base
     python scripts/bench_train.py --kv_heads 6,3,2,1 --batch 8 --inputs 512 --targets 114
 
-Each configuration runs in its own subprocess (so peak RSS is its own): the
-trainer's train step (`trainer.make_train_step`: forward, backward, T5
-Adafactor, rsqrt learning rate) jit-compiled for one device on a fixed random
-batch of full-length rows (what packing produces), `--warmup` untimed steps
-then `--steps` timed ones (the fastest is reported, since this machine's CPUs
-are shared; the median is in the JSON). Reported: tokens/s (input + target positions),
-steps/s, compile time, XLA's memory analysis of the compiled step (arguments +
-outputs + temporaries) and the process's peak RSS.
+Each configuration runs in its own subprocess (so peak RSS is its own), on a
+fixed random batch of full-length rows (what packing produces), `--warmup`
+untimed steps then `--steps` timed ones; the fastest is reported (this
+machine's CPUs are shared; the median is in the JSON):
 
-T5.1.1-small has 6 query heads, so its GQA variants are GQA-2 and GQA-3;
-GQA-8 needs at least 8 heads (it is the paper's choice for XXL's 64 heads).
+* ours: the trainer's train step (`trainer.make_train_step`: forward,
+  backward, T5 Adafactor, rsqrt learning rate), jit-compiled for one device;
+* HuggingFace: `transformers.T5ForConditionalGeneration` with the same
+  T5.1.1 config (gated-gelu, untied logits, no dropout), float32, PyTorch
+  eager on all cores, `labels=` loss, backward and
+  `transformers.optimization.Adafactor` (relative step, parameter scaling:
+  T5's Adafactor), the peer a user would otherwise train with. HuggingFace
+  has no grouped key/value heads, so it runs MHA only.
+
+Reported: tokens/s (input + target positions), steps/s, our model FLOPs
+utilisation (3x the forward matmul FLOPs of `roofline.train_step_flops` per
+second, over the float32 matmul peak measured here), compile time, XLA's
+memory analysis of our compiled step and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -29,22 +37,52 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(emb_dim=512, num_heads=6, num_encoder_layers=8, num_decoder_layers=8, head_dim=64, mlp_dim=1024)
+sys.path.insert(0, str(REPO))
+MODELS = {
+    "small": dict(emb_dim=512, num_heads=6, num_encoder_layers=8, num_decoder_layers=8, head_dim=64, mlp_dim=1024),
+    "base": dict(emb_dim=768, num_heads=12, num_encoder_layers=12, num_decoder_layers=12, head_dim=64, mlp_dim=2048),
+}
+HUGGINGFACE = 0  # --child value of the HuggingFace run
 
 
 def _label(kv: int, heads: int) -> str:
+    if kv == HUGGINGFACE:
+        return "HuggingFace T5 (PyTorch, MHA)"
     if kv == heads:
-        return f"MHA ({heads} kv heads)"
+        return f"ours MHA ({heads} kv heads)"
     if kv == 1:
-        return "MQA (1 kv head)"
-    return f"GQA-{kv}"
+        return "ours MQA (1 kv head)"
+    return f"ours GQA-{kv}"
 
 
-def child(args: argparse.Namespace) -> dict:
-    """Benchmarks one configuration in this process; returns the measurements."""
+def _batch(args: argparse.Namespace):
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    targets = rng.randint(2, 32000, size=(args.batch, args.targets)).astype(np.int32)
+    return {
+        "encoder_input_tokens": rng.randint(2, 32000, size=(args.batch, args.inputs)).astype(np.int32),
+        "decoder_input_tokens": np.concatenate([np.zeros((args.batch, 1), np.int32), targets[:, :-1]], 1),
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": np.ones_like(targets, np.float32),
+    }
+
+
+def _timed_steps(step, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def child_ours(args: argparse.Namespace) -> dict:
+    """Benchmarks our train step for one kv-head count in this process."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from gqa_t5x.model import models
     from gqa_t5x.model import network
@@ -52,21 +90,15 @@ def child(args: argparse.Namespace) -> dict:
     from gqa_t5x.training import trainer
     from gqa_t5x.training import train_state as ts
 
-    config = network.T5Config(**SMALL, dtype=args.dtype, dropout_rate=0.0,
-                              num_kv_heads=args.child if args.child != SMALL["num_heads"] else None)
+    shape = MODELS[args.model]
+    config = network.T5Config(**shape, dtype="float32", dropout_rate=0.0,
+                              num_kv_heads=args.child if args.child != shape["num_heads"] else None)
     model = models.EncoderDecoderModel(network.Transformer(config))
     optimizer = optimizers.adafactor()
     params = jax.jit(model.get_initial_params)(jax.random.PRNGKey(0))
     state = ts.TrainState(step=jnp.asarray(1_000_000, jnp.int32), params=params,
                           opt_state=jax.jit(optimizer.init)(params))
-    rng = np.random.RandomState(0)
-    targets = rng.randint(2, 32000, size=(args.batch, args.targets)).astype(np.int32)
-    batch = {
-        "encoder_input_tokens": rng.randint(2, 32000, size=(args.batch, args.inputs)).astype(np.int32),
-        "decoder_input_tokens": np.concatenate([np.zeros((args.batch, 1), np.int32), targets[:, :-1]], 1),
-        "decoder_target_tokens": targets,
-        "decoder_loss_weights": np.ones_like(targets, np.float32),
-    }
+    batch = _batch(args)
     step_fn = jax.jit(
         trainer.make_train_step(model, optimizer, optimizers.rsqrt_schedule(), jax.random.PRNGKey(1)),
         donate_argnums=(0,),
@@ -79,118 +111,179 @@ def child(args: argparse.Namespace) -> dict:
     if memory is not None:
         xla_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    # The CPUs are shared: the fastest step is the least disturbed estimate.
-    step_s = float(np.min(times))
+    holder = {"state": state}
+
+    def step():
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], holder["metrics"]))
+
+    times = _timed_steps(step, args.warmup, args.steps)
+    metrics = holder["metrics"]
+    n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(holder["state"].params))
+    return {"compile_s": compile_s, "times": times, "params": n_params, "xla_step_bytes": xla_bytes,
+            "final_loss_per_token": float(metrics["loss_sum"]) / float(metrics["num_tokens"])}
+
+
+def child_huggingface(args: argparse.Namespace) -> dict:
+    """Benchmarks HuggingFace T5's training step (PyTorch eager) in this process."""
+    import torch
+    import transformers
+
+    shape = MODELS[args.model]
+    torch.manual_seed(0)
+    hf_config = transformers.T5Config(
+        vocab_size=32128, d_model=shape["emb_dim"], d_kv=shape["head_dim"], d_ff=shape["mlp_dim"],
+        num_layers=shape["num_encoder_layers"], num_decoder_layers=shape["num_decoder_layers"],
+        num_heads=shape["num_heads"], feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        tie_word_embeddings=False, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    hf_config.tie_word_embeddings = False  # T5.1.1 (transformers 5 sets True whatever the argument)
+    model = transformers.T5ForConditionalGeneration(hf_config).train()
+    # One embedding table shared by encoder and decoder (T5.1.1), separate logits kernel.
+    model.encoder.embed_tokens = model.shared
+    model.decoder.embed_tokens = model.shared
+    optimizer = transformers.optimization.Adafactor(
+        model.parameters(), lr=None, scale_parameter=True, relative_step=True, warmup_init=False)
+    batch = {k: torch.from_numpy(v.astype("int64")) for k, v in _batch(args).items() if k != "decoder_loss_weights"}
+    holder = {}
+
+    def step():
+        out = model(input_ids=batch["encoder_input_tokens"], decoder_input_ids=batch["decoder_input_tokens"],
+                    labels=batch["decoder_target_tokens"])
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        holder["loss"] = float(out.loss)
+
+    times = _timed_steps(step, args.warmup, args.steps)
+    return {"compile_s": 0.0, "times": times, "params": sum(p.numel() for p in model.parameters()),
+            "xla_step_bytes": None, "final_loss_per_token": holder["loss"],
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One configuration's measurements (runs in a subprocess)."""
+    import numpy as np
+
+    result = child_huggingface(args) if args.child == HUGGINGFACE else child_ours(args)
+    times = result.pop("times")
+    step_s = float(np.min(times))  # the CPUs are shared: the fastest step is the least disturbed
     tokens = args.batch * (args.inputs + args.targets)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     return {
-        "kv_heads": args.child,
-        "label": _label(args.child, SMALL["num_heads"]),
-        "params": n_params,
-        "compile_s": compile_s,
-        "step_s_min": step_s,
-        "step_s_median": float(np.median(times)),
-        "steps_per_s": 1.0 / step_s,
+        "kv_heads": args.child, "label": _label(args.child, MODELS[args.model]["num_heads"]),
+        "step_s_min": step_s, "step_s_median": float(np.median(times)), "steps_per_s": 1.0 / step_s,
         "tokens_per_s": tokens / step_s,
-        "xla_step_bytes": xla_bytes,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "final_loss_per_token": float(metrics["loss_sum"]) / float(metrics["num_tokens"]),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **result,
     }
 
 
-def write_report(results: list[dict], args: argparse.Namespace, out_dir: Path) -> None:
-    meta = {
-        "shape": "T5.1.1-small " + ", ".join(f"{k}={v}" for k, v in SMALL.items()),
-        "batch": args.batch, "inputs": args.inputs, "targets": args.targets, "dtype": args.dtype,
-        "warmup": args.warmup, "steps": args.steps, "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-        "command": " ".join(["python scripts/bench_train.py", *sys.argv[1:]]),
-    }
-    (out_dir / "bench_train.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    base = results[0]
+def _machine() -> dict:
+    """CPU model, cores and the float32 matmul peak (for MFU)."""
+    from gqa_t5x.experiments import benchmark
+    from gqa_t5x.experiments import roofline
+
+    info = benchmark.machine_info()
+    return {"cpu": info["cpu"], "cores": info["cores"], "jax": info["jax"],
+            "matmul_peak_gflops": roofline.measure_matmul_peak()}
+
+
+def write_report(results: list[dict], meta: dict, out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    hf = next((r for r in results if r["kv_heads"] == HUGGINGFACE), None)
     rows = [
-        "| variant | params | tokens/s | steps/s | median step s | vs MHA | compile s | XLA step memory | peak RSS |",
+        "| run | params | tokens/s | vs HF | step s (min / median) | MFU | compile s | XLA step memory | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        xla = f"{r['xla_step_bytes'] / 2**20:.0f} MiB" if r["xla_step_bytes"] else "n/a"
+        xla = f"{r['xla_step_bytes'] / 2**20:.0f} MiB" if r["xla_step_bytes"] else "-"
+        versus = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
         rows.append(
-            f"| {r['label']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | {r['steps_per_s']:.3f} | "
-            f"{r['step_s_median']:.2f} | "
-            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['compile_s']:.1f} | {xla} | "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB |"
-        )
+            f"| {r['label']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | {versus} | "
+            f"{r['step_s_min']:.3f} / {r['step_s_median']:.3f} | {100 * r['mfu']:.0f}% | "
+            f"{r['compile_s']:.1f} | {xla} | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
     text = [
-        "# Training throughput: MHA vs GQA vs MQA (CPU)",
+        f"# Training throughput: ours vs HuggingFace T5 ({meta['model']}, CPU)",
         "",
-        f"`{meta['command']}` — {meta['shape']}; batch {args.batch} x "
-        f"({args.inputs} inputs + {args.targets} targets) full rows, {args.dtype} activations, "
-        f"trainer train step (T5 Adafactor, z-loss), fastest of {args.steps} steps after "
-        f"{args.warmup} warm-up. Machine: {meta['cpus']} CPUs, 1-min load average "
-        f"{meta['load_average_1m']:.1f} during the run (the CPUs are shared, so "
-        "absolute numbers are noisy; compare variants within one run).",
+        f"`{meta['command']}`: {meta['shape']}; batch {meta['batch']} x ({meta['inputs']} inputs + "
+        f"{meta['targets']} targets) full rows, float32, fastest of {meta['steps']} steps after "
+        f"{meta['warmup']} warm-up. {meta['cpu']}, {meta['cores']} cores; 1-minute load average "
+        f"{meta['load_average_start']} at start, {meta['load_average_end']} at end.",
         "",
         *rows,
         "",
-        "tokens/s counts input + target positions. XLA step memory is the compiled step's "
-        "arguments + outputs + temporaries (minus donated aliases); peak RSS is the whole "
-        "process (Python, the TensorFlow runtime seqio loads, parameters, optimizer state).",
-        "",
-        "Reading: in training, grouped key/value heads only shrink the key/value projections "
-        "(2 x emb x kv_heads x head_dim per attention layer) and their activations, a small "
-        "part of the step's FLOPs and memory, so training throughput changes little; the "
-        "paper's gains are at inference, where the decoder's key/value cache dominates "
-        "memory bandwidth (see the inference benchmark). T5.1.1-small has 6 heads, so "
-        "GQA-8 is not defined for it; GQA-2 is its middle ground.",
+        f"Ours: the trainer's jit-compiled step (T5 Adafactor via optax, rsqrt schedule, z-loss). "
+        f"HuggingFace: `T5ForConditionalGeneration` (transformers {meta.get('transformers', '?')}, "
+        f"torch {meta.get('torch', '?')}, {meta.get('torch_threads', '?')} threads), `labels=` loss, "
+        "backward, `transformers.optimization.Adafactor` (relative step, parameter scaling). "
+        f"MFU: {meta['train_step_gflop']:.1f} GFLOP per step (3x the forward matmul FLOPs, "
+        "`roofline.train_step_flops`) per second over the float32 matmul peak measured here "
+        f"({meta['matmul_peak_gflops']} GFLOP/s). tokens/s counts input + target positions.",
         "",
     ]
-    (out_dir / "bench_train.md").write_text("\n".join(text))
+    out.with_suffix(".md").write_text("\n".join(text))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kv_heads", default="6,2,1", help="Comma-separated kv head counts (6 = MHA).")
+    parser.add_argument("--model", default="small", choices=sorted(MODELS))
+    parser.add_argument("--kv_heads", default=None, help="Comma-separated kv head counts (default: MHA, 2, 1).")
+    parser.add_argument("--no_huggingface", action="store_true", help="Skip the HuggingFace run.")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--inputs", type=int, default=128)
     parser.add_argument("--targets", type=int, default=32)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--out_dir", default=str(REPO / "docs"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "bench_train"), help="Report prefix (.json/.md).")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args)))
         return 0
-    results = []
-    for kv in [int(k) for k in args.kv_heads.split(",")]:
-        if SMALL["num_heads"] % kv:
-            raise SystemExit(f"--kv_heads {kv} does not divide the {SMALL['num_heads']} heads of T5.1.1-small.")
-        cmd = [sys.executable, __file__, f"--child={kv}", f"--batch={args.batch}",
-               f"--inputs={args.inputs}", f"--targets={args.targets}", f"--dtype={args.dtype}",
-               f"--warmup={args.warmup}", f"--steps={args.steps}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")))
+    heads = MODELS[args.model]["num_heads"]
+    kv_heads = [int(k) for k in args.kv_heads.split(",")] if args.kv_heads else [heads, 2, 1]
+    for kv in kv_heads:
+        if kv < 1 or heads % kv:
+            raise SystemExit(f"--kv_heads {kv} does not divide the {heads} heads of T5.1.1-{args.model}.")
+    runs = ([] if args.no_huggingface else [HUGGINGFACE]) + kv_heads
+    load_start = os.getloadavg()[0]
+    machine = _machine()
+    from gqa_t5x.experiments import roofline
+    from gqa_t5x.model.config import T5Config
+
+    flops = roofline.train_step_flops(T5Config(**MODELS[args.model]), args.batch, args.inputs, args.targets)
+    results, meta_extra = [], {}
+    for kv in runs:
+        cmd = [sys.executable, __file__, f"--child={kv}", f"--model={args.model}", f"--batch={args.batch}",
+               f"--inputs={args.inputs}", f"--targets={args.targets}", f"--warmup={args.warmup}",
+               f"--steps={args.steps}"]
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
-            raise SystemExit(f"kv_heads={kv} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"{_label(kv, heads)} failed:\n{proc.stderr[-3000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["mfu"] = flops / result["step_s_min"] / (machine["matmul_peak_gflops"] * 1e9)
+        for key in ("torch", "transformers", "torch_threads"):
+            if key in result:
+                meta_extra[key] = result.pop(key)
         results.append(result)
-        print(f"{result['label']:>22}: {result['tokens_per_s']:8.0f} tokens/s  "
-              f"{result['steps_per_s']:.3f} steps/s  compile {result['compile_s']:.1f}s  "
+        print(f"{result['label']:>32}: {result['tokens_per_s']:8.0f} tokens/s  step {result['step_s_min']:.3f} s  "
+              f"MFU {100 * result['mfu']:.0f}%  compile {result['compile_s']:.1f}s  "
               f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(results, args, out_dir)
-    print(f"Wrote {out_dir / 'bench_train.md'} and {out_dir / 'bench_train.json'}.")
+    meta = {
+        "model": f"T5.1.1-{args.model}", "shape": ", ".join(f"{k}={v}" for k, v in MODELS[args.model].items()),
+        "batch": args.batch, "inputs": args.inputs, "targets": args.targets, "warmup": args.warmup,
+        "steps": args.steps, **machine, "platform": platform.machine(),
+        "load_average_start": round(load_start, 2), "load_average_end": round(os.getloadavg()[0], 2),
+        "train_step_gflop": flops / 1e9, "command": " ".join(["python scripts/bench_train.py", *sys.argv[1:]]),
+        **meta_extra,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(results, meta, out)
+    print(f"Wrote {out}.md and {out}.json.")
     return 0
 
 
