@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5x.model import layers
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -185,13 +186,58 @@ def brevity_penalty(alpha: float, length: Array | int) -> Array:
     return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
 
 
-def _step_fn(model: network.Transformer, params: Any, encoder_input_tokens: Array):
-    """Returns `step(cache, tokens [n]) -> (logits [n, vocab] float32, cache)`."""
+def use_decode_kernels() -> bool:
+    """Whether decoding steps read decoder kernels transposed (`decode_kernels`).
+
+    On XLA:CPU a decode step's weight products run 2-4x faster over `[out,
+    in]` kernels (docs/bench_micro.md), which is worth one transposed copy of
+    the decoder's kernels per decoding run. Accelerators' matmul units do not
+    care, so they skip the copy.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def decode_kernels(params: Any) -> Any:
+    """The decoder kernels a decode step multiplies by, transposed to `[out, in]`.
+
+    Every 2-D `kernel` under `decoder/` except the encoder-decoder key/value
+    kernels (used once, to build the cache), nested like `params`, for the
+    `layers.DECODE_KERNELS` collection. One copy of those weights: built once
+    per decoding run, before the step loop.
+
+    Args:
+      params: The model's `params`.
+
+    Returns:
+      `{'decoder': {...: {'kernel': [out, in]}}}`.
+    """
+    kernels = {}
+    for path, value in param_tree.flatten(params).items():
+        once = (param_tree.is_cross_attention(path)
+                and param_tree.attention_projection(path) in param_tree.KEY_VALUE_PROJECTIONS)
+        if path.startswith("decoder/") and path.endswith("/kernel") and value.ndim == 2 and not once:
+            kernels[path] = jnp.transpose(value)  # [out, in]
+    return param_tree.unflatten(kernels)
+
+
+def _step_fn(model: network.Transformer, params: Any, encoder_input_tokens: Array,
+             kernels: Any = None):
+    """Returns `step(cache, tokens [n]) -> (logits [n, vocab] float32, cache)`.
+
+    Args:
+      model: The network.
+      params: Its parameters.
+      encoder_input_tokens: `[n, enc_len]` (for the encoder-decoder mask).
+      kernels: `decode_kernels(params)` or None (the steps then read `params`).
+    """
+    variables_in = {"params": params}
+    if kernels is not None:
+        variables_in[layers.DECODE_KERNELS] = kernels
 
     def step(cache: Any, tokens: Array) -> tuple[Array, Any]:
         tokens = tokens[:, None]  # [n, 1]
         logits, variables = model.apply(
-            {"params": params, "cache": cache},
+            {**variables_in, "cache": cache},
             None,
             encoder_input_tokens,
             tokens,
@@ -464,9 +510,12 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
             encoder_input_tokens = jnp.repeat(encoder_input_tokens, beams, axis=0)  # [batch * beams, enc_len]
         return variables["cache"], encoder_input_tokens
 
+    transposed = use_decode_kernels()
+
     @jax.jit
     def run(params, cache, encoder_input_tokens, rng):
-        step = _step_fn(model, params, encoder_input_tokens)
+        kernels = decode_kernels(params) if transposed else None
+        step = _step_fn(model, params, encoder_input_tokens, kernels)
         if spec.method == "beam":
             return _beam_loop(step, cache, encoder_input_tokens, spec)
         return _sample_loop(step, cache, encoder_input_tokens, rng, spec)

@@ -269,6 +269,29 @@ def test_beam_search_with_shared_cross_attention_kv_equals_beam_search_with_copi
     assert int(shared.steps) == int(copied.steps)
 
 
+def test_decode_steps_over_transposed_kernels_equal_steps_over_the_params(model):
+    config, params, enc = model
+    kernels = decoding.decode_kernels(params)
+    flat = param_tree.flatten(kernels)
+    assert flat["decoder/logits_dense/kernel"].shape == (VOCAB, 32)  # [out, in]
+    assert flat["decoder/layers_1/mlp/wi_0/kernel"].shape == (48, 32)
+    # The encoder-decoder key/value kernels only build the cache; the encoder has no steps.
+    assert not any(k.endswith(("encoder_decoder_attention/key/kernel", "encoder_decoder_attention/value/kernel"))
+                   or k.startswith("encoder/") for k in flat)
+    net = network.Transformer(config)
+    fns = decoding.compile_decoding(config, GREEDY)
+    cache, _ = fns.init_cache(params, fns.encode(params, enc), enc)
+    plain_step = jax.jit(decoding._step_fn(net, params, jnp.asarray(enc)))
+    kernel_step = jax.jit(decoding._step_fn(net, params, jnp.asarray(enc), kernels))
+    plain_cache, kernel_cache = cache, cache
+    tokens = jnp.zeros((enc.shape[0],), jnp.int32)
+    for _ in range(4):
+        plain, plain_cache = plain_step(plain_cache, tokens)
+        transposed, kernel_cache = kernel_step(kernel_cache, tokens)
+        np.testing.assert_allclose(np.asarray(transposed), np.asarray(plain), atol=1e-5)
+        tokens = jnp.argmax(plain, -1).astype(jnp.int32)
+
+
 def test_sampling_with_top_k_stays_in_the_top_k_and_is_reproducible(model):
     config, params, enc = model
     spec = decoding.DecodingSpec("sample", MAX_LEN, topk=3, temperature=2.0)

@@ -100,3 +100,18 @@ def test_partitioner_rejects_parameters_the_network_does_not_have():
     params = {"decoder": {"adapter": {"kernel": np.zeros((16, 4), np.float32)}}}
     with pytest.raises(ValueError, match="'decoder/adapter/kernel' is not a parameter of the network"):
         partitioner.param_specs(params, config)
+
+
+def test_dense_reads_a_transposed_decode_kernel_when_one_is_supplied():
+    dense = layers.Dense(5, kernel_axes=("embed", "mlp"))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2, 4)), jnp.float32)
+    params = dense.init(jax.random.PRNGKey(0), x)["params"]
+    plain = dense.apply({"params": params}, x)
+    kernel_t = jnp.transpose(params["kernel"])  # [out, in]
+    fast = dense.apply({"params": params, layers.DECODE_KERNELS: {"kernel": kernel_t}}, x)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(plain), atol=1e-6)
+    # It is the supplied kernel that is used, not the parameter.
+    doubled = dense.apply({"params": params, layers.DECODE_KERNELS: {"kernel": 2 * kernel_t}}, x)
+    np.testing.assert_allclose(np.asarray(doubled), 2 * np.asarray(plain), atol=1e-5)
+    with pytest.raises(ValueError, match="decoding.decode_kernels"):
+        dense.apply({"params": params, layers.DECODE_KERNELS: {"kernel": params["kernel"]}}, x)
