@@ -8,16 +8,18 @@ fastest of `--repeats` runs after a warm-up (the fastest, because other
 processes on a shared machine only ever add time):
 
 * `machine`: memory bandwidth (numpy copy, JAX read, scale) and the float32
-  matmul peak (`benchmark.measure_machine`), the roofline's two numbers.
+  matmul peak (`roofline.measure_machine`), the roofline's two numbers.
 * `attention_layout`: the single-query attention core over an encoder-length
   cache for each cache layout, at the large-like and XXL-like decode shapes,
   in GB/s of K + V bytes. Picks the decode-cache layout.
-* `prefix_blocks`: self-attention at step `i` of a `max_length` cache: the
-  whole cache masked (what a fixed-shape step does) vs the blocked prefix
-  read (`decode_attention.prefix_attention`) at several block sizes.
+* `prefix_reads`: self-attention at step `i` of a `max_length` cache: the
+  whole cache masked (what a fixed-shape step did), the segment's shorter
+  cache masked (what decoding does now), and a flash-decoding style loop
+  over blocks with an online softmax (the alternative XLA:CPU made slower).
 * `weight_products`: `[batch, in] x [in, out]` at decode batch sizes, the
   product every decode step spends most of its time in, in GB/s of weight
-  bytes, for the formulations XLA:CPU could be given.
+  bytes, for the formulations XLA:CPU could be given (the kernel as stored,
+  `[in, out]`, or transposed once to `[out, in]`).
 * `encoder_attention`: the encoder's attention (training/encoder shapes)
   through the einsums vs `jax.nn.dot_product_attention` (implementation
   'xla').
@@ -41,8 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gqa_t5x.experiments import benchmark  # noqa: E402
+from gqa_t5x.experiments import roofline  # noqa: E402
 from gqa_t5x.model import attention  # noqa: E402
 from gqa_t5x.model import decode_attention  # noqa: E402
+from gqa_t5x.model import layers  # noqa: E402
 
 _GB = 1e9
 
@@ -116,53 +120,102 @@ def attention_layout(shapes, repeats: int) -> list[dict]:
     return rows
 
 
-# -------------------------------------------------------------- prefix blocks
-def prefix_blocks(batch: int, heads: int, kv_heads: int, max_length: int, steps, blocks, repeats: int) -> list[dict]:
-    """Self-attention of one step: whole masked cache vs prefix blocks."""
+# ---------------------------------------------------------------- prefix reads
+def blockwise_online_softmax(query, key, value, bias, index, block):
+    """Flash-decoding style alternative: a loop over cache blocks 0..index // block
+    (traced trip count), merged with an online softmax. Query `[b, 1, h, d]`,
+    key `[b, g, d, L]`, value `[b, g, L, d]`, bias `[1, h, 1, L]`."""
+    batch, _, heads, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    bias = bias.reshape(1, kv_heads, heads // kv_heads, -1)
+    offsets = jnp.arange(block)
+
+    def step(i, carry):
+        top, total, acc = carry
+        start = i * block
+        k = jax.lax.dynamic_slice_in_dim(key, start, block, axis=3)  # a copy on XLA:CPU
+        v = jax.lax.dynamic_slice_in_dim(value, start, block, axis=2)
+        logits = jnp.einsum("bgrd,bgdk->bgrk", q, k) + jax.lax.dynamic_slice_in_dim(bias, start, block, axis=3)
+        logits = jnp.where(start + offsets <= index, logits, -1e10)
+        new_top = jnp.maximum(top, logits.max(-1))
+        scale = jnp.exp(top - new_top)
+        probs = jnp.exp(logits - new_top[..., None])
+        return (new_top, total * scale + probs.sum(-1),
+                acc * scale[..., None] + jnp.einsum("bgrk,bgkd->bgrd", probs, v))
+
+    init = (jnp.full(q.shape[:3], -1e30), jnp.zeros(q.shape[:3]), jnp.zeros(q.shape))
+    _, total, acc = jax.lax.fori_loop(0, index // block + 1, step, init)
+    return (acc / total[..., None]).reshape(batch, 1, heads, dim)
+
+
+def prefix_reads(batch: int, heads: int, kv_heads: int, max_length: int, steps, repeats: int) -> list[dict]:
+    """Self-attention of one step at position `step`: ms of
+    * the whole `max_length` cache read in one masked pass (before),
+    * the segment's cache (`self_attention_segments`: as long as the segment
+      holding `step`) read in one masked pass (what decoding does),
+    * blocks of 32 up to `step` merged by an online softmax (rejected)."""
     rng = np.random.default_rng(1)
     query = _random(rng, (batch, 1, heads, 64))
     bias = _random(rng, (1, heads, 1, max_length))
     k = _random(rng, (batch, kv_heads, 64, max_length))
     v = _random(rng, (batch, kv_heads, max_length, 64))
-    position_bytes = 2 * batch * kv_heads * 64 * 4  # K + V of one position
+    ends = decode_attention.self_attention_segments(max_length)
 
-    @jax.jit
     def masked(query, k, v, bias, index):
-        mask = (jnp.arange(max_length) <= index)[None, None, None, :]
+        mask = (jnp.arange(k.shape[3]) <= index)[None, None, None, :]
         return decode_attention.cached_attention(query, k, v, bias, mask)
 
+    fn = jax.jit(masked)
+    blocks = jax.jit(blockwise_online_softmax, static_argnums=5)
     rows = []
     for step in steps:
+        end = next(e for e in ends if e > step)
         index = jnp.asarray(step, jnp.int32)
+        seg = (query, k[..., :end] + 0, v[:, :, :end] + 0, bias[..., :end] + 0, index)
         row = {"batch": batch, "heads": heads, "kv_heads": kv_heads, "max_length": max_length, "step": step,
-               "written_bytes": (step + 1) * position_bytes,
-               "masked_whole_cache_ms": 1e3 * _best(masked, query, k, v, bias, index, repeats=repeats)}
-        for block in blocks:
-            fn = jax.jit(lambda q, k, v, b, i, block=block: decode_attention.prefix_attention(
-                q, k, v, b, i, block_size=block))
-            row[f"prefix_block_{block}_ms"] = 1e3 * _best(fn, query, k, v, bias, index, repeats=repeats)
+               "segment_end": end,
+               "whole cache, masked (before) ms": 1e3 * _best(fn, query, k, v, bias, index, repeats=repeats),
+               "segment cache, masked (now) ms": 1e3 * _best(fn, *seg, repeats=repeats),
+               "blocks of 32, online softmax ms": 1e3 * _best(blocks, query, k, v, bias, index, 32, repeats=repeats)}
         rows.append(row)
-        print(f"[prefix] L={max_length} step {step}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")), flush=True)
+        print(f"[prefix] L={max_length} kv={kv_heads} step {step}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in row.items() if k.endswith("ms")), flush=True)
     return rows
 
 
 # ------------------------------------------------------------ weight products
 def weight_products(shapes, repeats: int) -> list[dict]:
-    """GB/s (weight bytes / time) of `[batch, in] x [in, out]` formulations."""
+    """GB/s (weight bytes / time) of `[batch, in] x [in, out]` formulations.
+
+    Variants are timed in interleaved rounds (load from other processes falls
+    on all alike), fastest round kept. 'transpose once' is the one-time cost
+    of the `[out, in]` copy (`decoding.decode_kernels`), in ms.
+    """
     rng = np.random.default_rng(2)
     forms = {
-        "einsum x.W (layers.Dense)": lambda x, w: jnp.einsum("bi,io->bo", x, w),
-        "dot_general W^T.x^T": lambda x, w: jax.lax.dot_general(w, x, (((0,), (1,)), ((), ()))).T,
-        "multiply-reduce": lambda x, w: jnp.sum(x[:, :, None] * w[None], axis=1),
+        "x . W[in,out] (before)": lambda x, w, wt: jnp.einsum("bi,io->bo", x, w),
+        "W^T[out,in] . x^T, out-major (layers.out_major_matmul)": lambda x, w, wt: layers.out_major_matmul(x, wt),
+        "W[in,out] as lhs, out-major": lambda x, w, wt: jax.lax.dot_general(w, x, (((0,), (1,)), ((), ()))),
+        "multiply-reduce over W^T": lambda x, w, wt: jnp.sum(wt[:, None, :] * x[None], axis=-1).T,
     }
     rows = []
     for batch, n_in, n_out in shapes:
         x = _random(rng, (batch, n_in))
         w = _random(rng, (n_in, n_out))
+        wt = jnp.asarray(np.ascontiguousarray(np.asarray(w).T))
+        fns = {name: jax.jit(fn) for name, fn in forms.items()}
+        best = {name: float("inf") for name in fns}
+        for fn in fns.values():
+            jax.block_until_ready(fn(x, w, wt))
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(x, w, wt))
+                best[name] = min(best[name], time.perf_counter() - start)
         row = {"batch": batch, "in": n_in, "out": n_out, "weight_mb": w.nbytes / 2**20}
-        for name, fn in forms.items():
-            row[name] = w.nbytes / _best(jax.jit(fn), x, w, repeats=repeats) / _GB
+        row.update({name: w.nbytes / seconds / _GB for name, seconds in best.items()})
+        row["transpose once (ms)"] = 1e3 * _best(jax.jit(jnp.transpose), w, repeats=max(2, repeats // 4))
         rows.append(row)
         print(f"[weights] {batch}x{n_in}x{n_out}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in row.items() if isinstance(v, float) and k != "weight_mb"), flush=True)
@@ -215,13 +268,13 @@ def _markdown(results: dict) -> str:
     lines += ["| shape | batch | heads | kv heads | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
     lines += [f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['kv_heads']} | " + " | ".join(
         f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
-    lines += ["", "## Self-attention of one step: whole masked cache vs prefix blocks (ms)", ""]
-    rows = results["prefix_blocks"]
-    cols = [k for k in rows[0] if k.endswith("_ms")]
-    lines += ["| batch | heads | kv heads | max length | step | written MB | " + " | ".join(cols) + " |",
+    lines += ["", "## Prefix reads: self-attention of one step at position `step` (ms)", ""]
+    rows = results["prefix_reads"]
+    cols = [k for k in rows[0] if k.endswith("ms")]
+    lines += ["| batch | heads | kv heads | max length | step | segment end | " + " | ".join(cols) + " |",
               "|" + "---|" * (6 + len(cols))]
     lines += [f"| {r['batch']} | {r['heads']} | {r['kv_heads']} | {r['max_length']} | {r['step']} | "
-              f"{r['written_bytes'] / 2**20:.1f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for r in rows]
+              f"{r['segment_end']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |" for r in rows]
     lines += ["", "## Weight products at decode batch sizes (GB/s of weight bytes)", ""]
     rows = results["weight_products"]
     cols = [k for k in rows[0] if k not in ("batch", "in", "out", "weight_mb")]
@@ -247,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
     started = benchmark.machine_info()
-    machine = {**started, **benchmark.measure_machine()}
+    machine = {**started, **roofline.measure_machine()}
     print(f"[machine] {machine['cpu']}: bandwidth {machine['bandwidth_gbs']}, "
           f"matmul peak {machine['matmul_peak_gflops']} GFLOP/s", flush=True)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -258,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     if "layout" in sections:
         results["attention_layout"] = attention_layout(layout_shapes, args.repeats)
     if "prefix" in sections:
-        results["prefix_blocks"] = []
+        results["prefix_reads"] = []
         for max_length, steps in ((128, (15, 63, 127)), (512, (63, 255, 511))):
             for kv in (16, 8, 1):
-                results["prefix_blocks"] += prefix_blocks(16, 16, kv, max_length, steps, (16, 32, 64, 128), args.repeats)
+                results["prefix_reads"] += prefix_reads(16, 16, kv, max_length, steps, args.repeats)
             if args.quick:
                 break
     if "weights" in sections:

@@ -18,9 +18,9 @@ T5X projections and the decoding cache around them.
 Decoding (`decode=True`) keeps, per layer (`decode_attention.py` explains the
 layout and how a step reads it):
 * self-attention: `cached_key` `[batch, kv_heads, head_dim, length]`,
-  `cached_value` `[batch, kv_heads, length, head_dim]` and `cache_index`; a
-  step reads only the blocks written so far (`length` is `max_length` rounded
-  up to whole blocks);
+  `cached_value` `[batch, kv_heads, length, head_dim]` and `cache_index`; the
+  decoding loop hands each segment of steps a cache only as long as its last
+  step needs, so a step reads about the positions written so far;
 * encoder-decoder attention: `cached_key` `[cache_batch, kv_heads, head_dim,
   enc_len]` and `cached_value` `[cache_batch, kv_heads, enc_len, head_dim]`,
   projected ONCE from the encoder output (T5X recomputes them at every step);
@@ -412,10 +412,10 @@ class MultiHeadDotProductAttention(nn.Module):
     ) -> None:
         """Creates this layer's decoding cache (the layout of `decode_attention`).
 
-        Self-attention: zero `cached_key` `[batch, kv_heads, head_dim, length]`
-        and `cached_value` `[batch, kv_heads, length, head_dim]`, with `length`
-        `max_length` rounded up to whole blocks (`decode_attention.cache_blocks`),
-        and `cache_index = 0`. Cross-attention: keys and values projected once
+        Self-attention: zero `cached_key` `[batch, kv_heads, head_dim,
+        max_length]` and `cached_value` `[batch, kv_heads, max_length,
+        head_dim]`, and `cache_index = 0` (the decoding loop may hand a step a
+        shorter cache, as long as the steps it runs need). Cross-attention: keys and values projected once
         from `inputs_kv` (the encoder output, one row per example; `batch` is
         then unused and may be a multiple of it, e.g. examples x beams).
 
@@ -433,8 +433,7 @@ class MultiHeadDotProductAttention(nn.Module):
             self.put_variable("cache", CACHED_VALUE,
                               decode_attention.value_to_cache_layout(value).astype(self.dtype))
             return
-        block_size, num_blocks = decode_attention.cache_blocks(max_length)
-        length = block_size * num_blocks
+        length = max_length
         key_shape = (batch, self.num_kv_heads, self.head_dim, length)
         value_shape = (batch, self.num_kv_heads, length, self.head_dim)
         self.put_variable("cache", CACHED_KEY, jnp.zeros(key_shape, self.dtype))
@@ -486,10 +485,10 @@ class MultiHeadDotProductAttention(nn.Module):
         self.put_variable("cache", CACHED_KEY, key)
         self.put_variable("cache", CACHED_VALUE, value)
         self.put_variable("cache", CACHE_INDEX, index + 1)
-        block_size, _ = decode_attention.cache_blocks(key.shape[3])
-        return decode_attention.prefix_attention(
-            query, key, value, bias, index, block_size=block_size, dtype=self.dtype
-        )
+        # Only positions written so far are visible; the cache is as long as
+        # this segment of steps needs (decoding.py), and read in one pass.
+        step_mask = (jnp.arange(key.shape[3]) <= index)[None, None, None, :]  # [1, 1, 1, length]
+        return decode_attention.cached_attention(query, key, value, bias, step_mask, dtype=self.dtype)
 
     def __call__(
         self,

@@ -1,4 +1,4 @@
-"""Single-query attention over the decoding cache: its layout, prefix blocks, shared beams.
+"""Single-query attention over the decoding cache: its layout, prefix-only reads, shared beams.
 
 A decode step attends from one query position per sequence to a cache of
 keys/values. The step is memory-bound, so this module is about how the cache
@@ -13,21 +13,27 @@ is stored and read:
   pair ran the single-query contractions 3-8x faster than the training layout
   `[batch, length, kv_heads, head_dim]` and 1-5x faster than keys and values
   both in either layout (`scripts/microbench_decode.py`, docs/bench_micro.md).
-* **Prefix blocks.** Self-attention at step `i` needs positions `0..i` only.
-  `prefix_attention` loops (a `lax.fori_loop` with a traced trip count,
-  inside the decoding `while_loop`) over fixed-size blocks of the cache up to
-  the one holding position `i`, combining blocks with an online softmax (the
-  flash-decoding recurrence), so a step reads about `i + block` positions
-  instead of the whole `max_length`.
+* **Written prefix only.** Self-attention at step `i` needs positions
+  `0..i`. The decoding loop (`decoding.py`) runs in segments of steps and
+  gives each segment a self-attention cache exactly as long as the segment's
+  last step needs (`self_attention_segments`; the cache is resized once per
+  segment). A step then reads the whole, short, cache in one masked pass:
+  `i + 1` positions rounded up to the segment end instead of `max_length`.
+  XLA:CPU cannot read a block of the cache without first copying it (a
+  dynamic slice is a copy, at 7-20 GB/s), so a loop over blocks inside the
+  step with an online softmax (flash-decoding's recurrence) ran 1.5-4x
+  slower than one masked pass over the whole cache, and did not save time
+  (docs/bench_micro.md, "prefix reads").
 * **Shared rows (beams).** `cached_attention` lets several query rows share
   one cache row: with `beam_size` beams per example the encoder-decoder
   keys/values are stored once per example and the beams' queries are folded
   into the query axis of that example (read once per step for all beams,
   never copied or gathered).
 
-Both functions compute what `attention.grouped_dot_product_attention` computes
-over the same keys/values (tests/model/test_decode_attention.py checks them
-against it): float32 logits and softmax, no 1/sqrt(head_dim) scaling (T5).
+`cached_attention` computes what `attention.grouped_dot_product_attention`
+computes over the same keys/values (tests/model/test_decode_attention.py
+checks it against it): float32 logits and softmax, no 1/sqrt(head_dim)
+scaling (T5).
 """
 
 from __future__ import annotations
@@ -42,13 +48,10 @@ Array = jax.Array
 
 # Additive logit of a masked position (as in attention.py).
 MASK_VALUE = -1e10
-# Running maximum before any block (finite, so exp(m_old - m_new) is 0, never NaN).
-_INITIAL_MAX = -1e30
-# Positions per self-attention block. 32 keeps the prefix over-read under 32
-# positions and a block of a batch-16 MHA layer (K + V, 16 heads x 64) at
-# 4 MiB, while the per-block loop overhead stays below ~2% of a step
-# (docs/bench_micro.md, "prefix blocks").
-DEFAULT_BLOCK = 32
+# Self-attention segments: at least this many positions each, at most
+# MAX_SEGMENTS of them (each segment compiles its own copy of the step).
+MIN_SEGMENT = 32
+MAX_SEGMENTS = 8
 
 
 def key_to_cache_layout(key: Array) -> Array:
@@ -61,26 +64,32 @@ def value_to_cache_layout(value: Array) -> Array:
     return jnp.transpose(value, (0, 2, 1, 3))
 
 
-def cache_blocks(max_length: int, block: int = DEFAULT_BLOCK) -> tuple[int, int]:
-    """Block size and block count of a self-attention cache for `max_length` steps.
+def self_attention_segments(max_length: int, min_segment: int = MIN_SEGMENT,
+                            max_segments: int = MAX_SEGMENTS) -> tuple[int, ...]:
+    """Self-attention cache length of each segment of a `max_length`-step decode.
 
-    The cache is `num_blocks * block_size` long: the fewest blocks of at most
-    `block` positions, as equal as possible, so it over-allocates fewer than
-    `num_blocks` positions.
+    Segment `s` runs the steps from the previous segment's end to its own
+    end, with a cache of `end` positions: equal segments of at least
+    `min_segment` positions, at most `max_segments` of them, the last ending
+    at `max_length`. A step at position `i` reads `end >= i + 1` positions
+    (fewer than `i + 1 + segment`).
 
     Args:
-      max_length: Decoding steps the cache must hold (> 0).
-      block: Largest block size (> 0).
+      max_length: Decoding steps (> 0).
+      min_segment: Smallest segment (> 0).
+      max_segments: Largest number of segments (> 0).
 
     Returns:
-      `(block_size, num_blocks)`.
+      The increasing segment ends, e.g. `(32, 64, 96, 128)` for 128 steps.
     """
-    if max_length < 1 or block < 1:
+    if min(max_length, min_segment, max_segments) < 1:
         raise ValueError(
-            f"max_length={max_length} and block={block} must both be >= 1."
+            f"max_length={max_length}, min_segment={min_segment} and max_segments={max_segments} "
+            "must all be >= 1."
         )
-    num_blocks = math.ceil(max_length / block)
-    return math.ceil(max_length / num_blocks), num_blocks
+    count = max(1, min(max_segments, max_length // min_segment))
+    size = math.ceil(max_length / count)
+    return tuple(min(size * (k + 1), max_length) for k in range(math.ceil(max_length / size)))
 
 
 def _grouped_query(query: Array, kv_heads: int, rows_per_cache_row: int) -> Array:
@@ -181,79 +190,3 @@ def cached_attention(
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum("bgrk,bgkd->bgrd", weights, value.astype(dtype))
     return _ungrouped_output(out, batch, q_len, heads)
-
-
-def prefix_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    bias: Array | None,
-    index: Array,
-    *,
-    block_size: int,
-    dtype: Any = jnp.float32,
-) -> Array:
-    """One query per row over cache positions `0..index`, block by block.
-
-    Loops over the cache's blocks `0..index // block_size` (a traced trip
-    count) and merges them with an online softmax: per block, logits `s`,
-    running maximum `m' = max(m, max s)`, sum `l' = l e^(m - m') + sum
-    e^(s - m')` and output `o' = o e^(m - m') + e^(s - m') V`; the result is
-    `o / l`. Blocks past the one holding `index` are never read.
-
-    Args:
-      query: `[batch, 1, heads, head_dim]`.
-      key: `[batch, kv_heads, head_dim, length]`, length a multiple of
-        block_size.
-      value: `[batch, kv_heads, length, head_dim]`.
-      bias: Additive, `[batch or 1, heads, 1, length]` (T5's relative
-        position bias of this step) or None.
-      index: Scalar int, the position of the query (the last written one).
-      block_size: Positions per block.
-      dtype: Dtype of the weights and the output (statistics are float32).
-
-    Returns:
-      `[batch, 1, heads, head_dim]`.
-    """
-    batch, q_len, heads, head_dim = query.shape
-    _, kv_heads, _, length = key.shape
-    if q_len != 1:
-        raise ValueError(f"prefix_attention takes one query per row; got query {query.shape}.")
-    if length % block_size:
-        raise ValueError(
-            f"The cache length {length} is not a multiple of block_size={block_size}; "
-            "size the cache with decode_attention.cache_blocks."
-        )
-    group = heads // kv_heads
-    grouped = _grouped_query(query.astype(jnp.float32), kv_heads, 1)  # [b, g, group, d]
-    if bias is not None:
-        bias = _grouped_logit_term(bias.astype(jnp.float32), kv_heads, heads, 1)  # [b or 1, g, group, k]
-    offsets = jnp.arange(block_size, dtype=jnp.int32)
-
-    def block(i, carry):
-        running_max, running_sum, acc = carry
-        start = i * block_size
-        k = jax.lax.dynamic_slice_in_dim(key, start, block_size, axis=3)  # [b, g, d, blk]
-        v = jax.lax.dynamic_slice_in_dim(value, start, block_size, axis=2)  # [b, g, blk, d]
-        logits = jnp.einsum("bgrd,bgdk->bgrk", grouped, k.astype(jnp.float32))  # [b, g, group, blk]
-        if bias is not None:
-            logits = logits + jax.lax.dynamic_slice_in_dim(bias, start, block_size, axis=3)
-        logits = jnp.where(start + offsets <= index, logits, MASK_VALUE)
-        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))  # [b, g, group]
-        correction = jnp.exp(running_max - new_max)
-        probs = jnp.exp(logits - new_max[..., None])
-        running_sum = running_sum * correction + jnp.sum(probs, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum(
-            "bgrk,bgkd->bgrd", probs.astype(dtype), v.astype(dtype)
-        ).astype(jnp.float32)
-        return new_max, running_sum, acc
-
-    init = (
-        jnp.full((batch, kv_heads, group), _INITIAL_MAX, jnp.float32),
-        jnp.zeros((batch, kv_heads, group), jnp.float32),
-        jnp.zeros((batch, kv_heads, group, head_dim), jnp.float32),
-    )
-    num_blocks = index // block_size + 1
-    _, running_sum, acc = jax.lax.fori_loop(0, num_blocks, block, init)
-    out = (acc / running_sum[..., None]).astype(dtype)  # [b, g, group, d]
-    return _ungrouped_output(out, batch, 1, heads)

@@ -10,7 +10,11 @@ once per (config, decoding spec, shapes):
 * `init_cache(params, encoded) -> cache` (cross-attention K/V projected here,
   once per example: beam search's beams share them);
 * `run(params, cache, encoder_input_tokens, rng) -> DecodeResult`, a
-  `lax.while_loop` that stops as soon as every sequence has emitted EOS.
+  `lax.while_loop` that stops as soon as every sequence has emitted EOS. It
+  runs in segments of steps, each with a self-attention cache only as long as
+  its last step needs (`decode_attention.self_attention_segments`), so a step
+  reads about the positions written so far; on CPU its steps multiply by the
+  decoder kernels transposed once per run (`decode_kernels`).
 
 T5 conventions: the decoder starts from id 0 (padding), EOS is id 1, tokens
 after EOS are 0. Encoder inputs are padded with 0 (masked out). Rows whose
@@ -36,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5x.model import attention
+from gqa_t5x.model import decode_attention
 from gqa_t5x.model import layers
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
@@ -252,6 +258,50 @@ def _step_fn(model: network.Transformer, params: Any, encoder_input_tokens: Arra
     return step
 
 
+def _resize_self_cache(cache: Any, length: int) -> Any:
+    """The cache with its self-attention keys/values cut or zero-padded to `length`.
+
+    Keys `[rows, kv_heads, head_dim, L]` along their last axis, values
+    `[rows, kv_heads, L, head_dim]` along their third; `key_positions`
+    (whose shape tells a step the length) becomes `arange(length)`. The
+    encoder-decoder keys/values and the scalars are kept.
+    """
+
+    def resize(keypath, leaf):
+        path = param_tree.keypath_str(keypath)
+        name = path.split("/")[-1]
+        if name == "key_positions":
+            return jnp.arange(length, dtype=leaf.dtype)
+        if param_tree.is_cross_attention(path) or name not in (attention.CACHED_KEY, attention.CACHED_VALUE):
+            return leaf
+        axis = 3 if name == attention.CACHED_KEY else 2
+        if leaf.shape[axis] >= length:
+            return jax.lax.slice_in_dim(leaf, 0, length, axis=axis)
+        pad = [(0, 0)] * leaf.ndim
+        pad[axis] = (0, length - leaf.shape[axis])
+        return jnp.pad(leaf, pad)
+
+    return jax.tree_util.tree_map_with_path(resize, cache)
+
+
+def _segmented_while_loop(cond: Any, body: Any, state: tuple, segments: tuple[int, ...]) -> tuple:
+    """`lax.while_loop(cond, body, state)` run segment by segment.
+
+    `state[0]` is the step and `state[1]` the cache. Before the segment that
+    ends at step `end`, the self-attention cache is resized to `end`
+    positions (positions written so far are kept), so each step reads its
+    written prefix rounded up to the segment end rather than the whole
+    `max_decode_length` (`decode_attention.self_attention_segments`). A loop
+    that has stopped early stays stopped: later segments run no step.
+    """
+    for end in segments:
+        state = (state[0], _resize_self_cache(state[1], end), *state[2:])
+        state = jax.lax.while_loop(
+            lambda s, end=end: jnp.logical_and(cond(s), s[0] < end), body, state
+        )
+    return state
+
+
 def _lengths(tokens: Array, eos_id: int | None, padding_row: Array) -> Array:
     """Tokens up to and including the first EOS (all of them without one).
 
@@ -329,7 +379,8 @@ def _sample_loop(
         jnp.zeros((batch,), jnp.float32),
         rng,
     )
-    steps, _, _, seqs, _, log_prob, _ = jax.lax.while_loop(cond, body, state)
+    segments = decode_attention.self_attention_segments(length)
+    steps, _, _, seqs, _, log_prob, _ = _segmented_while_loop(cond, body, state, segments)
     return DecodeResult(
         seqs, log_prob, log_prob, _lengths(seqs, spec.eos_id, padding_row), steps
     )
@@ -444,7 +495,7 @@ def _beam_loop(
         jnp.zeros((batch, k), jnp.bool_),  # finished flags
         jnp.full((batch, k), NEG_INF, jnp.float32),  # finished log-probs
     )
-    state = jax.lax.while_loop(cond, body, state)
+    state = _segmented_while_loop(cond, body, state, decode_attention.self_attention_segments(length))
     steps, _, alive_seqs, alive_lp, fin_seqs, fin_scores, fin_flags, fin_lp = state
     # Alive beams that reached the length limit compete with finished ones.
     alive_scores = jnp.where(steps >= length, alive_lp / max_penalty, NEG_INF)

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from gqa_t5x.model import attention
-from gqa_t5x.model import decode_attention
 from gqa_t5x.model import layers
 from gqa_t5x.model.config import T5Config, resolve_dtype
 
@@ -222,11 +221,9 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.init_cache(rows, max_length, encoded)
         self.put_variable("cache", "position", jnp.array(0, dtype=jnp.int32))
-        # Its static shape tells decoding steps the cache length (max_length
-        # rounded up to whole blocks; positions past max_length stay unread).
-        block_size, num_blocks = decode_attention.cache_blocks(max_length)
-        self.put_variable("cache", "key_positions",
-                          jnp.arange(block_size * num_blocks, dtype=jnp.int32))
+        # Its static shape tells decoding steps the self-attention cache length
+        # (the decoding loop resizes both per segment of steps).
+        self.put_variable("cache", "key_positions", jnp.arange(max_length, dtype=jnp.int32))
 
     def __call__(
         self,
@@ -408,9 +405,8 @@ class Transformer(nn.Module):
         """Creates the decoding cache (call with `mutable=['cache']`).
 
         Decoder self-attention caches (keys `[batch * beam_size, kv_heads,
-        head_dim, length]`, values `[batch * beam_size, kv_heads, length,
-        head_dim]`, length = max_decode_length rounded up to whole blocks)
-        start at zero; encoder-decoder keys/values (`[batch, kv_heads,
+        head_dim, max_decode_length]`, values `[batch * beam_size, kv_heads,
+        max_decode_length, head_dim]`) start at zero; encoder-decoder keys/values (`[batch, kv_heads,
         head_dim, enc_len]` / `[batch, kv_heads, enc_len, head_dim]`) are
         projected here, once, from `encoded`, and shared by an example's beams.
 

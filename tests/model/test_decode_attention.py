@@ -67,18 +67,18 @@ def test_beams_sharing_a_cache_row_equal_attention_over_the_row_repeated_per_bea
     np.testing.assert_allclose(np.asarray(shared), np.asarray(reference), atol=2e-6)
 
 
-def test_cache_blocks_are_at_most_the_block_size_and_cover_the_length_with_under_one_block_spare():
-    assert decode_attention.cache_blocks(128, 32) == (32, 4)
-    assert decode_attention.cache_blocks(100, 32) == (25, 4)
-    assert decode_attention.cache_blocks(33, 32) == (17, 2)
-    assert decode_attention.cache_blocks(5, 32) == (5, 1)
-    for length in range(1, 300):
-        size, count = decode_attention.cache_blocks(length, 32)
-        assert size <= 32 and length <= size * count < length + count
-        # A cache's own length gives back its blocks (the step re-derives them).
-        assert decode_attention.cache_blocks(size * count, 32) == (size, count)
-    with pytest.raises(ValueError, match="must both be >= 1"):
-        decode_attention.cache_blocks(0)
+def test_segments_end_at_the_length_are_equal_and_at_least_the_minimum_and_at_most_the_cap():
+    assert decode_attention.self_attention_segments(128) == (32, 64, 96, 128)
+    assert decode_attention.self_attention_segments(512) == (64, 128, 192, 256, 320, 384, 448, 512)
+    assert decode_attention.self_attention_segments(14) == (14,)
+    assert decode_attention.self_attention_segments(100, 32, 8) == (34, 68, 100)
+    for length in range(1, 600, 7):
+        ends = decode_attention.self_attention_segments(length)
+        assert ends[-1] == length and list(ends) == sorted(set(ends)) and len(ends) <= 8
+        sizes = np.diff((0,) + ends)
+        assert sizes.max() - sizes[:-1].min(initial=sizes.max()) <= 0 and (len(ends) == 1 or sizes[0] >= 32)
+    with pytest.raises(ValueError, match="must all be >= 1"):
+        decode_attention.self_attention_segments(0)
 
 
 def _masked_reference(query, key, value, bias, index):
@@ -89,54 +89,20 @@ def _masked_reference(query, key, value, bias, index):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
-@pytest.mark.parametrize("block_size", [1, 4, 12])
-def test_blockwise_prefix_attention_equals_the_masked_full_cache_attention(kv_heads, block_size):
+def test_reading_only_the_written_prefix_equals_the_masked_full_cache_attention(kv_heads):
     rng = np.random.default_rng(2)
     batch, length = 2, 12
     query = rng.standard_normal((batch, 1, HEADS, HEAD_DIM)).astype(np.float32)
     key, value = _kv(rng, batch, length, kv_heads)
-    key[0] *= 4.0  # large logits: the online softmax must rescale its running sums
+    key[0] *= 4.0  # large logits
     bias = rng.standard_normal((1, HEADS, 1, length)).astype(np.float32)
-    cached_key, cached_value = _to_cache(key, value)
-    prefix = jax.jit(decode_attention.prefix_attention, static_argnames=("block_size",))
-    for index in range(length):  # first position, block boundaries, last position
-        ours = prefix(query, cached_key, cached_value, bias, jnp.int32(index), block_size=block_size)
-        expected = _masked_reference(query, key, value, bias, index)
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=2e-6, err_msg=f"index {index}")
-
-
-def test_prefix_attention_never_reads_the_blocks_after_the_current_one():
-    rng = np.random.default_rng(3)
-    batch, length, block_size = 2, 16, 4
-    query = rng.standard_normal((batch, 1, HEADS, HEAD_DIM)).astype(np.float32)
-    key, value = _kv(rng, batch, length, 2)
-    for index in (0, 3, 5, 10):
-        first_unread = (index // block_size + 1) * block_size
-        poisoned_key, poisoned_value = key.copy(), value.copy()
-        poisoned_key[:, first_unread:] = np.nan  # any read of these would make the output NaN
-        poisoned_value[:, first_unread:] = np.nan
-        ours = decode_attention.prefix_attention(
-            query, *_to_cache(poisoned_key, poisoned_value), None, jnp.int32(index), block_size=block_size)
-        assert np.isfinite(np.asarray(ours)).all(), index
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(_masked_reference(query, key, value, None, index)),
-                                   atol=2e-6)
-    # The check can fail: NaN inside the block being read does reach the output.
-    poisoned_value = value.copy()
-    poisoned_value[:, 0] = np.nan
-    out = decode_attention.prefix_attention(query, *_to_cache(key, poisoned_value), None, jnp.int32(1),
-                                            block_size=block_size)
-    assert np.isnan(np.asarray(out)).any()
-
-
-def test_prefix_attention_rejects_a_cache_that_is_not_whole_blocks_and_several_queries():
-    rng = np.random.default_rng(4)
-    key, value = _to_cache(*_kv(rng, 1, 10, 2))
-    query = np.zeros((1, 1, HEADS, HEAD_DIM), np.float32)
-    with pytest.raises(ValueError, match="not a multiple of block_size=4"):
-        decode_attention.prefix_attention(query, key, value, None, jnp.int32(0), block_size=4)
-    with pytest.raises(ValueError, match="one query per row"):
-        decode_attention.prefix_attention(np.zeros((1, 2, HEADS, HEAD_DIM), np.float32), key, value, None,
-                                          jnp.int32(0), block_size=5)
+    for index in range(length):
+        for prefix in sorted({index + 1, min(length, index + 3), length}):  # a segment ending at or after index
+            mask = (np.arange(prefix) <= index)[None, None, None, :]
+            ours = decode_attention.cached_attention(
+                query, *_to_cache(key[:, :prefix], value[:, :prefix]), bias[..., :prefix], mask)
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(_masked_reference(query, key, value, bias, index)),
+                                       atol=2e-6, err_msg=f"index {index}, prefix {prefix}")
 
 
 def test_cached_attention_names_a_cache_in_the_wrong_layout():

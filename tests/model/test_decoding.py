@@ -269,6 +269,43 @@ def test_beam_search_with_shared_cross_attention_kv_equals_beam_search_with_copi
     assert int(shared.steps) == int(copied.steps)
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_segmented_decoding_reading_written_prefixes_equals_one_segment_over_the_whole_cache(model, method, monkeypatch):
+    config, params, enc = model
+    spec = decoding.DecodingSpec(method, MAX_LEN, beam_size=3)
+    # MAX_LEN = 14 steps in segments of 4: the cache is resized to 4, 8, 12, 14.
+    monkeypatch.setattr(decoding.decode_attention, "self_attention_segments", lambda n: (4, 8, 12, 14))
+    decoding.compile_decoding.cache_clear()
+    segmented = decoding.decode(config, params, enc, spec)
+    monkeypatch.setattr(decoding.decode_attention, "self_attention_segments", lambda n: (n,))
+    decoding.compile_decoding.cache_clear()
+    whole = decoding.decode(config, params, enc, spec)
+    decoding.compile_decoding.cache_clear()
+    np.testing.assert_array_equal(np.asarray(segmented.tokens), np.asarray(whole.tokens))
+    np.testing.assert_allclose(np.asarray(segmented.scores), np.asarray(whole.scores), atol=1e-5)
+    assert int(segmented.steps) == int(whole.steps)
+
+
+def test_resizing_the_self_attention_cache_keeps_written_positions_and_the_cross_cache():
+    config = _config(2)
+    model = network.Transformer(config)
+    encoded = jnp.ones((3, 5, 32), jnp.float32)
+    _, variables = model.apply({"params": network.init_params(config)}, encoded, 6,
+                               method=network.Transformer.init_decode_cache, mutable=["cache"])
+    cache = jax.tree_util.tree_map(lambda x: x + 1.0 if x.ndim == 4 else x, variables["cache"])
+    short = param_tree.flatten(decoding._resize_self_cache(cache, 4))
+    longer = param_tree.flatten(decoding._resize_self_cache(cache, 9))
+    flat = param_tree.flatten(cache)
+    key, value = "decoder/layers_0/self_attention/cached_key", "decoder/layers_0/self_attention/cached_value"
+    assert short[key].shape == (3, 2, 8, 4) and short[value].shape == (3, 2, 4, 8)
+    np.testing.assert_array_equal(np.asarray(short[key]), np.asarray(flat[key])[..., :4])
+    np.testing.assert_array_equal(np.asarray(longer[value])[:, :, :6], np.asarray(flat[value]))
+    assert not np.asarray(longer[value])[:, :, 6:].any()
+    np.testing.assert_array_equal(np.asarray(longer["decoder/key_positions"]), np.arange(9))
+    cross = "decoder/layers_0/encoder_decoder_attention/cached_key"
+    assert short[cross] is flat[cross] and longer[cross].shape == (3, 2, 8, 5)
+
+
 def test_decode_steps_over_transposed_kernels_equal_steps_over_the_params(model):
     config, params, enc = model
     kernels = decoding.decode_kernels(params)
