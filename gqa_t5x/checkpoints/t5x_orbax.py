@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from gqa_t5x.model.config import T5Config
 from gqa_t5x.checkpoints import registry, zarr_io
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
@@ -32,7 +31,12 @@ from gqa_t5x.checkpoints.base import (
     CheckpointReader,
     CorruptCheckpointError,
 )
-from gqa_t5x.checkpoints.t5x_legacy import CHECKPOINT_FILE, is_msgpack_map, scan_msgpack_file
+from gqa_t5x.checkpoints.t5x_legacy import (
+    CHECKPOINT_FILE,
+    is_msgpack_map,
+    scan_msgpack_file,
+)
+from gqa_t5x.model.config import T5Config
 from gqa_t5x.storage import paths
 from gqa_t5x.storage.paths import Path, PathLike
 
