@@ -62,8 +62,12 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="Source checkpoint: T5X (legacy/Orbax), Mesh TF, HuggingFace or ours.")
     parser.add_argument("--output", help="Directory of the converted checkpoint (our format).")
     parser.add_argument("--num_kv_heads", type=int, help="Key/value heads of decoder self- and cross-attention.")
-    parser.add_argument("--method", default="mean", help="Conversion method (see docs/conversion.md): "
+    parser.add_argument("--method", default="mean", help="A registered conversion method (docs/conversion.md): "
                         "mean (paper), first, random (paper ablations), align, ...")
+    parser.add_argument("--source_format", "--format", dest="source_format", default=None,
+                        help="Format of --source when its directory holds several (e.g. gqa_t5x, huggingface).")
+    parser.add_argument("--allow_unusual_values", action="store_true",
+                        help="Convert even if source values are non-finite or |x| > 1e4 (a corrupt file, usually).")
     parser.add_argument("--convert_encoder", action="store_true", help="Also convert encoder self-attention.")
     parser.add_argument("--encoder_num_kv_heads", type=int, help="Encoder target with --convert_encoder (default: --num_kv_heads).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of methods that draw random numbers.")
@@ -74,7 +78,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     if args.gin_file or args.gin_bindings:
-        given = [f"--{k}" for k in ("source", "output", "num_kv_heads") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("source", "output", "num_kv_heads", "source_format") if getattr(args, k) is not None]
         if given:
             raise UsageError(
                 f"{', '.join(given)} cannot be combined with --gin_file; bind "
@@ -99,6 +103,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         seed=args.seed,
+        allow_unusual_values=args.allow_unusual_values,
+        source_format=args.source_format,
     )
     print(
         f"Wrote {args.output}: num_heads={config.num_heads}, "
@@ -112,6 +118,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="Checkpoint to export (any readable format).")
     parser.add_argument("--format", required=True, choices=("huggingface",), help="Output format.")
+    parser.add_argument("--source_format", default=None,
+                        help="Format of --checkpoint when its directory holds several.")
     parser.add_argument("--output", required=True, help="Output directory.")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="Tensor dtype.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing directory at --output.")
@@ -119,11 +127,11 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from gqa_t5x.checkpoints import hf_export
+    from gqa_t5x import checkpoints
 
-    path = hf_export.export_huggingface_checkpoint(
+    path = checkpoints.export_huggingface_checkpoint(
         args.checkpoint, args.output, overwrite=args.overwrite, dtype=args.dtype,
-        progress=not args.no_progress,
+        progress=not args.no_progress, format=args.source_format,
     )
     print(f"Wrote HuggingFace T5ForConditionalGeneration to {path}.")
     return 0

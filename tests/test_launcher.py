@@ -77,7 +77,6 @@ def converted(shared_dir, tmp_path_factory):
     """A random tiny T5.1.1 at step 1000, converted to GQA-2 (mean pooling)."""
     from gqa_t5x import checkpoints
     from gqa_t5x import conversion
-    from gqa_t5x import gin_config
     from gqa_t5x.model import network
 
     root = tmp_path_factory.mktemp("e2e")

@@ -24,16 +24,30 @@ silently:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from gqa_t5x.model.config import T5Config
 from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
 
-FORMATS = ("t5x_legacy", "t5x_orbax", "mesh_tf", "huggingface", "gqa_t5x")
+# Sub-layers of a T5 block in the order Mesh TensorFlow (`layer_000`, ...) and
+# HuggingFace (`layer.0`, ...) number them: (T5X module, its pre-norm). Both
+# formats' name maps are built on it.
+SUBLAYERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "encoder": (
+        (param_tree.ENCODER_ATTENTION, "pre_attention_layer_norm"),
+        ("mlp", "pre_mlp_layer_norm"),
+    ),
+    "decoder": (
+        (param_tree.DECODER_SELF_ATTENTION, "pre_self_attention_layer_norm"),
+        (param_tree.DECODER_CROSS_ATTENTION, "pre_cross_attention_layer_norm"),
+        ("mlp", "pre_mlp_layer_norm"),
+    ),
+}
 
 
 class CheckpointError(ValueError):
@@ -48,8 +62,8 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file is truncated, corrupted or inconsistent."""
 
 
-class CheckpointExistsError(CheckpointError, FileExistsError):
-    """The destination of a write already holds a checkpoint or other files."""
+class IncompleteCheckpointError(CorruptCheckpointError):
+    """A checkpoint directory whose write never finished (or a partial copy)."""
 
 
 def _first(shapes: Mapping[str, tuple[int, ...]], *candidates: str) -> tuple[str, tuple[int, ...]] | None:
@@ -313,17 +327,18 @@ class CheckpointReader:
     canonical shapes they found; `_load(key)` reads one tensor in T5X layout.
 
     Attributes:
-      format: 't5x_legacy' | 't5x_orbax' | 'mesh_tf' | 'huggingface' | 'gqa_t5x'.
-      path: the checkpoint's path as resolved by `open_checkpoint`.
+      format: the registered format name (see `registry.format_names()`).
+      path: the checkpoint's path (local or gs:// URL) as resolved by
+        `open_checkpoint`.
       config: the model config (inferred or given).
       step: training step recorded in the checkpoint, if any.
     """
 
     format: str = ""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         return_freed_buffers_to_os()
-        self.path = path
+        self.path = os.fspath(path)
         self.config: T5Config | None = None
         self.step: int | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -408,7 +423,7 @@ class CheckpointReader:
             self._closed = True
             self._close()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
