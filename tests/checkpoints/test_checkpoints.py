@@ -533,7 +533,7 @@ def test_huggingface_beside_a_t5x_checkpoint_file_is_ambiguous_until_a_format_is
     with pytest.raises(checkpoints.AmbiguousCheckpointError) as info:
         checkpoints.open_checkpoint(both)
     message = str(info.value)
-    assert "huggingface" in message and "t5x_legacy" in message and "format=" in message and "--format" in message
+    assert "huggingface" in message and "t5x_legacy" in message and "format=" in message and "--source_format" in message
     with checkpoints.open_checkpoint(both, format="huggingface") as reader:
         np.testing.assert_array_equal(reader.read("token_embedder/embedding"), hf["token_embedder/embedding"])
     with checkpoints.open_checkpoint(both, format="t5x_legacy") as reader:
