@@ -25,6 +25,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from gqa_t5x.data import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
@@ -128,8 +130,18 @@ def get_dataset(
 
 
 def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates a batched dataset as dicts of int32 numpy arrays."""
-    for batch in ds.as_numpy_iterator():
+    """Iterates a batched dataset as dicts of int32 numpy arrays.
+
+    Raises:
+      DataError: a record could not be read (the reader's message, not the
+        TensorFlow error wrapping it).
+    """
+    iterator = ds.as_numpy_iterator()
+    while True:
+        with errors.surface_data_errors():
+            batch = next(iterator, None)
+        if batch is None:
+            return
         yield {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
 
