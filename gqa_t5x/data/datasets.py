@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import jax
 import numpy as np
@@ -144,7 +143,3 @@ def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
             return
         yield {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
-
-def describe_batch(batch: Mapping[str, Any]) -> str:
-    """'name[shape]' for each feature (for logs)."""
-    return ", ".join(f"{k}{list(np.shape(v))}" for k, v in sorted(batch.items()))

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 import seqio
 import tensorflow as tf
 
+from gqa_t5x.data import vocabularies
+
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -309,7 +311,7 @@ def span_corruption(
         dataset,
         noise_density=noise_density,
         mean_noise_span_length=mean_noise_span_length,
-        first_sentinel=vocabulary.vocab_size - 1,
+        first_sentinel=vocabularies.sentinel_id(vocabulary, 0),
     )
 
 
