@@ -160,7 +160,8 @@ def test_finetune_on_cnn_sample_writes_rouge_and_keeps_the_best_checkpoint(finet
     best = list((model_dir / "best").glob("checkpoint_*"))
     assert len(best) == 1
     assert "DROPOUT_RATE = 0.1" in (model_dir / "config.gin").read_text()
-    assert "[eval] step 1050" in proc.stdout and "best         rouge1" in proc.stdout
+    assert "[eval] step 1050" in proc.stdout
+    assert "best         gqa_cnn_dailymail/rouge1" in proc.stdout
 
 
 def test_eval_run_mode_scores_a_training_checkpoint(finetuned, shared_dir, tmp_path):

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from gqa_t5x.data import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +129,17 @@ def get_dataset(
 
 
 def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates a batched dataset as dicts of int32 numpy arrays."""
-    for batch in ds.as_numpy_iterator():
+    """Iterates a batched dataset as dicts of int32 numpy arrays.
+
+    Raises:
+      DataError: a record could not be read (the reader's message, not the
+        TensorFlow error wrapping it).
+    """
+    iterator = ds.as_numpy_iterator()
+    while True:
+        with errors.surface_data_errors():
+            batch = next(iterator, None)
+        if batch is None:
+            return
         yield {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
-
-def describe_batch(batch: Mapping[str, Any]) -> str:
-    """'name[shape]' for each feature (for logs)."""
-    return ", ".join(f"{k}{list(np.shape(v))}" for k, v in sorted(batch.items()))

@@ -18,12 +18,14 @@ not the paper's results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
 
 from gqa_t5x import gin_config, launcher
-from gqa_t5x.data import local_corpus
+from gqa_t5x.data import local_corpus, metrics, preprocessors, task_table, tasks
+from gqa_t5x.data.sources import SourceSpec
 from gqa_t5x.experiments import report
 from gqa_t5x.experiments import sweep
 
@@ -64,6 +66,32 @@ def _vocab_size(pieces: int) -> int:
     return -(-(pieces + 100) // 128) * 128
 
 
+def docstring_task(gin_file: Path, s: QuickstartSettings) -> task_table.TaskSpec:
+    """Docstring summarisation (body -> one-line summary), ROUGE-1, as a task."""
+    return task_table.TaskSpec(
+        name="gqa_docstring_summary",
+        key="docstring_summary",
+        feature_lengths={"inputs": s.input_length, "targets": s.target_length},
+        source=SourceSpec("docstring_summary_data", {"article": False, "highlights": False},
+                          splits=("train", "validation")),
+        text_preprocessors=(functools.partial(
+            preprocessors.summarize, article_key="article", summary_key="highlights"),),
+        metric_fns=(metrics.rouge,),
+        primary_metric="rouge1",
+        gin_file=str(gin_file),
+    )
+
+
+def write_task_gin(path: Path, spec: task_table.TaskSpec) -> Path:
+    """The task gin of `spec` (MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS)."""
+    path.write_text(
+        f"# Written by `gqa-t5x quickstart`: the {spec.key} task.\n"
+        f"MIXTURE_OR_TASK_NAME = {spec.name!r}\n"
+        f"TASK_FEATURE_LENGTHS = {dict(spec.feature_lengths)!r}\n"
+    )
+    return path
+
+
 def write_experiment_gin(path: Path, data: dict[str, Path], s: QuickstartSettings) -> Path:
     """The quickstart's experiment gin: model shape, data locations, lengths."""
     files = {
@@ -77,7 +105,7 @@ from gqa_t5x.data import tasks
 
 VOCAB_PATH = {json.dumps(str(data['vocab']))}
 tasks.c4_data.files = {json.dumps(files['c4'])}
-tasks.cnn_dailymail_data.files = {json.dumps(files['summ'])}
+tasks.docstring_summary_data.files = {json.dumps(files['summ'])}
 
 network.T5Config:
   vocab_size = {_vocab_size(s.vocab_pieces)}
@@ -121,6 +149,9 @@ def run_quickstart(output_dir: str | Path, settings: QuickstartSettings | None =
         data = {k: data_dir / f"{k}.jsonl" for k in
                 ("pretrain_train", "pretrain_validation", "summarize_train", "summarize_validation")}
         data["vocab"] = data_dir / "spm.model"
+    task = docstring_task(out / "docstring_summary.gin", s)
+    write_task_gin(out / "docstring_summary.gin", task)
+    tasks.register_task(task)  # before any gin file binds its data location
     experiment = write_experiment_gin(out / "quickstart.gin", data, s)
     model_gin = str(gin_config.GIN_DIR / "models" / "t5_1_1" / "small.gin")
 

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gqa_t5x.data import task_table
 from gqa_t5x.experiments import paper
 
 RESULTS_FILE = "results.json"
@@ -82,6 +83,11 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
     return result
 
 
+def paper_task_columns() -> dict[str, str]:
+    """Task key -> Table 1 column label, in the paper's order (the task table)."""
+    return {spec.key: spec.paper_column for spec in task_table.paper_tasks()}
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -94,12 +100,12 @@ def average(scores: dict[str, float], tasks: Sequence[str] | None = None) -> flo
 
 def extra_tasks(results: Sequence[dict[str, Any]]) -> list[str]:
     """Tasks scored by the runs that are not among the paper's seven."""
-    return sorted({t for r in results for t in r["scores"]} - set(paper.TASKS))
+    return sorted({t for r in results for t in r["scores"]} - set(paper_task_columns()))
 
 
 def columns(results: Sequence[dict[str, Any]]) -> list[str]:
     """Table 1's columns, then one per extra task (e.g. the quickstart's)."""
-    return ["model", "time", "avg", *paper.TASK_COLUMNS.values(), *extra_tasks(results)]
+    return ["model", "time", "avg", *paper_task_columns().values(), *extra_tasks(results)]
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,10 +119,10 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "model": r["name"],
             "time": r.get("time_per_sample"),
-            "avg": average(r["scores"], [*paper.TASKS, *extras]),
+            "avg": average(r["scores"], [*paper_task_columns(), *extras]),
         }
-        for task in paper.TASKS:
-            row[paper.TASK_COLUMNS[task]] = r["scores"].get(task)
+        for task, column in paper_task_columns().items():
+            row[column] = r["scores"].get(task)
         for task in extras:
             row[task] = r["scores"].get(task)
         rows.append(row)
@@ -133,7 +139,7 @@ def _fmt(value: Any, digits: int) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -> str:
     """Table 1 as markdown; the paper's rows follow ours when asked."""
-    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper_task_columns().values()]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -151,14 +157,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -
         lines.append("| *paper (T5.1.1, TPUv4):* |" + " |" * (len(columns) - 1))
         for name, entry in paper.TABLE1.items():
             cells = [f"{name} (paper)", _fmt(entry["time"], 2), _fmt(entry["avg"], 1)]
-            cells += [_fmt(entry["scores"][t], 1) for t in paper.TASKS]
+            cells += [_fmt(entry["scores"][t], 1) for t in paper_task_columns()]
             cells += ["-"] * (len(columns) - len(cells))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper_task_columns().values()]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -33,21 +33,7 @@ from typing import Any
 import gin
 
 from gqa_t5x import gin_config, launcher
-
-# Task key (report column) -> (task gin, metric used for model selection and Table 1).
-TASKS: dict[str, tuple[str, str]] = {
-    "cnn_dailymail": ("gin/tasks/cnn_dailymail.gin", "rouge1"),
-    "arxiv": ("gin/tasks/arxiv.gin", "rouge1"),
-    "pubmed": ("gin/tasks/pubmed.gin", "rouge1"),
-    "mediasum": ("gin/tasks/mediasum.gin", "rouge1"),
-    "multi_news": ("gin/tasks/multi_news.gin", "rouge1"),
-    "wmt14_ende": ("gin/tasks/wmt14_ende.gin", "bleu"),
-    "triviaqa": ("gin/tasks/triviaqa.gin", "f1"),
-    # The quickstart's docstring summarisation, fed through the CNN/DM task's
-    # local-file path (`tasks.cnn_dailymail_data.files`).
-    "docstring_summary": ("gin/tasks/cnn_dailymail.gin", "rouge1"),
-}
-
+from gqa_t5x.data import task_table
 
 @gin.configurable(module="gqa_t5x.experiments.sweep")
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +47,7 @@ class SweepSpec:
       num_kv_heads: Values of G; num_heads itself is the MHA point.
       methods: Conversion methods (mean, first, random, align).
       alphas: Uptraining proportions (0 = convert and fine-tune directly).
-      tasks: Fine-tuning/evaluation task keys (see `TASKS`).
+      tasks: Fine-tuning/evaluation task keys (`gqa_t5x.data.task_table`).
       gin_files: Extra gin files for every training/eval stage (data
         locations, CPU-sized lengths, ...), after the run gin.
       uptrain_bindings: Extra bindings of the uptraining stage.
@@ -115,9 +101,10 @@ class SweepSpec:
         unknown = sorted(set(self.methods) - set(conversion.METHODS))
         if unknown:
             raise ValueError(f"SweepSpec.methods has unknown method(s) {unknown}; known: {list(conversion.METHODS)}.")
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        known = [spec.key for spec in task_table.task_specs() if spec.primary_metric and spec.gin_file]
+        unknown = sorted(set(self.tasks) - set(known))
         if unknown:
-            raise ValueError(f"SweepSpec.tasks has unknown task(s) {unknown}; known: {list(TASKS)}.")
+            raise ValueError(f"SweepSpec.tasks has unknown task(s) {unknown}; known: {known}.")
         if any(a < 0 for a in self.alphas):
             raise ValueError(f"SweepSpec.alphas must be >= 0; got {list(self.alphas)}.")
 
@@ -286,7 +273,8 @@ class Runner:
         done = self._done(run_dir, f"eval_{task}")
         if done:
             return done["score"]
-        task_gin, metric = TASKS[task]
+        spec = task_table.by_key(task)
+        task_gin, metric = spec.gin_file, spec.primary_metric
         model_dir = run_dir / f"finetune_{task}"
         request = _train_launch(self.spec, "gin/runs/finetune.gin", [task_gin], point.gin_kv_heads, model_dir, initial,
                            ["TRAIN_STEPS=@gqa_t5x.training.trainer.steps_after_checkpoint()",

@@ -21,9 +21,11 @@ import seqio
 import tensorflow as tf
 
 from gqa_t5x import checkpoints
-from gqa_t5x.model import param_tree
 from gqa_t5x.data import datasets
+from gqa_t5x.data import errors
 from gqa_t5x.model import models
+from gqa_t5x.model import param_tree
+
 
 def _batches(
     dataset: tf.data.Dataset, batch_size: int
@@ -100,7 +102,10 @@ def make_evaluator(
       num_examples: Evaluate on the first N examples only.
 
     Returns:
-      The evaluator (its datasets are cached at construction).
+      The evaluator (its datasets are read and cached at construction).
+
+    Raises:
+      DataError: the evaluation data cannot be read.
     """
     datasets.get_task_or_mixture(cfg)
     if output_dir:
@@ -108,18 +113,19 @@ def make_evaluator(
     loggers: Sequence[type[seqio.Logger]] = (
         (seqio.JSONLogger, seqio.TensorBoardLogger) if output_dir else ()
     )
-    return seqio.Evaluator(
-        mixture_or_task_name=cfg.mixture_or_task_name,
-        feature_converter=seqio.EncDecFeatureConverter(pack=False),
-        eval_split=cfg.split,
-        use_cached=cfg.use_cached,
-        seed=cfg.seed,
-        sequence_length=dict(cfg.task_feature_lengths),
-        num_examples=num_examples,
-        shuffle=False,
-        logger_cls=loggers,
-        log_dir=output_dir,
-    )
+    with errors.surface_data_errors():
+        return seqio.Evaluator(
+            mixture_or_task_name=cfg.mixture_or_task_name,
+            feature_converter=seqio.EncDecFeatureConverter(pack=False),
+            eval_split=cfg.split,
+            use_cached=cfg.use_cached,
+            seed=cfg.seed,
+            sequence_length=dict(cfg.task_feature_lengths),
+            num_examples=num_examples,
+            shuffle=False,
+            logger_cls=loggers,
+            log_dir=output_dir,
+        )
 
 
 def run_evaluator(
@@ -163,6 +169,7 @@ def evaluate(
     output_dir: str,
     num_examples: int | None = None,
     max_decode_length: int | None = None,
+    on_validated: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluates one checkpoint (`--run_mode=eval`, T5X `eval.evaluate`).
 
@@ -174,9 +181,14 @@ def evaluate(
       output_dir: Where metrics (`metrics.json`, seqio logs) are written.
       num_examples: Evaluate only the first N examples.
       max_decode_length: Output length (default: the targets' length).
+      on_validated: Called once the checkpoint is loaded and the evaluation
+        data is read, before anything is decoded or written.
 
     Returns:
       {task: {metric: value}}.
+
+    Raises:
+      DataError: the evaluation data cannot be read.
     """
     if not checkpoint_path:
         raise ValueError("CHECKPOINT_PATH is required for --run_mode=eval.")
@@ -189,9 +201,10 @@ def evaluate(
         config.replace(dtype=model.config.dtype, dropout_rate=model.config.dropout_rate)
     )
     params = jax.tree_util.tree_map(np.asarray, param_tree.unflatten(flat))
-    tf.io.gfile.makedirs(output_dir)  # Local or gs://.
     start = time.time()
     evaluator = make_evaluator(dataset_cfg, output_dir, num_examples)
+    if on_validated is not None:
+        on_validated()
     metrics = run_evaluator(
         evaluator, model, params, step=step,
         batch_size=datasets.host_batch_size(dataset_cfg),
