@@ -3,11 +3,14 @@
     config, params = convert(config, params, num_kv_heads=8, method="mean")
     convert_checkpoint(src, dst, 8, method="align")    # streaming, any format
     register_method(ConversionMethod("name", fn, KEY_VALUE, "doc"))   # a new method
+    stats = collect_statistics(config, params, batches)          # for data-aware methods
+    convert_checkpoint(src, dst, 1, method="lsq", calibration=stats)
 
 Modules: `methods` (the registry and the built-in methods), `plan` (what a
 conversion changes), `converter` (in memory and streaming), `alignment`
-(align's maths), `value_limits` (plausibility of source values). See
-docs/conversion.md.
+(align's maths), `least_squares` (lsq's maths), `calibration` (statistics of
+the source model for data-aware methods), `value_limits` (plausibility of
+source values). See docs/conversion.md.
 """
 
 from gqa_t5x.conversion.alignment import (
@@ -16,7 +19,13 @@ from gqa_t5x.conversion.alignment import (
     group_rotations,
     rotate_heads,
 )
+from gqa_t5x.conversion.calibration import (
+    collect_statistics,
+    load_statistics,
+    save_statistics,
+)
 from gqa_t5x.conversion.converter import convert, convert_checkpoint
+from gqa_t5x.conversion.least_squares import least_squares_pool
 from gqa_t5x.conversion.methods import (
     ALL_PROJECTIONS,
     KEY_VALUE,
@@ -54,6 +63,7 @@ __all__ = [
     "align_rotations",
     "attention_error",
     "check_values",
+    "collect_statistics",
     "convert",
     "convert_attention",
     "convert_checkpoint",
@@ -61,10 +71,13 @@ __all__ = [
     "get_method",
     "group_heads",
     "group_rotations",
+    "least_squares_pool",
+    "load_statistics",
     "merge_heads",
     "plan_conversion",
     "register_method",
     "registered_methods",
     "rotate_heads",
+    "save_statistics",
     "split_attention_path",
 ]

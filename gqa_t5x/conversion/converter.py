@@ -14,12 +14,14 @@ Gin: `gin/runs/convert.gin` binds `converter.convert_checkpoint` directly
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from gqa_t5x import checkpoints
+from gqa_t5x.conversion import calibration as calibration_stats
 from gqa_t5x.conversion.methods import convert_attention, get_method
 from gqa_t5x.conversion.plan import plan_conversion, split_attention_path
 from gqa_t5x.conversion.value_limits import check_values
@@ -38,6 +40,7 @@ def convert(
     seed: int = 0,
     *,
     encoder_num_kv_heads: int | None = None,
+    calibration: str | calibration_stats.Statistics | None = None,
 ) -> tuple[T5Config, dict[str, Any]]:
     """Converts in-memory parameters to grouped-query attention.
 
@@ -51,6 +54,9 @@ def convert(
       seed: Seed of methods that draw random numbers.
       encoder_num_kv_heads: Encoder target when `convert_encoder` (default:
         `num_kv_heads`).
+      calibration: Calibration statistics (a `.npz` path or the mapping
+        `calibration.collect_statistics` returns), required by data-aware
+        methods such as `lsq`.
 
     Returns:
       (new_config, new_params). Parameters the conversion does not change are
@@ -64,6 +70,7 @@ def convert(
         encoder_num_kv_heads=encoder_num_kv_heads,
         seed=seed,
     )
+    statistics = _layer_statistics(plan, calibration)
     flat = param_tree.flatten(params)
     expected = param_tree.param_shapes(config)
     missing = [p for p in expected if p not in flat]
@@ -80,10 +87,34 @@ def convert(
             method=method,
             seed=plan.seed,
             path=prefix,
+            statistics=statistics.get(prefix),
         )
         for p, kernel in converted.items():
             out[f"{prefix}/{p}/kernel"] = kernel
     return plan.target, param_tree.unflatten(out)
+
+
+def _layer_statistics(plan: Any, calibration: Any) -> dict[str, Any]:
+    """The statistics of each converted layer; checks coverage for data-aware methods.
+
+    A conversion that changes no layer (G = the source's kv heads) needs none.
+    """
+    statistics = dict(calibration_stats.resolve(calibration) or {})
+    if get_method(plan.method).needs_calibration and plan.layers:
+        if not statistics:
+            raise ValueError(
+                f"Method {plan.method!r} needs calibration statistics of the source model: pass "
+                "calibration=PATH (gin: converter.convert_checkpoint.calibration) written by "
+                "gqa_t5x.conversion.calibration.save_statistics."
+            )
+        missing = [prefix for prefix in plan.layers if prefix not in statistics]
+        if missing:
+            raise ValueError(
+                f"The calibration statistics lack {len(missing)} converted layer(s), e.g. "
+                f"{missing[:3]}; they have {sorted(statistics)[:3]}... Collect them on the "
+                "source checkpoint."
+            )
+    return statistics
 
 
 def convert_checkpoint(
@@ -100,6 +131,7 @@ def convert_checkpoint(
     on_param: Callable[[str], None] | None = None,
     allow_unusual_values: bool = False,
     source_format: str | None = None,
+    calibration: str | calibration_stats.Statistics | None = None,
 ) -> T5Config:
     """Converts a checkpoint on disk, streaming one attention layer at a time.
 
@@ -128,6 +160,9 @@ def convert_checkpoint(
         |x| > `value_limits.MAX_ABS_VALUE` (otherwise an error naming the
         parameter).
       source_format: Read `source` as this format when it holds several.
+      calibration: Calibration statistics of the source (a local `.npz` path
+        or a mapping, see `calibration.py`), required by data-aware methods
+        such as `lsq` (gin: `converter.convert_checkpoint.calibration`).
 
     Returns:
       The config of the converted checkpoint.
@@ -137,7 +172,8 @@ def convert_checkpoint(
       FileExistsError: `output` holds a checkpoint and `overwrite` is False,
         or holds anything else.
       ValueError: invalid method / head counts, `output` inside `source`, a
-        corrupted source or unusual values (nothing is written).
+        corrupted source, unusual values, or calibration statistics missing
+        for a method that needs them (nothing is written).
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +191,7 @@ def convert_checkpoint(
             encoder_num_kv_heads=encoder_num_kv_heads,
             seed=seed,
         )
+        statistics = _layer_statistics(plan, calibration)
 
         def read(key: str) -> np.ndarray:
             array = reader.read(key)
@@ -173,6 +210,8 @@ def convert_checkpoint(
                 "source_encoder_num_kv_heads": plan.source.encoder_kv_heads,
                 "encoder_num_kv_heads": plan.target.encoder_kv_heads,
                 "optimizer_state": "fresh (not carried over)",
+                "calibration": str(calibration) if isinstance(calibration, (str, os.PathLike)) else (
+                    "in memory" if calibration is not None else None),
             }
         }
         target_shapes = param_tree.param_shapes(plan.target)
@@ -201,6 +240,7 @@ def convert_checkpoint(
                             method=method,
                             seed=plan.seed,
                             path=prefix,
+                            statistics=statistics.get(prefix),
                         )
                         del kernels
                     array = layer_out.pop(proj)

@@ -19,6 +19,11 @@ returns new kernels for exactly those projections: key/value `[emb, G*d]`
 (groups are contiguous: group g holds source heads g*S/G .. (g+1)*S/G - 1),
 query/out in their source shapes. `convert_attention` checks both sides.
 Methods are only called for layers whose kv head count changes.
+
+A data-aware method (`needs_calibration=True`, e.g. `lsq`) also reads
+`layer.statistics`: the layer's calibration statistics
+(`calibration.collect_statistics`), which the converters pass from their
+`calibration=` argument.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from gqa_t5x.conversion.alignment import align_rotations, rotate_heads, split_heads
+from gqa_t5x.conversion.least_squares import least_squares_pool
 from gqa_t5x.model import param_tree
 
 KEY_VALUE: tuple[str, ...] = ("key", "value")
@@ -47,6 +53,9 @@ class AttentionLayer:
       source_kv_heads: S, key/value heads of the source kernels.
       target_kv_heads: G, a divisor of S.
       seed: the conversion's seed (for methods that draw random numbers).
+      statistics: the layer's calibration statistics ({'query_second_moment':
+        [emb, emb], 'tokens': count}), or None; given to every method when
+        the conversion has them, required by `needs_calibration` methods.
     """
 
     path: str
@@ -55,6 +64,7 @@ class AttentionLayer:
     source_kv_heads: int
     target_kv_heads: int
     seed: int
+    statistics: Mapping[str, np.ndarray] | None = None
 
 
 MethodFunction = Callable[[Mapping[str, np.ndarray], AttentionLayer], dict[str, np.ndarray]]
@@ -70,12 +80,15 @@ class ConversionMethod:
       projections: the kernels it reads and rewrites: `KEY_VALUE`, or
         `ALL_PROJECTIONS` for methods that also change query/out (align).
       doc: one line for `--help` and the docs.
+      needs_calibration: the method reads `layer.statistics` (calibration
+        statistics of the source model), so a conversion must pass them.
     """
 
     name: str
     convert: MethodFunction
     projections: tuple[str, ...]
     doc: str
+    needs_calibration: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -189,6 +202,13 @@ def _align(kernels: Mapping[str, np.ndarray], layer: AttentionLayer) -> dict[str
     return out
 
 
+def _lsq(kernels: Mapping[str, np.ndarray], layer: AttentionLayer) -> dict[str, np.ndarray]:
+    pooled = least_squares_pool(
+        dict(kernels), layer.statistics["query_second_moment"], num_heads=layer.num_heads,
+        head_dim=layer.head_dim, target_kv_heads=layer.target_kv_heads)
+    return {"query": kernels["query"], "key": pooled["key"], "value": pooled["value"], "out": kernels["out"]}
+
+
 register_method(ConversionMethod(
     "mean", _mean, KEY_VALUE, "mean of the group's key (value) heads (the paper)"))
 register_method(ConversionMethod(
@@ -198,9 +218,31 @@ register_method(ConversionMethod(
 register_method(ConversionMethod(
     "align", _align, ALL_PROJECTIONS,
     "rotate heads into a common basis (query/out too), then mean (beyond the paper)"))
+register_method(ConversionMethod(
+    "lsq", _lsq, ALL_PROJECTIONS,
+    "least-squares pooling weighted by calibration query statistics (keys) and the "
+    "out projection (values); needs calibration (beyond the paper)",
+    needs_calibration=True))
 
 
 # ------------------------------------------------------------ one layer
+def _check_statistics(statistics: Mapping[str, np.ndarray] | None, path: str, method: str,
+                      emb: int | None) -> None:
+    if statistics is None:
+        raise ValueError(
+            f"{path}: method {method!r} needs calibration statistics of the source model "
+            "(calibration=PATH of gqa_t5x.conversion.calibration.save_statistics; gin: "
+            "converter.convert_checkpoint.calibration); none were given for this layer."
+        )
+    moment = statistics.get("query_second_moment")
+    if moment is None or (emb is not None and np.shape(moment) != (emb, emb)):
+        raise ValueError(
+            f"{path}: the calibration statistics for method {method!r} need a "
+            f"'query_second_moment' of shape ({emb}, {emb}); got "
+            f"{None if moment is None else np.shape(moment)}."
+        )
+
+
 def divisors(n: int) -> list[int]:
     """The divisors of n, ascending (the valid kv head counts for n heads)."""
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -215,6 +257,7 @@ def convert_attention(
     method: str = "mean",
     seed: int = 0,
     path: str = "",
+    statistics: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Converts one attention layer's kernels to `target_kv_heads` kv heads.
 
@@ -228,15 +271,20 @@ def convert_attention(
       method: a registered method name (see `METHODS`).
       seed: Seed of methods that draw random numbers.
       path: The layer's prefix; keys the random stream and names errors.
+      statistics: The layer's calibration statistics (required by methods
+        with `needs_calibration`, e.g. `lsq`).
 
     Returns:
       Float32 kernels for exactly the method's projections.
 
     Raises:
       ValueError: unknown method, kernels missing or misshapen, G not a
-        divisor of S, or a method returning other kernels or shapes.
+        divisor of S, calibration statistics missing or misshapen for a
+        method that needs them, or a method returning other kernels or shapes.
     """
     chosen = get_method(method)
+    if chosen.needs_calibration:
+        _check_statistics(statistics, path, method, np.shape(kernels["key"])[0] if "key" in kernels else None)
     missing = [p for p in chosen.projections if p not in kernels]
     if missing:
         raise ValueError(f"{path}: method {method!r} needs the {missing} kernel(s) too.")
@@ -260,7 +308,7 @@ def convert_attention(
             raise ValueError(f"{path}/{p}/kernel has shape {inputs[p].shape}; expected {shape}.")
         if p in ("query", "out"):
             expected[p] = shape
-    layer = AttentionLayer(path, num_heads, head_dim, source_kv, target_kv_heads, int(seed))
+    layer = AttentionLayer(path, num_heads, head_dim, source_kv, target_kv_heads, int(seed), statistics)
     result = chosen.convert(inputs, layer)
     if set(result) != set(chosen.projections):
         raise ValueError(
