@@ -4,7 +4,7 @@
     gqa-t5x convert --gin_file=gin/runs/convert.gin --gin.SOURCE=\\"SRC\\" ...
     gqa-t5x export --checkpoint DST --format huggingface --output OUT
     gqa-t5x train|eval|infer --gin_file=... --gin.MACRO=value
-    gqa-t5x bench | sweep | quickstart | report ...
+    gqa-t5x bench | sweep | quickstart | report | reproduce ...
 
 `python -m gqa_t5x.main` is T5X's launcher command line (`--run_mode=...`)
 with the same flags and the same error policy (`launcher_main`).
@@ -272,13 +272,55 @@ def _run_sweep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------- quickstart
 def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="quickstart_out", help="Output directory (default: ./quickstart_out).")
-    parser.add_argument("--reduced", action="store_true", help="A minute-scale run (what the tests use).")
+    parser.add_argument("--reduced", action="store_true", help="A seconds-scale run (what the tests use).")
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
     from gqa_t5x.experiments import quickstart
 
-    quickstart.run_quickstart(args.output, quickstart.QuickstartSettings.reduced() if args.reduced else None)
+    settings = quickstart.reduced_settings() if args.reduced else None
+    command = f"{PROG} quickstart --output {args.output}" + (" --reduced" if args.reduced else "")
+    quickstart.run_quickstart(args.output, settings, command=command)
+    return 0
+
+
+# ---------------------------------------------------------------- reproduce
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True,
+                        help="Directory of the study's runs; rerun the same command to continue a stopped study.")
+    parser.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
+                        help="Seeds of uptraining/fine-tuning data order and random conversion (default 0,1,2).")
+    parser.add_argument("--pretrain_seed", type=int, default=100, help="Seed of pre-training (default 100).")
+    parser.add_argument("--report_dir", default=None,
+                        help="Where reproduction.md, reproduction.json and reproduction/*.png go (default: the "
+                             "repository's docs/, or OUTPUT/report with --reduced).")
+    parser.add_argument("--shared_dir", default=None,
+                        help="The shared data folder with data/wikipedia_en, data/c4, data/wmt_ende "
+                             "(default: $GQA_T5X_SHARED or ../shared beside the repository).")
+    parser.add_argument("--reduced", action="store_true", help="Seconds-scale sizes that check the machinery (tests).")
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments import reproduction, reproduction_settings
+
+    settings = reproduction_settings.StudySettings.reduced() if args.reduced else None
+    report_dir = args.report_dir or (None if args.reduced else str(gin_config.REPO_ROOT / "docs"))
+    command = " ".join([PROG, "reproduce", "--output", args.output, "--seeds", ",".join(map(str, args.seeds)),
+                        *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
+                        *(["--report_dir", args.report_dir] if args.report_dir else []),
+                        *(["--reduced"] if args.reduced else [])])
+    reproduction.run_study(args.output, settings=settings, seeds=args.seeds, pretrain_seed=args.pretrain_seed,
+                           shared_dir=args.shared_dir, report_dir=report_dir, command=command)
     return 0
 
 
@@ -318,6 +360,8 @@ COMMANDS: tuple[Command, ...] = (
             _quickstart_arguments, _run_quickstart),
     Command("report", "Collect run results into the paper's Table 1 and figures.",
             _report_arguments, _run_report),
+    Command("reproduce", "Run the GQA paper's study at small scale (resumable) and write its report.",
+            _reproduce_arguments, _run_reproduce),
 )
 
 

@@ -182,16 +182,35 @@ def _plt():
     return plt
 
 
+def panels(count: int = 2, width: float = 5.5) -> tuple[Any, list[Any]]:
+    """A figure with `count` side-by-side panels (ours first, the paper's last).
+
+    Args:
+      count: Number of panels.
+      width: Width of one panel (inches).
+
+    Returns:
+      (figure, [axes, ...]).
+    """
+    fig, axes = _plt().subplots(1, count, figsize=(width * count, 4.2), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Writes a figure as PNG and closes it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def _panels():
     """A figure with two panels: this run (left), the paper (right)."""
-    fig, (ours, ref) = _plt().subplots(1, 2, figsize=(11, 4.2))
+    fig, (ours, ref) = panels(2)
     return fig, ours, ref
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    save_figure(fig, path)
 
 
 def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:

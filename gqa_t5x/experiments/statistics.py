@@ -17,8 +17,8 @@ Two kinds of 95% interval, and the report always says which one it shows:
 
 `verdict` turns the interval of a difference into the study's wording:
 reproduced (excludes 0 in the paper's direction), not reproduced (excludes 0
-in the other direction) or inconclusive. `replication_probability` estimates
-how likely a re-run with new seeds reaches the same side of 0.
+in the other direction) or inconclusive. `same_verdict_probability` estimates
+how likely a re-run with new seeds puts the interval in the same place.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 INCONCLUSIVE = "inconclusive"
 SEEDS = "t over seeds"
+ROUNDS = "t over timing rounds"
 EXAMPLES = "bootstrap over examples"
 
 
@@ -101,15 +102,16 @@ def t_quantile(n: int, confidence: float = CONFIDENCE) -> float:
     return float(stats.t.ppf((1 + confidence) / 2, n - 1))
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE, kind: str = SEEDS) -> Interval:
     """Student-t interval of the mean of per-seed values.
 
     Args:
       values: One value per seed (at least 2).
       confidence: Coverage.
+      kind: What the values are replicates of (`SEEDS`, or `ROUNDS` of a timing).
 
     Returns:
-      An `Interval` of kind `SEEDS`.
+      An `Interval` of that kind.
 
     Raises:
       ValueError: fewer than 2 values, or a value that is not finite.
@@ -121,11 +123,11 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
         raise ValueError(f"t_interval got non-finite values {x.tolist()}.")
     mean, sd = float(x.mean()), float(x.std(ddof=1))
     half = t_quantile(x.size, confidence) * sd / math.sqrt(x.size)
-    return Interval(mean, mean - half, mean + half, int(x.size), SEEDS, sd)
+    return Interval(mean, mean - half, mean + half, int(x.size), kind, sd)
 
 
 def paired_t_interval(a: Sequence[float], b: Sequence[float],
-                      confidence: float = CONFIDENCE) -> Interval:
+                      confidence: float = CONFIDENCE, kind: str = SEEDS) -> Interval:
     """Interval of mean(a - b) from per-seed pairs (a[i] and b[i] share seed i).
 
     Args:
@@ -133,9 +135,10 @@ def paired_t_interval(a: Sequence[float], b: Sequence[float],
       b: Per-seed values of the second, in the same seed order (a single
         value is broadcast: a configuration without seed variance).
       confidence: Coverage.
+      kind: What the pairs are replicates of (`SEEDS` or `ROUNDS`).
 
     Returns:
-      An `Interval` of kind `SEEDS` for a - b.
+      An `Interval` of that kind for a - b.
     """
     a_arr, b_arr = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if b_arr.size == 1:
@@ -144,7 +147,7 @@ def paired_t_interval(a: Sequence[float], b: Sequence[float],
         a_arr = np.full_like(b_arr, float(a_arr.reshape(())))
     if a_arr.shape != b_arr.shape:
         raise ValueError(f"Paired values need the same seeds; got {a_arr.size} and {b_arr.size} values.")
-    return t_interval(a_arr - b_arr, confidence)
+    return t_interval(a_arr - b_arr, confidence, kind)
 
 
 def _check_sums(num: np.ndarray, den: np.ndarray) -> None:
@@ -189,6 +192,41 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], *, num_resamples
     return Interval(float(n_arr.sum() / d_arr.sum()), float(low), float(high), int(n_arr.size), EXAMPLES)
 
 
+def bootstrap_contrast(numerators: Sequence[Sequence[float]], denominators: Sequence[Sequence[float]],
+                       coefficients: Sequence[float], *, num_resamples: int = 2000, seed: int = 0,
+                       confidence: float = CONFIDENCE) -> Interval:
+    """Bootstrap of sum_i c_i sum(num_i) / sum(den_i), resampling the same examples for every i.
+
+    Args:
+      numerators: Per-example numerators of each configuration (same examples).
+      denominators: Their per-example denominators.
+      coefficients: c_i, e.g. (1, -1) for a difference.
+      num_resamples: Bootstrap resamples.
+      seed: Seed of the resampling.
+      confidence: Coverage.
+
+    Returns:
+      An `Interval` of kind `EXAMPLES`.
+    """
+    nums = [np.asarray(x, np.float64) for x in numerators]
+    dens = [np.asarray(x, np.float64) for x in denominators]
+    if not nums or len(nums) != len(dens) or len(nums) != len(coefficients):
+        raise ValueError("bootstrap_contrast needs one numerator, denominator and coefficient per configuration.")
+    for num, den in zip(nums, dens):
+        _check_sums(num, den)
+    if len({num.size for num in nums}) != 1:
+        raise ValueError(
+            f"A paired bootstrap needs the same examples; got {sorted({num.size for num in nums})} examples."
+        )
+    counts = _resamples(nums[0].size, num_resamples, seed)
+    stats = sum(c * (counts @ num) / np.maximum(counts @ den, 1e-12)
+                for c, num, den in zip(coefficients, nums, dens))
+    estimate = sum(c * num.sum() / den.sum() for c, num, den in zip(coefficients, nums, dens))
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(stats, [alpha, 1 - alpha])
+    return Interval(float(estimate), float(low), float(high), int(nums[0].size), EXAMPLES)
+
+
 def paired_bootstrap_ratio(num_a: Sequence[float], den_a: Sequence[float], num_b: Sequence[float],
                            den_b: Sequence[float], *, num_resamples: int = 2000, seed: int = 0,
                            confidence: float = CONFIDENCE) -> Interval:
@@ -204,20 +242,8 @@ def paired_bootstrap_ratio(num_a: Sequence[float], den_a: Sequence[float], num_b
     Returns:
       An `Interval` of kind `EXAMPLES` for a - b.
     """
-    arrays = [np.asarray(x, np.float64) for x in (num_a, den_a, num_b, den_b)]
-    _check_sums(arrays[0], arrays[1])
-    _check_sums(arrays[2], arrays[3])
-    if arrays[0].size != arrays[2].size:
-        raise ValueError(
-            f"Paired bootstrap needs the same examples; got {arrays[0].size} and {arrays[2].size}."
-        )
-    counts = _resamples(arrays[0].size, num_resamples, seed)
-    ratio_a = (counts @ arrays[0]) / np.maximum(counts @ arrays[1], 1e-12)
-    ratio_b = (counts @ arrays[2]) / np.maximum(counts @ arrays[3], 1e-12)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(ratio_a - ratio_b, [alpha, 1 - alpha])
-    estimate = arrays[0].sum() / arrays[1].sum() - arrays[2].sum() / arrays[3].sum()
-    return Interval(float(estimate), float(low), float(high), int(arrays[0].size), EXAMPLES)
+    return bootstrap_contrast([num_a, num_b], [den_a, den_b], [1.0, -1.0], num_resamples=num_resamples,
+                              seed=seed, confidence=confidence)
 
 
 def verdict(interval: Interval, expected_sign: int) -> str:
@@ -253,15 +279,15 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     return INCONCLUSIVE
 
 
-def replication_probability(interval: Interval, confidence: float = CONFIDENCE) -> float:
-    """Chance that a re-run with as many new seeds puts the interval on the same side of 0.
+def same_verdict_probability(interval: Interval, confidence: float = CONFIDENCE) -> float:
+    """Chance that a re-run with as many new seeds puts its interval in the same place.
 
-    For a seed interval: with estimated mean m and per-seed sd s over n
-    seeds, a re-run's mean is modelled as Normal(m, s^2 (1/n + 1/n)) (the
-    uncertainty of m plus the new sampling) and its half-width as
-    t s / sqrt(n); the result is P(|new mean| > half-width on the side of m).
-    An examples interval does not depend on seeds (the same checkpoint on the
-    same examples gives the same numbers): 1.0 if it excludes 0, else 0.0.
+    The places are: above 0, below 0, containing 0. For a seed interval with
+    mean m and per-seed sd s over n seeds, a re-run's mean is modelled as
+    Normal(m, 2 s^2 / n) (the uncertainty of m plus the new sampling) and its
+    half-width as t s / sqrt(n). An examples interval does not depend on
+    seeds (the same checkpoint on the same examples gives the same numbers),
+    so its probability is 1.
 
     Args:
       interval: The interval of a difference.
@@ -270,13 +296,13 @@ def replication_probability(interval: Interval, confidence: float = CONFIDENCE) 
     Returns:
       A probability in [0, 1].
     """
-    if interval.kind == EXAMPLES:
-        return 1.0 if interval.excludes_zero() else 0.0
-    if interval.n < 2 or interval.sd == 0.0:
-        return 1.0 if interval.excludes_zero() else 0.0
+    if interval.kind == EXAMPLES or interval.n < 2 or interval.sd == 0.0:
+        return 1.0
     from scipy import stats
 
-    se = interval.sd / math.sqrt(interval.n)
-    half = t_quantile(interval.n, confidence) * se
+    half = t_quantile(interval.n, confidence) * interval.sd / math.sqrt(interval.n)
     spread = interval.sd * math.sqrt(2.0 / interval.n)
-    return float(stats.norm.sf((half - abs(interval.mean)) / spread))
+    above = float(stats.norm.sf((half - interval.mean) / spread))
+    below = float(stats.norm.cdf((-half - interval.mean) / spread))
+    side = interval.excludes_zero()
+    return above if side == 1 else below if side == -1 else max(0.0, 1.0 - above - below)

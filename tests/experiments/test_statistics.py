@@ -53,9 +53,21 @@ def test_combined_verdict_needs_every_part():
     assert st.combine_verdicts([st.INCONCLUSIVE, st.NOT_REPRODUCED]) == st.NOT_REPRODUCED
 
 
-def test_replication_probability_grows_with_the_margin():
-    near = st.t_interval([0.10, 0.30, 0.50])  # mean 0.3, half-width ~0.5: contains 0
+def test_same_verdict_probability_grows_with_the_margin():
+    near = st.t_interval([0.30, 0.45, 0.60])  # excludes 0, but only just
     far = st.t_interval([1.00, 1.10, 1.20])
-    assert st.replication_probability(near) < 0.5 < 0.99 < st.replication_probability(far)
+    assert near.excludes_zero() == far.excludes_zero() == 1
+    assert st.same_verdict_probability(near) < 0.8 < 0.99 < st.same_verdict_probability(far)
+    around_zero = st.t_interval([-0.5, 0.0, 0.5])
+    assert 0.5 < st.same_verdict_probability(around_zero) < 1.0
     examples = st.Interval(0.2, 0.1, 0.3, 500, st.EXAMPLES)
-    assert st.replication_probability(examples) == 1.0
+    assert st.same_verdict_probability(examples) == 1.0
+
+
+def test_bootstrap_contrast_of_three_configurations_is_their_linear_combination():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 20, size=300).astype(float)
+    a, b, c = (rng.gamma(2.0, 1.0, size=300) * tokens for _ in range(3))
+    interval = st.bootstrap_contrast([a, b, c], [tokens] * 3, [1.0, -0.5, -0.5], num_resamples=300)
+    expected = a.sum() / tokens.sum() - 0.5 * b.sum() / tokens.sum() - 0.5 * c.sum() / tokens.sum()
+    assert interval.mean == pytest.approx(expected) and interval.low < expected < interval.high
