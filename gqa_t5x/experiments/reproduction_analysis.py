@@ -294,12 +294,14 @@ def pretraining_section(a: Analysis, output: Path) -> dict:
     section: dict[str, Any] = {"steps": s.pretrain_steps, "curve": points, "train_loss": train_loss}
     if len(points) >= 3:
         loss = [p[f"{s.primary_set}_loss"] for p in points]
-        early = (loss[0] - loss[1]) / period * 1000
-        late = (loss[-2] - loss[-1]) / period * 1000
-        section["flattening"] = {"early_drop_per_1k_steps": early, "final_drop_per_1k_steps": late,
-                                 "final_over_early": late / early if early else None,
-                                 "last_fifth_share_of_drop": (loss[-1 - max(1, len(loss) // 5)] - loss[-1])
-                                 / (loss[0] - loss[-1]) if loss[0] != loss[-1] else None}
+        steps = [p["step"] for p in points]
+        late = max(i for i, step in enumerate(steps) if step <= 0.8 * s.pretrain_steps)
+        section["flattening"] = {
+            "early_drop_per_1k_steps": (loss[0] - loss[1]) / period * 1000,
+            "final_drop_per_1k_steps": (loss[-2] - loss[-1]) / period * 1000,
+            "final_over_early": (loss[-2] - loss[-1]) / (loss[0] - loss[1]) if loss[0] != loss[1] else None,
+            "late_from_step": steps[late],
+            "late_share_of_drop": (loss[late] - loss[-1]) / (loss[0] - loss[-1]) if loss[0] != loss[-1] else None}
     return section
 
 

@@ -231,11 +231,13 @@ def _pretraining_text(results: dict) -> list[str]:
                      f"{last[f'{name}_loss']:.3f} at step {last['step']} (token accuracy "
                      f"{first[f'{name}_accuracy']:.3f} -> {last[f'{name}_accuracy']:.3f}).")
     flat = section.get("flattening")
-    if flat:
+    if flat and flat["final_over_early"] is not None and flat["late_share_of_drop"] is not None:
+        first_step = section["curve"][0]["step"]
         lines.append(f"The loss fell {flat['early_drop_per_1k_steps']:.3f} per 1,000 steps between the first two "
                      f"checkpoints and {flat['final_drop_per_1k_steps']:.3f} per 1,000 steps between the last two "
-                     f"(ratio {flat['final_over_early']:.2f}); the last fifth of the steps gave "
-                     f"{100 * flat['last_fifth_share_of_drop']:.1f}% of the drop since the first checkpoint.")
+                     f"(ratio {flat['final_over_early']:.2f}); the steps after {flat['late_from_step']} "
+                     f"({1 - flat['late_from_step'] / s['pretrain_steps']:.0%} of the run) gave "
+                     f"{100 * flat['late_share_of_drop']:.1f}% of the drop since step {first_step}.")
     lines.append(f"Learning rate: {s['peak_learning_rate']} for the first {s['warmup_fraction']:.0%} of the steps, "
                  "then 1/sqrt(step) (T5's schedule, compressed to this length); uptraining continues it.")
     return lines

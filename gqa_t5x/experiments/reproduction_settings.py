@@ -107,7 +107,7 @@ class StudySettings:
     conversion_only: bool = False
     calibration_examples: int = 256
     bootstrap_resamples: int = 2000
-    finetune_steps: int = 200
+    finetune_steps: int = 150
     finetune_seeds: int | None = None
     finetune_variants: tuple[str, ...] = ("MHA", "GQA", "MQA")
     finetune_batch: int = 16
@@ -185,7 +185,7 @@ class StudySettings:
                 raise ValueError(f"{field}={value} must include 'mean' (the paper's method and the reference).")
         if not self.conversion_only and self.ablation_alpha not in self.alphas:
             raise ValueError(f"ablation_alpha={self.ablation_alpha} must be one of alphas={self.alphas}.")
-        for alpha in self.all_alphas:
+        for alpha in () if self.conversion_only else self.all_alphas:
             steps = alpha * self.pretrain_steps
             if not 0 < alpha <= 1 or abs(steps - round(steps)) > 1e-9:
                 raise ValueError(f"alpha={alpha} must be in (0, 1] with alpha * pretrain_steps "
