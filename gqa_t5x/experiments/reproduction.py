@@ -95,25 +95,23 @@ def _run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], p
     if s.conversion_only:
         return
     log("[5/8] uptraining")
-    top = max(s.all_alphas)
     for seed in seeds:
-        stages.uptrain_and_evaluate(mha, h, None, seed, top)
+        stages.uptrain_and_evaluate(mha, h, None, seed)
         for kv in (1, g):
             for method in s.methods_for(kv):
-                initial = converted[(kv, method, seed if seeded(method) else None)]
-                stages.uptrain_and_evaluate(initial, kv, method, seed, top if method == "mean" else s.ablation_alpha)
+                stages.uptrain_and_evaluate(converted[(kv, method, seed if seeded(method) else None)], kv, method, seed)
     log("[6/8] WMT fine-tuning")
     for seed in seeds[:s.finetune_seeds]:
         for kv, method in s.finetuned():
             initial = converted[(kv, method, None)] if kv != h else mha
-            checkpoint = stages.uptrain(initial, kv, method, seed, top)[s.ablation_alpha]
+            checkpoint = stages.uptrain(initial, kv, method, seed)[s.ablation_alpha]
             stages.finetune(kv, method, seed, checkpoint, mha)
     log("[7/8] time per sample")
     first = seeds[0]
     timed = {}
     for kv, method in ((h, None), (g, "mean"), (1, "mean")):
         initial = converted[(kv, method, None)] if kv != h else mha
-        timed[variant(kv, h)] = stages.uptrain(initial, kv, method, first, top)[s.ablation_alpha]
+        timed[variant(kv, h)] = stages.uptrain(initial, kv, method, first)[s.ablation_alpha]
     stages.time_decoding(timed)
 
 

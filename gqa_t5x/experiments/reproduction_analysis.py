@@ -266,16 +266,22 @@ def beyond_paper(a: Analysis) -> list[dict]:
                               "loss": mine.to_json() if mine else None, "mean_loss": mean.to_json() if mean else None,
                               "paired_mean_minus_method": paired.to_json() if paired else None,
                               "paired_side": paired.excludes_zero() if paired else None})
-        results = {c["result"] for c in cells}
-        if "not run" in results:
-            summary = "not run"
-        elif "better" in results and "worse" in results:
-            summary = "mixed"
-        else:
-            summary = "better" if "better" in results else "worse" if "worse" in results else "inconclusive"
         out.append({"id": f"B-{method}", "method": method, "claim": f"{method} beats mean pooling.",
-                    "verdict": summary, "cells": cells})
+                    "verdict": _beyond_verdict(cells), "cells": cells})
     return out
+
+
+def _beyond_verdict(cells: list[dict]) -> str:
+    """'better at alpha 0; no difference resolved at alpha 0.05' (per variant where they differ)."""
+    parts = []
+    for alpha in sorted({c["alpha"] for c in cells}):
+        at = [c for c in cells if c["alpha"] == alpha]
+        results = {c["result"] for c in at}
+        if len(results) == 1:
+            parts.append(f"{results.pop()} at alpha {alpha:g}")
+        else:
+            parts.append(", ".join(f"{c['result']} for {c['variant']}" for c in at) + f" at alpha {alpha:g}")
+    return "; ".join(parts) if parts else "not run"
 
 
 # -------------------------------------------------------------- sections

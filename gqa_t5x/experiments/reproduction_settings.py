@@ -169,10 +169,14 @@ class StudySettings:
         """Uptraining steps of `alpha` (alpha * P)."""
         return round(alpha * self.pretrain_steps)
 
-    def checkpoint_period(self, alpha_max: float) -> int:
-        """A period whose multiples hit every alpha step up to `alpha_max`."""
-        steps = [self.alpha_steps(a) for a in self.all_alphas if a <= alpha_max + 1e-12]
-        return math.gcd(*steps)
+    def checkpoint_period(self, alphas: Sequence[float]) -> int:
+        """A period whose multiples hit the step of every alpha in `alphas`."""
+        return math.gcd(*(self.alpha_steps(a) for a in alphas))
+
+    def uptrain_alphas(self, method: str | None) -> tuple[float, ...]:
+        """The alphas a run is evaluated at: every alpha for mean and the MHA
+        continuation (the alpha curve), the ablation alpha for the others."""
+        return self.all_alphas if method in (None, "mean") else (self.ablation_alpha,)
 
     def validate(self) -> None:
         """Checks the settings; raises ValueError naming the field."""

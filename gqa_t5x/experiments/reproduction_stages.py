@@ -10,7 +10,7 @@ trainer restores the newest checkpoint). Evaluations are files
 its BLEU evaluation are the sweep's own stage (`sweep.Runner.finetune_and_eval`).
 
 Uptraining runs once per (variant, method, seed) to the largest alpha it
-needs and keeps a checkpoint at every alpha step on the way: T5's
+needs and keeps a checkpoint at each alpha it is evaluated at: T5's
 inverse-square-root schedule depends only on the global step, so the
 checkpoint at step P + alpha * P of a longer run is the run of length alpha.
 """
@@ -181,12 +181,14 @@ class Stages:
             raise RuntimeError(f"The conversion to {output} left no checkpoint.")
         return self.mark(f"convert_{name}", {"checkpoint": str(output)}, start)["checkpoint"]
 
-    def uptrain(self, initial: str, kv_heads: int, method: str | None, seed: int, alpha_max: float) -> dict[float, str]:
-        """Uptrains to `alpha_max`; returns {alpha: checkpoint} for every alpha reached."""
+    def uptrain(self, initial: str, kv_heads: int, method: str | None, seed: int) -> dict[float, str]:
+        """Uptrains to the largest of `settings.uptrain_alphas(method)`, keeping a
+        checkpoint at each; returns {alpha: checkpoint}."""
         s = self.s
         name = uptrain_run(kv_heads, s.num_heads, method, seed)
         model_dir = self.out / "uptrain" / name
-        alphas = [a for a in s.all_alphas if a <= alpha_max + 1e-12]
+        alphas = s.uptrain_alphas(method)
+        alpha_max = max(alphas)
         paths = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in alphas}
         if self.done(f"uptrain_{name}"):
             return paths
@@ -194,17 +196,16 @@ class Stages:
         self.log(f"[uptrain] {name}: alpha up to {alpha_max:g} ({s.alpha_steps(alpha_max)} steps)")
         self._train_launch(model_dir, initial, None if kv_heads == s.num_heads else kv_heads, (
             f"TRAIN_STEPS={s.pretrain_steps + s.alpha_steps(alpha_max)}", f"RANDOM_SEED={seed}",
-            f"CHECKPOINT_PERIOD={s.checkpoint_period(alpha_max)}", "KEEP_CHECKPOINTS=None"))
+            f"CHECKPOINT_PERIOD={s.checkpoint_period(alphas)}", "KEEP_CHECKPOINTS=None"))
         missing = [p for p in paths.values() if not Path(p).is_dir()]
         if missing:
             raise RuntimeError(f"Uptraining {name} did not leave the checkpoints {missing}.")
         self.mark(f"uptrain_{name}", {"checkpoints": {str(a): p for a, p in paths.items()}}, start)
         return paths
 
-    def uptrain_and_evaluate(self, initial: str, kv_heads: int, method: str | None, seed: int,
-                             alpha_max: float) -> None:
-        """`uptrain`, then `evaluate` at every alpha it reached."""
-        for alpha, checkpoint in self.uptrain(initial, kv_heads, method, seed, alpha_max).items():
+    def uptrain_and_evaluate(self, initial: str, kv_heads: int, method: str | None, seed: int) -> None:
+        """`uptrain`, then `evaluate` at each of its alphas."""
+        for alpha, checkpoint in self.uptrain(initial, kv_heads, method, seed).items():
             self.evaluate(eval_key(kv_heads, self.s.num_heads, method, alpha, seed), checkpoint)
 
     def finetune(self, kv_heads: int, method: str | None, seed: int, initial: str, source: str) -> float:

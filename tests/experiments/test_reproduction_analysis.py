@@ -83,7 +83,8 @@ def test_paper_shaped_numbers_reproduce_c1_to_c4_and_lsq_is_called_better(tmp_pa
     verdicts = {c["id"]: c["verdict"] for c in results["claims"]}
     assert verdicts == {"C1": st.REPRODUCED, "C2": st.REPRODUCED, "C3": st.REPRODUCED, "C4": st.REPRODUCED}
     beyond = {b["id"]: b for b in results["beyond_paper"]}
-    assert beyond["B-lsq"]["verdict"] == "better" and beyond["B-align"]["verdict"] == "inconclusive"
+    assert beyond["B-lsq"]["verdict"] == "better at alpha 0; better at alpha 0.05"
+    assert beyond["B-align"]["verdict"] == "no difference resolved at alpha 0; no difference resolved at alpha 0.05"
     c3 = next(c for c in results["claims"] if c["id"] == "C3")
     assert c3["primary"][0]["interval"]["kind"] == st.EXAMPLES  # alpha 0, deterministic: over examples
     assert c3["primary"][2]["interval"]["kind"] == st.SEEDS
