@@ -12,6 +12,10 @@ _INSTALL_REQUIRES = [
     "tensorflow>=2.15",
     "tensorflow-datasets>=4.9",
     "tensorstore>=0.1.60",
+    # gs:// clients: epath's gcsfs backend (EPATH_USE_TF=false, emulators) and
+    # google-cloud-storage, which Orbax imports for gs:// but does not declare.
+    "gcsfs>=2023.6",
+    "google-cloud-storage>=2.10",
     "msgpack>=1.0",
     "safetensors>=0.4",
     "sentencepiece>=0.2",
