@@ -35,12 +35,6 @@ def save_random_checkpoint(url: str, config, *, step: int = 1000) -> None:
     checkpoints.save(url, config, param_tree.unflatten(flat), step=step)
 
 
-def read_all(url: str) -> dict[str, np.ndarray]:
-    """Every parameter of the checkpoint at `url`."""
-    with checkpoints.open_checkpoint(url) as reader:
-        return {k: reader.read(k) for k in reader.keys()}
-
-
 @dataclasses.dataclass
 class Blocked:
     """A command started by `start_blocked`: the process and its output files."""
