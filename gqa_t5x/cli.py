@@ -28,7 +28,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from gqa_t5x import errors, gin_config
 from gqa_t5x.errors import UsageError
@@ -232,7 +231,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
         batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
         huggingface_repeats=args.huggingface_repeats, memory_fraction=args.memory_fraction,
-        seed=args.seed, label=args.label or Path(args.gin_file).stem, bandwidth_mb=args.bandwidth_mb,
+        seed=args.seed, label=args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
+        bandwidth_mb=args.bandwidth_mb,
     )
     results = benchmark.run_benchmark(settings)
     print(bench_report.format_table(results))
@@ -264,7 +264,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if args.mode == "local":
         print(f"{len(results)} of {len(points)} points finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
         if args.report and results:
-            files = report.write_report([args.output], Path(args.output) / "report")
+            from gqa_t5x.storage import paths
+
+            files = report.write_report([args.output], paths.as_path(args.output, name="--output") / "report")
             print(files["table_md"].read_text())
     return errors.EXIT_FAILURE if failed else 0
 

@@ -28,6 +28,7 @@ from gqa_t5x.data import local_corpus, metrics, preprocessors, task_table, tasks
 from gqa_t5x.data.sources import SourceSpec
 from gqa_t5x.experiments import report
 from gqa_t5x.experiments import sweep
+from gqa_t5x.storage import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,8 @@ def run_quickstart(output_dir: str | Path, settings: QuickstartSettings | None =
     Rerunning with the same `output_dir` skips the finished parts.
     """
     s = settings or QuickstartSettings()
-    out = Path(output_dir).resolve()
+    # SentencePiece trains from and writes local files: the quickstart runs on local disk.
+    out = Path(paths.local_file(output_dir, purpose="gqa-t5x quickstart (SentencePiece, local corpora)")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     data_dir = out / "data"

@@ -9,14 +9,16 @@ A checkpoint is `MODEL_DIR/checkpoint_<step>/` written by an Orbax
   at and the batch size, so a restarted run resumes the data where it left
   off.
 
-Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a run killed while saving leaves no half-written checkpoint
-(temporary directories are removed on the next start).
+MODEL_DIR may be local or gs:// (`storage.as_path`). A run killed while
+saving leaves no checkpoint that counts: on local disk Orbax writes to a
+temporary directory and renames it when complete; on object storage, which
+has no atomic rename, it writes in place and marks completion last
+(`commit_success.txt`). Either way an unfinished step directory is ignored
+and removed by the next start (`cleanup_tmp_directories`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gqa_t5x.model.config import T5Config
+from gqa_t5x.storage import paths
 
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
@@ -67,7 +70,7 @@ def abstract_tree(state: TrainState, shardings: TrainState) -> dict[str, Any]:
 
 
 def checkpoint_manager(
-    directory: str,
+    directory: paths.PathLike | paths.Path,
     *,
     max_to_keep: int | None = None,
     best_metric: str | None = None,
@@ -77,7 +80,7 @@ def checkpoint_manager(
     """An Orbax manager writing `directory/checkpoint_<step>`.
 
     Args:
-      directory: MODEL_DIR (or MODEL_DIR/best).
+      directory: MODEL_DIR (or MODEL_DIR/best), local or gs://.
       max_to_keep: Keep only the newest N (or the best N with `best_metric`).
       best_metric: Rank checkpoints by this key of the metrics passed to save.
       best_mode: 'max' or 'min' for `best_metric`.
@@ -100,7 +103,8 @@ def checkpoint_manager(
         keep_checkpoints_without_metrics=best_metric is None,
     )
     return ocp.CheckpointManager(
-        os.fspath(directory), options=options, item_names=(STATE_ITEM, METADATA_ITEM)
+        paths.as_path(directory, name="MODEL_DIR"), options=options,
+        item_names=(STATE_ITEM, METADATA_ITEM),
     )
 
 

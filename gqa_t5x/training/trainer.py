@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -39,12 +38,12 @@ import jax
 import numpy as np
 import optax
 import seqio
-import tensorflow as tf
 from clu import metric_writers
 
 from gqa_t5x.data import datasets
 from gqa_t5x.data import task_table
 from gqa_t5x.model import models
+from gqa_t5x.storage import paths
 from gqa_t5x.training import evaluation
 from gqa_t5x.training import initial_state
 from gqa_t5x.training import optimizers
@@ -343,8 +342,8 @@ def _close(manager: Any) -> None:
 def _finished_run(start: initial_state.StartInfo, model_dir: str) -> TrainSummary:
     """The summary of a rerun of a finished run (nothing is trained)."""
     summary = TrainSummary(start.step, start.step, [], {}, {}, None, 0.0, 0.0, "model_dir")
-    best_dir = os.path.join(model_dir, "best")
-    if tf.io.gfile.isdir(best_dir):
+    best_dir = paths.as_path(model_dir, name="MODEL_DIR") / "best"
+    if best_dir.is_dir():
         best_manager = ts.checkpoint_manager(
             best_dir, max_to_keep=1, best_metric="score", async_save=False
         )
@@ -436,9 +435,9 @@ def train(
     optimizer = optimizer or optimizers.adafactor()
     partitioner = partitioner or partitioning.Partitioner()
     partitioner.check_batch_size(train_dataset_cfg.batch_size)
-    tf.io.gfile.makedirs(model_dir)  # Local or gs://.
+    model_path = paths.makedirs(paths.as_path(model_dir, name="MODEL_DIR"))  # Local or gs://.
     manager = ts.checkpoint_manager(
-        model_dir, max_to_keep=keep_checkpoints, async_save=async_checkpointing
+        model_path, max_to_keep=keep_checkpoints, async_save=async_checkpointing
     )
     managers = [manager]
     raw_batches: Iterator[dict[str, np.ndarray]] | None = None
@@ -493,13 +492,13 @@ def train(
         if eval_period:
             # MODEL_DIR/best keeps the checkpoint with the best evaluation metric.
             best_manager = ts.checkpoint_manager(
-                os.path.join(model_dir, "best"), max_to_keep=1, best_metric="score",
+                model_path / "best", max_to_keep=1, best_metric="score",
                 async_save=False,
             )
             managers.append(best_manager)
             setup = EvalSetup(
                 evaluator=evaluation.make_evaluator(
-                    infer_eval_dataset_cfg, os.path.join(model_dir, "eval"), num_eval_examples
+                    infer_eval_dataset_cfg, str(model_path / "eval"), num_eval_examples
                 ),
                 dataset_cfg=infer_eval_dataset_cfg,
                 metric=metric,
@@ -512,7 +511,7 @@ def train(
         log = TrainLog(
             summary=summary,
             writer=metric_writers.create_default_writer(
-                os.path.join(model_dir, "train"),
+                str(model_path / "train"),  # TensorBoard (tf.io.gfile)
                 just_logging=jax.process_index() != 0, asynchronous=False,
             ),
             manager=manager, model_dir=model_dir, total_steps=total_steps, progress=progress,
