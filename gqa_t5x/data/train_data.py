@@ -22,7 +22,7 @@ Without a cache the trainer says so once, with the command that writes one
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -46,16 +46,20 @@ class TrainData:
       pipeline: 'cache' or 'stream'.
       cache_fingerprint: The cache's fingerprint (None when streaming).
       notes: Lines for the console (process 0 prints them).
+      on_close: Closes the pipeline's files after `batches` is closed.
     """
 
     batches: Iterator[dict[str, np.ndarray]]
     pipeline: str
     cache_fingerprint: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    on_close: Callable[[], None] | None = None
 
     def close(self) -> None:
         """Stops the pipeline's threads and closes its files."""
         self.batches.close()
+        if self.on_close is not None:
+            self.on_close()
 
 
 def stream_notice(cfg: datasets.DatasetConfig, consumed_rows: int) -> str:
@@ -115,17 +119,10 @@ def _cache(
         if epochs:
             notes.append(epochs)
 
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        inner = cache_reader.host_batches(
-            reader, start_row=start_row, batch_size=cfg.batch_size, host_rows=host_rows
-        )
-        try:
-            yield from inner
-        finally:
-            inner.close()
-            reader.close()
-
-    return TrainData(batches(), CACHE, reader.fingerprint, notes)
+    batches = cache_reader.host_batches(
+        reader, start_row=start_row, batch_size=cfg.batch_size, host_rows=host_rows
+    )
+    return TrainData(batches, CACHE, reader.fingerprint, notes, on_close=reader.close)
 
 
 def open_train_data(

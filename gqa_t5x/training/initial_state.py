@@ -6,10 +6,10 @@
   beyond that step, except that a MODEL_DIR already at TRAIN_STEPS is a
   finished run whose rerun does nothing.
 * `restore_or_initialize`: restores MODEL_DIR's checkpoint (parameters,
-  optimizer state, the global data row the run continues at), or loads the initial
-  checkpoint's parameters after comparing their shapes with the model's
-  (`check_param_shapes`), or initialises randomly; the optimizer state is
-  fresh unless restored.
+  optimizer state, the global data row the run continues at), or loads the
+  initial checkpoint's parameters after comparing their shapes with the
+  model's (`check_param_shapes`), or initialises randomly; the optimizer
+  state is fresh unless restored.
 """
 
 from __future__ import annotations
