@@ -207,3 +207,19 @@ def test_a_one_shard_c4_cache_holds_the_rows_a_single_host_stream_reads(shared_d
     for k, batch in enumerate(streamed):
         assert _equal(reader.read_cache_rows(np.arange(k * BATCH, (k + 1) * BATCH)), batch), k
     reader.close()
+
+
+def test_cache_command_needs_a_training_gin_and_data_cache_dir(capsys):
+    import gin
+
+    from gqa_t5x import cli
+
+    try:
+        assert cli.main(["cache", "--gin_file=gin/models/t5_1_1/tiny.gin",
+                         "--gin_file=gin/runs/uptrain.gin"]) == 2
+        assert "DATA_CACHE_DIR is not set: pass --gin.DATA_CACHE_DIR=" in capsys.readouterr().err
+        gin.clear_config()
+        assert cli.main(["cache", "--gin_file=gin/models/t5_1_1/tiny.gin"]) == 2
+        assert "configure no training run: include gin/runs/uptrain.gin" in capsys.readouterr().err
+    finally:
+        gin.clear_config()
