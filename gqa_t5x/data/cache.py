@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from gqa_t5x import storage
 from gqa_t5x.data import datasets
@@ -161,9 +162,7 @@ def _vocabularies(cfg: datasets.DatasetConfig) -> dict[str, dict[str, Any]]:
     }
 
 
-def _stream(
-    cfg: datasets.DatasetConfig, shard: int, num_shards: int
-) -> "tf.data.Dataset":  # noqa: F821 - tensorflow is seqio's
+def _stream(cfg: datasets.DatasetConfig, shard: int, num_shards: int) -> tf.data.Dataset:
     """One pass of seqio shard `shard` of `num_shards`, converted, unbatched."""
     datasets.get_task_or_mixture(cfg)
     return seqio.get_dataset(
@@ -358,7 +357,7 @@ def _write_spec(cache_dir: storage.Path, spec: CacheSpec) -> None:
     _write_text(path, spec.to_json())
 
 
-def _rows(ds: Any, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
+def _rows(ds: tf.data.Dataset, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
     iterator = ds.as_numpy_iterator()
     count = 0
     while limit is None or count < limit:

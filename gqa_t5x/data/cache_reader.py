@@ -122,8 +122,12 @@ class CacheReader:
         self.spec = cache.read_spec(self.cache_dir)
         digest = cache.spec_digest(self.spec)
         shards, missing = [], []
-        for s in range(self.spec.num_shards):
-            record = cache.read_shard_record(self.cache_dir, self.spec, s)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:  # gs:// latency
+            records = list(pool.map(
+                lambda s: cache.read_shard_record(self.cache_dir, self.spec, s),
+                range(self.spec.num_shards),
+            ))
+        for s, record in enumerate(records):
             if record is None or record.spec_sha256 != digest:
                 missing.append(s)
             else:

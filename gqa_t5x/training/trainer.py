@@ -539,8 +539,9 @@ def train(
             _, tokens = run_loop(
                 state=state, train_step=train_step,
                 batches=itertools.chain([first], data.batches), partitioner=partitioner,
-                batch_size=batch_size, total_steps=total_steps, manager=manager, metadata=metadata, log=log,
-                summary=summary, checkpoint_period=checkpoint_period, log_every=log_every,
+                batch_size=batch_size, total_steps=total_steps, manager=manager,
+                metadata=metadata, log=log, summary=summary,
+                checkpoint_period=checkpoint_period, log_every=log_every,
                 eval_period=eval_period,
                 evaluate=lambda s, step: evaluate_and_keep_best(
                     setup, model, s, step, metadata, summary, log

@@ -105,8 +105,8 @@ def _launch(flags: list[str], model_dir: Path, devices: int, multi: tuple[int, i
         name = f"process{index}"
     log_path = model_dir.parent / f"{model_dir.name}-{name}-{time.time_ns()}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=REPO, env=_env(devices, model_dir.parent / "jax_cache", **env), stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(args, cwd=REPO, env=_env(devices, model_dir.parent / "jax_cache", **env),
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log_path = log_path
     return proc
 
