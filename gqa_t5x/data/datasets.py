@@ -75,16 +75,25 @@ class DatasetConfig:
 
 
 def get_task_or_mixture(cfg: DatasetConfig) -> seqio.Task | seqio.Mixture:
-    """Imports `cfg.module` and returns the registered task or mixture."""
+    """Imports `cfg.module` and returns the registered task or mixture.
+
+    Its vocabularies are loaded here, so a missing vocabulary file is reported
+    as itself (naming VOCAB_PATH) before any tf.data function is traced,
+    rather than wrapped in TensorFlow's staging error.
+    """
     if cfg.module:
         importlib.import_module(cfg.module)
     try:
-        return seqio.get_mixture_or_task(cfg.mixture_or_task_name)
+        task = seqio.get_mixture_or_task(cfg.mixture_or_task_name)
     except ValueError as e:
         raise ValueError(
             f"MIXTURE_OR_TASK_NAME={cfg.mixture_or_task_name!r} is not a registered "
             f"seqio task or mixture (module {cfg.module!r} was imported): {e}"
         ) from e
+    for subtask in seqio.get_subtasks(task):
+        for feature in subtask.output_features.values():
+            feature.vocabulary.vocab_size  # noqa: B018 - loads the model file
+    return task
 
 
 def host_batch_size(cfg: DatasetConfig) -> int:

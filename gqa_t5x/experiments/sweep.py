@@ -229,9 +229,12 @@ class Runner:
         os.replace(tmp, path)
         return info
 
-    def _run(self, request: launcher.Launch) -> Any:
+    def _run(self, request: launcher.Launch, *, on_every_host: bool = True) -> Any:
+        """Runs `request` here, or prints it (behind the launcher prefix when the
+        stage runs on every host of a slice; a conversion runs once)."""
         if self.mode == "print":
-            self.log(f"{self.launcher_prefix} {request.command_line()}".strip())
+            prefix = self.launcher_prefix if on_every_host else ""
+            self.log(f"{prefix} {request.command_line()}".strip())
             return None
         return launcher.launch(request)
 
@@ -251,7 +254,7 @@ class Runner:
                 f"NUM_KV_HEADS={point.num_kv_heads}", f"METHOD={_gin_str(point.method)}",
                 f"RANDOM_SEED={self.spec.seed}", "OVERWRITE=True", "converter.convert_checkpoint.progress=False",
             ),
-        ))
+        ), on_every_host=False)
         if self.mode == "print":
             return str(out)
         return self._mark(run_dir, "convert", {"checkpoint": str(out)})["checkpoint"]
