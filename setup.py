@@ -11,6 +11,8 @@ _INSTALL_REQUIRES = [
     "seqio>=0.0.19",
     "tensorflow>=2.15",
     "tensorflow-datasets>=4.9",
+    # Random access to the training data cache (ships with tensorflow-datasets on Linux).
+    "array_record>=0.5",
     "tensorstore>=0.1.60",
     # gs:// clients: epath's gcsfs backend (EPATH_USE_TF=false, emulators) and
     # google-cloud-storage, which Orbax imports for gs:// but does not declare.
