@@ -4,6 +4,7 @@
     gqa-t5x convert --gin_file=gin/runs/convert.gin --gin.SOURCE=\\"SRC\\" ...
     gqa-t5x export --checkpoint DST --format huggingface --output OUT
     gqa-t5x train|eval|infer --gin_file=... --gin.MACRO=value
+    gqa-t5x cache --gin_file=... --gin.DATA_CACHE_DIR=\\"DIR\\" [--num_shards N --shard_index I]
     gqa-t5x bench | sweep | quickstart | report | reproduce ...
 
 `python -m gqa_t5x.main` is T5X's launcher command line (`--run_mode=...`)
@@ -28,7 +29,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from gqa_t5x import errors, gin_config
 from gqa_t5x.errors import UsageError
@@ -182,6 +182,57 @@ def _run_mode_command(run_mode: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+# -------------------------------------------------------------------- cache
+def _cache_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_gin_arguments(parser)
+    parser.add_argument("--tfds_data_dir", default=None, help="TFDS data dir override for every seqio task.")
+    parser.add_argument("--num_shards", type=int, default=1,
+                        help="Workers writing the cache in parallel (fixes the row order; default 1).")
+    parser.add_argument("--shard_index", type=int, default=None,
+                        help="This worker's shard (default: write every shard in this process).")
+    parser.add_argument("--max_rows", type=int, default=None,
+                        help="Rows to cache (default: one pass over the split); a run needs "
+                        "training steps x BATCH_SIZE rows to see each row once.")
+    parser.add_argument("--rows_per_file", type=int, default=None,
+                        help="Rows per ArrayRecord file (default 100,000).")
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    import gin
+
+    from gqa_t5x.data import cache
+
+    if not args.gin_file:
+        raise UsageError(
+            "--gin_file is required: pass the training run's gin files (model gin, "
+            "run gin, experiment gins) and --gin flags, plus --gin.DATA_CACHE_DIR."
+        )
+    if args.tfds_data_dir:
+        import seqio
+
+        seqio.set_tfds_data_dir_override(args.tfds_data_dir)
+    gin_config.parse_gin(args.gin_file, args.gin_bindings,
+                         [p for entry in args.gin_search_paths for p in entry.split(",") if p],
+                         check_required=False)
+    try:
+        reference = gin.query_parameter("gqa_t5x.training.trainer.train.train_dataset_cfg")
+    except ValueError:
+        raise UsageError("The gin files configure no training run: include gin/runs/uptrain.gin "
+                         "or gin/runs/finetune.gin, as the training command does.") from None
+    cfg = reference.scoped_configurable_fn()
+    if not cfg.cache_dir:
+        raise UsageError('DATA_CACHE_DIR is not set: pass --gin.DATA_CACHE_DIR=\\"/path/or/gs/url\\" '
+                         "(and the same flag to training).")
+    extra = {"rows_per_file": args.rows_per_file} if args.rows_per_file else {}
+    shards = cache.write_cache(cfg, cfg.cache_dir, num_shards=args.num_shards,
+                               shard_index=args.shard_index, max_rows=args.max_rows, **extra)
+    rows = sum(record.rows for record in shards.values())
+    print(f"Wrote {cfg.cache_dir}: shard(s) {sorted(shards)} of {args.num_shards}, {rows} rows "
+          f"of {cfg.mixture_or_task_name} {dict(cfg.task_feature_lengths)} (pack={cfg.pack}, "
+          f"seed={cfg.seed}).")
+    return 0
+
+
 # -------------------------------------------------------------------- bench
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -232,7 +283,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
         batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
         huggingface_repeats=args.huggingface_repeats, memory_fraction=args.memory_fraction,
-        seed=args.seed, label=args.label or Path(args.gin_file).stem, bandwidth_mb=args.bandwidth_mb,
+        seed=args.seed, label=args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
+        bandwidth_mb=args.bandwidth_mb,
     )
     results = benchmark.run_benchmark(settings)
     print(bench_report.format_table(results))
@@ -264,7 +316,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if args.mode == "local":
         print(f"{len(results)} of {len(points)} points finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
         if args.report and results:
-            files = report.write_report([args.output], Path(args.output) / "report")
+            from gqa_t5x.storage import paths
+
+            files = report.write_report([args.output], paths.as_path(args.output, name="--output") / "report")
             print(files["table_md"].read_text())
     return errors.EXIT_FAILURE if failed else 0
 
@@ -352,6 +406,8 @@ COMMANDS: tuple[Command, ...] = (
             _launcher_arguments, _run_mode_command("eval"), accepts_gin=True),
     Command("infer", f"Decode an input file with gin configs ({LAUNCHER_PROG} --run_mode=infer).",
             _launcher_arguments, _run_mode_command("infer"), accepts_gin=True),
+    Command("cache", "Write the training data cache (DATA_CACHE_DIR) of a training run's gin.",
+            _cache_arguments, _run_cache, accepts_gin=True),
     Command("bench", "Time per sample of greedy decoding vs number of kv heads (and HuggingFace).",
             _bench_arguments, _run_bench, accepts_gin=True),
     Command("sweep", "Run or print an ablation sweep (convert -> uptrain -> fine-tune -> eval).",

@@ -233,3 +233,35 @@ def test_python_dash_m_main_reports_a_bad_head_count_in_one_line(converted, tmp_
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "python -m gqa_t5x.main: error: num_heads=4 is not divisible by num_kv_heads=3"), proc.stderr
+
+
+@pytest.mark.parametrize("fault", ["missing_field", "not_json"])
+def test_a_data_error_ends_the_process_promptly_every_time(converted, shared_dir, tmp_path, fault):
+    """Ten fine-tunes on a broken JSONL each exit non-zero within 30 s, with one message.
+
+    The bad record sits after good ones, so it is met inside the running
+    tf.data pipeline (not by the up-front check of each file's first record),
+    which used to leave the process hanging or aborting at exit.
+    """
+    import time
+
+    good = {"article": "The cat sat on the mat. It was warm.", "highlights": "A cat sat."}
+    lines = [json.dumps(good)] * 6
+    lines.insert(4, json.dumps({"article": "no summary here"}) if fault == "missing_field" else "{not json")
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    spm = shared_dir / "fixtures" / "t5_vocab" / "cc_all.32000.sentencepiece.model"
+    for attempt in range(5):  # 5 runs per fault kind: 10 in a row
+        start = time.time()
+        proc = launch(f"--gin_file={TINY}", "--gin_file=gin/runs/finetune.gin", "--gin_file=gin/tasks/cnn_dailymail.gin",
+                      f"--gin.VOCAB_PATH='{spm}'", f"--gin.tasks.cnn_dailymail_data.files={{'train': '{data}'}}",
+                      f"--gin.INITIAL_CHECKPOINT_PATH='{converted / 'gqa' / 'checkpoint_1000'}'",
+                      "--gin.NUM_KV_HEADS=2", f"--gin.MODEL_DIR='{tmp_path / f'run{attempt}'}'",
+                      "--gin.TRAIN_STEPS=1050", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
+                      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--run_mode=train", timeout=60)
+        elapsed = time.time() - start
+        assert proc.returncode in (1, 2), (attempt, proc.returncode, proc.stderr[-2000:])
+        assert elapsed < 30, (attempt, elapsed)
+        ours = [line for line in proc.stderr.splitlines() if line.startswith("python -m gqa_t5x.main:")]
+        assert ours and f"{data}:5" in ours[0], proc.stderr[-2000:]
+        assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr

@@ -28,6 +28,7 @@ from gqa_t5x.data import local_corpus
 from gqa_t5x.experiments import reproduction
 from gqa_t5x.experiments.reproduction_data import Corpus
 from gqa_t5x.experiments.reproduction_settings import StudySettings
+from gqa_t5x.storage import paths
 
 DEFAULT_SEEDS = tuple(range(8))  # seeds of `random`: 8 resolve its spread at alpha = 0
 
@@ -62,7 +63,8 @@ def run_quickstart(output_dir: str | os.PathLike, settings: StudySettings | None
     if not settings.conversion_only:
         raise ValueError("The quickstart's settings must be conversion_only (it does not uptrain).")
     settings.validate()
-    out = Path(output_dir).resolve()
+    # SentencePiece trains from and writes local files: the quickstart runs on local disk.
+    out = Path(paths.local_file(output_dir, purpose="gqa-t5x quickstart (SentencePiece, local corpora)")).resolve()
     corpus_dir = out / "corpus"
     if not (corpus_dir / "spm.model").exists():
         log("[quickstart] collecting docstrings of the Python standard library, training a vocabulary")

@@ -13,7 +13,8 @@ in its directory:
       "scores": {"cnn_dailymail": 12.3}  # the paper's metric per task
     }
 
-`gqa-t5x report RUN_DIRS... --output OUT` writes `table1.md`, `table1.csv`,
+`gqa-t5x report RUN_DIRS... --output OUT` (each local or gs://) writes
+`table1.md`, `table1.csv`,
 `report.json` and four figures: quality vs time per sample, the alpha
 curves, conversion-method bars, time vs number of groups. The paper's own
 numbers (`gqa_t5x.paper`) are drawn beside ours as a reference series, in
@@ -23,15 +24,18 @@ their own panels because the scales differ.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from gqa_t5x.data import task_table
 from gqa_t5x.experiments import paper
+from gqa_t5x.storage import paths
+from gqa_t5x.storage.paths import Path
 
 RESULTS_FILE = "results.json"
 _REQUIRED = ("name", "num_heads", "num_kv_heads", "scores")
@@ -41,18 +45,33 @@ class ReportError(ValueError):
     """A run directory or results file that cannot be reported."""
 
 
-def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Every `results.json` in or under `paths` (sorted, without duplicates).
+def _results_under(directory: Path) -> list[Path]:
+    """Every `results.json` below `directory` (any depth, local or gs://),
+    not looking inside checkpoints (`checkpoint_<step>`: many objects on gs://)."""
+    found = []
+    for root, dirs, files in paths.walk(directory):
+        dirs[:] = [d for d in dirs if not re.fullmatch(r"checkpoint_\d+/?", d)]
+        if RESULTS_FILE in files:
+            found.append(root / RESULTS_FILE)
+    return sorted(found, key=str)
+
+
+def find_results(run_dirs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every `results.json` in or under `run_dirs` (sorted, without duplicates).
+
+    Args:
+      run_dirs: run directories, folders of them, or results files; local
+        paths or gs:// URLs.
 
     Raises:
       ReportError: a path does not exist or holds no results file.
     """
     found: list[Path] = []
-    for path in map(Path, paths):
+    for path in (paths.as_path(p, name="run directory") for p in run_dirs):
         if path.is_file() and path.name == RESULTS_FILE:
             hits = [path]
         elif path.is_dir():
-            hits = sorted(path.rglob(RESULTS_FILE))
+            hits = _results_under(path)
         else:
             raise ReportError(f"Run directory {str(path)!r} does not exist.")
         if not hits:
@@ -61,12 +80,13 @@ def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 "finished (or is not a gqa-t5x run directory)."
             )
         found.extend(hits)
-    return sorted(set(p.resolve() for p in found))
+    unique = {str(paths.absolute(p)): paths.absolute(p) for p in found}
+    return [unique[k] for k in sorted(unique)]
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads and validates one `results.json`."""
-    path = Path(path)
+    """Reads and validates one `results.json` (local or gs://)."""
+    path = paths.as_path(path, name="results file")
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -164,12 +184,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Writes the table rows as CSV (written whole: `storage.replace_file`)."""
     columns = list(rows[0]) if rows else ["model", "time", "avg", *paper_task_columns().values()]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: ("" if row[c] is None else row[c]) for c in columns})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row[c] is None else row[c]) for c in columns})
+    paths.replace_file(path, text.getvalue())
 
 
 # -------------------------------------------------------------------- figures
@@ -197,10 +219,12 @@ def panels(count: int = 2, width: float = 5.5) -> tuple[Any, list[Any]]:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Writes a figure as PNG and closes it."""
+    """Writes a figure as PNG (local or gs://, written whole) and closes it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     _plt().close(fig)
+    paths.replace_file(path, image.getvalue())
 
 
 def _panels():
@@ -315,8 +339,8 @@ def write_report(
     """Collects every run's results and writes the table and figures.
 
     Args:
-      run_dirs: run directories, or folders containing them.
-      output_dir: where the report goes (created).
+      run_dirs: run directories, or folders containing them (local or gs://).
+      output_dir: where the report goes (created; local or gs://).
       include_paper: add the paper's numbers as a reference series.
 
     Returns:
@@ -324,8 +348,7 @@ def write_report(
     """
     results = [load_result(p) for p in find_results(run_dirs)]
     results.sort(key=lambda r: (-r["num_kv_heads"], r.get("method") or "", r.get("alpha") or 0.0, r["name"]))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = paths.makedirs(paths.as_path(output_dir, name="--output"))
     rows = table_rows(results)
     files = {
         "table_md": out / "table1.md",
@@ -336,9 +359,9 @@ def write_report(
         "methods": out / "methods.png",
         "time_vs_groups": out / "time_vs_groups.png",
     }
-    files["table_md"].write_text(markdown_table(rows, include_paper))
+    paths.replace_file(files["table_md"], markdown_table(rows, include_paper))
     write_csv(files["table_csv"], rows)
-    files["json"].write_text(json.dumps({"runs": results, "table": rows}, indent=2))
+    paths.replace_file(files["json"], json.dumps({"runs": results, "table": rows}, indent=2))
     plot_quality_vs_time(results, files["quality_vs_time"])
     plot_alpha(results, files["alpha"])
     plot_methods(results, files["methods"])

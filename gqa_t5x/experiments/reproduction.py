@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gqa_t5x.errors import UsageError
+from gqa_t5x.storage import paths
 from gqa_t5x.experiments import reproduction_analysis as analysis
 from gqa_t5x.experiments import reproduction_data as rdata
 from gqa_t5x.experiments import reproduction_report as rreport
@@ -146,7 +147,9 @@ def run_study(output: str | os.PathLike, *, settings: StudySettings | None = Non
         seeds = check_seeds(seeds, pretrain_seed)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    out = Path(output).resolve()
+    # Checkpoints go through the storage layer, but SentencePiece, numpy and
+    # matplotlib write local files: the study runs on local disk.
+    out = Path(paths.local_file(output, purpose="gqa-t5x reproduce (local runs and evaluations)")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(shared_dir) if shared_dir else (None if corpus is not None else default_shared_dir())
     record = _study_record(out, settings, pretrain_seed)

@@ -2,6 +2,7 @@
 
     from gqa_t5x import storage
     path = storage.as_path("gs://bucket/run/checkpoint_1000000")  # an epath.Path
+    storage.replace_file(path.parent / "metrics.json", text)      # whole or not at all
     with storage.AtomicDirectory(out, marker="done.json", describe=...) as target:
         ...                      # write under target.path
         target.publish("{}")     # appears at `out` complete, or not at all
@@ -24,14 +25,20 @@ from gqa_t5x.storage.paths import (
     RemotePathError,
     absolute,
     as_path,
+    configure_clients,
+    emulator_host,
     has_atomic_rename,
     is_remote,
     is_same_or_inside,
     kvstore_spec,
     listdir,
     local_file,
+    makedirs,
     rename,
+    replace_file,
+    replacing,
     rmtree,
+    walk,
     write_file,
 )
 
@@ -48,15 +55,21 @@ __all__ = [
     "absolute",
     "as_path",
     "check_destination",
+    "configure_clients",
+    "emulator_host",
     "has_atomic_rename",
     "is_remote",
     "is_same_or_inside",
     "kvstore_spec",
     "listdir",
     "local_file",
+    "makedirs",
     "remove_leftovers",
     "rename",
+    "replace_file",
+    "replacing",
     "rmtree",
+    "walk",
     "write_file",
     "writer_of",
 ]

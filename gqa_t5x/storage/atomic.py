@@ -286,7 +286,7 @@ class AtomicDirectory:
         check_destination(self.destination, overwrite=overwrite, describe=describe)
         if by_rename:
             self.path = self.destination.parent / f".{self.destination.name}{STAGING_TAG}{uuid.uuid4().hex[:12]}"
-            self.destination.parent.mkdir(parents=True, exist_ok=True)
+            paths.makedirs(self.destination.parent)
             self.path.mkdir()
         else:
             if paths.listdir(self.destination):  # a checkpoint `overwrite` allows replacing
@@ -295,7 +295,7 @@ class AtomicDirectory:
                     "(object storage has no atomic replace).", self.destination,
                 )
                 paths.rmtree(self.destination)
-            self.destination.mkdir(parents=True, exist_ok=True)
+            paths.makedirs(self.destination)
             self.path = self.destination
         paths.write_file(self.path / WRITER_FILE, json.dumps(dataclasses.asdict(WriterInfo.current())))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from gqa_t5x.data import datasets
 from gqa_t5x.data import errors
 from gqa_t5x.model import models
 from gqa_t5x.model import param_tree
+from gqa_t5x.storage import paths
 
 
 def _batches(
@@ -98,7 +98,8 @@ def make_evaluator(
 
     Args:
       cfg: Evaluation dataset (mixture_or_task_name, lengths, split, seed).
-      output_dir: Where seqio's JSON/TensorBoard loggers write (None: no logs).
+      output_dir: Where seqio's JSON/TensorBoard loggers write (None: no
+        logs); local or gs:// (they write through tf.io.gfile).
       num_examples: Evaluate on the first N examples only.
 
     Returns:
@@ -109,7 +110,7 @@ def make_evaluator(
     """
     datasets.get_task_or_mixture(cfg)
     if output_dir:
-        tf.io.gfile.makedirs(output_dir)
+        paths.makedirs(paths.as_path(output_dir, name="evaluation output_dir"))
     loggers: Sequence[type[seqio.Logger]] = (
         (seqio.JSONLogger, seqio.TensorBoardLogger) if output_dir else ()
     )
@@ -178,7 +179,8 @@ def evaluate(
       dataset_cfg: Task, split ('validation'), lengths, batch size.
       checkpoint_path: Any checkpoint the checkpoints package reads,
         including a training checkpoint `MODEL_DIR/checkpoint_<step>`.
-      output_dir: Where metrics (`metrics.json`, seqio logs) are written.
+      output_dir: EVAL_OUTPUT_DIR, local or gs://: `metrics.json` (written
+        whole or not at all, by process 0) and seqio's logs.
       num_examples: Evaluate only the first N examples.
       max_decode_length: Output length (default: the targets' length).
       on_validated: Called once the checkpoint is loaded and the evaluation
@@ -192,6 +194,7 @@ def evaluate(
     """
     if not checkpoint_path:
         raise ValueError("CHECKPOINT_PATH is required for --run_mode=eval.")
+    metrics_file = paths.as_path(output_dir, name="EVAL_OUTPUT_DIR") / "metrics.json"
     reader = checkpoints.open_checkpoint(checkpoint_path)
     with reader:
         config = reader.config
@@ -210,8 +213,9 @@ def evaluate(
         batch_size=datasets.host_batch_size(dataset_cfg),
         max_decode_length=max_decode_length,
     )
-    with tf.io.gfile.GFile(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump({"checkpoint": checkpoint_path, "step": step, "metrics": metrics}, f, indent=2)
+    if jax.process_index() == 0:
+        record = {"checkpoint": str(checkpoint_path), "step": step, "metrics": metrics}
+        paths.replace_file(metrics_file, json.dumps(record, indent=2))
     logging.info("Evaluated %s in %.1fs", checkpoint_path, time.time() - start)
     print(f"Evaluation of {checkpoint_path} (step {step}):\n{format_metrics(metrics)}", flush=True)
     return metrics

@@ -6,10 +6,10 @@
   beyond that step, except that a MODEL_DIR already at TRAIN_STEPS is a
   finished run whose rerun does nothing.
 * `restore_or_initialize`: restores MODEL_DIR's checkpoint (parameters,
-  optimizer state, where the data stream stands), or loads the initial
-  checkpoint's parameters after comparing their shapes with the model's
-  (`check_param_shapes`), or initialises randomly; the optimizer state is
-  fresh unless restored.
+  optimizer state, the global data row the run continues at), or loads the
+  initial checkpoint's parameters after comparing their shapes with the
+  model's (`check_param_shapes`), or initialises randomly; the optimizer
+  state is fresh unless restored.
 """
 
 from __future__ import annotations
@@ -48,13 +48,16 @@ class StartInfo:
     Attributes:
       step: Global step of the state the run starts from.
       resumed_from: 'model_dir', 'initial_checkpoint' or 'scratch'.
-      data_start_step: Step at which the restored run's data stream began
-        (it skips `step - data_start_step` batches); None until restored.
+      data_row: Global row of the training data the run reads first (0
+        unless resumed from MODEL_DIR); None until restored.
+      restored_metadata: The metadata of the MODEL_DIR checkpoint resumed
+        from (which data pipeline and cache it read), else None.
     """
 
     step: int
     resumed_from: str
-    data_start_step: int | None = None
+    data_row: int | None = None
+    restored_metadata: dict[str, Any] | None = None
 
 
 def find_start(latest_step: int | None, initial_checkpoint_path: str | None) -> StartInfo:
@@ -66,7 +69,7 @@ def find_start(latest_step: int | None, initial_checkpoint_path: str | None) -> 
         has no checkpoint.
 
     Returns:
-      The start (without `data_start_step`).
+      The start (without `data_row`).
     """
     if latest_step is not None:
         return StartInfo(latest_step, "model_dir")
@@ -216,7 +219,7 @@ def restore_or_initialize(
       rng: Initialisation key.
 
     Returns:
-      (state, state shardings, start with `data_start_step`).
+      (state, state shardings, start with `data_row`).
     """
     abstract_params = jax.eval_shape(model.get_initial_params, rng)
     param_shardings = partitioner.param_shardings(abstract_params, model.config)
@@ -232,15 +235,13 @@ def restore_or_initialize(
             step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt
         )
         state, meta = ts.restore(manager, start.step, template, shardings)
+        row = ts.data_row(meta, start.step)
         if meta.get("batch_size") != batch_size:
             logging.warning(
                 "BATCH_SIZE changed from %s to %s since the checkpoint: the data "
-                "stream is resumed by batch count, not by example.",
-                meta.get("batch_size"), batch_size,
+                "resumes by example, at global row %d.", meta.get("batch_size"), batch_size, row,
             )
-        return state, shardings, dataclasses.replace(
-            start, data_start_step=int(meta["data_start_step"])
-        )
+        return state, shardings, dataclasses.replace(start, data_row=row, restored_metadata=meta)
     if start.resumed_from == "initial_checkpoint":
         params = _load_initial_params(initial_checkpoint_path, model.config, param_shardings)
     else:
@@ -250,4 +251,4 @@ def restore_or_initialize(
         params=params,
         opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
     )
-    return state, shardings, dataclasses.replace(start, data_start_step=start.step)
+    return state, shardings, dataclasses.replace(start, data_row=0)

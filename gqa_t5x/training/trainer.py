@@ -15,8 +15,11 @@
    checkpoint_<TRAIN_STEPS> is finished and a rerun returns at once;
 3. restores or initialises the state (`initial_state.restore_or_initialize`),
    comparing the initial checkpoint's parameter shapes with the model's;
-4. streams batches from seqio (`datasets.py`), skipping the batches the
-   restored checkpoint already consumed, and reads the first one;
+4. opens the training input at the global data row the run continues at
+   (`train_data.py`): the cache in DATA_CACHE_DIR, read by row index (each
+   host reads only its rows of each global batch; nothing before the row is
+   read), or else the seqio stream, which skips the rows already consumed;
+   and reads the first batch;
 5. calls `on_validated` (the launcher writes MODEL_DIR/config.gin there),
    then runs the jit-compiled, sharded train step until TRAIN_STEPS
    (`run_loop`), logging (`train_log.py`), checking the loss for NaN/inf,
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -39,12 +41,13 @@ import jax
 import numpy as np
 import optax
 import seqio
-import tensorflow as tf
 from clu import metric_writers
 
 from gqa_t5x.data import datasets
 from gqa_t5x.data import task_table
+from gqa_t5x.data import train_data
 from gqa_t5x.model import models
+from gqa_t5x.storage import paths
 from gqa_t5x.training import evaluation
 from gqa_t5x.training import initial_state
 from gqa_t5x.training import optimizers
@@ -265,6 +268,7 @@ def run_loop(
     train_step: Callable[[ts.TrainState, Any], tuple[ts.TrainState, Any]],
     batches: Iterator[dict[str, np.ndarray]],
     partitioner: partitioning.Partitioner,
+    batch_size: int,
     total_steps: int,
     manager: Any,
     metadata: Mapping[str, Any],
@@ -280,8 +284,9 @@ def run_loop(
     Args:
       state: The start state.
       train_step: The jitted, sharded step.
-      batches: Host-local numpy batches.
+      batches: This host's rows (`partitioner.host_rows`) of each batch.
       partitioner: Turns host batches into global arrays.
+      batch_size: BATCH_SIZE (global).
       total_steps: TRAIN_STEPS.
       manager: Checkpoints of MODEL_DIR.
       metadata: Stored beside each checkpoint.
@@ -306,9 +311,11 @@ def run_loop(
             )
         n_tok = int(np.count_nonzero(host_batch["encoder_input_tokens"])
                     + np.count_nonzero(host_batch["decoder_target_tokens"]))
-        n_tok *= jax.process_count()
+        n_tok = n_tok * batch_size // len(host_batch["decoder_target_tokens"])
         total_tokens += n_tok
-        state, metrics = train_step(state, partitioner.host_local_to_global(host_batch))
+        state, metrics = train_step(
+            state, partitioner.host_local_to_global(host_batch, batch_size)
+        )
         log.add(step, metrics, n_tok)
         done = step + 1
         is_last = done == total_steps
@@ -343,8 +350,8 @@ def _close(manager: Any) -> None:
 def _finished_run(start: initial_state.StartInfo, model_dir: str) -> TrainSummary:
     """The summary of a rerun of a finished run (nothing is trained)."""
     summary = TrainSummary(start.step, start.step, [], {}, {}, None, 0.0, 0.0, "model_dir")
-    best_dir = os.path.join(model_dir, "best")
-    if tf.io.gfile.isdir(best_dir):
+    best_dir = paths.as_path(model_dir, name="MODEL_DIR") / "best"
+    if best_dir.is_dir():
         best_manager = ts.checkpoint_manager(
             best_dir, max_to_keep=1, best_metric="score", async_save=False
         )
@@ -436,12 +443,12 @@ def train(
     optimizer = optimizer or optimizers.adafactor()
     partitioner = partitioner or partitioning.Partitioner()
     partitioner.check_batch_size(train_dataset_cfg.batch_size)
-    tf.io.gfile.makedirs(model_dir)  # Local or gs://.
+    model_path = paths.makedirs(paths.as_path(model_dir, name="MODEL_DIR"))  # Local or gs://.
     manager = ts.checkpoint_manager(
-        model_dir, max_to_keep=keep_checkpoints, async_save=async_checkpointing
+        model_path, max_to_keep=keep_checkpoints, async_save=async_checkpointing
     )
     managers = [manager]
-    raw_batches: Iterator[dict[str, np.ndarray]] | None = None
+    data: train_data.TrainData | None = None
     try:
         start = initial_state.find_start(manager.latest_step(), initial_checkpoint_path)
         if initial_state.check_train_steps(total_steps, start, model_dir, initial_checkpoint_path):
@@ -468,21 +475,30 @@ def train(
                 f"kv heads {model.config.decoder_kv_heads}/{model.config.num_heads}",
                 flush=True,
             )
-        metadata = ts.metadata_for(
-            model.config, data_start_step=start.data_start_step,
-            batch_size=train_dataset_cfg.batch_size,
-            task=train_dataset_cfg.mixture_or_task_name, seed=train_dataset_cfg.seed,
-        )
         train_step = jax.jit(
             make_train_step(model, optimizer, learning_rate_fn, jax.random.fold_in(rng, 1)),
             in_shardings=(shardings, partitioner.data_sharding),
             out_shardings=(shardings, partitioner.replicated),
             donate_argnums=(0,),
         )
-        raw_batches = datasets.numpy_batches(datasets.get_dataset(
-            train_dataset_cfg, skip_batches=start.step - start.data_start_step
-        ))
-        first = next(raw_batches, None)
+        batch_size = train_dataset_cfg.batch_size
+        data = train_data.open_train_data(
+            train_dataset_cfg, start_row=start.data_row,
+            host_rows=partitioner.host_rows(batch_size),
+            end_row=start.data_row + (total_steps - start.step) * batch_size,
+        )
+        switched = train_data.check_resume(
+            start.restored_metadata, data, train_dataset_cfg, start.data_row
+        )
+        if jax.process_index() == 0:
+            print("\n".join([*data.notes, *([switched] if switched else [])]), flush=True)
+        metadata = ts.metadata_for(
+            model.config, data_start_step=start.step, data_start_row=start.data_row,
+            batch_size=batch_size, task=train_dataset_cfg.mixture_or_task_name,
+            seed=train_dataset_cfg.seed, data_pipeline=data.pipeline,
+            data_cache=data.cache_fingerprint,
+        )
+        first = next(data.batches, None)
         if first is None:
             raise RuntimeError(
                 f"The training data ({train_dataset_cfg.mixture_or_task_name}, split "
@@ -493,13 +509,13 @@ def train(
         if eval_period:
             # MODEL_DIR/best keeps the checkpoint with the best evaluation metric.
             best_manager = ts.checkpoint_manager(
-                os.path.join(model_dir, "best"), max_to_keep=1, best_metric="score",
+                model_path / "best", max_to_keep=1, best_metric="score",
                 async_save=False,
             )
             managers.append(best_manager)
             setup = EvalSetup(
                 evaluator=evaluation.make_evaluator(
-                    infer_eval_dataset_cfg, os.path.join(model_dir, "eval"), num_eval_examples
+                    infer_eval_dataset_cfg, str(model_path / "eval"), num_eval_examples
                 ),
                 dataset_cfg=infer_eval_dataset_cfg,
                 metric=metric,
@@ -512,7 +528,7 @@ def train(
         log = TrainLog(
             summary=summary,
             writer=metric_writers.create_default_writer(
-                os.path.join(model_dir, "train"),
+                str(model_path / "train"),  # TensorBoard (tf.io.gfile)
                 just_logging=jax.process_index() != 0, asynchronous=False,
             ),
             manager=manager, model_dir=model_dir, total_steps=total_steps, progress=progress,
@@ -521,9 +537,10 @@ def train(
         try:
             _, tokens = run_loop(
                 state=state, train_step=train_step,
-                batches=itertools.chain([first], raw_batches), partitioner=partitioner,
-                total_steps=total_steps, manager=manager, metadata=metadata, log=log,
-                summary=summary, checkpoint_period=checkpoint_period, log_every=log_every,
+                batches=itertools.chain([first], data.batches), partitioner=partitioner,
+                batch_size=batch_size, total_steps=total_steps, manager=manager,
+                metadata=metadata, log=log, summary=summary,
+                checkpoint_period=checkpoint_period, log_every=log_every,
                 eval_period=eval_period,
                 evaluate=lambda s, step: evaluate_and_keep_best(
                     setup, model, s, step, metadata, summary, log
@@ -532,8 +549,8 @@ def train(
         finally:
             log.close()
     finally:
-        if raw_batches is not None:
-            raw_batches.close()  # Stops the input pipeline's threads now.
+        if data is not None:
+            data.close()  # Stops the input pipeline's threads now.
         for m in managers:
             _close(m)
     summary.elapsed_s = time.time() - loop_start

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from gqa_t5x import checkpoints
+from gqa_t5x.data import cache
 from gqa_t5x.data import datasets
 from gqa_t5x.data import tasks  # noqa: F401 (registers the tasks)
 from gqa_t5x.data.errors import DataError
@@ -60,23 +61,33 @@ def run_worker(model_dir: Path, out: Path, steps: int, **kw) -> subprocess.Compl
 
 
 # ------------------------------------------------------------------ preemption
-def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pipeline", ["stream", "cache"])
+def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch, pipeline):
     steps = 8
     killed_dir = tmp_path / "killed"
     # The three processes compile the same train step: share a compilation cache.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    data: dict[str, str] = {}
+    slow = {"GQA_TEST_SLOW_EXAMPLE_S": "0.015"}
+    if pipeline == "cache":  # A cache of the synthetic task, read by row index.
+        register_synthetic_task()
+        cache.write_cache(dataset_config(), str(tmp_path / "cache"), progress=False)
+        data = {"cache_dir": str(tmp_path / "cache")}
+        slow = {"GQA_TEST_SLOW_BATCH_S": "0.3"}
+    data_flags = [a for k, v in data.items() for a in (f"--{k}", v)]
     # The uninterrupted reference runs alongside the run that gets killed.
     reference = subprocess.Popen(
         [sys.executable, str(TESTS / "training_utils.py"), "--model_dir", str(tmp_path / "ref"),
-         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "ref.json")],
+         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "ref.json"),
+         *data_flags],
         env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     victim = subprocess.Popen(
         [sys.executable, str(TESTS / "training_utils.py"), "--model_dir", str(killed_dir),
-         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "victim.json")],
-        env=worker_env(GQA_TEST_SLOW_EXAMPLE_S="0.015"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "victim.json"),
+         *data_flags],
+        env=worker_env(**slow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while not (killed_dir / "checkpoint_4").is_dir():
@@ -88,7 +99,7 @@ def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch
     done = sorted(int(p.name.split("_")[1]) for p in killed_dir.glob("checkpoint_*") if p.name.split("_")[1].isdigit())
     assert done and max(done) < steps, f"not interrupted mid-way: {done}"
 
-    resumed = run_worker(killed_dir, tmp_path / "resumed.json", steps, checkpoint_period=2)
+    resumed = run_worker(killed_dir, tmp_path / "resumed.json", steps, checkpoint_period=2, **data)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
     got = json.loads((tmp_path / "resumed.json").read_text())["runs"]["0:1,1"]
