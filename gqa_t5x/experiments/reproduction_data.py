@@ -265,11 +265,11 @@ LOG_EVERY = {max(1, min(50, s.finetune_steps))}
 """)
 
 
-def parse_study_gin(data: StudyData, extra: tuple[str, ...] = ()) -> None:
-    """Parses study.gin (+ extra gins) so tasks see the study's vocabulary and files."""
+def parse_study_gin(data: StudyData) -> None:
+    """Parses study.gin so the tasks see the study's vocabulary and files."""
     from gqa_t5x import gin_config
 
-    gin_config.parse_gin([str(data.study_gin), *extra], [])
+    gin_config.parse_gin([str(data.study_gin)], [])
 
 
 def build_examples(task: str, split: str, settings: StudySettings, count: int, *,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from gqa_t5x.experiments import paper
 from gqa_t5x.experiments import report as report_figures
@@ -395,8 +394,3 @@ def summary_lines(results: dict) -> list[str]:
     lines = [f"{c['id']}: {c['verdict']} - {c['claim']}" for c in results["claims"]]
     lines += [f"{b['id']}: {b['verdict']} - {b['claim']}" for b in results["beyond_paper"]]
     return lines
-
-
-def load(path: str | Path) -> Any:
-    """Reads a reproduction.json."""
-    return json.loads(Path(path).read_text())
