@@ -243,6 +243,11 @@ def infer_config(
         raise CheckpointError(f"{source}: inferred an invalid config: {e}") from e
 
 
+def _first_few(keys: list[str], count: int = 5) -> str:
+    """The first `count` keys, and '...' when there are more."""
+    return f"{keys[:count]}{' ...' if len(keys) > count else ''}"
+
+
 def check_shapes(
     shapes: Mapping[str, tuple[int, ...]], config: T5Config, *, source: str
 ) -> None:
@@ -266,17 +271,15 @@ def check_shapes(
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise CheckpointError(
-            f"{source}: missing parameter(s) {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all) needed "
-            f"by the config (e.g. {missing[0]!r} with shape {expected[missing[0]]})."
+            f"{source}: missing parameter(s) {_first_few(missing)} ({len(missing)} in all) "
+            f"needed by the config (e.g. {missing[0]!r} with shape {expected[missing[0]]})."
         )
     unexpected = [k for k in shapes if k not in expected]
     if unexpected:
         raise CheckpointError(
-            f"{source}: unexpected parameter(s) {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} not in the config's "
-            f"parameters; the checkpoint does not match a T5.1.1 network of this "
-            f"config."
+            f"{source}: unexpected parameter(s) {_first_few(unexpected)} not in the "
+            f"config's parameters; the checkpoint does not match a T5.1.1 network "
+            f"of this config."
         )
 
 
