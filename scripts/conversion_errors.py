@@ -17,8 +17,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from conversion_utils import flat, random_params, tiny_config, tokens  # noqa: E402
-from test_conversion import _relative_logit_error, _rotated_heads_params  # noqa: E402
+from conversion_utils import (  # noqa: E402
+    flat,
+    random_params,
+    relative_logit_error,
+    rotated_heads_params,
+    tiny_config,
+    tokens,
+)
 
 from gqa_t5x import conversion  # noqa: E402
 
@@ -29,7 +35,7 @@ def main() -> int:
     cases = [
         ("random T5X init (H=8, d=16, emb=64)",
          tiny_config(num_heads=8, head_dim=16, emb_dim=64, mlp_dim=96), lambda c: random_params(c, 11)),
-        ("heads = rotations of one head + 5% noise (H=4, d=8)", tiny_config(), _rotated_heads_params),
+        ("heads = rotations of one head + 5% noise (H=4, d=8)", tiny_config(), rotated_heads_params),
     ]
     for label, config, make in cases:
         params = make(config)
@@ -38,7 +44,7 @@ def main() -> int:
         source = {x: flat(params)[f"{layer}/{x}/kernel"] for x in ("query", "key", "value", "out")}
         for groups in [g for g in (1, 2, 4) if g < config.num_heads]:
             for method in conversion.METHODS:
-                logit_error = _relative_logit_error(config, params, groups, method, batch)
+                logit_error = relative_logit_error(config, params, groups, method, batch)
                 converted = dict(source)
                 converted.update(conversion.convert_attention(
                     source, num_heads=config.num_heads, head_dim=config.head_dim,

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Uptrain (or fine-tune) on every worker of a Cloud TPU VM pod slice with ONE
 # command. Every worker runs the same launcher with --multi_host, which calls
-# jax.distributed.initialize() (coordinator auto-detected on Cloud TPU); each
-# host then reads its own shard of the data and the (data, model) mesh spans
-# all chips. Checkpoints in MODEL_DIR (a gs:// path) make the job restartable:
-# run the same command again after a preemption and it resumes.
+# jax.distributed.initialize() (coordinator auto-detected on Cloud TPU) and the
+# (data, model) mesh spans all chips. With DATA_CACHE_DIR (a cache written once
+# by `gqa-t5x cache`, see docs/data.md) every host reads only its rows of each
+# global batch, the batches do not depend on the slice's size, and a restart
+# reads nothing it has consumed; without it each host streams its own seqio
+# shard. Checkpoints in MODEL_DIR (a gs:// path) make the job restartable: run
+# the same command again after a preemption and it resumes.
 #
 # Usage:
 #   scripts/tpu_pod_train.sh TPU_NAME ZONE MODEL_DIR INITIAL_CHECKPOINT_PATH [--gin.X=Y ...]
@@ -22,6 +25,7 @@
 #   NUM_KV_HEADS     key/value heads of the converted checkpoint (default 8)
 #   NUM_PARTITIONS   model-parallel shards (default 1)
 #   TFDS_DATA_DIR    --tfds_data_dir for C4 (e.g. gs://my-bucket/tfds)
+#   DATA_CACHE_DIR   the run's data cache (gqa-t5x cache), e.g. gs://my-bucket/c4_cache
 #   PROJECT          gcloud project (default: gcloud's configured project)
 set -euo pipefail
 
@@ -62,6 +66,9 @@ FLAGS=(
 )
 if [[ -n "${TFDS_DATA_DIR:-}" ]]; then
   FLAGS+=("--tfds_data_dir=${TFDS_DATA_DIR}")
+fi
+if [[ -n "${DATA_CACHE_DIR:-}" ]]; then
+  FLAGS+=("--gin.DATA_CACHE_DIR=\\\"${DATA_CACHE_DIR}\\\"")
 fi
 FLAGS+=("${EXTRA_FLAGS[@]}")
 

@@ -1,8 +1,13 @@
-"""Shared test settings: quiet TensorFlow, CPU JAX, the ../shared location."""
+"""Shared test settings: quiet TensorFlow, CPU JAX, the ../shared location,
+and a Google Cloud Storage emulator on loopback for the gs:// tests."""
 
 from __future__ import annotations
 
 import os
+import re
+import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -10,7 +15,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+import gcs_emulator as emulation  # noqa: E402
 from paths import SHARED  # noqa: E402
+
+GCS_TEST_BUCKET = "gqa-tests"
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +27,51 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared fixtures not found at {SHARED}")
     return SHARED
+
+
+def _use_emulator_in_this_process(environ: dict[str, str], mp: pytest.MonkeyPatch) -> None:
+    """Points this process's gs:// clients at the emulator (what a user's
+    environment would do before starting Python)."""
+    import fsspec
+    from etils.epath import gpath
+
+    from gqa_t5x.storage import paths
+
+    for key, value in environ.items():
+        mp.setenv(key, value)
+    for key in ("EPATH_USE_TF", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+        mp.delenv(key, raising=False)  # configure_clients sets the emulator defaults
+    mp.setitem(fsspec.config.conf, "gcs", dict(fsspec.config.conf.get("gcs", {})))  # restored afterwards
+    paths.configure_clients()
+    # etils reads EPATH_USE_TF once per process; forget an earlier reading.
+    gpath._is_tf_installed.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory) -> Iterator[emulation.Emulator]:
+    """fake-gcs-server (in memory) + the TLS proxy for TensorFlow, for the session.
+
+    While it runs, this process and its subprocesses use it for every gs://
+    URL: the emulator's variables are set and `paths.configure_clients`
+    applied. Skips (with the reason, as a warning) only if it cannot start.
+    """
+    try:
+        emulator = emulation.start(tmp_path_factory.mktemp("gcs_emulator"))
+    except emulation.EmulatorUnavailable as e:
+        reason = f"GCS emulator unavailable: {e}"
+        warnings.warn(pytest.PytestWarning(reason))
+        pytest.skip(reason)
+    try:
+        emulator.create_bucket(GCS_TEST_BUCKET)
+        with pytest.MonkeyPatch.context() as mp:
+            _use_emulator_in_this_process(emulator.environ, mp)
+            yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator, request) -> str:
+    """A fresh gs:// prefix for one test: gs://gqa-tests/<test name>-<random>."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:60]
+    return f"gs://{GCS_TEST_BUCKET}/{name}-{uuid.uuid4().hex[:6]}"

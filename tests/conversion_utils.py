@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 
 import numpy as np
 
+from gqa_t5x import conversion
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
@@ -136,3 +135,43 @@ def masked_max_diff(a: np.ndarray, b: np.ndarray, tgt: np.ndarray) -> float:
     """Max |a - b| over non-padding decoder positions."""
     keep = tgt > 0
     return float(np.abs(a - b)[keep].max())
+
+
+def rotated_heads_params(config, seed=0, noise=0.05):
+    """Params whose heads, in every converted layer, are rotations of head 0.
+
+    Head h: Q_h = Q_0 R_h, K_h = K_0 R_h + noise, V_h = V_0 S_h + noise,
+    O_h = S_h^T O_0 (R_h, S_h random orthogonal), so all heads compute (nearly)
+    the same thing in different bases: the case align is designed for.
+    """
+    rng = np.random.default_rng(seed)
+    p = flat(random_params(config, seed))
+    d, heads = config.head_dim, config.num_heads
+
+    def orth():
+        q, r = np.linalg.qr(rng.standard_normal((d, d)))
+        return q * np.sign(np.diag(r))
+
+    for path in list(p):
+        split = conversion.split_attention_path(path)
+        if not split or split[1] != "key" or "/attention" in split[0]:
+            continue
+        pre = split[0]
+        q, k, v, o = (p[f"{pre}/{x}/kernel"] for x in ("query", "key", "value", "out"))
+        rs, ss = [orth() for _ in range(heads)], [orth() for _ in range(heads)]
+        q0, k0, v0, o0 = q[:, :d], k[:, :d], v[:, :d], o[:d]
+        scale_k, scale_v = noise * k0.std(), noise * v0.std()
+        p[f"{pre}/query/kernel"] = np.concatenate([q0 @ r for r in rs], 1).astype(np.float32)
+        p[f"{pre}/key/kernel"] = np.concatenate([k0 @ r + scale_k * rng.standard_normal(k0.shape) for r in rs], 1).astype(np.float32)
+        p[f"{pre}/value/kernel"] = np.concatenate([v0 @ s + scale_v * rng.standard_normal(v0.shape) for s in ss], 1).astype(np.float32)
+        p[f"{pre}/out/kernel"] = np.concatenate([s.T @ o0 for s in ss], 0).astype(np.float32)
+    return param_tree.unflatten(p)
+
+
+def relative_logit_error(config, params, groups, method, batch) -> float:
+    """||logits after conversion - before|| / ||before|| over non-padding positions."""
+    reference = our_logits(config, params, batch)
+    new_config, new_params = conversion.convert(config, params, groups, method=method)
+    got = our_logits(new_config, new_params, batch)
+    keep = batch[2] > 0
+    return float(np.linalg.norm((got - reference)[keep]) / np.linalg.norm(reference[keep]))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 import transformers
 
+from gqa_t5x.checkpoints import huggingface
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
@@ -80,8 +84,41 @@ def our_config_for(model: transformers.T5ForConditionalGeneration) -> T5Config:
     )
 
 
+def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: T5Config) -> dict[str, Any]:
+    """Our nested parameter tree from a HuggingFace T5 state dict.
+
+    Goes through `huggingface.hf_name` (the export's direction), so tests of
+    the reader (`hf_to_t5x`) compare the two directions of the name map.
+
+    Args:
+      state_dict: name -> array-like (numpy arrays or torch tensors).
+      config: the config whose `param_shapes` the result must have.
+
+    Returns:
+      Nested dict of float32 numpy arrays with T5X names.
+    """
+    flat = {}
+    for path, shape in param_tree.param_shapes(config).items():
+        name, transpose = huggingface.hf_name(path)
+        if name not in state_dict:
+            raise KeyError(f"HuggingFace state dict lacks {name!r} (needed for {path!r}).")
+        value = state_dict[name]
+        if hasattr(value, "detach"):  # torch tensor
+            value = value.detach().cpu().float().numpy()
+        value = np.asarray(value)
+        if transpose:
+            value = value.T
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(
+                f"HuggingFace tensor {name!r} has shape {tuple(value.shape)} but "
+                f"{path!r} needs {tuple(shape)} for this config."
+            )
+        flat[path] = np.ascontiguousarray(value)
+    return param_tree.unflatten(flat)
+
+
 def our_params_for(model: transformers.T5ForConditionalGeneration, config: T5Config):
-    return param_tree.params_from_hf_state_dict(model.state_dict(), config)
+    return params_from_hf_state_dict(model.state_dict(), config)
 
 
 def hf_logits(

@@ -1,10 +1,9 @@
-"""`gqa-t5x convert` / `gqa-t5x export` and the gin entry point, end to end."""
+"""`gqa-t5x convert` / `gqa-t5x export` and the convert run mode, end to end."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +20,9 @@ from conversion_utils import (
 )
 from gqa_t5x import cli
 from gqa_t5x import conversion
+from paths import REPO
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +171,48 @@ def test_unknown_method_is_rejected_before_anything_is_written(hf_dir, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_required_flag_and_export_refusing_overwrite(hf_dir, tmp_path, capsys):
+def test_missing_required_flag_and_export_refusing_to_replace(hf_dir, tmp_path, capsys):
     source, _ = hf_dir
     code, _, err = _run(["convert", "--source", source, "--output", tmp_path / "o"], capsys)
     _assert_user_error(code, err, "--num_kv_heads is required")
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "x").write_text("x")
-    code, _, err = _run(["export", "--checkpoint", source, "--format", "huggingface", "--output", tmp_path / "hf"], capsys)
-    _assert_user_error(code, err, "gqa-t5x export: error:", "--overwrite")
-    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["x"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x").write_text("x")
+    export = ["export", "--checkpoint", source, "--format", "huggingface", "--no_progress", "--output"]
+    code, _, err = _run([*export, tmp_path / "notes", "--overwrite"], capsys)
+    _assert_user_error(code, err, "gqa-t5x export: error:", "holds no checkpoint")
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["x"]
+    assert _run([*export, tmp_path / "hf"], capsys)[0] == 0
+    code, _, err = _run([*export, tmp_path / "hf"], capsys)
+    _assert_user_error(code, err, "already holds a huggingface checkpoint", "--overwrite")
+
+
+def test_a_refused_pickle_is_a_one_line_error_without_torchs_advice(hf_dir, tmp_path, capsys):
+    import os
+
+    import torch
+
+    _, model = hf_dir
+    source = tmp_path / "bin"
+    source.mkdir()
+    model.config.save_pretrained(source)
+    torch.save({"shared.weight": _RunsCode(tmp_path / "pwned")}, source / "pytorch_model.bin")
+    code, _, err = _run(["convert", "--source", source, "--output", tmp_path / "out", "--num_kv_heads", 2], capsys)
+    _assert_user_error(code, err, "refused", str(source / "pytorch_model.bin"))
+    assert "weights_only" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+    assert not os.path.exists(tmp_path / "pwned")
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious .bin does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_help_lists_convert_and_export(capsys):

@@ -21,3 +21,11 @@ def test_message_is_the_first_non_empty_line_without_key_error_quotes():
     assert errors.describe(RuntimeError()) == "RuntimeError"
     wrapped = errors.RunError(OSError("disk full\ndetails"))
     assert str(wrapped) == "disk full" and isinstance(wrapped.cause, OSError)
+
+
+def test_a_tensorflow_staging_error_is_described_by_the_error_it_wraps():
+    staged = RuntimeError(
+        "in user code:\n\n    File \"x.py\", line 3, in f  *\n        load()\n\n"
+        "    FileNotFoundError: SentencePiece model file '/x' does not exist.\n"
+    )
+    assert errors.describe(staged) == "FileNotFoundError: SentencePiece model file '/x' does not exist."

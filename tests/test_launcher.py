@@ -77,7 +77,6 @@ def converted(shared_dir, tmp_path_factory):
     """A random tiny T5.1.1 at step 1000, converted to GQA-2 (mean pooling)."""
     from gqa_t5x import checkpoints
     from gqa_t5x import conversion
-    from gqa_t5x import gin_config
     from gqa_t5x.model import network
 
     root = tmp_path_factory.mktemp("e2e")
@@ -161,7 +160,8 @@ def test_finetune_on_cnn_sample_writes_rouge_and_keeps_the_best_checkpoint(finet
     best = list((model_dir / "best").glob("checkpoint_*"))
     assert len(best) == 1
     assert "DROPOUT_RATE = 0.1" in (model_dir / "config.gin").read_text()
-    assert "[eval] step 1050" in proc.stdout and "best         rouge1" in proc.stdout
+    assert "[eval] step 1050" in proc.stdout
+    assert "best         gqa_cnn_dailymail/rouge1" in proc.stdout
 
 
 def test_eval_run_mode_scores_a_training_checkpoint(finetuned, shared_dir, tmp_path):
@@ -233,3 +233,35 @@ def test_python_dash_m_main_reports_a_bad_head_count_in_one_line(converted, tmp_
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "python -m gqa_t5x.main: error: num_heads=4 is not divisible by num_kv_heads=3"), proc.stderr
+
+
+@pytest.mark.parametrize("fault", ["missing_field", "not_json"])
+def test_a_data_error_ends_the_process_promptly_every_time(converted, shared_dir, tmp_path, fault):
+    """Ten fine-tunes on a broken JSONL each exit non-zero within 30 s, with one message.
+
+    The bad record sits after good ones, so it is met inside the running
+    tf.data pipeline (not by the up-front check of each file's first record),
+    which used to leave the process hanging or aborting at exit.
+    """
+    import time
+
+    good = {"article": "The cat sat on the mat. It was warm.", "highlights": "A cat sat."}
+    lines = [json.dumps(good)] * 6
+    lines.insert(4, json.dumps({"article": "no summary here"}) if fault == "missing_field" else "{not json")
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    spm = shared_dir / "fixtures" / "t5_vocab" / "cc_all.32000.sentencepiece.model"
+    for attempt in range(5):  # 5 runs per fault kind: 10 in a row
+        start = time.time()
+        proc = launch(f"--gin_file={TINY}", "--gin_file=gin/runs/finetune.gin", "--gin_file=gin/tasks/cnn_dailymail.gin",
+                      f"--gin.VOCAB_PATH='{spm}'", f"--gin.tasks.cnn_dailymail_data.files={{'train': '{data}'}}",
+                      f"--gin.INITIAL_CHECKPOINT_PATH='{converted / 'gqa' / 'checkpoint_1000'}'",
+                      "--gin.NUM_KV_HEADS=2", f"--gin.MODEL_DIR='{tmp_path / f'run{attempt}'}'",
+                      "--gin.TRAIN_STEPS=1050", "--gin.BATCH_SIZE=2", "--gin.EVAL_PERIOD=None",
+                      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--run_mode=train", timeout=60)
+        elapsed = time.time() - start
+        assert proc.returncode in (1, 2), (attempt, proc.returncode, proc.stderr[-2000:])
+        assert elapsed < 30, (attempt, elapsed)
+        ours = [line for line in proc.stderr.splitlines() if line.startswith("python -m gqa_t5x.main:")]
+        assert ours and f"{data}:5" in ours[0], proc.stderr[-2000:]
+        assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr

@@ -3,8 +3,9 @@
 The synthetic task `gqa_test_synthetic` is deterministic given its seed: a
 fixed pool of random token sequences (vocabulary 128, no tokenizer), shuffled
 by seqio with the dataset seed, so a resumed run and an uninterrupted run can
-be compared exactly. `SLOW_EXAMPLE_S` (env `GQA_TEST_SLOW_EXAMPLE_S`) delays
-every example, so a test can kill a run mid-way.
+be compared exactly. The env variable `GQA_TEST_SLOW_EXAMPLE_S` delays every
+example of the stream, and `GQA_TEST_SLOW_BATCH_S` every batch read from a
+data cache (`slow_down_cache_batches`), so a test can kill a run mid-way.
 
 Run as a script, it trains (see `main`) and writes the final parameters'
 checksums and the loss trajectory as JSON; the preemption and sharding tests
@@ -78,13 +79,28 @@ def register_synthetic_task() -> None:
     )
 
 
-def dataset_config(batch_size: int = 8, pack: bool = True, seed: int = 7):
+def dataset_config(batch_size: int = 8, pack: bool = True, seed: int = 7,
+                   cache_dir: str | None = None):
     from gqa_t5x.data import datasets
 
     return datasets.DatasetConfig(
         TASK, {"inputs": 32, "targets": 8}, "train", batch_size,
-        shuffle=True, seed=seed, pack=pack, module=None,
+        shuffle=True, seed=seed, pack=pack, module=None, cache_dir=cache_dir,
     )
+
+
+def slow_down_cache_batches(seconds: float) -> None:
+    """Makes every batch read from a data cache take `seconds` longer."""
+    from gqa_t5x.data import cache_reader
+
+    read = cache_reader.host_batches
+
+    def slowed(*args, **kwargs):
+        for batch in read(*args, **kwargs):
+            time.sleep(seconds)
+            yield batch
+
+    cache_reader.host_batches = slowed
 
 
 def read_checkpoint_params(path: str) -> dict[str, np.ndarray]:
@@ -114,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         help="'kv_heads:data,model;...' one training run each ('' = one run on 1 device "
         "with --num_kv_heads); each run gets its own MODEL_DIR/<kv>_<data>x<model>.",
     )
+    parser.add_argument("--cache_dir", default=None,
+                        help="Train from this data cache of the task (default: stream).")
     parser.add_argument("--inf_lr_from_step", type=int, default=None,
                         help="Learning rate becomes inf from this global step (NaN test).")
     parser.add_argument("--out", required=True)
@@ -134,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return jnp.where(step >= args.inf_lr_from_step, jnp.inf, 0.01)
 
     register_synthetic_task()
+    if os.environ.get("GQA_TEST_SLOW_BATCH_S"):
+        slow_down_cache_batches(float(os.environ["GQA_TEST_SLOW_BATCH_S"]))
     result: dict = {"runs": {}}
     runs = [r for r in args.runs.split(";") if r]
     for run in runs or [f"{args.num_kv_heads or 0}:1,1"]:
@@ -147,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             os.path.join(args.model_dir, f"{kv}_{data}x{model_shards}") if runs else args.model_dir
         )
         summary = trainer.train(
-            model=model, train_dataset_cfg=dataset_config(), model_dir=model_dir,
+            model=model, train_dataset_cfg=dataset_config(cache_dir=args.cache_dir),
+            model_dir=model_dir,
             total_steps=args.steps, learning_rate_fn=learning_rate_fn,
             partitioner=partitioner, checkpoint_period=args.checkpoint_period,
             keep_checkpoints=None, log_every=1, progress=True, random_seed=3,

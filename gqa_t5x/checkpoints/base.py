@@ -24,16 +24,30 @@ silently:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from gqa_t5x.model.config import T5Config
 from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
 
-FORMATS = ("t5x_legacy", "t5x_orbax", "mesh_tf", "huggingface", "gqa_t5x")
+# Sub-layers of a T5 block in the order Mesh TensorFlow (`layer_000`, ...) and
+# HuggingFace (`layer.0`, ...) number them: (T5X module, its pre-norm). Both
+# formats' name maps are built on it.
+SUBLAYERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "encoder": (
+        (param_tree.ENCODER_ATTENTION, "pre_attention_layer_norm"),
+        ("mlp", "pre_mlp_layer_norm"),
+    ),
+    "decoder": (
+        (param_tree.DECODER_SELF_ATTENTION, "pre_self_attention_layer_norm"),
+        (param_tree.DECODER_CROSS_ATTENTION, "pre_cross_attention_layer_norm"),
+        ("mlp", "pre_mlp_layer_norm"),
+    ),
+}
 
 
 class CheckpointError(ValueError):
@@ -48,8 +62,8 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file is truncated, corrupted or inconsistent."""
 
 
-class CheckpointExistsError(CheckpointError, FileExistsError):
-    """The destination of a write already holds a checkpoint or other files."""
+class IncompleteCheckpointError(CorruptCheckpointError):
+    """A checkpoint directory whose write never finished (or a partial copy)."""
 
 
 def _first(shapes: Mapping[str, tuple[int, ...]], *candidates: str) -> tuple[str, tuple[int, ...]] | None:
@@ -229,6 +243,11 @@ def infer_config(
         raise CheckpointError(f"{source}: inferred an invalid config: {e}") from e
 
 
+def _first_few(keys: list[str], count: int = 5) -> str:
+    """The first `count` keys, and '...' when there are more."""
+    return f"{keys[:count]}{' ...' if len(keys) > count else ''}"
+
+
 def check_shapes(
     shapes: Mapping[str, tuple[int, ...]], config: T5Config, *, source: str
 ) -> None:
@@ -252,17 +271,15 @@ def check_shapes(
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise CheckpointError(
-            f"{source}: missing parameter(s) {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all) needed "
-            f"by the config (e.g. {missing[0]!r} with shape {expected[missing[0]]})."
+            f"{source}: missing parameter(s) {_first_few(missing)} ({len(missing)} in all) "
+            f"needed by the config (e.g. {missing[0]!r} with shape {expected[missing[0]]})."
         )
     unexpected = [k for k in shapes if k not in expected]
     if unexpected:
         raise CheckpointError(
-            f"{source}: unexpected parameter(s) {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} not in the config's "
-            f"parameters; the checkpoint does not match a T5.1.1 network of this "
-            f"config."
+            f"{source}: unexpected parameter(s) {_first_few(unexpected)} not in the "
+            f"config's parameters; the checkpoint does not match a T5.1.1 network "
+            f"of this config."
         )
 
 
@@ -313,17 +330,18 @@ class CheckpointReader:
     canonical shapes they found; `_load(key)` reads one tensor in T5X layout.
 
     Attributes:
-      format: 't5x_legacy' | 't5x_orbax' | 'mesh_tf' | 'huggingface' | 'gqa_t5x'.
-      path: the checkpoint's path as resolved by `open_checkpoint`.
+      format: the registered format name (see `registry.format_names()`).
+      path: the checkpoint's path (local or gs:// URL) as resolved by
+        `open_checkpoint`.
       config: the model config (inferred or given).
       step: training step recorded in the checkpoint, if any.
     """
 
     format: str = ""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         return_freed_buffers_to_os()
-        self.path = path
+        self.path = os.fspath(path)
         self.config: T5Config | None = None
         self.step: int | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -408,7 +426,7 @@ class CheckpointReader:
             self._closed = True
             self._close()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,9 +1,10 @@
 """Our checkpoint format: an Orbax PyTree written one parameter at a time.
 
     <directory>/                       e.g. .../checkpoint_1050000
-      gqa_t5x_checkpoint.json          manifest: format, version, step, per
-                                       parameter shape/dtype/crc32, metadata
-      config.json                      T5Config.to_json()
+      gqa_t5x_checkpoint.json          manifest, written LAST: format, version,
+                                       step, config, per parameter
+                                       shape/dtype/crc32, metadata
+      config.json                      T5Config.to_json() (for people and tools)
       config.gin                       T5Config.to_gin()
       state/                           an Orbax PyTree checkpoint (T5X layout)
         _METADATA                      Orbax tree metadata (non-OCDBT, zarr v2)
@@ -17,56 +18,74 @@ so `orbax.checkpoint.PyTreeCheckpointer().restore('<directory>/state')` (or
 T5X's Orbax manager with `checkpoint_<step>/state`) restores it for
 training, and any single parameter can be restored alone (partial restore).
 
-Streaming: `CheckpointWriter.write` compresses one array to disk and keeps
+Streaming: `CheckpointWriter.write` compresses one array to storage and keeps
 only its crc32; `commit` writes the small metadata files. Peak memory is the
-array being written. Atomicity: everything goes to a hidden temporary
-directory beside the destination, which is renamed into place by `commit`;
-an exception inside `with CheckpointWriter(...)` deletes it.
+array being written. Atomicity: `storage.AtomicDirectory` with the manifest
+as completion marker; a directory with our layout but no manifest is an
+incomplete checkpoint and is refused (it cannot be verified).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from gqa_t5x.model.config import T5Config
-from gqa_t5x.model import param_tree
-from gqa_t5x.checkpoints import zarr_io
+from gqa_t5x.checkpoints import registry, zarr_io
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
-    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    IncompleteCheckpointError,
     return_freed_buffers_to_os,
 )
-from gqa_t5x.checkpoints.orbax_io import OrbaxReader
+from gqa_t5x.checkpoints.t5x_orbax import FORMAT as ORBAX_FORMAT
+from gqa_t5x.checkpoints.t5x_orbax import OrbaxReader
+from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.storage import atomic, paths
+from gqa_t5x.storage.paths import Path, PathLike
 
 FORMAT = "gqa_t5x"
 FORMAT_VERSION = 1
 MANIFEST = "gqa_t5x_checkpoint.json"
+CONFIG_JSON = "config.json"
+CONFIG_GIN = "config.gin"
 STATE_DIR = "state"
 PARAMS_KEY = "target"
 STEP_PATH = ("state", "step")
 _PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
-def is_native(path: str | os.PathLike) -> bool:
-    """True when `path` is a directory written by `CheckpointWriter`."""
-    return os.path.isfile(os.path.join(os.fspath(path), MANIFEST))
+def detect(path: Path) -> Path | None:
+    """Our checkpoint directory at `path` (or its manifest).
+
+    Raises:
+      IncompleteCheckpointError: `path` has our layout (state/, config.json,
+        config.gin) but no manifest: an interrupted write or partial copy.
+    """
+    if path.name == MANIFEST and path.is_file():
+        return path.parent
+    if (path / MANIFEST).is_file():
+        return path
+    if all((path / name).exists() for name in (STATE_DIR, CONFIG_JSON, CONFIG_GIN)):
+        raise IncompleteCheckpointError(
+            f"{path} has the {FORMAT} layout ({STATE_DIR}/, {CONFIG_JSON}, {CONFIG_GIN}) but "
+            f"no {MANIFEST}, which is written last: the checkpoint is incomplete (an "
+            f"interrupted write or a partial copy) and its data cannot be verified. "
+            f"Copy it again completely, or rerun the conversion."
+        )
+    return None
 
 
-def _orbax_tree_metadata(paths: list[tuple[str, ...]]) -> dict[str, Any]:
+def _orbax_tree_metadata(leaves: list[tuple[str, ...]]) -> dict[str, Any]:
     """Orbax `_METADATA` for numpy leaves stored as zarr v2 (no OCDBT)."""
     tree = {}
-    for parts in paths:
+    for parts in leaves:
         tree[str(tuple(parts))] = {
             "key_metadata": [{"key": part, "key_type": 2} for part in parts],  # 2: dict key
             "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
@@ -80,11 +99,8 @@ def _orbax_tree_metadata(paths: list[tuple[str, ...]]) -> dict[str, Any]:
     }
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+def _leaf_name(key: str) -> str:
+    return ".".join((PARAMS_KEY, *key.split("/")))
 
 
 class CheckpointWriter:
@@ -97,78 +113,53 @@ class CheckpointWriter:
       # committed here; an exception in the block leaves nothing at out_dir.
 
     Args:
-      directory: destination directory of the checkpoint (local).
+      directory: destination directory of the checkpoint (local or gs://).
       config: config of the network; fixes the parameters and their shapes.
       step: training step recorded with the checkpoint.
-      overwrite: replace an existing checkpoint at `directory` (only once the
-        new one is complete). Without it an existing destination is an error.
+      overwrite: replace a checkpoint at `directory` (locally only once the
+        new one is complete). Without it an existing checkpoint is an error;
+        a directory holding anything else is never replaced.
       metadata: JSON-serialisable dict stored in the manifest.
+
+    Raises:
+      CheckpointError: `config` is not a T5Config, `metadata` not JSON.
+      FileExistsError: see `storage.check_destination`.
     """
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: PathLike | Path,
         config: T5Config,
         *,
         step: int = 0,
         overwrite: bool = False,
         metadata: dict | None = None,
     ):
-        directory = os.fspath(directory)
-        if directory.startswith("gs://"):
-            raise CheckpointError(
-                f"Writing to {directory} is not supported; write locally and copy "
-                f"the directory (e.g. gsutil -m cp -r)."
-            )
         if not isinstance(config, T5Config):
             raise CheckpointError(f"config must be a T5Config, got {type(config).__name__}.")
-        self.directory = os.path.abspath(directory)
-        self.config = config
-        self.step = int(step)
-        self.overwrite = overwrite
         try:
             self.metadata = json.loads(json.dumps(metadata or {}))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"metadata for {directory} is not JSON-serialisable: {e}") from e
+        self.config = config
+        self.step = int(step)
         self._shapes = param_tree.param_shapes(config)
-        self._check_destination()
         return_freed_buffers_to_os()
-        parent = os.path.dirname(self.directory)
-        os.makedirs(parent, exist_ok=True)
-        base = os.path.basename(self.directory)
-        self._tmp = os.path.join(parent, f".{base}.gqa_t5x-tmp-{uuid.uuid4().hex[:12]}")
-        os.makedirs(os.path.join(self._tmp, STATE_DIR))
+        self._target = atomic.AtomicDirectory(
+            directory, marker=MANIFEST, describe=registry.describe_existing, overwrite=overwrite
+        )
+        self.directory = self._target.destination
+        self._state = self._target.path / STATE_DIR
+        try:
+            self._state.mkdir()
+        except BaseException:
+            self._target.abort()
+            raise
         self._written: dict[str, dict[str, Any]] = {}
         self._init_ns = time.time_ns()
-        self._done = False
 
-    # ----------------------------------------------------------------- checks
-    def _check_destination(self) -> None:
-        """Errors unless the destination is absent, empty, or replaceable."""
-        from gqa_t5x.checkpoints import detect
-
-        d = self.directory
-        if not os.path.lexists(d):
-            return
-        if not os.path.isdir(d):
-            raise CheckpointExistsError(f"Checkpoint destination {d} exists and is not a directory.")
-        if not os.listdir(d):
-            return
-        found = detect.safe_detect(d)
-        if found is None:
-            raise CheckpointExistsError(
-                f"Checkpoint destination {d} is a non-empty directory that holds no "
-                f"checkpoint; refusing to replace it (choose another directory)."
-            )
-        if not self.overwrite:
-            raise CheckpointExistsError(
-                f"Checkpoint destination {d} already holds a {found[0]} checkpoint; "
-                f"pass overwrite=True to replace it."
-            )
-
-    # ------------------------------------------------------------------ write
     def write(self, key: str, array: Any) -> None:
-        """Writes one parameter to disk (nothing is kept in memory).
+        """Writes one parameter to storage (nothing is kept in memory).
 
         Args:
           key: canonical T5X path from `param_tree.param_shapes(config)`.
@@ -179,7 +170,7 @@ class CheckpointWriter:
           CheckpointError: unknown or repeated key, wrong shape or dtype, or
             the writer was already committed/aborted.
         """
-        if self._done:
+        if self._target.done:
             raise CheckpointError(f"{self.directory}: writer already committed or aborted.")
         if key not in self._shapes:
             raise CheckpointError(
@@ -201,26 +192,23 @@ class CheckpointWriter:
                 f"the config needs {tuple(self._shapes[key])}."
             )
         array = np.asarray(array, dtype=np.float32, order="C")
-        leaf = ".".join((PARAMS_KEY, *key.split("/")))
-        zarr_io.write_zarr(os.path.join(self._tmp, STATE_DIR, leaf), array)
+        zarr_io.write_zarr(self._state / _leaf_name(key), array)
         self._written[key] = {
             "shape": list(array.shape),
             "dtype": "float32",
             "crc32": zlib.crc32(memoryview(array).cast("B")),
         }
 
-    # ----------------------------------------------------------------- commit
     def commit(self) -> None:
-        """Writes metadata and atomically publishes the checkpoint.
+        """Writes the metadata, then publishes the checkpoint (manifest last).
 
         Raises:
-          CheckpointError: a parameter of the config was not written (the
-            temporary directory is kept so more can be written; `abort` or
-            leaving the `with` block with the exception deletes it).
-          CheckpointExistsError: the destination appeared meanwhile and
-            `overwrite` is False.
+          CheckpointError: a parameter of the config was not written (nothing
+            is published; more can be written, or `abort`).
+          FileExistsError: something that may not be replaced appeared at the
+            destination meanwhile.
         """
-        if self._done:
+        if self._target.done:
             raise CheckpointError(f"{self.directory}: writer already committed or aborted.")
         missing = [k for k in self._shapes if k not in self._written]
         if missing:
@@ -228,79 +216,52 @@ class CheckpointWriter:
                 f"{self.directory}: cannot commit, {len(missing)} parameter(s) were "
                 f"not written, e.g. {missing[:3]}."
             )
-        state = os.path.join(self._tmp, STATE_DIR)
-        zarr_io.write_zarr(os.path.join(state, ".".join(STEP_PATH)), np.asarray(self.step, np.int32))
+        zarr_io.write_zarr(self._state / ".".join(STEP_PATH), np.asarray(self.step, np.int32))
         leaves = [(PARAMS_KEY, *k.split("/")) for k in self._shapes] + [STEP_PATH]
-        _write_json(os.path.join(state, "_METADATA"), _orbax_tree_metadata(leaves))
-        _write_json(
-            os.path.join(state, "_CHECKPOINT_METADATA"),
-            {
-                "item_handlers": _PYTREE_HANDLER,
-                "metrics": {},
-                "performance_metrics": {},
-                "init_timestamp_nsecs": self._init_ns,
-                "commit_timestamp_nsecs": time.time_ns(),
-                "custom_metadata": {},
-            },
-        )
-        with open(os.path.join(state, "commit_success.txt"), "w") as f:
-            f.write(f"Checkpoint commit was successful to {self.directory}/{STATE_DIR}")
-        with open(os.path.join(self._tmp, "config.json"), "w") as f:
-            f.write(self.config.to_json())
-        with open(os.path.join(self._tmp, "config.gin"), "w") as f:
-            f.write(self.config.to_gin())
-        _write_json(
-            os.path.join(self._tmp, MANIFEST),
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "step": self.step,
-                "orbax_item": STATE_DIR,
-                "params_key": PARAMS_KEY,
-                "params": {k: self._written[k] for k in self._shapes},
-                "metadata": self.metadata,
-            },
-        )
-        self._check_destination()
-        old = None
-        if os.path.lexists(self.directory):
-            old = os.path.join(
-                os.path.dirname(self.directory),
-                f".{os.path.basename(self.directory)}.gqa_t5x-old-{uuid.uuid4().hex[:12]}",
-            )
-            os.rename(self.directory, old)
-        try:
-            os.rename(self._tmp, self.directory)
-        except OSError:
-            if old is not None:
-                os.rename(old, self.directory)
-            raise
-        self._done = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        paths.write_file(self._state / "_METADATA", json.dumps(_orbax_tree_metadata(leaves), indent=1))
+        checkpoint_metadata = {
+            "item_handlers": _PYTREE_HANDLER,
+            "metrics": {},
+            "performance_metrics": {},
+            "init_timestamp_nsecs": self._init_ns,
+            "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {},
+        }
+        paths.write_file(self._state / "_CHECKPOINT_METADATA", json.dumps(checkpoint_metadata, indent=1))
+        paths.write_file(self._state / "commit_success.txt", f"Checkpoint commit was successful to {self.directory / STATE_DIR}")
+        paths.write_file(self._target.path / CONFIG_JSON, self.config.to_json())
+        paths.write_file(self._target.path / CONFIG_GIN, self.config.to_gin())
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "config": json.loads(self.config.to_json()),
+            "orbax_item": STATE_DIR,
+            "params_key": PARAMS_KEY,
+            "params": {k: self._written[k] for k in self._shapes},
+            "metadata": self.metadata,
+        }
+        self._target.publish(json.dumps(manifest, indent=1))
 
     def abort(self) -> None:
         """Deletes everything written so far; the destination is untouched."""
-        if not self._done:
-            self._done = True
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._target.abort()
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self.abort()
-        elif not self._done:
+        elif not self._target.done:
             try:
                 self.commit()
-            except BaseException:
-                self.abort()
-                raise
+            finally:
+                self.abort()  # a no-op once published
 
 
 def save(
-    directory: str | os.PathLike,
+    directory: PathLike | Path,
     config: T5Config,
     params: Mapping[str, Any],
     *,
@@ -310,7 +271,7 @@ def save(
     """Saves a nested parameter dict (or flax `{'params': tree}`) in our format.
 
     Args:
-      directory: destination checkpoint directory.
+      directory: destination checkpoint directory (local or gs://).
       config: the network config; `params` must match `param_shapes(config)`.
       params: nested dict of arrays with T5X param_tree.
       step: training step to record.
@@ -326,56 +287,68 @@ def save(
     shapes = param_tree.param_shapes(config)
     unknown = [k for k in flat if k not in shapes]
     if unknown:
-        raise CheckpointError(
-            f"{os.fspath(directory)}: params hold {unknown[:3]} which are not "
-            f"parameters of the config."
-        )
+        raise CheckpointError(f"{directory}: params hold {unknown[:3]} which are not parameters of the config.")
+    missing = [k for k in shapes if k not in flat]
+    if missing:
+        raise CheckpointError(f"{directory}: params lack {missing[:3]}, e.g. {missing[0]!r} {shapes[missing[0]]}.")
     with CheckpointWriter(directory, config, step=step, overwrite=overwrite) as writer:
         for key in shapes:
-            if key not in flat:
-                raise CheckpointError(f"{os.fspath(directory)}: params lack {key!r} {shapes[key]}.")
             writer.write(key, flat[key])
 
 
 class NativeReader(OrbaxReader):
-    """Reads our format: config from config.json, data via Orbax, crc32-checked."""
+    """Reads our format: config and checksums from the manifest, data via Orbax."""
 
     format = FORMAT
 
     def __init__(
         self,
-        path: str,
+        path: PathLike | Path,
         *,
         config: T5Config | None = None,
         num_heads: int | None = None,
         head_dim: int | None = None,
     ):
-        path = os.fspath(path)
-        manifest_file = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest_file):
+        path = paths.as_path(path)
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
             raise CheckpointNotFoundError(f"No {FORMAT} checkpoint at {path} (no {MANIFEST}).")
         try:
-            with open(manifest_file) as f:
-                manifest = json.load(f)
-            with open(os.path.join(path, "config.json")) as f:
-                stored = T5Config.from_json(f.read())
+            manifest = json.loads(manifest_file.read_text())
         except (OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"{path}: unreadable manifest or config.json: {e}") from e
+            raise CorruptCheckpointError(f"{manifest_file}: unreadable manifest: {e}") from e
         if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
             raise CorruptCheckpointError(
                 f"{manifest_file}: format {manifest.get('format')!r} version "
                 f"{manifest.get('format_version')!r} is not readable by this version."
             )
+        stored = self._stored_config(path, manifest)
         self.manifest = manifest
         self.metadata = manifest.get("metadata", {})
         super().__init__(
-            os.path.join(path, manifest.get("orbax_item", STATE_DIR)),
+            path / manifest.get("orbax_item", STATE_DIR),
             config=config or stored,
             num_heads=num_heads,
             head_dim=head_dim,
         )
-        self.path = path
+        self.path = str(path)
         self.step = int(manifest.get("step", self.step or 0))
+
+    @staticmethod
+    def _stored_config(path: Path, manifest: Mapping[str, Any]) -> T5Config:
+        """The config recorded in the manifest (older manifests: config.json)."""
+        if "config" in manifest:
+            where, text = path / MANIFEST, json.dumps(manifest["config"])
+        else:
+            where = path / CONFIG_JSON
+            try:
+                text = where.read_text()
+            except OSError as e:
+                raise CorruptCheckpointError(f"{where}: unreadable: {e}") from e
+        try:
+            return T5Config.from_json(text)
+        except (ValueError, TypeError) as e:
+            raise CorruptCheckpointError(f"{where}: not a {FORMAT} T5Config: {e}") from e
 
     def _load(self, key: str) -> np.ndarray:
         array = np.asarray(super()._load(key), dtype=np.float32, order="C")
@@ -384,9 +357,21 @@ class NativeReader(OrbaxReader):
             raise CorruptCheckpointError(f"{self.path}: {MANIFEST} has no entry for {key!r}.")
         crc = zlib.crc32(memoryview(array).cast("B"))
         if crc != entry["crc32"] or list(array.shape) != entry["shape"]:
-            leaf = os.path.join(self.path, STATE_DIR, ".".join((PARAMS_KEY, *key.split("/"))))
+            leaf = paths.as_path(self.path) / STATE_DIR / _leaf_name(key)
             raise CorruptCheckpointError(
                 f"{leaf}: data of parameter {key!r} does not match its checksum in "
                 f"{MANIFEST} (corrupted or partially copied chunk files)."
             )
         return array
+
+
+registry.register_format(
+    registry.CheckpointFormat(
+        name=FORMAT,
+        doc=f"{MANIFEST} (ours)",
+        detect=detect,
+        reader=NativeReader,
+        # Our state/ is an Orbax tree, which Orbax detection finds too.
+        supersedes=(ORBAX_FORMAT,),
+    )
+)

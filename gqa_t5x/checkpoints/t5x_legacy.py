@@ -33,14 +33,19 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from gqa_t5x.model.config import T5Config
-from gqa_t5x.checkpoints import zarr_io
+from gqa_t5x.checkpoints import registry, zarr_io
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointReader,
     CorruptCheckpointError,
 )
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.storage import paths
+from gqa_t5x.storage.paths import Path, PathLike
+
+FORMAT = "t5x_legacy"
+CHECKPOINT_FILE = "checkpoint"
 
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 3
@@ -253,31 +258,27 @@ class _Scanner:
 
 
 # ------------------------------------------------------------- file access
-def _map_file(path: str) -> Any:
-    """Memory-maps a local file or reads a gs:// object; returns a buffer."""
-    if path.startswith("gs://"):
-        bucket, key = zarr_io.split_gcs(path)
-        import tensorstore as ts
-
-        store = ts.KvStore.open({"driver": "gcs", "bucket": bucket}).result()
-        result = store.read(key).result()
-        if result.state != "value":
+def _map_file(path: Path) -> Any:
+    """Memory-maps a local file or reads an object-storage file; returns a buffer."""
+    if paths.is_remote(path):
+        if not path.is_file():
             raise CheckpointNotFoundError(f"No T5X checkpoint file at {path}.")
-        return memoryview(bytes(result.value))
-    with open(path, "rb") as f:
+        return memoryview(path.read_bytes())
+    with open(os.fspath(path), "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise CorruptCheckpointError(f"{path}: the checkpoint file is empty.")
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def scan_msgpack_file(file: str) -> Any:
-    """Parses a local msgpack file into a tree with lazy array leaves.
+def scan_msgpack_file(file: PathLike | Path) -> Any:
+    """Parses a msgpack file into a tree with lazy array leaves.
 
-    Tensorstore specs are left as dicts (not resolved). The file is memory
+    Tensorstore specs are left as dicts (not resolved). A local file is memory
     mapped; leaves keep the mapping alive while referenced.
     """
+    file = paths.as_path(file)
     buf = _map_file(file)
-    scanner = _Scanner(buf, file)
+    scanner = _Scanner(buf, str(file))
     tree, end = scanner.parse(0, "")
     if end != len(buf):
         raise CorruptCheckpointError(
@@ -286,29 +287,40 @@ def scan_msgpack_file(file: str) -> Any:
     return tree
 
 
-def checkpoint_file(path: str) -> str:
+def checkpoint_file(path: PathLike | Path) -> Path:
     """The msgpack file of a T5X checkpoint given its directory or the file."""
-    path = os.fspath(path)
-    if path.startswith("gs://"):
-        return path if path.rstrip("/").endswith("/checkpoint") else path.rstrip("/") + "/checkpoint"
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint")
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"No T5X msgpack 'checkpoint' file at {path}.")
+    path = paths.as_path(path)
+    if path.name != CHECKPOINT_FILE or path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"No T5X msgpack '{CHECKPOINT_FILE}' file at {path}.")
     return path
 
 
-def is_msgpack_map(path: str) -> bool:
+def is_msgpack_map(path: PathLike | Path) -> bool:
     """True when `path` is a file that starts like a msgpack map."""
+    path = paths.as_path(path)
     try:
-        with open(path, "rb") as f:
+        if not path.is_file():
+            return False
+        with path.open("rb") as f:
             head = f.read(1)
     except OSError:
         return False
     return bool(head) and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
 
 
-def _attach(node: Any, ckpt_dir: str, path: str, version: int) -> Any:
+def detect(path: Path) -> Path | None:
+    """The checkpoint directory when `path` is one with a msgpack `checkpoint`
+    file (or that file itself)."""
+    if path.name == CHECKPOINT_FILE and is_msgpack_map(path):
+        return path.parent
+    if is_msgpack_map(path / CHECKPOINT_FILE):
+        return path
+    return None
+
+
+def _attach(node: Any, ckpt_dir: Path, path: str, version: int) -> Any:
     """Replaces tensorstore spec dicts by lazy leaves, resolving their paths."""
     if isinstance(node, dict):
         if "driver" in node and "kvstore" in node or ("driver" in node and "path" in node):
@@ -318,7 +330,7 @@ def _attach(node: Any, ckpt_dir: str, path: str, version: int) -> Any:
     return node
 
 
-def index_t5x_legacy(path: str) -> tuple[dict[str, Any], int, str, Any]:
+def index_t5x_legacy(path: PathLike | Path) -> tuple[dict[str, Any], int, Path, Any]:
     """Indexes a T5X legacy checkpoint without reading tensors.
 
     Args:
@@ -331,7 +343,7 @@ def index_t5x_legacy(path: str) -> tuple[dict[str, Any], int, str, Any]:
     """
     file = checkpoint_file(path)
     buf = _map_file(file)
-    scanner = _Scanner(buf, file)
+    scanner = _Scanner(buf, str(file))
     if scanner.map_header(0) is None:
         raise CorruptCheckpointError(f"{file}: not a T5X msgpack checkpoint (no top-level map).")
     tree, end = scanner.parse(0, "")
@@ -340,8 +352,7 @@ def index_t5x_legacy(path: str) -> tuple[dict[str, Any], int, str, Any]:
             f"{file}: {len(buf) - end} unexpected trailing bytes after the msgpack tree."
         )
     version = int(tree.get("version", 0)) if isinstance(tree.get("version", 0), int) else 0
-    ckpt_dir = file.rsplit("/", 1)[0] if file.startswith("gs://") else os.path.dirname(os.path.abspath(file))
-    return _attach(tree, ckpt_dir, "", version), version, file, buf
+    return _attach(tree, paths.absolute(file.parent), "", version), version, file, buf
 
 
 def _materialise(node: Any, version: int) -> Any:
@@ -362,7 +373,7 @@ def _from_v2(array: np.ndarray, version: int) -> np.ndarray:
     return array
 
 
-def read_t5x_legacy_tree(path: str) -> dict[str, Any]:
+def read_t5x_legacy_tree(path: PathLike | Path) -> dict[str, Any]:
     """Reads EVERYTHING in a T5X legacy checkpoint (params and optimizer state).
 
     For any T5X state, not only T5 models (e.g. T5X's toy test checkpoints).
@@ -396,18 +407,18 @@ def _flatten_leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 class T5XLegacyReader(CheckpointReader):
     """Reads the model parameters (`optimizer/target`) of a T5X legacy checkpoint."""
 
-    format = "t5x_legacy"
+    format = FORMAT
 
     def __init__(
         self,
-        path: str,
+        path: PathLike | Path,
         *,
         config: T5Config | None = None,
         num_heads: int | None = None,
         head_dim: int | None = None,
     ):
         tree, version, file, self._buf = index_t5x_legacy(path)
-        super().__init__(file.rsplit("/", 1)[0] if file.startswith("gs://") else os.path.dirname(file))
+        super().__init__(file.parent)
         self.version = version
         try:
             self._index(tree, file, config=config, num_heads=num_heads, head_dim=head_dim)
@@ -418,7 +429,7 @@ class T5XLegacyReader(CheckpointReader):
     def _index(
         self,
         tree: dict[str, Any],
-        file: str,
+        file: Path,
         *,
         config: T5Config | None,
         num_heads: int | None,
@@ -447,3 +458,13 @@ class T5XLegacyReader(CheckpointReader):
         self._leaves = {}
         if isinstance(self._buf, mmap.mmap):
             self._buf.close()
+
+
+registry.register_format(
+    registry.CheckpointFormat(
+        name=FORMAT,
+        doc="a msgpack 'checkpoint' file (the directory or the file)",
+        detect=detect,
+        reader=T5XLegacyReader,
+    )
+)

@@ -3,8 +3,9 @@
 T5X legacy checkpoints keep large leaves as zarr arrays whose tensorstore spec
 sits in the msgpack file with a path relative to the checkpoint directory;
 Orbax (non-OCDBT) and our own format keep one zarr array per leaf. This module
-resolves such specs (local paths and `gs://` buckets), reads an array with
-clear errors (naming the array's directory) and writes one.
+resolves such specs (local paths and `gs://` buckets, through
+`storage.paths.kvstore_spec`), reads an array with clear errors (naming the
+array's directory) and writes one.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +20,8 @@ import numpy as np
 import tensorstore as ts
 
 from gqa_t5x.checkpoints.base import CheckpointError, CorruptCheckpointError
+from gqa_t5x.storage import paths
+from gqa_t5x.storage.paths import Path, PathLike
 
 # Chunks of about this many bytes (split along the first axis); T5X uses 64 MiB.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -31,23 +32,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def split_gcs(url: str) -> tuple[str, str]:
-    """Splits 'gs://bucket/a/b' into ('bucket', 'a/b')."""
-    m = re.fullmatch(r"gs://([^/]+)/?(.*)", url, re.DOTALL)
-    if m is None:
-        raise CheckpointError(f"Not a gs:// URL: {url!r}.")
-    return m.group(1), m.group(2)
-
-
-def kvstore_for(path: str) -> dict[str, Any]:
-    """A tensorstore kvstore spec for a local directory or a gs:// URL."""
-    if path.startswith("gs://"):
-        bucket, key = split_gcs(path)
-        return {"driver": "gcs", "bucket": bucket, "path": key}
-    return {"driver": "file", "path": os.path.abspath(path)}
-
-
-def resolve_tensorstore_spec(spec: Mapping[str, Any], checkpoint_dir: str) -> dict[str, Any]:
+def resolve_tensorstore_spec(spec: Mapping[str, Any], checkpoint_dir: PathLike | Path) -> dict[str, Any]:
     """Makes the relative path of a T5X tensorstore spec absolute.
 
     T5X writes `{'driver': 'zarr', 'kvstore': {'driver': 'gfile'|'file'|'gcs',
@@ -80,18 +65,15 @@ def resolve_tensorstore_spec(spec: Mapping[str, Any], checkpoint_dir: str) -> di
             f"Unsupported tensorstore kvstore driver {driver!r} in spec {spec}; "
             f"T5X writes 'file', 'gfile' or 'gcs'."
         )
-    if not relative.endswith("/"):
-        relative += "/"
-    if checkpoint_dir.startswith("gs://"):
-        bucket, prefix = split_gcs(checkpoint_dir)
-        key = f"{prefix.rstrip('/')}/{relative}" if prefix else relative
-        spec["kvstore"] = {"driver": "gcs", "bucket": bucket, "path": key}
-    else:
-        spec["kvstore"] = {
-            "driver": "file",
-            "path": os.path.join(os.path.abspath(checkpoint_dir), relative),
-        }
+    spec["kvstore"] = kvstore_for(paths.as_path(checkpoint_dir) / relative)
     return spec
+
+
+def kvstore_for(directory: PathLike | Path) -> dict[str, Any]:
+    """The tensorstore kvstore of a zarr array directory (local or gs://)."""
+    kvstore = paths.kvstore_spec(directory)
+    kvstore["path"] = kvstore["path"].rstrip("/") + "/"
+    return kvstore
 
 
 def describe(spec: Mapping[str, Any]) -> str:
@@ -227,14 +209,14 @@ def read_zarr(
         ) from e
 
 
-def write_zarr(directory: str, array: np.ndarray, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+def write_zarr(directory: PathLike | Path, array: np.ndarray, *, chunk_bytes: int = CHUNK_BYTES) -> None:
     """Writes `array` as a zarr v2 array (zstd, chunks split along axis 0).
 
     Every chunk is stored, even all-zero ones, so a missing chunk file is
     always an error on read, never a silent zero.
 
     Args:
-      directory: the array's directory (created).
+      directory: the array's directory, local or gs:// (created).
       array: the data, written in its own dtype.
       chunk_bytes: target bytes per chunk.
     """
@@ -246,7 +228,7 @@ def write_zarr(directory: str, array: np.ndarray, *, chunk_bytes: int = CHUNK_BY
         chunks[0] = max(1, chunk_bytes // row_bytes)
     spec = {
         "driver": "zarr",
-        "kvstore": {"driver": "file", "path": os.path.abspath(directory) + "/"},
+        "kvstore": kvstore_for(directory),
         "metadata": {
             "shape": shape,
             "chunks": [max(1, c) for c in chunks],

@@ -1,7 +1,83 @@
-"""Multi-head -> grouped-query conversion of T5.1.1 checkpoints."""
+"""Multi-head -> grouped-query conversion of T5.1.1 checkpoints.
 
-from gqa_t5x.conversion.converter import *  # noqa: F401,F403
-from gqa_t5x.conversion.converter import (  # noqa: F401
-    METHODS, ConversionPlan, convert, convert_attention, convert_checkpoint, plan_conversion,
-    split_attention_path, align_rotations, attention_error, group_rotations, rotate_heads,
+    config, params = convert(config, params, num_kv_heads=8, method="mean")
+    convert_checkpoint(src, dst, 8, method="align")    # streaming, any format
+    register_method(ConversionMethod("name", fn, KEY_VALUE, "doc"))   # a new method
+    stats = collect_statistics(config, params, batches)          # for data-aware methods
+    convert_checkpoint(src, dst, 1, method="lsq", calibration=stats)
+
+Modules: `methods` (the registry and the built-in methods), `plan` (what a
+conversion changes), `converter` (in memory and streaming), `alignment`
+(align's maths), `least_squares` (lsq's maths), `calibration` (statistics of
+the source model for data-aware methods), `value_limits` (plausibility of
+source values). See docs/conversion.md.
+"""
+
+from gqa_t5x.conversion.alignment import (
+    align_rotations,
+    attention_error,
+    group_rotations,
+    rotate_heads,
 )
+from gqa_t5x.conversion.calibration import (
+    collect_statistics,
+    load_statistics,
+    save_statistics,
+)
+from gqa_t5x.conversion.converter import convert, convert_checkpoint
+from gqa_t5x.conversion.least_squares import least_squares_pool
+from gqa_t5x.conversion.methods import (
+    ALL_PROJECTIONS,
+    KEY_VALUE,
+    METHODS,
+    AttentionLayer,
+    ConversionMethod,
+    convert_attention,
+    divisors,
+    get_method,
+    group_heads,
+    merge_heads,
+    register_method,
+    registered_methods,
+)
+from gqa_t5x.conversion.plan import (
+    ConversionPlan,
+    plan_conversion,
+    split_attention_path,
+)
+from gqa_t5x.conversion.value_limits import (
+    MAX_ABS_VALUE,
+    UnusualValuesError,
+    check_values,
+)
+
+__all__ = [
+    "ALL_PROJECTIONS",
+    "KEY_VALUE",
+    "MAX_ABS_VALUE",
+    "METHODS",
+    "AttentionLayer",
+    "ConversionMethod",
+    "ConversionPlan",
+    "UnusualValuesError",
+    "align_rotations",
+    "attention_error",
+    "check_values",
+    "collect_statistics",
+    "convert",
+    "convert_attention",
+    "convert_checkpoint",
+    "divisors",
+    "get_method",
+    "group_heads",
+    "group_rotations",
+    "least_squares_pool",
+    "load_statistics",
+    "merge_heads",
+    "plan_conversion",
+    "register_method",
+    "registered_methods",
+    "rotate_heads",
+    "save_statistics",
+    "split_attention_path",
+]

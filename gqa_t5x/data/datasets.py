@@ -1,16 +1,20 @@
-"""seqio task -> feature converter -> per-host batches, resumable by step.
+"""seqio task -> feature converter -> per-host batches: the streaming pipeline.
 
-`DatasetConfig` carries T5X's `utils.DatasetConfig` fields. `get_dataset`
-builds the deterministic pipeline T5X uses for training:
+`DatasetConfig` carries T5X's `utils.DatasetConfig` fields (plus
+`cache_dir`, DATA_CACHE_DIR). `get_dataset` builds the deterministic pipeline
+T5X uses for training:
 
     seqio.get_dataset(task, lengths, split, shuffle, seed, shard_info=host,
                       feature_converter=EncDecFeatureConverter(pack=...))
+      -> skip(rows this host already consumed)
       -> batch(global_batch / hosts, drop_remainder=True)
-      -> skip(batches already consumed)
 
-With a fixed seed the stream is a pure function of the configuration, so a
-restarted run skips the batches its checkpoint says were consumed and sees
-exactly the examples an uninterrupted run would have seen.
+With a fixed seed the stream is a pure function of the configuration and of
+the number of hosts (each reads its own seqio shard), so a restarted run
+that skips the rows its checkpoint says were consumed sees exactly the
+examples an uninterrupted run would have seen, after re-reading them. The
+training data cache (`cache.py`, `cache_reader.py`, chosen in
+`train_data.py`) removes both limits.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from gqa_t5x.data import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,8 @@ class DatasetConfig:
       use_cached: Read the task's offline cache.
       pack: Pack several examples per row (EncDecFeatureConverter(pack=True)).
       module: Python module to import first (registers the task).
+      cache_dir: DATA_CACHE_DIR: the training data cache to read instead of
+        streaming (`gqa-t5x cache` writes it); None streams.
     """
 
     mixture_or_task_name: str
@@ -52,6 +59,7 @@ class DatasetConfig:
     use_cached: bool = False
     pack: bool = False
     module: str | None = "gqa_t5x.data.tasks"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.mixture_or_task_name:
@@ -67,16 +75,25 @@ class DatasetConfig:
 
 
 def get_task_or_mixture(cfg: DatasetConfig) -> seqio.Task | seqio.Mixture:
-    """Imports `cfg.module` and returns the registered task or mixture."""
+    """Imports `cfg.module` and returns the registered task or mixture.
+
+    Its vocabularies are loaded here, so a missing vocabulary file is reported
+    as itself (naming VOCAB_PATH) before any tf.data function is traced,
+    rather than wrapped in TensorFlow's staging error.
+    """
     if cfg.module:
         importlib.import_module(cfg.module)
     try:
-        return seqio.get_mixture_or_task(cfg.mixture_or_task_name)
+        task = seqio.get_mixture_or_task(cfg.mixture_or_task_name)
     except ValueError as e:
         raise ValueError(
             f"MIXTURE_OR_TASK_NAME={cfg.mixture_or_task_name!r} is not a registered "
             f"seqio task or mixture (module {cfg.module!r} was imported): {e}"
         ) from e
+    for subtask in seqio.get_subtasks(task):
+        for feature in subtask.output_features.values():
+            feature.vocabulary.vocab_size  # noqa: B018 - loads the model file
+    return task
 
 
 def host_batch_size(cfg: DatasetConfig) -> int:
@@ -91,7 +108,7 @@ def get_dataset(
     cfg: DatasetConfig,
     *,
     num_epochs: int | None = None,
-    skip_batches: int = 0,
+    skip_rows: int = 0,
     feature_converter_cls: type[seqio.FeatureConverter] = seqio.EncDecFeatureConverter,
 ) -> tf.data.Dataset:
     """The host-local, batched and converted dataset.
@@ -99,7 +116,8 @@ def get_dataset(
     Args:
       cfg: What to read.
       num_epochs: None repeats forever (training).
-      skip_batches: Batches to drop from the start (resumption).
+      skip_rows: Rows (of this host's shard) to drop from the start, before
+        batching (resumption).
       feature_converter_cls: T5X feature converter class.
 
     Returns:
@@ -119,20 +137,26 @@ def get_dataset(
         use_cached=cfg.use_cached,
         seed=cfg.seed,
     )
+    if skip_rows:
+        ds = ds.skip(skip_rows)
     ds = ds.batch(host_batch_size(cfg), drop_remainder=True)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates a batched dataset as dicts of int32 numpy arrays."""
-    for batch in ds.as_numpy_iterator():
+    """Iterates a batched dataset as dicts of int32 numpy arrays.
+
+    Raises:
+      DataError: a record could not be read (the reader's message, not the
+        TensorFlow error wrapping it).
+    """
+    iterator = ds.as_numpy_iterator()
+    while True:
+        with errors.surface_data_errors():
+            batch = next(iterator, None)
+        if batch is None:
+            return
         yield {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
-
-def describe_batch(batch: Mapping[str, Any]) -> str:
-    """'name[shape]' for each feature (for logs)."""
-    return ", ".join(f"{k}{list(np.shape(v))}" for k, v in sorted(batch.items()))

@@ -1,7 +1,7 @@
 """Evaluation metrics with the signatures and numbers of `t5.evaluation.metrics`.
 
-Every metric is `fn(targets, predictions) -> dict[str, float]`, the form
-seqio's evaluator calls. Scores are percentages (0-100).
+The decoding metrics are `fn(targets, predictions) -> dict[str, float]`, the
+form seqio's evaluator calls, and return percentages (0-100).
 
 * `rouge`: ROUGE-1/2/Lsum F-measure from `rouge-score`, no stemming, with
   " . " turned into " .\\n" so that ROUGE-Lsum sees sentence boundaries (T5's
@@ -11,6 +11,8 @@ seqio's evaluator calls. Scores are percentages (0-100).
 * `bleu`: sacrebleu corpus BLEU, `tokenize="intl"`, exponential smoothing.
 * `trivia_qa`: max over the acceptable answers of token F1 / exact match after
   T5's TriviaQA answer normalisation.
+* `token_loss`: the one score metric, `fn(targets, scores)`: held-out
+  cross-entropy per target token of the pre-training tasks.
 """
 
 from __future__ import annotations
@@ -203,3 +205,32 @@ def trivia_qa(
         exact.append(max(float(a == prediction) for a in answers))
         f1.append(max(_token_f1(a, prediction) for a in answers))
     return {"em": float(np.mean(exact)) * 100, "f1": float(np.mean(f1)) * 100}
+
+
+def token_loss(targets: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
+    """Held-out cross-entropy per target token, from the model's scores.
+
+    A seqio score metric (positional arguments `targets, scores`): the
+    targets are each example's token count (`postprocessors.target_token_count`)
+    and the scores the log-likelihood summed over those tokens
+    (`EncoderDecoderModel.score_batch`), so the result is the training log's
+    `cross_ent_loss` (without z-loss) on held-out data.
+
+    Args:
+      targets: Target tokens per example (EOS included).
+      scores: Log-likelihood of each example's targets.
+
+    Returns:
+      {'cross_ent_loss': -sum(scores) / sum(targets), 'perplexity':
+      exp(cross_ent_loss)}.
+    """
+    if len(targets) != len(scores):
+        raise ValueError(
+            f"token_loss: {len(targets)} token counts but {len(scores)} scores; "
+            "they must be paired one to one."
+        )
+    tokens = int(np.sum(targets))
+    if tokens <= 0:
+        raise ValueError("token_loss: no target tokens to score.")
+    loss = -float(np.sum(np.asarray(scores, np.float64))) / tokens
+    return {"cross_ent_loss": loss, "perplexity": float(np.exp(loss))}

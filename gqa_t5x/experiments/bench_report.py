@@ -6,12 +6,14 @@ results dict produced by `benchmark.run_benchmark`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 from typing import Any
 
+from gqa_t5x import storage
 from gqa_t5x.experiments.paper import TIME_VS_GROUPS as PAPER_XXL_TIME_VS_GROUPS
+from gqa_t5x.storage import Path
 
 _pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
 
@@ -131,16 +133,17 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     fig.suptitle(f"{results['label'] or 'model'}: greedy decoding time vs number of GQA groups "
                  f"({results['machine']['cpu']}, {results['machine']['cores']} cores)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    storage.replace_file(path, image.getvalue())
 
 
 def write_reports(results: dict[str, Any], prefix: str | os.PathLike) -> dict[str, Path]:
-    """Writes `<prefix>.json`, `<prefix>.md` and `<prefix>.png`."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = {ext: prefix.with_name(prefix.name + "." + ext) for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
-    paths["md"].write_text(_markdown(results))
-    plot(results, paths["png"])
-    return paths
+    """Writes `<prefix>.json`, `<prefix>.md` and `<prefix>.png` (local or gs://)."""
+    prefix = storage.as_path(prefix, name="--output")
+    files = {ext: prefix.parent / f"{prefix.name}.{ext}" for ext in ("json", "md", "png")}
+    storage.replace_file(files["json"], json.dumps(results, indent=1, sort_keys=False) + "\n")
+    storage.replace_file(files["md"], _markdown(results))
+    plot(results, files["png"])
+    return files

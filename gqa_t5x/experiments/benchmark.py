@@ -263,10 +263,10 @@ def _hf_model(config: T5Config, mha_params: Any):
     import torch
     import transformers
 
-    from gqa_t5x.checkpoints import hf_export
+    from gqa_t5x.checkpoints import huggingface
 
     hf_config = transformers.T5Config(**{
-        k: v for k, v in hf_export.hf_config_dict(config).items()
+        k: v for k, v in huggingface.hf_config_dict(config).items()
         if k not in ("architectures", "gqa_t5x", "torch_dtype")
     })
     hf_config.tie_word_embeddings = bool(config.logits_via_embedding)  # transformers 5 forces True
@@ -274,7 +274,7 @@ def _hf_model(config: T5Config, mha_params: Any):
         model = transformers.T5ForConditionalGeneration(hf_config)
     state = {}
     for path, value in param_tree.flatten(mha_params).items():
-        name, transpose = param_tree.hf_name(path)
+        name, transpose = huggingface.hf_name(path)
         value = np.asarray(value, np.float32)
         state[name] = torch.tensor(value.T if transpose else value)  # a copy torch owns
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):

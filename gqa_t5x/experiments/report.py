@@ -13,7 +13,8 @@ in its directory:
       "scores": {"cnn_dailymail": 12.3}  # the paper's metric per task
     }
 
-`gqa-t5x report RUN_DIRS... --output OUT` writes `table1.md`, `table1.csv`,
+`gqa-t5x report RUN_DIRS... --output OUT` (each local or gs://) writes
+`table1.md`, `table1.csv`,
 `report.json` and four figures: quality vs time per sample, the alpha
 curves, conversion-method bars, time vs number of groups. The paper's own
 numbers (`gqa_t5x.paper`) are drawn beside ours as a reference series, in
@@ -23,14 +24,18 @@ their own panels because the scales differ.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
+from gqa_t5x.data import task_table
 from gqa_t5x.experiments import paper
+from gqa_t5x.storage import paths
+from gqa_t5x.storage.paths import Path
 
 RESULTS_FILE = "results.json"
 _REQUIRED = ("name", "num_heads", "num_kv_heads", "scores")
@@ -40,18 +45,33 @@ class ReportError(ValueError):
     """A run directory or results file that cannot be reported."""
 
 
-def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Every `results.json` in or under `paths` (sorted, without duplicates).
+def _results_under(directory: Path) -> list[Path]:
+    """Every `results.json` below `directory` (any depth, local or gs://),
+    not looking inside checkpoints (`checkpoint_<step>`: many objects on gs://)."""
+    found = []
+    for root, dirs, files in paths.walk(directory):
+        dirs[:] = [d for d in dirs if not re.fullmatch(r"checkpoint_\d+/?", d)]
+        if RESULTS_FILE in files:
+            found.append(root / RESULTS_FILE)
+    return sorted(found, key=str)
+
+
+def find_results(run_dirs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every `results.json` in or under `run_dirs` (sorted, without duplicates).
+
+    Args:
+      run_dirs: run directories, folders of them, or results files; local
+        paths or gs:// URLs.
 
     Raises:
       ReportError: a path does not exist or holds no results file.
     """
     found: list[Path] = []
-    for path in map(Path, paths):
+    for path in (paths.as_path(p, name="run directory") for p in run_dirs):
         if path.is_file() and path.name == RESULTS_FILE:
             hits = [path]
         elif path.is_dir():
-            hits = sorted(path.rglob(RESULTS_FILE))
+            hits = _results_under(path)
         else:
             raise ReportError(f"Run directory {str(path)!r} does not exist.")
         if not hits:
@@ -60,12 +80,13 @@ def find_results(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 "finished (or is not a gqa-t5x run directory)."
             )
         found.extend(hits)
-    return sorted(set(p.resolve() for p in found))
+    unique = {str(paths.absolute(p)): paths.absolute(p) for p in found}
+    return [unique[k] for k in sorted(unique)]
 
 
 def load_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads and validates one `results.json`."""
-    path = Path(path)
+    """Reads and validates one `results.json` (local or gs://)."""
+    path = paths.as_path(path, name="results file")
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -82,6 +103,11 @@ def load_result(path: str | os.PathLike) -> dict[str, Any]:
     return result
 
 
+def paper_task_columns() -> dict[str, str]:
+    """Task key -> Table 1 column label, in the paper's order (the task table)."""
+    return {spec.key: spec.paper_column for spec in task_table.paper_tasks()}
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -94,12 +120,12 @@ def average(scores: dict[str, float], tasks: Sequence[str] | None = None) -> flo
 
 def extra_tasks(results: Sequence[dict[str, Any]]) -> list[str]:
     """Tasks scored by the runs that are not among the paper's seven."""
-    return sorted({t for r in results for t in r["scores"]} - set(paper.TASKS))
+    return sorted({t for r in results for t in r["scores"]} - set(paper_task_columns()))
 
 
 def columns(results: Sequence[dict[str, Any]]) -> list[str]:
     """Table 1's columns, then one per extra task (e.g. the quickstart's)."""
-    return ["model", "time", "avg", *paper.TASK_COLUMNS.values(), *extra_tasks(results)]
+    return ["model", "time", "avg", *paper_task_columns().values(), *extra_tasks(results)]
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,10 +139,10 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "model": r["name"],
             "time": r.get("time_per_sample"),
-            "avg": average(r["scores"], [*paper.TASKS, *extras]),
+            "avg": average(r["scores"], [*paper_task_columns(), *extras]),
         }
-        for task in paper.TASKS:
-            row[paper.TASK_COLUMNS[task]] = r["scores"].get(task)
+        for task, column in paper_task_columns().items():
+            row[column] = r["scores"].get(task)
         for task in extras:
             row[task] = r["scores"].get(task)
         rows.append(row)
@@ -133,7 +159,7 @@ def _fmt(value: Any, digits: int) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -> str:
     """Table 1 as markdown; the paper's rows follow ours when asked."""
-    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper_task_columns().values()]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -151,19 +177,21 @@ def markdown_table(rows: Sequence[dict[str, Any]], include_paper: bool = True) -
         lines.append("| *paper (T5.1.1, TPUv4):* |" + " |" * (len(columns) - 1))
         for name, entry in paper.TABLE1.items():
             cells = [f"{name} (paper)", _fmt(entry["time"], 2), _fmt(entry["avg"], 1)]
-            cells += [_fmt(entry["scores"][t], 1) for t in paper.TASKS]
+            cells += [_fmt(entry["scores"][t], 1) for t in paper_task_columns()]
             cells += ["-"] * (len(columns) - len(cells))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper.TASK_COLUMNS.values()]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: ("" if row[c] is None else row[c]) for c in columns})
+    """Writes the table rows as CSV (written whole: `storage.replace_file`)."""
+    columns = list(rows[0]) if rows else ["model", "time", "avg", *paper_task_columns().values()]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row[c] is None else row[c]) for c in columns})
+    paths.replace_file(path, text.getvalue())
 
 
 # -------------------------------------------------------------------- figures
@@ -176,16 +204,37 @@ def _plt():
     return plt
 
 
+def panels(count: int = 2, width: float = 5.5) -> tuple[Any, list[Any]]:
+    """A figure with `count` side-by-side panels (ours first, the paper's last).
+
+    Args:
+      count: Number of panels.
+      width: Width of one panel (inches).
+
+    Returns:
+      (figure, [axes, ...]).
+    """
+    fig, axes = _plt().subplots(1, count, figsize=(width * count, 4.2), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Writes a figure as PNG (local or gs://, written whole) and closes it."""
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    _plt().close(fig)
+    paths.replace_file(path, image.getvalue())
+
+
 def _panels():
     """A figure with two panels: this run (left), the paper (right)."""
-    fig, (ours, ref) = _plt().subplots(1, 2, figsize=(11, 4.2))
+    fig, (ours, ref) = panels(2)
     return fig, ours, ref
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    save_figure(fig, path)
 
 
 def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:
@@ -290,8 +339,8 @@ def write_report(
     """Collects every run's results and writes the table and figures.
 
     Args:
-      run_dirs: run directories, or folders containing them.
-      output_dir: where the report goes (created).
+      run_dirs: run directories, or folders containing them (local or gs://).
+      output_dir: where the report goes (created; local or gs://).
       include_paper: add the paper's numbers as a reference series.
 
     Returns:
@@ -299,8 +348,7 @@ def write_report(
     """
     results = [load_result(p) for p in find_results(run_dirs)]
     results.sort(key=lambda r: (-r["num_kv_heads"], r.get("method") or "", r.get("alpha") or 0.0, r["name"]))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = paths.makedirs(paths.as_path(output_dir, name="--output"))
     rows = table_rows(results)
     files = {
         "table_md": out / "table1.md",
@@ -311,9 +359,9 @@ def write_report(
         "methods": out / "methods.png",
         "time_vs_groups": out / "time_vs_groups.png",
     }
-    files["table_md"].write_text(markdown_table(rows, include_paper))
+    paths.replace_file(files["table_md"], markdown_table(rows, include_paper))
     write_csv(files["table_csv"], rows)
-    files["json"].write_text(json.dumps({"runs": results, "table": rows}, indent=2))
+    paths.replace_file(files["json"], json.dumps({"runs": results, "table": rows}, indent=2))
     plot_quality_vs_time(results, files["quality_vs_time"])
     plot_alpha(results, files["alpha"])
     plot_methods(results, files["methods"])

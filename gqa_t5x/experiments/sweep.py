@@ -8,7 +8,9 @@ each point, the paper's pipeline:
       -> fine-tune on each task -> evaluate the best checkpoint
       -> time greedy decoding -> DIR/<point>/results.json
 
-Each stage leaves `<stage>.done.json` in the point's directory, so a rerun
+DIR may be local or gs:// (every file goes through `gqa_t5x.storage` and is
+written whole or not at all). Each stage leaves `<stage>.done.json` in the
+point's directory, so a rerun
 skips finished stages and finished points (a point with `results.json`); the
 trainer itself resumes an interrupted stage from MODEL_DIR. A failing point is
 recorded in `failed.json` and the sweep goes on with the others.
@@ -27,27 +29,14 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import gin
 
 from gqa_t5x import gin_config, launcher
-
-# Task key (report column) -> (task gin, metric used for model selection and Table 1).
-TASKS: dict[str, tuple[str, str]] = {
-    "cnn_dailymail": ("gin/tasks/cnn_dailymail.gin", "rouge1"),
-    "arxiv": ("gin/tasks/arxiv.gin", "rouge1"),
-    "pubmed": ("gin/tasks/pubmed.gin", "rouge1"),
-    "mediasum": ("gin/tasks/mediasum.gin", "rouge1"),
-    "multi_news": ("gin/tasks/multi_news.gin", "rouge1"),
-    "wmt14_ende": ("gin/tasks/wmt14_ende.gin", "bleu"),
-    "triviaqa": ("gin/tasks/triviaqa.gin", "f1"),
-    # The quickstart's docstring summarisation, fed through the CNN/DM task's
-    # local-file path (`tasks.cnn_dailymail_data.files`).
-    "docstring_summary": ("gin/tasks/cnn_dailymail.gin", "rouge1"),
-}
-
+from gqa_t5x.data import task_table
+from gqa_t5x.storage import paths
+from gqa_t5x.storage.paths import Path
 
 @gin.configurable(module="gqa_t5x.experiments.sweep")
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +50,7 @@ class SweepSpec:
       num_kv_heads: Values of G; num_heads itself is the MHA point.
       methods: Conversion methods (mean, first, random, align).
       alphas: Uptraining proportions (0 = convert and fine-tune directly).
-      tasks: Fine-tuning/evaluation task keys (see `TASKS`).
+      tasks: Fine-tuning/evaluation task keys (`gqa_t5x.data.task_table`).
       gin_files: Extra gin files for every training/eval stage (data
         locations, CPU-sized lengths, ...), after the run gin.
       uptrain_bindings: Extra bindings of the uptraining stage.
@@ -115,9 +104,10 @@ class SweepSpec:
         unknown = sorted(set(self.methods) - set(conversion.METHODS))
         if unknown:
             raise ValueError(f"SweepSpec.methods has unknown method(s) {unknown}; known: {list(conversion.METHODS)}.")
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        known = [spec.key for spec in task_table.task_specs() if spec.primary_metric and spec.gin_file]
+        unknown = sorted(set(self.tasks) - set(known))
         if unknown:
-            raise ValueError(f"SweepSpec.tasks has unknown task(s) {unknown}; known: {list(TASKS)}.")
+            raise ValueError(f"SweepSpec.tasks has unknown task(s) {unknown}; known: {known}.")
         if any(a < 0 for a in self.alphas):
             raise ValueError(f"SweepSpec.alphas must be >= 0; got {list(self.alphas)}.")
 
@@ -169,15 +159,16 @@ def load_spec(sweep_gin: str, bindings: Sequence[str] = ()) -> SweepSpec:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> str:
-    """The `checkpoint_<step>` with the largest step under `directory`."""
+    """The `checkpoint_<step>` with the largest step under `directory` (local or gs://)."""
+    directory = paths.as_path(directory, name="model directory")
     found = []
-    for path in Path(directory).glob("checkpoint_*"):
-        m = re.fullmatch(r"checkpoint_(\d+)", path.name)
-        if m and path.is_dir():
-            found.append((int(m.group(1)), path))
+    for name in paths.listdir(directory):
+        m = re.fullmatch(r"checkpoint_(\d+)", name)
+        if m and (directory / name).is_dir():
+            found.append((int(m.group(1)), name))
     if not found:
         raise FileNotFoundError(f"No checkpoint_<step> directory in {str(directory)!r}.")
-    return str(max(found)[1])
+    return str(directory / max(found)[1])
 
 
 def enable_compilation_cache(directory: Path) -> None:
@@ -188,8 +179,8 @@ def enable_compilation_cache(directory: Path) -> None:
 
     if jax.config.jax_compilation_cache_dir:
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
+    paths.makedirs(directory)
+    jax.config.update("jax_compilation_cache_dir", str(directory))  # JAX reads gs:// too (epath)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -226,7 +217,8 @@ class Runner:
                  compilation_cache: bool = True):
         if mode not in ("local", "print"):
             raise ValueError(f"--mode={mode!r}; choose 'local' or 'print'.")
-        self.spec, self.out, self.mode, self.launcher_prefix, self.log = spec, Path(output_dir), mode, launcher, log
+        self.spec, self.mode, self.launcher_prefix, self.log = spec, mode, launcher, log
+        self.out = paths.as_path(output_dir, name="--output")
         if mode == "local" and compilation_cache:
             enable_compilation_cache(self.out / ".jax_cache")
 
@@ -236,15 +228,15 @@ class Runner:
         return json.loads(path.read_text()) if path.exists() else None
 
     def _mark(self, run_dir: Path, stage: str, info: dict) -> dict:
-        path = run_dir / f"{stage}.done.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, path)
+        paths.replace_file(run_dir / f"{stage}.done.json", json.dumps(info, indent=2))
         return info
 
-    def _run(self, request: launcher.Launch) -> Any:
+    def _run(self, request: launcher.Launch, *, on_every_host: bool = True) -> Any:
+        """Runs `request` here, or prints it (behind the launcher prefix when the
+        stage runs on every host of a slice; a conversion runs once)."""
         if self.mode == "print":
-            self.log(f"{self.launcher_prefix} {request.command_line()}".strip())
+            prefix = self.launcher_prefix if on_every_host else ""
+            self.log(f"{prefix} {request.command_line()}".strip())
             return None
         return launcher.launch(request)
 
@@ -264,7 +256,7 @@ class Runner:
                 f"NUM_KV_HEADS={point.num_kv_heads}", f"METHOD={_gin_str(point.method)}",
                 f"RANDOM_SEED={self.spec.seed}", "OVERWRITE=True", "converter.convert_checkpoint.progress=False",
             ),
-        ))
+        ), on_every_host=False)
         if self.mode == "print":
             return str(out)
         return self._mark(run_dir, "convert", {"checkpoint": str(out)})["checkpoint"]
@@ -286,7 +278,8 @@ class Runner:
         done = self._done(run_dir, f"eval_{task}")
         if done:
             return done["score"]
-        task_gin, metric = TASKS[task]
+        spec = task_table.by_key(task)
+        task_gin, metric = spec.gin_file, spec.primary_metric
         model_dir = run_dir / f"finetune_{task}"
         request = _train_launch(self.spec, "gin/runs/finetune.gin", [task_gin], point.gin_kv_heads, model_dir, initial,
                            ["TRAIN_STEPS=@gqa_t5x.training.trainer.steps_after_checkpoint()",
@@ -338,7 +331,7 @@ class Runner:
         if results_path.exists():
             self.log(f"[{point.name}] finished earlier; skipped")
             return json.loads(results_path.read_text())
-        run_dir.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(run_dir)
         self.log(f"[{point.name}] {point.label}")
         start = time.time()
         converted = self.convert(point, run_dir)
@@ -352,14 +345,13 @@ class Runner:
         if self.mode == "print":
             return None
         result = {
-            "name": point.label, "sweep": self.spec.name, "model": Path(self.spec.model_gin).stem,
+            "name": point.label, "sweep": self.spec.name,
+            "model": os.path.splitext(os.path.basename(self.spec.model_gin))[0],
             "num_heads": point.num_heads, "num_kv_heads": point.num_kv_heads, "method": point.method,
             "alpha": point.alpha, "time_per_sample": timed, "scores": scores,
             "wall_s": round(time.time() - start, 1),
         }
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, results_path)
+        paths.replace_file(results_path, json.dumps(result, indent=2))
         (run_dir / "failed.json").unlink(missing_ok=True)
         return result
 
@@ -375,8 +367,7 @@ class Runner:
                     raise
                 failed.append(point.name)
                 run_dir = self.out / point.name
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "failed.json").write_text(json.dumps(
+                paths.replace_file(run_dir / "failed.json", json.dumps(
                     {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}, indent=2))
                 self.log(f"[{point.name}] FAILED: {type(err).__name__}: {err} (see {run_dir / 'failed.json'})")
         return results, failed

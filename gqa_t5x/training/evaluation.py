@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,9 +20,12 @@ import seqio
 import tensorflow as tf
 
 from gqa_t5x import checkpoints
-from gqa_t5x.model import param_tree
 from gqa_t5x.data import datasets
+from gqa_t5x.data import errors
 from gqa_t5x.model import models
+from gqa_t5x.model import param_tree
+from gqa_t5x.storage import paths
+
 
 def _batches(
     dataset: tf.data.Dataset, batch_size: int
@@ -96,30 +98,35 @@ def make_evaluator(
 
     Args:
       cfg: Evaluation dataset (mixture_or_task_name, lengths, split, seed).
-      output_dir: Where seqio's JSON/TensorBoard loggers write (None: no logs).
+      output_dir: Where seqio's JSON/TensorBoard loggers write (None: no
+        logs); local or gs:// (they write through tf.io.gfile).
       num_examples: Evaluate on the first N examples only.
 
     Returns:
-      The evaluator (its datasets are cached at construction).
+      The evaluator (its datasets are read and cached at construction).
+
+    Raises:
+      DataError: the evaluation data cannot be read.
     """
     datasets.get_task_or_mixture(cfg)
     if output_dir:
-        tf.io.gfile.makedirs(output_dir)
+        paths.makedirs(paths.as_path(output_dir, name="evaluation output_dir"))
     loggers: Sequence[type[seqio.Logger]] = (
         (seqio.JSONLogger, seqio.TensorBoardLogger) if output_dir else ()
     )
-    return seqio.Evaluator(
-        mixture_or_task_name=cfg.mixture_or_task_name,
-        feature_converter=seqio.EncDecFeatureConverter(pack=False),
-        eval_split=cfg.split,
-        use_cached=cfg.use_cached,
-        seed=cfg.seed,
-        sequence_length=dict(cfg.task_feature_lengths),
-        num_examples=num_examples,
-        shuffle=False,
-        logger_cls=loggers,
-        log_dir=output_dir,
-    )
+    with errors.surface_data_errors():
+        return seqio.Evaluator(
+            mixture_or_task_name=cfg.mixture_or_task_name,
+            feature_converter=seqio.EncDecFeatureConverter(pack=False),
+            eval_split=cfg.split,
+            use_cached=cfg.use_cached,
+            seed=cfg.seed,
+            sequence_length=dict(cfg.task_feature_lengths),
+            num_examples=num_examples,
+            shuffle=False,
+            logger_cls=loggers,
+            log_dir=output_dir,
+        )
 
 
 def run_evaluator(
@@ -163,6 +170,7 @@ def evaluate(
     output_dir: str,
     num_examples: int | None = None,
     max_decode_length: int | None = None,
+    on_validated: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluates one checkpoint (`--run_mode=eval`, T5X `eval.evaluate`).
 
@@ -171,15 +179,22 @@ def evaluate(
       dataset_cfg: Task, split ('validation'), lengths, batch size.
       checkpoint_path: Any checkpoint the checkpoints package reads,
         including a training checkpoint `MODEL_DIR/checkpoint_<step>`.
-      output_dir: Where metrics (`metrics.json`, seqio logs) are written.
+      output_dir: EVAL_OUTPUT_DIR, local or gs://: `metrics.json` (written
+        whole or not at all, by process 0) and seqio's logs.
       num_examples: Evaluate only the first N examples.
       max_decode_length: Output length (default: the targets' length).
+      on_validated: Called once the checkpoint is loaded and the evaluation
+        data is read, before anything is decoded or written.
 
     Returns:
       {task: {metric: value}}.
+
+    Raises:
+      DataError: the evaluation data cannot be read.
     """
     if not checkpoint_path:
         raise ValueError("CHECKPOINT_PATH is required for --run_mode=eval.")
+    metrics_file = paths.as_path(output_dir, name="EVAL_OUTPUT_DIR") / "metrics.json"
     reader = checkpoints.open_checkpoint(checkpoint_path)
     with reader:
         config = reader.config
@@ -189,16 +204,18 @@ def evaluate(
         config.replace(dtype=model.config.dtype, dropout_rate=model.config.dropout_rate)
     )
     params = jax.tree_util.tree_map(np.asarray, param_tree.unflatten(flat))
-    tf.io.gfile.makedirs(output_dir)  # Local or gs://.
     start = time.time()
     evaluator = make_evaluator(dataset_cfg, output_dir, num_examples)
+    if on_validated is not None:
+        on_validated()
     metrics = run_evaluator(
         evaluator, model, params, step=step,
         batch_size=datasets.host_batch_size(dataset_cfg),
         max_decode_length=max_decode_length,
     )
-    with tf.io.gfile.GFile(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump({"checkpoint": checkpoint_path, "step": step, "metrics": metrics}, f, indent=2)
+    if jax.process_index() == 0:
+        record = {"checkpoint": str(checkpoint_path), "step": step, "metrics": metrics}
+        paths.replace_file(metrics_file, json.dumps(record, indent=2))
     logging.info("Evaluated %s in %.1fs", checkpoint_path, time.time() - start)
     print(f"Evaluation of {checkpoint_path} (step {step}):\n{format_metrics(metrics)}", flush=True)
     return metrics

@@ -12,11 +12,11 @@ plus any other fields of the input record. `infer` is the gin entry point
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,6 +26,8 @@ import numpy as np
 from gqa_t5x.model import decoding
 from gqa_t5x.model import models
 from gqa_t5x.model.config import T5Config
+from gqa_t5x.storage import paths
+from gqa_t5x.storage.paths import Path
 
 EOS_ID = 1
 
@@ -35,40 +37,41 @@ def read_inputs(path: str | os.PathLike, input_field: str = "inputs") -> list[di
     """Reads `.jsonl` records (with `input_field`) or text lines (`.txt`, other).
 
     Args:
-      path: Input file.
+      path: Input file (INPUT_FILE), local or gs://.
       input_field: JSONL field holding the input text.
 
     Returns:
       Records, each with the input text under 'inputs'.
     """
-    path = Path(path)
+    path = paths.as_path(path, name="INPUT_FILE")
     if not path.is_file():
         raise FileNotFoundError(f"Input file {str(path)!r} does not exist.")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if path.suffix == ".jsonl":
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e}).") from e
-                if not isinstance(record, dict) or input_field not in record:
-                    raise ValueError(f"{path}:{lineno}: record lacks the field {input_field!r}.")
-                record = dict(record)
-                record["inputs"] = str(record.pop(input_field))
-            else:
-                record = {"inputs": line}
-            records.append(record)
+    # The whole file, then its lines as a text file would give them (universal newlines).
+    lines = io.StringIO(path.read_bytes().decode("utf-8"), newline=None)
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        if path.suffix == ".jsonl":
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}).") from e
+            if not isinstance(record, dict) or input_field not in record:
+                raise ValueError(f"{path}:{lineno}: record lacks the field {input_field!r}.")
+            record = dict(record)
+            record["inputs"] = str(record.pop(input_field))
+        else:
+            record = {"inputs": line}
+        records.append(record)
     return records
 
 
 def default_output_path(input_path: str | os.PathLike, output_dir: str | os.PathLike | None) -> Path:
     """`<output_dir or the input's directory>/<input stem>-predictions.jsonl`."""
-    input_path = Path(input_path)
-    directory = Path(output_dir) if output_dir else input_path.parent
+    input_path = paths.as_path(input_path, name="INPUT_FILE")
+    directory = paths.as_path(output_dir, name="INFER_OUTPUT_DIR") if output_dir else input_path.parent
     return directory / f"{input_path.stem}-predictions.jsonl"
 
 
@@ -113,8 +116,9 @@ def run_inference(
       inputs: A `.jsonl` / text file, a list of strings, or records with an
         'inputs' text field.
       vocabulary: A seqio vocabulary (`encode`, `decode`, `eos_id`).
-      output_path: Output file. Default: `default_output_path` of the input
-        file (next to it, or in `output_dir`).
+      output_path: Output file, local or gs://, written whole or not at all.
+        Default: `default_output_path` of the input file (next to it, or in
+        `output_dir`).
       output_dir: Directory of the default output file (INFER_OUTPUT_DIR).
       input_length: Encoder length (TASK_FEATURE_LENGTHS['inputs']); longer
         inputs are truncated (their EOS kept) and counted in the log.
@@ -141,16 +145,14 @@ def run_inference(
         if output_path is None:
             if output_dir is None:
                 raise ValueError("output_path or output_dir is required when inputs are not a file.")
-            output_path = Path(output_dir) / "predictions.jsonl"
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+            output_path = paths.as_path(output_dir, name="INFER_OUTPUT_DIR") / "predictions.jsonl"
+    output_path = paths.as_path(output_path, name="output_path")
     eos_id = decode_kwargs.pop("eos_id", getattr(vocabulary, "eos_id", EOS_ID))
     spec = decoding.DecodingSpec(
         method=method, max_decode_length=max_decode_length, eos_id=eos_id, **decode_kwargs
     )
-    tmp = output_path.with_name(output_path.name + ".tmp")
     truncated = 0
-    with tmp.open("w", encoding="utf-8") as out:
+    with paths.replacing(output_path) as out:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             rows = []
@@ -177,7 +179,6 @@ def run_inference(
                     "prediction_ids": [int(t) for t in tokens[i, :length]],
                 }
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, output_path)
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length=%d and were truncated.",
                         truncated, len(records), input_length)

@@ -227,17 +227,48 @@ class Partitioner:
                 f"shards (devices / num_partitions) and the {hosts} host(s)."
             )
 
-    def host_local_to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Assembles this host's slice of a batch into global sharded arrays.
+    def host_rows(self, global_batch_size: int) -> np.ndarray:
+        """Rows of the global batch this process's devices hold, in order.
+
+        With batches sharded over `data`, a process holds the slices of the
+        data shards of its devices: on a mesh whose data axis spans hosts,
+        its 1/hosts of the batch; where the data axis lies within each host
+        (the model axis spans hosts), the whole batch. A host's input
+        pipeline reads exactly these rows; `host_local_to_global` takes them
+        in this order (the order `jax.make_array_from_process_local_data`
+        expects: each distinct slice once, by position).
 
         Args:
-          batch: Host-local `[batch / process_count, ...]` numpy features.
+          global_batch_size: BATCH_SIZE.
 
         Returns:
-          Global `jax.Array`s sharded over `data`.
+          Sorted int64 global row indices.
+        """
+        self.check_batch_size(global_batch_size)
+        index_map = self.data_sharding.addressable_devices_indices_map((global_batch_size,))
+        slices = {
+            (idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
+            for idx in index_map.values()
+        }
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in sorted(slices)])
+
+    def host_local_to_global(
+        self, batch: Mapping[str, np.ndarray], global_batch_size: int
+    ) -> dict[str, jax.Array]:
+        """Assembles this host's rows of a batch into global sharded arrays.
+
+        Args:
+          batch: This host's rows (`host_rows(global_batch_size)`, in that
+            order) of each `[rows, ...]` numpy feature.
+          global_batch_size: BATCH_SIZE.
+
+        Returns:
+          Global `[global_batch_size, ...]` `jax.Array`s sharded over `data`.
         """
         sharding = self.data_sharding
         return {
-            k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            k: jax.make_array_from_process_local_data(
+                sharding, np.asarray(v), (global_batch_size, *np.shape(v)[1:])
+            )
             for k, v in batch.items()
         }

@@ -5,18 +5,22 @@ A checkpoint is `MODEL_DIR/checkpoint_<step>/` written by an Orbax
 
 * `state/`: the T5X-shaped PyTree `{'target': params, 'state': {'step': step,
   'param_states': optimizer state}}` (parameters under `target`, as T5X);
-* `metadata/`: JSON with the model config, the step the data stream started
-  at and the batch size, so a restarted run resumes the data where it left
-  off.
+* `metadata/`: JSON with the model config and the data position: the step
+  and global row at which this part of the run's data began
+  (`data_start_step`, `data_start_row`), the batch size, the pipeline
+  ('cache' or 'stream') and the cache's fingerprint, so a restarted run
+  resumes the data where it left off (`data_row`).
 
-Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a run killed while saving leaves no half-written checkpoint
-(temporary directories are removed on the next start).
+MODEL_DIR may be local or gs:// (`storage.as_path`). A run killed while
+saving leaves no checkpoint that counts: on local disk Orbax writes to a
+temporary directory and renames it when complete; on object storage, which
+has no atomic rename, it writes in place and marks completion last
+(`commit_success.txt`). Either way an unfinished step directory is ignored
+and removed by the next start (`cleanup_tmp_directories`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gqa_t5x.model.config import T5Config
+from gqa_t5x.storage import paths
 
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
@@ -67,7 +72,7 @@ def abstract_tree(state: TrainState, shardings: TrainState) -> dict[str, Any]:
 
 
 def checkpoint_manager(
-    directory: str,
+    directory: paths.PathLike | paths.Path,
     *,
     max_to_keep: int | None = None,
     best_metric: str | None = None,
@@ -77,7 +82,7 @@ def checkpoint_manager(
     """An Orbax manager writing `directory/checkpoint_<step>`.
 
     Args:
-      directory: MODEL_DIR (or MODEL_DIR/best).
+      directory: MODEL_DIR (or MODEL_DIR/best), local or gs://.
       max_to_keep: Keep only the newest N (or the best N with `best_metric`).
       best_metric: Rank checkpoints by this key of the metrics passed to save.
       best_mode: 'max' or 'min' for `best_metric`.
@@ -100,7 +105,8 @@ def checkpoint_manager(
         keep_checkpoints_without_metrics=best_metric is None,
     )
     return ocp.CheckpointManager(
-        os.fspath(directory), options=options, item_names=(STATE_ITEM, METADATA_ITEM)
+        paths.as_path(directory, name="MODEL_DIR"), options=options,
+        item_names=(STATE_ITEM, METADATA_ITEM),
     )
 
 
@@ -155,16 +161,58 @@ def restore(
 
 
 def metadata_for(
-    config: T5Config, *, data_start_step: int, batch_size: int, task: str, seed: int | None
+    config: T5Config,
+    *,
+    data_start_step: int,
+    batch_size: int,
+    task: str,
+    seed: int | None,
+    data_start_row: int = 0,
+    data_pipeline: str = "stream",
+    data_cache: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON stored beside each training checkpoint."""
+    """The JSON stored beside each training checkpoint.
+
+    Args:
+      config: The model config.
+      data_start_step: Step at which this part of the run's data began.
+      batch_size: Rows per step since then (BATCH_SIZE).
+      task: MIXTURE_OR_TASK_NAME.
+      seed: RANDOM_SEED.
+      data_start_row: Global row read first at `data_start_step`.
+      data_pipeline: 'cache' or 'stream'.
+      data_cache: The cache's fingerprint (None when streaming).
+
+    Returns:
+      The metadata dict.
+    """
     return {
         "config": config.to_dict(),
         "data_start_step": int(data_start_step),
+        "data_start_row": int(data_start_row),
         "batch_size": int(batch_size),
+        "data_pipeline": data_pipeline,
+        "data_cache": data_cache,
         "mixture_or_task_name": task,
         "seed": seed,
     }
+
+
+def data_row(metadata: Mapping[str, Any], step: int) -> int:
+    """The global data row a run resumed at `step` reads first.
+
+    `data_start_row + (step - data_start_step) * batch_size`; checkpoints
+    written before rows were recorded started at row 0.
+
+    Args:
+      metadata: A training checkpoint's metadata (`metadata_for`).
+      step: The checkpoint's step.
+
+    Returns:
+      The row index.
+    """
+    start_step = int(metadata["data_start_step"])
+    return int(metadata.get("data_start_row", 0)) + (step - start_step) * int(metadata["batch_size"])
 
 
 def best_so_far(manager: ocp.CheckpointManager) -> dict[str, Any] | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -266,8 +268,10 @@ def test_empty_zarr_directory_is_an_error_not_zeros(tmp_path):
 
 # ------------------------------------------------------------ detection
 def test_no_checkpoint_error_names_path_and_what_was_looked_for(tmp_path):
-    with pytest.raises(checkpoints.CheckpointNotFoundError, match=f"{tmp_path}.*looked for.*config.json.*msgpack"):
+    with pytest.raises(checkpoints.CheckpointNotFoundError, match=f"{tmp_path}.*looked for") as info:
         checkpoints.open_checkpoint(tmp_path)
+    for fmt in checkpoints.formats():  # every registered format says what it needs
+        assert f"{fmt.name}: {fmt.doc}" in str(info.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoints.open_checkpoint(tmp_path / "nope")
     write_t5x_legacy(tmp_path / "checkpoint_10", random_params(SMALL))
@@ -478,3 +482,77 @@ def test_writer_and_reader_stream_one_parameter_at_a_time(tmp_path):
         assert copy.step == 0 and copy.config.num_decoder_layers == 12
         key = "decoder/layers_11/mlp/wo/kernel"
         np.testing.assert_array_equal(copy.read(key), np.full((1024, 512), list(copy.keys()).index(key), np.float32))
+
+
+# ------------------------------------------------------- registry and detection
+def test_every_format_is_registered_once_with_detection_reader_and_doc():
+    names = checkpoints.format_names()
+    assert sorted(names) == ["gqa_t5x", "huggingface", "mesh_tf", "t5x_legacy", "t5x_orbax"]
+    for fmt in checkpoints.formats():
+        assert callable(fmt.detect) and callable(fmt.reader) and fmt.doc
+        assert checkpoints.get_format(fmt.name) is fmt
+    assert checkpoints.get_format("huggingface").exporter is checkpoints.export_huggingface_checkpoint
+    with pytest.raises(ValueError, match="already registered"):
+        checkpoints.register_format(dataclasses.replace(checkpoints.get_format("mesh_tf")))
+    with pytest.raises(checkpoints.CheckpointError, match="Unknown checkpoint format 'tf1'.*mesh_tf"):
+        checkpoints.open_checkpoint(TINY, format="tf1")
+
+
+def test_ours_without_manifest_is_an_incomplete_checkpoint_not_plain_orbax(tmp_path):
+    out = tmp_path / "checkpoint_0"
+    checkpoints.save(out, SMALL, param_tree.unflatten(random_params(SMALL)))
+    (out / "gqa_t5x_checkpoint.json").unlink()  # e.g. a copy that stopped early
+    with pytest.raises(checkpoints.IncompleteCheckpointError, match=f"{out} has the gqa_t5x layout.*no gqa_t5x_checkpoint.json"):
+        checkpoints.open_checkpoint(out)
+    assert not checkpoints.is_checkpoint(out)
+
+
+def test_missing_parameter_directory_is_named_not_reported_as_a_missing_tree(tmp_path):
+    out = tmp_path / "checkpoint_0"
+    checkpoints.save(out, SMALL, param_tree.unflatten(random_params(SMALL)))
+    missing = out / "state" / "target.decoder.layers_0.mlp.wo.kernel"
+    shutil.rmtree(missing)
+    with pytest.raises(checkpoints.CorruptCheckpointError, match=f"{missing}: array directory missing") as info:
+        checkpoints.open_checkpoint(out)
+    assert "token_embedder/embedding" not in str(info.value)
+
+
+def _export_hf(directory: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    from gqa_t5x.checkpoints import huggingface
+
+    flat = random_params(SMALL, seed)
+    huggingface.export_huggingface(directory, SMALL, param_tree.unflatten(flat))
+    return flat
+
+
+@needs_shared
+def test_huggingface_beside_a_t5x_checkpoint_file_is_ambiguous_until_a_format_is_chosen(tmp_path):
+    both = tmp_path / "both"
+    hf = _export_hf(both)
+    shutil.copy(TINY / "checkpoint", both / "checkpoint")
+    with pytest.raises(checkpoints.AmbiguousCheckpointError) as info:
+        checkpoints.open_checkpoint(both)
+    message = str(info.value)
+    assert "huggingface" in message and "t5x_legacy" in message and "format=" in message and "--source_format" in message
+    with checkpoints.open_checkpoint(both, format="huggingface") as reader:
+        np.testing.assert_array_equal(reader.read("token_embedder/embedding"), hf["token_embedder/embedding"])
+    with checkpoints.open_checkpoint(both, format="t5x_legacy") as reader:
+        assert reader.config.vocab_size == 32128
+    assert checkpoints.detect_format(both / "config.json") == ("huggingface", str(both))  # a file chooses too
+
+
+def test_ours_beside_a_huggingface_export_is_ambiguous_and_each_reads_by_format(tmp_path):
+    ours = tmp_path / "checkpoint_0"
+    flat = random_params(SMALL, 1)
+    checkpoints.save(ours, SMALL, param_tree.unflatten(flat), step=5)
+    hf = _export_hf(tmp_path / "hf", seed=2)
+    for name in ("config.json", "model.safetensors"):  # HF's config.json replaces ours
+        shutil.copy(tmp_path / "hf" / name, ours / name)
+    with pytest.raises(checkpoints.AmbiguousCheckpointError, match="2 formats") as info:
+        checkpoints.open_checkpoint(ours)
+    assert f"gqa_t5x ({ours})" in str(info.value) and f"huggingface ({ours})" in str(info.value)
+    with checkpoints.open_checkpoint(ours, format="gqa_t5x") as reader:  # config from the manifest
+        assert reader.config == SMALL and reader.step == 5
+        np.testing.assert_array_equal(reader.read("token_embedder/embedding"), flat["token_embedder/embedding"])
+    with checkpoints.open_checkpoint(ours, format="huggingface") as reader:
+        np.testing.assert_array_equal(reader.read("token_embedder/embedding"), hf["token_embedder/embedding"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from gqa_t5x.model.config import T5Config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+hf_reference = pytest.importorskip("hf_reference")
 
 HF_KW = dict(
     vocab_size=64, d_model=8, d_kv=3, d_ff=16, num_layers=2, num_decoder_layers=3,
@@ -29,8 +31,8 @@ def hf_model():
 
 
 def expected_params(model, config: T5Config) -> dict[str, np.ndarray]:
-    """HF state dict -> T5X names through the independent `params_from_hf_state_dict`."""
-    return param_tree.flatten(param_tree.params_from_hf_state_dict(model.state_dict(), config))
+    """HF state dict -> T5X names through `hf_name`, the export's direction."""
+    return param_tree.flatten(hf_reference.params_from_hf_state_dict(model.state_dict(), config))
 
 
 def check_t5_1_1_config(config: T5Config) -> None:
@@ -69,6 +71,46 @@ def test_huggingface_checkpoint_loads_to_transposed_t5x_params(hf_model, tmp_pat
         hf_model.encoder.block[0].layer[0].SelfAttention.q.weight.detach().numpy().T,
     )
     assert checkpoints.detect_format(out / "config.json") == ("huggingface", str(out))
+
+
+def test_legacy_pre_zip_pytorch_bin_is_read(hf_model, tmp_path):
+    out = tmp_path / "legacy"
+    out.mkdir()
+    hf_model.config.save_pretrained(out)
+    torch.save(hf_model.state_dict(), out / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    config, params = checkpoints.load(out)
+    for key, value in expected_params(hf_model, config).items():
+        np.testing.assert_array_equal(param_tree.flatten(params)[key], value, err_msg=key)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious .bin does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("content", ["code", "non_tensor"])
+def test_refused_pickle_gets_our_message_and_runs_no_code(hf_model, tmp_path, zipped, content):
+    out = tmp_path / "bin"
+    out.mkdir()
+    hf_model.config.save_pretrained(out)
+    marker = tmp_path / "pwned"
+    state = dict(hf_model.state_dict())
+    state["shared.weight"] = _RunsCode(marker) if content == "code" else [1.0, 2.0]
+    torch.save(state, out / "pytorch_model.bin", _use_new_zipfile_serialization=zipped)
+    with pytest.raises(checkpoints.CheckpointError, match=f"{out / 'pytorch_model.bin'}: refused") as info:
+        checkpoints.open_checkpoint(out)
+    assert not marker.exists()
+    shown, error = [], info.value  # what a traceback would print, chained errors included
+    while error is not None:
+        shown.append(str(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    assert "weights_only" not in " ".join(shown)  # torch's advice to disable the check
 
 
 def _write_safetensors(directory, state: dict[str, np.ndarray], hf_config: dict) -> None:
@@ -144,9 +186,9 @@ def test_truncated_safetensors_is_named_and_unsupported_activation_is_rejected(h
     other = tmp_path / "gelu"
     hf_model.save_pretrained(other)
     cfg = json.loads((other / "config.json").read_text())
-    cfg["feed_forward_proj"] = "gated-tanh"
+    cfg["feed_forward_proj"] = "gelu"  # HuggingFace's exact-erf gelu: T5X has only the tanh form
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(checkpoints.CheckpointError, match="feed_forward_proj='gated-tanh' is not supported"):
+    with pytest.raises(checkpoints.CheckpointError, match="feed_forward_proj='gelu' is not supported.*exact-erf"):
         checkpoints.open_checkpoint(other)
 
 
@@ -159,6 +201,36 @@ def test_huggingface_missing_tensor_is_named(hf_model, tmp_path):
 
 
 # ------------------------------------------------------------------ Mesh TF
+def mesh_tf_name(path: str) -> str:
+    """T5X path -> Mesh TensorFlow variable name, written independently of the
+    reader's inverse map (`mesh_tf.mesh_tf_to_t5x`) that the tests check."""
+    fixed = {
+        "token_embedder/embedding": "shared/embedding",
+        "decoder/logits_dense/kernel": "decoder/logits/kernel",
+        "encoder/encoder_norm/scale": "encoder/rms_norm/scale",
+        "decoder/decoder_norm/scale": "decoder/rms_norm/scale",
+    }
+    if path in fixed:
+        return fixed[path]
+    side, rest = path.split("/", 1)
+    if rest == "relpos_bias/rel_embedding":
+        return f"{side}/block_000/layer_000/SelfAttention/relative_attention_bias"
+    block, rest = re.fullmatch(r"layers_(\d+)/(.+)", rest).groups()
+    prefix = f"{side}/block_{int(block):03d}"
+    layer = {
+        "pre_attention_layer_norm": 0, "attention": 0, "pre_self_attention_layer_norm": 0,
+        "self_attention": 0, "pre_cross_attention_layer_norm": 1, "encoder_decoder_attention": 1,
+        "pre_mlp_layer_norm": 1 if side == "encoder" else 2, "mlp": 1 if side == "encoder" else 2,
+    }[rest.split("/")[0]]
+    if rest.endswith("layer_norm/scale"):
+        return f"{prefix}/layer_{layer:03d}/rms_norm/scale"
+    if rest.startswith("mlp/"):
+        return f"{prefix}/layer_{layer:03d}/DenseReluDense/{rest.split('/')[1]}/kernel"
+    module = "EncDecAttention" if rest.startswith("encoder_decoder") else "SelfAttention"
+    proj = {"query": "q", "key": "k", "value": "v", "out": "o"}[rest.split("/")[1]]
+    return f"{prefix}/layer_{layer:03d}/{module}/{proj}"
+
+
 def _save_mesh_tf(prefix: str, variables: dict[str, np.ndarray]) -> None:
     """Writes a TF bundle with exactly these variable names (as Mesh TF does)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -178,7 +250,7 @@ def mesh_tf_checkpoint(tmp_path_factory):
                       num_encoder_layers=2, num_decoder_layers=2)
     rng = np.random.default_rng(0)
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in param_tree.param_shapes(config).items()}
-    variables = {param_tree.mesh_tf_name(k): v for k, v in params.items()}
+    variables = {mesh_tf_name(k): v for k, v in params.items()}
     variables["global_step"] = np.asarray(1_000_000, np.int64)
     variables["encoder/block_000/layer_000/SelfAttention/q_slot_vc"] = np.zeros(12, np.float32)
     variables["decoder/logits/kernel_slot_vr"] = np.zeros(8, np.float32)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conversion_utils import T5X_TINY, flat, our_logits, random_params, tiny_config, tokens
+from conversion_utils import (
+    T5X_TINY,
+    flat,
+    our_logits,
+    random_params,
+    relative_logit_error,
+    rotated_heads_params,
+    tiny_config,
+    tokens,
+)
 from gqa_t5x import conversion
 from gqa_t5x.model import param_tree
 
@@ -151,15 +160,24 @@ def test_random_is_seeded_fresh_t5x_init_with_fan_in_variance():
     assert abs(samples.mean()) < 0.01
 
 
-def test_two_step_mean_equals_direct_mean_from_gqa_source():
+def test_two_step_mean_equals_direct_mean_and_groups_stay_contiguous():
+    """8 -> 4 -> 2 heads equals 8 -> 2, and kv head g pools query heads g*H/G .. (g+1)*H/G - 1.
+
+    Interleaved groups (head h in group h % G) would also make the two routes
+    agree, so both are compared with the contiguous reference as well.
+    """
     config = tiny_config(num_heads=8, head_dim=4)
     params = random_params(config)
     mid_config, mid = conversion.convert(config, params, 4)
     two_config, two = conversion.convert(mid_config, mid, 2)
     _, direct = conversion.convert(config, params, 2)
     assert two_config.decoder_kv_heads == 2
+    src = flat(params)
     for path, value in flat(direct).items():
         np.testing.assert_allclose(flat(two)[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
+        if _is_converted(path, config):
+            np.testing.assert_allclose(flat(mid)[path], _group_mean(src[path], 4, 4), rtol=1e-6, atol=1e-7, err_msg=path)
+            np.testing.assert_allclose(value, _group_mean(src[path], 4, 2), rtol=1e-6, atol=1e-7, err_msg=path)
 
 
 def test_convert_encoder_converts_encoder_attention_only_when_asked():
@@ -200,45 +218,6 @@ def test_more_kv_heads_than_a_gqa_source_is_refused():
 
 
 # ---------------------------------------------------------------------- align
-def _rotated_heads_params(config, seed=0, noise=0.05):
-    """Params whose heads, in every converted layer, are rotations of head 0.
-
-    Head h: Q_h = Q_0 R_h, K_h = K_0 R_h + noise, V_h = V_0 S_h + noise,
-    O_h = S_h^T O_0 (R_h, S_h random orthogonal), so all heads compute (nearly)
-    the same thing in different bases: the case align is designed for.
-    """
-    rng = np.random.default_rng(seed)
-    p = flat(random_params(config, seed))
-    d, heads = config.head_dim, config.num_heads
-
-    def orth():
-        q, r = np.linalg.qr(rng.standard_normal((d, d)))
-        return q * np.sign(np.diag(r))
-
-    for path in list(p):
-        split = conversion.split_attention_path(path)
-        if not split or split[1] != "key" or "/attention" in split[0]:
-            continue
-        pre = split[0]
-        q, k, v, o = (p[f"{pre}/{x}/kernel"] for x in ("query", "key", "value", "out"))
-        rs, ss = [orth() for _ in range(heads)], [orth() for _ in range(heads)]
-        q0, k0, v0, o0 = q[:, :d], k[:, :d], v[:, :d], o[:d]
-        scale_k, scale_v = noise * k0.std(), noise * v0.std()
-        p[f"{pre}/query/kernel"] = np.concatenate([q0 @ r for r in rs], 1).astype(np.float32)
-        p[f"{pre}/key/kernel"] = np.concatenate([k0 @ r + scale_k * rng.standard_normal(k0.shape) for r in rs], 1).astype(np.float32)
-        p[f"{pre}/value/kernel"] = np.concatenate([v0 @ s + scale_v * rng.standard_normal(v0.shape) for s in ss], 1).astype(np.float32)
-        p[f"{pre}/out/kernel"] = np.concatenate([s.T @ o0 for s in ss], 0).astype(np.float32)
-    return param_tree.unflatten(p)
-
-
-def _relative_logit_error(config, params, groups, method, batch):
-    reference = our_logits(config, params, batch)
-    new_config, new_params = conversion.convert(config, params, groups, method=method)
-    got = our_logits(new_config, new_params, batch)
-    keep = batch[2] > 0
-    return float(np.linalg.norm((got - reference)[keep]) / np.linalg.norm(reference[keep]))
-
-
 def test_align_rotation_step_alone_leaves_mha_logits_unchanged():
     config = tiny_config()
     params = random_params(config, seed=1)
@@ -265,11 +244,11 @@ def test_align_rotation_step_alone_leaves_mha_logits_unchanged():
 
 def test_align_beats_mean_when_heads_are_rotations_of_each_other():
     config = tiny_config()
-    params = _rotated_heads_params(config)
+    params = rotated_heads_params(config)
     batch = tokens(2, config.vocab_size)
     for groups in (1, 2):
-        mean_err = _relative_logit_error(config, params, groups, "mean", batch)
-        align_err = _relative_logit_error(config, params, groups, "align", batch)
+        mean_err = relative_logit_error(config, params, groups, "mean", batch)
+        align_err = relative_logit_error(config, params, groups, "align", batch)
         assert align_err < 0.25 * mean_err, (groups, mean_err, align_err)
         layer = "decoder/layers_0/self_attention"
         src = {x: flat(params)[f"{layer}/{x}/kernel"] for x in ("query", "key", "value", "out")}
@@ -298,3 +277,92 @@ def test_align_never_increases_within_group_kv_dispersion_on_random_model():
                     return float(((h - h.mean(axis=2, keepdims=True)) ** 2).sum())
 
                 assert dispersion(rotated[proj]) <= dispersion(kernels[proj].astype(np.float64)) + 1e-9
+
+
+# -------------------------------------------------------- the method registry
+def _last_head(kernels, layer):
+    """Toy method: keep each group's last key/value head."""
+    return {p: conversion.merge_heads(conversion.group_heads(kernels[p], layer)[:, :, -1, :]) for p in conversion.KEY_VALUE}
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Methods registered by a test are forgotten after it."""
+    from gqa_t5x.conversion import methods
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+
+
+def test_a_method_registered_through_the_public_registry_converts_a_checkpoint(scratch_registry, tmp_path):
+    from gqa_t5x import checkpoints
+
+    conversion.register_method(conversion.ConversionMethod(
+        "last", _last_head, conversion.KEY_VALUE, "keep each group's last head"))
+    assert "last" in conversion.METHODS and conversion.get_method("last").doc == "keep each group's last head"
+    config = tiny_config()
+    params = random_params(config, seed=3)
+    checkpoints.save(tmp_path / "mha", config, params, step=9)
+    returned = conversion.convert_checkpoint(tmp_path / "mha", tmp_path / "gqa", 2, method="last", progress=False)
+    gqa_config, gqa = checkpoints.load(tmp_path / "gqa")
+    assert returned == gqa_config == config.replace(num_kv_heads=2)
+    src, out, d = flat(params), flat(gqa), config.head_dim
+    for path, value in out.items():
+        if _is_converted(path, config):  # heads 1 and 3 of groups {0, 1} and {2, 3}
+            expected = np.concatenate([src[path][:, d : 2 * d], src[path][:, 3 * d : 4 * d]], axis=1)
+            np.testing.assert_array_equal(value, expected, err_msg=path)
+        else:
+            np.testing.assert_array_equal(value, src[path], err_msg=path)
+    # The same function as multi-head attention whose every head reads its group's last head.
+    mha_equivalent = dict(src)
+    for path in out:
+        if _is_converted(path, config):
+            last = [src[path][:, h * d : (h + 1) * d] for h in (1, 1, 3, 3)]
+            mha_equivalent[path] = np.concatenate(last, axis=1)
+    batch = tokens(4, config.vocab_size)
+    np.testing.assert_allclose(
+        our_logits(gqa_config, gqa, batch),
+        our_logits(config, param_tree.unflatten(mha_equivalent), batch),
+        rtol=1e-5, atol=1e-5,
+    )
+    with checkpoints.open_checkpoint(tmp_path / "gqa") as reader:
+        assert reader.metadata["conversion"]["method"] == "last" and reader.step == 9
+
+
+def test_methods_are_checked_when_registered_and_when_they_return(scratch_registry):
+    with pytest.raises(ValueError, match="must include 'key' and 'value'"):
+        conversion.ConversionMethod("q_only", _last_head, ("query",), "x")
+    conversion.register_method(conversion.ConversionMethod("last", _last_head, conversion.KEY_VALUE, "x"))
+    with pytest.raises(ValueError, match="'last' is already registered"):
+        conversion.register_method(conversion.ConversionMethod("last", _first_of_all, conversion.KEY_VALUE, "x"))
+    conversion.register_method(conversion.ConversionMethod("wrong", _first_of_all, conversion.KEY_VALUE, "x"))
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"'wrong' returned decoder/layers_0/self_attention/key/kernel with shape \(32, 32\); expected \(32, 16\)"):
+        conversion.convert(config, random_params(config), 2, method="wrong")
+
+
+def _first_of_all(kernels, layer):
+    """A broken method: returns the kernels unchanged (S heads, not G)."""
+    return {p: kernels[p] for p in conversion.KEY_VALUE}
+
+
+# ------------------------------------------------------------------------ gin
+def test_convert_gin_binds_convert_checkpoint_like_the_python_call(tmp_path):
+    import gin
+
+    from gqa_t5x import checkpoints, gin_config
+    from gqa_t5x.conversion import converter
+
+    config = tiny_config()
+    checkpoints.save(tmp_path / "mha", config, random_params(config, seed=5))
+    gin_config.parse_gin(["gin/runs/convert.gin"], [
+        f'SOURCE="{tmp_path / "mha"}"', f'OUTPUT="{tmp_path / "gin"}"', "NUM_KV_HEADS=2", "METHOD='first'",
+    ])
+    gin.get_configurable(converter.convert_checkpoint)(progress=False)
+    conversion.convert_checkpoint(tmp_path / "mha", tmp_path / "py", 2, method="first", progress=False)
+    config_gin, by_gin = checkpoints.load(tmp_path / "gin")
+    config_py, by_py = checkpoints.load(tmp_path / "py")
+    assert config_gin == config_py and config_gin.num_kv_heads == 2
+    for path, value in flat(by_py).items():
+        np.testing.assert_array_equal(flat(by_gin)[path], value, err_msg=path)
+    with pytest.raises(ValueError, match="SOURCE"):
+        gin_config.parse_gin(["gin/runs/convert.gin"], ["NUM_KV_HEADS=2"])

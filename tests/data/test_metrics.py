@@ -9,6 +9,7 @@ same inputs; see docs/data.md.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -153,3 +154,20 @@ def test_trivia_qa_on_real_questions_matches_t5(shared_dir):
 def test_metrics_reject_malformed_inputs(fn, targets, predictions, message):
     with pytest.raises(ValueError, match=message):
         fn(targets, predictions)
+
+
+def test_token_loss_is_the_negative_log_likelihood_per_target_token():
+    # Two examples of 3 and 5 tokens whose tokens each have probability 1/2.
+    scores = [3 * math.log(0.5), 5 * math.log(0.5)]
+    result = metrics.token_loss([3, 5], scores)
+    assert result["cross_ent_loss"] == pytest.approx(math.log(2.0), abs=1e-12)
+    assert result["perplexity"] == pytest.approx(2.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "targets, scores, message",
+    [([3], [-1.0, -2.0], "1 token counts but 2 scores"), ([0], [0.0], "no target tokens")],
+)
+def test_token_loss_rejects_malformed_inputs(targets, scores, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.token_loss(targets, scores)

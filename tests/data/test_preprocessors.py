@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from gqa_t5x.data import preprocessors
 from gqa_t5x.data import vocabularies
+from span_corruption_utils import undo_span_corruption
 
 LENGTHS = {"inputs": 512, "targets": 114}
 
@@ -132,7 +133,7 @@ def test_span_corruption_on_synthetic_documents_round_trips_and_is_seeded():
     again = _run_span_corruption(_token_dataset(docs), vocab, seed=0)
     other = _run_span_corruption(_token_dataset(docs), vocab, seed=1)
     restored = [
-        preprocessors.undo_span_corruption(e["inputs"], e["targets"], vocab)[0]
+        undo_span_corruption(e["inputs"], e["targets"], vocab)[0]
         for e in first
     ]
     np.testing.assert_array_equal(np.concatenate(restored), np.concatenate(docs))
@@ -150,7 +151,7 @@ def test_span_corruption_without_merging_keeps_documents_apart():
         _token_dataset(docs), vocab, merge_examples_to_reduce_padding=False
     )
     restored = [
-        preprocessors.undo_span_corruption(e["inputs"], e["targets"], vocab)[0]
+        undo_span_corruption(e["inputs"], e["targets"], vocab)[0]
         for e in out
     ]
     assert [r.tolist() for r in restored] == [d.tolist() for d in docs]
@@ -168,7 +169,7 @@ def test_span_corruption_keeps_one_aligned_window_of_long_documents():
     assert len(out) == 12  # one window per document, each one segment
     windows = collections.Counter()
     for ex in out:
-        kept = preprocessors.undo_span_corruption(ex["inputs"], ex["targets"], vocab)[0]
+        kept = undo_span_corruption(ex["inputs"], ex["targets"], vocab)[0]
         np.testing.assert_array_equal(kept, np.arange(kept[0], kept[0] + len(kept)))
         windows[(int(kept[0]), len(kept))] += 1
     assert set(windows) <= {(3, 100), (103, 100), (203, 50)}
@@ -205,7 +206,7 @@ def test_span_corruption_requires_both_feature_lengths():
 def test_undo_span_corruption_rejects_out_of_order_sentinels():
     vocab = _ToyVocabulary()
     with pytest.raises(ValueError, match="sentinel"):
-        preprocessors.undo_span_corruption([5, 1098, 6], [1099, 7], vocab)
+        undo_span_corruption([5, 1098, 6], [1099, 7], vocab)
 
 
 def raw_text_start(raw: tf.data.Dataset) -> str:
@@ -239,7 +240,7 @@ def test_span_corruption_on_real_c4_matches_t5_statistics(shared_dir):
         assert _sentinels(inputs, vocab) == list(range(top, top - count, -1))
         assert _sentinels(targets, vocab) == _sentinels(inputs, vocab)
         assert targets[0] == top
-        tokens, mask = preprocessors.undo_span_corruption(inputs, targets, vocab)
+        tokens, mask = undo_span_corruption(inputs, targets, vocab)
         if len(tokens) == 568:  # every full segment is exactly 512 -> 114
             assert (len(inputs), len(targets)) == (512, 114)
         restored.append(tokens)

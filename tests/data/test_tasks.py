@@ -13,10 +13,14 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from gqa_t5x.data import tasks
+from gqa_t5x.data import errors
+from gqa_t5x.data import task_table
+from gqa_t5x.data import tasks  # noqa: F401 (registers the tasks)
+from gqa_t5x.data.errors import DataError
 
 from paths import REPO
-TFDS_TASKS = [t for t in tasks.FEATURE_LENGTHS if t != "gqa_mediasum"]
+
+TFDS_TASKS = [s.name for s in task_table.BUILTIN_TASKS if s.source.tfds_name]
 
 
 @pytest.fixture(autouse=True)
@@ -39,13 +43,14 @@ def _bind(name: str, **arguments) -> None:
 
 
 def _examples(task: str, split: str = "validation", lengths=None, limit=None):
-    lengths = lengths or tasks.feature_lengths(task)
+    lengths = lengths or task_table.feature_lengths(task)
     ds = seqio.get_mixture_or_task(task).get_dataset(
         lengths, split=split, shuffle=False, seed=0
     )
     if limit:
         ds = ds.take(limit)
-    return list(ds.as_numpy_iterator())
+    with errors.surface_data_errors():
+        return list(ds.as_numpy_iterator())
 
 
 def _write_jsonl(path: Path, rows) -> str:
@@ -56,9 +61,11 @@ def _write_jsonl(path: Path, rows) -> str:
 # ------------------------------- registration --------------------------------
 
 
-def test_every_paper_task_and_the_eval_mixture_are_registered_with_paper_lengths():
-    assert tasks.FEATURE_LENGTHS == {
+def test_every_builtin_task_and_the_eval_mixture_are_registered_with_paper_lengths():
+    lengths = {s.name: dict(s.feature_lengths) for s in task_table.BUILTIN_TASKS}
+    assert lengths == {
         "gqa_c4_span_corruption": {"inputs": 512, "targets": 114},
+        "gqa_corpus_span_corruption": {"inputs": 512, "targets": 114},
         "gqa_cnn_dailymail": {"inputs": 512, "targets": 256},
         "gqa_arxiv": {"inputs": 2048, "targets": 512},
         "gqa_pubmed": {"inputs": 2048, "targets": 512},
@@ -67,22 +74,33 @@ def test_every_paper_task_and_the_eval_mixture_are_registered_with_paper_lengths
         "gqa_wmt14_ende": {"inputs": 512, "targets": 256},
         "gqa_triviaqa": {"inputs": 2048, "targets": 32},
     }
-    for name in tasks.FEATURE_LENGTHS:
+    for name in lengths:
         assert name in seqio.TaskRegistry.names()
-    mixture = seqio.get_mixture_or_task(tasks.EVAL_MIXTURE)
-    assert sorted(t.name for t in mixture.tasks) == sorted(tasks.EVAL_TASKS)
+    mixture = seqio.get_mixture_or_task(task_table.EVAL_MIXTURE)
+    assert sorted(t.name for t in mixture.tasks) == sorted(task_table.EVAL_MIXTURE_TASKS)
     assert len(mixture.tasks) == 7
-    assert tasks.feature_lengths(tasks.EVAL_MIXTURE) == {"inputs": 2048, "targets": 512}
+    assert task_table.feature_lengths(task_table.EVAL_MIXTURE) == {
+        "inputs": 2048,
+        "targets": 512,
+    }
 
 
 @pytest.mark.parametrize("gin_file", sorted((REPO / "gin" / "tasks").glob("*.gin")))
-def test_task_gin_files_parse_and_name_registered_tasks(gin_file):
+def test_task_gin_files_parse_and_name_registered_tasks(gin_file, monkeypatch):
+    monkeypatch.chdir(REPO)  # Includes are relative to the repository root.
     gin.parse_config_file(str(gin_file))
     if gin_file.name == "shared_data.gin":
         assert gin.query_parameter("%VOCAB_PATH").endswith("sentencepiece.model")
         return
     name = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
-    assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == tasks.feature_lengths(name)
+    assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == task_table.feature_lengths(name)
+
+
+@pytest.mark.parametrize("spec", task_table.BUILTIN_TASKS, ids=lambda s: s.key)
+def test_the_gin_file_of_every_table_task_names_that_task(spec, monkeypatch):
+    monkeypatch.chdir(REPO)
+    gin.parse_config_file(str(REPO / task_table.gin_file(spec.key)))
+    assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == spec.name
 
 
 def test_shared_data_gin_runs_tasks_offline_from_the_repository_root(monkeypatch):
@@ -102,7 +120,7 @@ def test_shared_data_gin_runs_tasks_offline_from_the_repository_root(monkeypatch
 
 @pytest.mark.parametrize("task", TFDS_TASKS)
 def test_tfds_task_runs_its_whole_chain_under_mock_data(task, vocab):
-    lengths = tasks.feature_lengths(task)
+    lengths = task_table.feature_lengths(task)
     split = "train" if task == "gqa_c4_span_corruption" else "validation"
     with tfds.testing.mock_data(num_examples=16, num_sub_examples=3):
         ds = seqio.get_mixture_or_task(task).get_dataset(
@@ -127,9 +145,9 @@ def test_eval_mixture_yields_examples_under_mock_data(vocab, tmp_path):
         [{"utt": ["Hi.", "Hello."], "speaker": ["A", "B"], "summary": "Greeting."}],
     )
     _bind("mediasum_data", files={"validation": mediasum})
-    lengths = tasks.feature_lengths(tasks.EVAL_MIXTURE)
+    lengths = task_table.feature_lengths(task_table.EVAL_MIXTURE)
     with tfds.testing.mock_data(num_examples=4, num_sub_examples=2):
-        ds = seqio.get_mixture_or_task(tasks.EVAL_MIXTURE).get_dataset(
+        ds = seqio.get_mixture_or_task(task_table.EVAL_MIXTURE).get_dataset(
             lengths, split="validation", shuffle=False, seed=0
         )
         examples = list(ds.take(20).as_numpy_iterator())
@@ -278,7 +296,9 @@ def test_missing_file_error_names_the_gin_binding(vocab, tmp_path):
 def test_wrong_field_name_error_names_file_line_and_field(vocab, tmp_path):
     path = _write_jsonl(tmp_path / "cnn.jsonl", [{"story": "x", "highlights": "y"}])
     _bind("cnn_dailymail_data", files={"validation": path})
-    with pytest.raises(ValueError, match=r"cnn\.jsonl:1: field 'article'.*field_map"):
+    with pytest.raises(
+        DataError, match=r"cnn\.jsonl:1: field 'article'.*tasks\.cnn_dailymail_data\.field_map"
+    ):
         _examples("gqa_cnn_dailymail")
 
 
@@ -292,7 +312,7 @@ def test_wrong_field_name_in_tfrecord_lists_the_fields_it_has(vocab, tmp_path):
             ).SerializeToString()
         )
     _bind("c4_data", files={"train": path})
-    with pytest.raises(ValueError, match=r"feature 'text'.*\['content'\]"):
+    with pytest.raises(DataError, match=r"feature 'text'.*\['content'\]"):
         _examples("gqa_c4_span_corruption", split="train")
 
 
@@ -300,15 +320,16 @@ def test_bad_record_after_the_first_fails_with_its_line_number(vocab, tmp_path):
     path = tmp_path / "cnn.jsonl"
     path.write_text(json.dumps({"article": "a", "highlights": "b"}) + "\n{not json\n")
     _bind("cnn_dailymail_data", files={"validation": str(path)})
-    with pytest.raises(tf.errors.OpError, match=r"cnn\.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"cnn\.jsonl:2: invalid JSON") as raised:
         _examples("gqa_cnn_dailymail")
+    assert "Traceback" not in str(raised.value)
 
 
 def test_empty_split_is_an_error_not_an_empty_dataset(vocab, tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
     _bind("cnn_dailymail_data", files={"validation": str(path)})
-    with pytest.raises(ValueError, match="split is empty"):
+    with pytest.raises(DataError, match="split is empty"):
         _examples("gqa_cnn_dailymail")
 
 
@@ -319,7 +340,7 @@ def test_empty_text_pair_files_are_an_error(vocab, tmp_path):
         "wmt14_ende_data",
         files={"validation": [str(tmp_path / "en.txt"), str(tmp_path / "de.txt")]},
     )
-    with pytest.raises(ValueError, match="no pairs"):
+    with pytest.raises(DataError, match="no pairs"):
         _examples("gqa_wmt14_ende")
 
 
@@ -330,7 +351,7 @@ def test_misaligned_text_pairs_are_an_error(vocab, tmp_path):
         "wmt14_ende_data",
         files={"validation": [str(tmp_path / "en.txt"), str(tmp_path / "de.txt")]},
     )
-    with pytest.raises(ValueError, match="line-aligned"):
+    with pytest.raises(DataError, match="line-aligned"):
         _examples("gqa_wmt14_ende")
 
 
@@ -367,7 +388,7 @@ def test_field_of_the_wrong_type_is_an_error(vocab, tmp_path):
     path = _write_jsonl(tmp_path / "cnn.jsonl", [{"article": ["a"], "highlights": "b"}])
     _bind("cnn_dailymail_data", files={"validation": path})
     with pytest.raises(
-        TypeError, match=r"cnn\.jsonl:1: field 'article' must be a string"
+        DataError, match=r"cnn\.jsonl:1: field 'article' must be a string, not list"
     ):
         _examples("gqa_cnn_dailymail")
 

@@ -1,11 +1,11 @@
-"""The quickstart pipeline (reduced setting) and its local corpus."""
+"""The quickstart (reduced setting) and its local corpus."""
 
 from __future__ import annotations
 
 import json
 
+from gqa_t5x import cli
 from gqa_t5x.data import local_corpus
-from gqa_t5x.experiments import quickstart
 
 
 def test_local_corpus_is_real_prose_split_into_summary_and_body(tmp_path):
@@ -29,18 +29,20 @@ def test_local_corpus_is_real_prose_split_into_summary_and_body(tmp_path):
     assert sp.decode(ids) == train[0]["highlights"]
 
 
-def test_reduced_quickstart_runs_the_whole_pipeline_and_reports(tmp_path):
-    files = quickstart.run_quickstart(tmp_path / "qs", quickstart.QuickstartSettings.reduced(), log=lambda s: None)
-    runs = sorted((tmp_path / "qs" / "runs").glob("*/results.json"))
-    assert [p.parent.name for p in runs] == ["g1_mean_a0.1", "mha_a0"]
-    for path in runs:
-        r = json.loads(path.read_text())
-        assert "docstring_summary" in r["scores"] and r["time_per_sample"] > 0
-    mqa = json.loads(runs[0].read_text())
-    assert mqa["num_kv_heads"] == 1 and mqa["method"] == "mean" and mqa["alpha"] == 0.1
-    # Pre-training ran 20 steps; uptraining alpha * 20 = 2 more.
-    assert (tmp_path / "qs" / "pretrain_mha" / "checkpoint_20").is_dir()
-    assert (tmp_path / "qs" / "runs" / "g1_mean_a0.1" / "uptrain" / "checkpoint_22").is_dir()
-    table = files["table_md"].read_text()
-    assert "| MQA mean a=0.1 |" in table and "docstring_summary" in table.splitlines()[0]
-    assert files["time_vs_groups"].stat().st_size > 0
+def test_reduced_quickstart_converts_with_every_method_and_reports_intervals(tmp_path, monkeypatch):
+    monkeypatch.delenv("GQA_T5X_SHARED", raising=False)  # needs no shared data
+    assert cli.main(["quickstart", "--output", str(tmp_path / "qs"), "--reduced"]) == 0
+    out = tmp_path / "qs"
+    evals = {p.stem for p in (out / "evals").glob("*.npz")}
+    assert {"mha_a0", "g1_mean_a0", "g1_first_a0", "g1_lsq_a0", "g2_mean_a0", "g1_random_a0_s0",
+            "g1_random_a0_s2"} <= evals
+    assert not (out / "uptrain").exists() and not (out / "finetune").exists()  # alpha = 0 only
+    results = json.loads((out / "report" / "reproduction.json").read_text())
+    claims = {c["id"]: c for c in results["claims"]}
+    assert claims["C2"]["verdict"] == "not run"
+    c1 = claims["C1"]
+    assert [c["interval"]["kind"] for c in c1["primary"]] == ["bootstrap over examples", "t over seeds"]
+    assert c1["verdict"] in ("reproduced", "not reproduced", "inconclusive")
+    text = (out / "report" / "reproduction.md").read_text()
+    assert "What it does not show" in text and "gqa-t5x quickstart --output" in text
+    assert (out / "report" / "reproduction" / "methods.png").stat().st_size > 0

@@ -64,8 +64,10 @@ def test_print_mode_prints_one_launch_command_per_stage(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()
-    converts = [l for l in lines if l.startswith("gqa-t5x convert")]
-    assert len(converts) == 4 and any("--method align" in l for l in converts)
+    converts = [l for l in lines if "gin/runs/convert.gin" in l]
+    assert len(converts) == 4 and any("--gin.METHOD=\"align\"" in l for l in converts)
+    # A conversion runs once, not on every worker of the slice.
+    assert all(l.startswith("python -m gqa_t5x.main") and l.endswith("--run_mode=convert") for l in converts)
     uptrains = [l for l in lines if "gin/runs/uptrain.gin" in l]
     finetunes = [l for l in lines if "gin/runs/finetune.gin" in l]
     evals = [l for l in lines if "gin/runs/eval.gin" in l]

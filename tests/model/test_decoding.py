@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gqa_t5x.checkpoints import hf_export
+from gqa_t5x.checkpoints import huggingface
 from gqa_t5x.model import decoding
 from gqa_t5x.model import models
 from gqa_t5x.model import network
@@ -143,10 +143,10 @@ def test_gqa_greedy_matches_huggingface_generate_with_kv_heads_repeated(model):
     )
     state = hf_model.state_dict()
     for path, value in param_tree.flatten(params).items():
-        name, transpose = param_tree.hf_name(path)
+        name, transpose = huggingface.hf_name(path)
         value = np.asarray(value)
         if value.shape != param_tree.param_shapes(config.replace(num_kv_heads=None))[path]:
-            value = hf_export.repeat_kv_heads(value, config.num_heads, config.head_dim)
+            value = huggingface.repeat_kv_heads(value, config.num_heads, config.head_dim)
         state[name] = torch.from_numpy(np.ascontiguousarray(value.T if transpose else value))
     hf_model.load_state_dict(state)
     ours = decoding.decode(config, params, enc, GREEDY)

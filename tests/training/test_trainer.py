@@ -1,4 +1,4 @@
-"""Training: resumption after SIGKILL, NaN guard, uptraining and fine-tuning.
+"""Training: resumption after SIGKILL, NaN guard, step budget, checks, data errors.
 
 Training runs happen in subprocesses (the launcher as users run it, or
 `training_utils.py` on a synthetic task) with XLA's backend optimisation
@@ -16,13 +16,28 @@ import sys
 import time
 from pathlib import Path
 
+import gin
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gqa_t5x import checkpoints
-from gqa_t5x.training import trainer
+from gqa_t5x.data import cache
+from gqa_t5x.data import datasets
+from gqa_t5x.data import tasks  # noqa: F401 (registers the tasks)
+from gqa_t5x.data.errors import DataError
+from gqa_t5x.model import models
+from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
-from training_utils import read_checkpoint_params, tiny_config
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.training import evaluation
+from gqa_t5x.training import initial_state
+from gqa_t5x.training import optimizers
+from gqa_t5x.training import train_state as ts
+from gqa_t5x.training import trainer
+from training_utils import TASK, dataset_config, read_checkpoint_params, register_synthetic_task
+from training_utils import tiny_config
 
 from paths import REPO, TESTS
 
@@ -46,23 +61,33 @@ def run_worker(model_dir: Path, out: Path, steps: int, **kw) -> subprocess.Compl
 
 
 # ------------------------------------------------------------------ preemption
-def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pipeline", ["stream", "cache"])
+def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch, pipeline):
     steps = 8
     killed_dir = tmp_path / "killed"
     # The three processes compile the same train step: share a compilation cache.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    data: dict[str, str] = {}
+    slow = {"GQA_TEST_SLOW_EXAMPLE_S": "0.015"}
+    if pipeline == "cache":  # A cache of the synthetic task, read by row index.
+        register_synthetic_task()
+        cache.write_cache(dataset_config(), str(tmp_path / "cache"), progress=False)
+        data = {"cache_dir": str(tmp_path / "cache")}
+        slow = {"GQA_TEST_SLOW_BATCH_S": "0.3"}
+    data_flags = [a for k, v in data.items() for a in (f"--{k}", v)]
     # The uninterrupted reference runs alongside the run that gets killed.
     reference = subprocess.Popen(
         [sys.executable, str(TESTS / "training_utils.py"), "--model_dir", str(tmp_path / "ref"),
-         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "ref.json")],
+         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "ref.json"),
+         *data_flags],
         env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     victim = subprocess.Popen(
         [sys.executable, str(TESTS / "training_utils.py"), "--model_dir", str(killed_dir),
-         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "victim.json")],
-        env=worker_env(GQA_TEST_SLOW_EXAMPLE_S="0.015"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--steps", str(steps), "--checkpoint_period", "2", "--out", str(tmp_path / "victim.json"),
+         *data_flags],
+        env=worker_env(**slow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while not (killed_dir / "checkpoint_4").is_dir():
@@ -74,7 +99,7 @@ def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch
     done = sorted(int(p.name.split("_")[1]) for p in killed_dir.glob("checkpoint_*") if p.name.split("_")[1].isdigit())
     assert done and max(done) < steps, f"not interrupted mid-way: {done}"
 
-    resumed = run_worker(killed_dir, tmp_path / "resumed.json", steps, checkpoint_period=2)
+    resumed = run_worker(killed_dir, tmp_path / "resumed.json", steps, checkpoint_period=2, **data)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
     got = json.loads((tmp_path / "resumed.json").read_text())["runs"]["0:1,1"]
@@ -99,34 +124,168 @@ def test_nonfinite_update_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 # ---------------------------------------------------------------- step budget
-def test_uptrain_total_steps_adds_alpha_of_pretraining_to_the_checkpoint_step(tmp_path):
-    config = tiny_config(num_kv_heads=2)
+def _save_checkpoint(path: Path, config: T5Config, step: int) -> str:
     params = param_tree.unflatten(
         {k: np.zeros(s, np.float32) for k, s in param_tree.param_shapes(config).items()})
-    checkpoints.save(tmp_path / "checkpoint_1000000", config, params, step=1_000_000)
-    assert trainer.uptrain_total_steps(str(tmp_path / "checkpoint_1000000")) == 1_050_000
-    assert trainer.uptrain_total_steps(str(tmp_path / "checkpoint_1000000"), 0.1, 500_000) == 1_050_000
+    checkpoints.save(path, config, params, step=step)
+    return str(path)
+
+
+def test_uptrain_total_steps_adds_alpha_of_pretraining_to_the_checkpoint_step(tmp_path):
+    path = _save_checkpoint(tmp_path / "checkpoint_1000000", tiny_config(2), 1_000_000)
+    assert trainer.uptrain_total_steps(path) == 1_050_000
+    assert trainer.uptrain_total_steps(path, 0.1, 500_000) == 1_050_000
+    assert trainer.uptrain_total_steps(path, 1.0, 1000) == 1_001_000
     with pytest.raises(ValueError, match="INITIAL_CHECKPOINT_PATH"):
         trainer.uptrain_total_steps(None)
 
 
-def test_best_checkpoint_metric_defaults_to_the_tasks_primary_metric():
+@pytest.mark.parametrize("alpha", [2, 0, -0.05])
+def test_uptrain_alpha_outside_zero_to_one_is_an_error(tmp_path, alpha):
+    path = _save_checkpoint(tmp_path / "checkpoint_1000000", tiny_config(2), 1_000_000)
+    with pytest.raises(ValueError, match=rf"UPTRAIN_ALPHA={alpha} must be in \(0, 1\].*TRAIN_STEPS"):
+        trainer.uptrain_total_steps(path, alpha)
+
+
+def _model(config: T5Config) -> models.EncoderDecoderModel:
+    return models.EncoderDecoderModel(network.Transformer(config))
+
+
+def _train(model_dir: Path, total_steps: int, **kw) -> trainer.TrainSummary:
+    register_synthetic_task()
+    kw.setdefault("model", _model(tiny_config()))
+    kw.setdefault("train_dataset_cfg", dataset_config())
+    return trainer.train(model_dir=str(model_dir), total_steps=total_steps, log_every=1, **kw)
+
+
+def _never_called():
+    raise AssertionError("on_validated was called")
+
+
+def test_train_steps_not_beyond_the_initial_checkpoint_is_an_error_naming_its_step(tmp_path):
+    initial = _save_checkpoint(tmp_path / "uptrained" / "checkpoint_1000", tiny_config(), 1000)
+    for total_steps in (1000, 200):  # The uptrained step itself; a relative count.
+        with pytest.raises(ValueError) as raised:
+            _train(tmp_path / "finetune", total_steps, initial_checkpoint_path=initial,
+                   on_validated=_never_called)
+        message = str(raised.value)
+        assert f"TRAIN_STEPS={total_steps} is not beyond step 1000" in message
+        assert "absolute, counted from the start of pre-training" in message
+        assert f"e.g. {1000 + total_steps}" in message
+    assert not list((tmp_path / "finetune").glob("checkpoint_*"))
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    """MODEL_DIR of a run that ended at step 3 (a real training checkpoint)."""
+    config = tiny_config()
+    params = _model(config).get_initial_params(jax.random.PRNGKey(0))
+    state = ts.TrainState(step=jnp.asarray(3, jnp.int32), params=params,
+                          opt_state=optimizers.adafactor().init(params))
+    manager = ts.checkpoint_manager(tmp_path / "run", async_save=False)
+    ts.save(manager, state, ts.metadata_for(config, data_start_step=0, batch_size=8, task=TASK, seed=7))
+    manager.close()
+    return tmp_path / "run"
+
+
+def test_rerunning_a_finished_run_is_a_no_op_and_a_lower_train_steps_an_error(finished_run, capsys):
+    summary = _train(finished_run, 3, on_validated=_never_called)
+    assert (summary.start_step, summary.end_step, summary.losses) == (3, 3, [])
+    assert "the run is already finished, nothing to do" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"TRAIN_STEPS=2 is below the step of MODEL_DIR's newest "
+                                         r"checkpoint .*checkpoint_3: TRAIN_STEPS is absolute"):
+        _train(finished_run, 2, on_validated=_never_called)
+    assert sorted(p.name for p in finished_run.glob("checkpoint_*")) == ["checkpoint_3"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_on_validated_runs_after_restoring_and_before_the_first_step(finished_run, capsys):
+    calls = []
+
+    def on_validated():
+        calls.append(capsys.readouterr().out)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        _train(finished_run, 5, on_validated=on_validated)
+    assert len(calls) == 1 and "resumed from" in calls[0] and "step 3 -> 5" in calls[0]
+    assert sorted(p.name for p in finished_run.glob("checkpoint_*")) == ["checkpoint_3"]
+
+
+def test_a_bad_jsonl_record_reaches_the_caller_as_one_data_error(shared_dir, tmp_path):
+    vocab = shared_dir / "fixtures" / "t5_vocab" / "cc_all.32000.sentencepiece.model"
+    path = tmp_path / "cnn.jsonl"
+    path.write_text(json.dumps({"article": "An article.", "highlights": "A summary."})
+                    + "\n{not json\n")
+    gin.clear_config()
+    gin.bind_parameter("gqa_t5x.data.vocabularies.vocabulary_path.path", str(vocab))
+    gin.bind_parameter("gqa_t5x.data.tasks.cnn_dailymail_data.files", {"train": str(path)})
+    cfg = datasets.DatasetConfig("gqa_cnn_dailymail", {"inputs": 16, "targets": 8}, "train", 2,
+                                 pack=False)
+    try:
+        with pytest.raises(DataError) as raised:
+            _train(tmp_path / "run", 4, model=_model(tiny_config(vocab_size=32128)),
+                   train_dataset_cfg=cfg, on_validated=_never_called)
+    finally:
+        gin.clear_config()
+    assert type(raised.value) is DataError
+    assert str(raised.value).startswith(f"{path}:2: invalid JSON (")
+    assert "Traceback" not in str(raised.value) and raised.value.__cause__ is None
+
+
+def test_evaluate_calls_on_validated_after_loading_and_before_writing(shared_dir, tmp_path):
+    config = tiny_config(vocab_size=32128)
+    checkpoint = _save_checkpoint(tmp_path / "ckpt" / "checkpoint_7", config, 7)
+    path = tmp_path / "cnn.jsonl"
+    path.write_text(json.dumps({"article": "An article.", "highlights": "A summary."}) + "\n")
+    vocab = shared_dir / "fixtures" / "t5_vocab" / "cc_all.32000.sentencepiece.model"
+    gin.clear_config()
+    gin.bind_parameter("gqa_t5x.data.vocabularies.vocabulary_path.path", str(vocab))
+    gin.bind_parameter("gqa_t5x.data.tasks.cnn_dailymail_data.files", {"validation": str(path)})
+    cfg = datasets.DatasetConfig("gqa_cnn_dailymail", {"inputs": 16, "targets": 8}, "validation",
+                                 2, shuffle=False)
+    calls = []
+
+    def on_validated():
+        calls.append(sorted(p.name for p in tmp_path.iterdir()))
+        raise _Stop
+
+    try:
+        with pytest.raises(checkpoints.CheckpointNotFoundError):
+            evaluation.evaluate(model=_model(config), dataset_cfg=cfg,
+                                checkpoint_path=str(tmp_path / "none"),
+                                output_dir=str(tmp_path / "eval"), on_validated=_never_called)
+        with pytest.raises(_Stop):
+            evaluation.evaluate(model=_model(config), dataset_cfg=cfg, checkpoint_path=checkpoint,
+                                output_dir=str(tmp_path / "eval"), on_validated=on_validated)
+    finally:
+        gin.clear_config()
+    assert len(calls) == 1
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------ initial checks
+def test_best_checkpoint_metric_defaults_to_the_task_tables_primary_metric():
+    assert trainer.default_eval_metric(["gqa_cnn_dailymail"]) == "gqa_cnn_dailymail/rouge1"
+    assert trainer.default_eval_metric(["gqa_wmt14_ende"]) == "gqa_wmt14_ende/bleu"
+    assert trainer.default_eval_metric(["gqa_triviaqa"]) == "gqa_triviaqa/f1"
+    with pytest.raises(ValueError, match="runs 2 tasks.*set EVAL_METRIC='task/metric'"):
+        trainer.default_eval_metric(["gqa_cnn_dailymail", "gqa_triviaqa"])
+    with pytest.raises(ValueError, match="register_task"):
+        trainer.default_eval_metric([TASK])
+    with pytest.raises(ValueError, match="has no primary metric"):
+        trainer.default_eval_metric(["gqa_c4_span_corruption"])
     lookup = trainer._lookup_metric
-    assert lookup({"cnn": {"rouge2": 1.0, "rouge1": 3.0}}, None) == ("rouge1", 3.0)
-    assert lookup({"wmt": {"bleu": 20.0}}, None) == ("bleu", 20.0)
-    assert lookup({"qa": {"em": 1.0, "f1": 2.0}}, None) == ("f1", 2.0)
-    assert lookup({"qa": {"em": 1.0, "f1": 2.0}}, "qa/em") == ("qa/em", 1.0)
+    assert lookup({"gqa_triviaqa": {"em": 1.0, "f1": 2.0}}, "gqa_triviaqa/f1") == 2.0
+    assert lookup({"qa": {"em": 1.0, "f1": 2.0}}, "em") == 1.0
     with pytest.raises(KeyError, match="EVAL_METRIC='rougeL'"):
         lookup({"cnn": {"rouge1": 3.0}}, "rougeL")
-    with pytest.raises(KeyError, match="EVAL_METRIC=None"):
-        lookup({"x": {"accuracy": 3.0}}, None)
 
 
 def test_best_checkpoint_and_its_evaluation_survive_a_restart(tmp_path):
-    import jax.numpy as jnp
-
-    from gqa_t5x.training import train_state as ts
-
     def state(step):
         return ts.TrainState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full((2,), float(step))},
                              opt_state={"v": jnp.zeros((2,))})
@@ -144,12 +303,31 @@ def test_best_checkpoint_and_its_evaluation_survive_a_restart(tmp_path):
     assert best["eval_results"] == {"cnn": {"rouge1": 5.0}}
 
 
-def test_initial_checkpoint_check_compares_kv_heads_in_effect_and_names_the_macro():
-    from gqa_t5x.training import trainer
-    from gqa_t5x.model.config import T5Config
+class _ShapesOnly:
+    """A reader's shape index, as `check_param_shapes` uses it."""
 
+    def __init__(self, config: T5Config):
+        self.config = config
+        self._shapes = param_tree.param_shapes(config)
+
+    def keys(self):
+        return list(self._shapes)
+
+    def shape(self, key):
+        return self._shapes[key]
+
+
+def test_parameter_shapes_are_compared_and_the_differing_field_and_macro_named():
     mha_implicit = T5Config(num_heads=4, num_kv_heads=None)
-    mha_explicit = T5Config(num_heads=4, num_kv_heads=4)
-    trainer._check_config(mha_explicit, mha_implicit, "ckpt")  # the same model
-    with pytest.raises(ValueError, match="num_kv_heads: model gin 2 vs checkpoint 4 \\(gin macro NUM_KV_HEADS\\)"):
-        trainer._check_config(T5Config(num_heads=4, num_kv_heads=2), mha_implicit, "ckpt")
+    # The same model (4 kv heads of 4), however written; dtype/dropout do not matter.
+    initial_state.check_param_shapes(T5Config(num_heads=4, num_kv_heads=4, dropout_rate=0.0),
+                                     _ShapesOnly(mha_implicit), "ckpt")
+    with pytest.raises(ValueError) as raised:
+        initial_state.check_param_shapes(T5Config(num_heads=4, num_kv_heads=2),
+                                         _ShapesOnly(mha_implicit), "ckpt")
+    message = str(raised.value)
+    assert "num_kv_heads: model gin 2 vs checkpoint None (= num_heads 4) (gin macro NUM_KV_HEADS)" in message
+    assert "decoder/layers_0/self_attention/key/kernel: model (512, 128) vs checkpoint (512, 256)" in message
+    with pytest.raises(ValueError, match=r"mlp_dim: model gin 1024 vs checkpoint 2048(?! \(gin)"):
+        initial_state.check_param_shapes(T5Config(num_heads=4, mlp_dim=1024),
+                                         _ShapesOnly(mha_implicit), "ckpt")

@@ -17,23 +17,30 @@ other leaf, so memory holds one parameter at a time.
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from gqa_t5x.model.config import T5Config
-from gqa_t5x.checkpoints import zarr_io
+from gqa_t5x.checkpoints import registry, zarr_io
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointReader,
     CorruptCheckpointError,
 )
-from gqa_t5x.checkpoints.t5x_legacy import is_msgpack_map, scan_msgpack_file
+from gqa_t5x.checkpoints.t5x_legacy import (
+    CHECKPOINT_FILE,
+    is_msgpack_map,
+    scan_msgpack_file,
+)
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.storage import paths
+from gqa_t5x.storage.paths import Path, PathLike
 
+FORMAT = "t5x_orbax"
 PLACEHOLDER = "PLACEHOLDER://"
 METADATA_FILE = "_METADATA"
 PARAM_PREFIXES = ("target", "_optimizer/target", "optimizer/target", "params/params", "params", "")
@@ -49,13 +56,13 @@ def _ocp():
     return ocp
 
 
-def _read_aggregate(directory: str) -> dict[str, Any] | None:
+def _read_aggregate(directory: Path) -> dict[str, Any] | None:
     """The msgpack `checkpoint` file of an older Orbax tree, if any.
 
     Parsed with the lazy scanner of `t5x_legacy`, so a large T5X legacy file
     in the same place is indexed, not decoded.
     """
-    file = os.path.join(directory, "checkpoint")
+    file = directory / CHECKPOINT_FILE
     if not is_msgpack_map(file):
         return None
     tree = scan_msgpack_file(file)
@@ -76,11 +83,12 @@ def _has_placeholders(tree: Mapping[str, Any]) -> bool:
     return any(isinstance(v, str) and v.startswith(PLACEHOLDER) for v in _flatten(tree).values())
 
 
-def is_pytree_dir(directory: str) -> bool:
+def is_pytree_dir(directory: PathLike | Path) -> bool:
     """True for an Orbax PyTree directory (new or old layout)."""
-    if not os.path.isdir(directory):
+    directory = paths.as_path(directory)
+    if not directory.is_dir():
         return False
-    if os.path.isfile(os.path.join(directory, METADATA_FILE)):
+    if (directory / METADATA_FILE).is_file():
         return True
     tree = None
     try:
@@ -90,18 +98,46 @@ def is_pytree_dir(directory: str) -> bool:
     return tree is not None and "optimizer" not in tree and "version" not in tree and _has_placeholders(tree)
 
 
-def find_pytree_dir(path: str) -> str | None:
+def find_pytree_dir(path: PathLike | Path) -> Path | None:
     """The Orbax PyTree directory at `path` (itself or its `state/`/`default/`)."""
-    path = os.fspath(path)
-    if os.path.isfile(path) and os.path.basename(path) in ("checkpoint", METADATA_FILE):
-        path = os.path.dirname(path)
+    path = paths.as_path(path)
+    if path.name in (CHECKPOINT_FILE, METADATA_FILE) and path.is_file():
+        path = path.parent
     if is_pytree_dir(path):
         return path
     for item in ITEM_DIRS:
-        sub = os.path.join(path, item)
+        sub = path / item
         if is_pytree_dir(sub):
             return sub
     return None
+
+
+def detect(path: Path) -> Path | None:
+    """The checkpoint path when `path` is (a file of) an Orbax PyTree
+    checkpoint or a step directory holding one in `state/` or `default/`."""
+    if path.name in (CHECKPOINT_FILE, METADATA_FILE) and path.is_file():
+        return path.parent if is_pytree_dir(path.parent) else None
+    return path if find_pytree_dir(path) is not None else None
+
+
+def _missing_leaf_directories(directory: Path) -> list[str]:
+    """Array directories that `_METADATA` lists but that are absent (non-OCDBT).
+
+    Orbax's own metadata call fails without naming them when one is missing.
+    """
+    try:
+        meta = json.loads((directory / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if meta.get("use_ocdbt"):
+        return []
+    missing = []
+    for entry in (meta.get("tree_metadata") or {}).values():
+        keys = [str(k.get("key")) for k in entry.get("key_metadata", [])]
+        value_type = (entry.get("value_metadata") or {}).get("value_type", "")
+        if keys and value_type in ("np.ndarray", "jax.Array") and not (directory / ".".join(keys)).is_dir():
+            missing.append(".".join(keys))
+    return missing
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,15 +154,23 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 class _OrbaxTree:
     """Structure of an Orbax PyTree directory and per-leaf restore."""
 
-    def __init__(self, directory: str):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: PathLike | Path):
+        self.directory = paths.absolute(directory)
         ocp = _ocp()
         self._checkpointer = ocp.PyTreeCheckpointer()
         self.aggregate = None
         self.placeholders: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, np.dtype] = {}
-        if os.path.isfile(os.path.join(self.directory, METADATA_FILE)):
+        if (self.directory / METADATA_FILE).is_file():
+            missing = _missing_leaf_directories(self.directory)
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{self.directory / missing[0]}: array directory missing ({len(missing)} "
+                    f"of the leaves listed in {self.directory / METADATA_FILE} have none: "
+                    f"{missing[:3]}{' ...' if len(missing) > 3 else ''}); the checkpoint "
+                    f"was copied or written incompletely."
+                )
             try:
                 meta = self._checkpointer.metadata(self.directory)
             except Exception as e:
@@ -136,6 +180,11 @@ class _OrbaxTree:
             tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
             if tree is None:
                 tree = getattr(meta, "item_metadata", meta)
+            if tree is None:
+                raise CorruptCheckpointError(
+                    f"{self.directory}: Orbax could not read the tree metadata in "
+                    f"{METADATA_FILE} (a leaf's .zarray missing or corrupted?)."
+                )
             for key, leaf in _flatten(tree).items():
                 if hasattr(leaf, "shape") and hasattr(leaf, "dtype") and leaf.dtype is not None:
                     self.shapes[key] = tuple(leaf.shape)
@@ -151,12 +200,9 @@ class _OrbaxTree:
                 k: v[len(PLACEHOLDER):] for k, v in flat.items() if isinstance(v, str) and v.startswith(PLACEHOLDER)
             }
             for key, name in self.placeholders.items():
-                zarray = os.path.join(self.directory, name, ".zarray")
-                if os.path.isfile(zarray):
-                    import json
-
-                    with open(zarray) as f:
-                        info = json.load(f)
+                zarray = self.directory / name / ".zarray"
+                if zarray.is_file():
+                    info = json.loads(zarray.read_text())
                     self.shapes[key] = tuple(info["shape"])
                     self.dtypes[key] = np.dtype(info["dtype"]) if info["dtype"] != "bfloat16" else np.dtype("float32")
 
@@ -170,8 +216,7 @@ class _OrbaxTree:
         if self.aggregate is not None:
             out = {}
             for key in keys:
-                spec = {"driver": "zarr", "kvstore": zarr_io.kvstore_for(os.path.join(self.directory, self.placeholders[key]))}
-                spec["kvstore"]["path"] += "/"
+                spec = {"driver": "zarr", "kvstore": zarr_io.kvstore_for(self.directory / self.placeholders[key])}
                 out[key] = zarr_io.read_zarr(spec, name=key, shape=self.shapes[key])
             return out
         ocp = _ocp()
@@ -195,7 +240,7 @@ class _OrbaxTree:
         return {k: np.asarray(flat[k]) for k in keys}
 
 
-def read_orbax_tree(path: str, *, template: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def read_orbax_tree(path: PathLike | Path, *, template: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Reads everything in an Orbax PyTree checkpoint (any state, not only T5).
 
     Args:
@@ -213,7 +258,7 @@ def read_orbax_tree(path: str, *, template: Mapping[str, Any] | None = None) -> 
       CorruptCheckpointError: unreadable leaves (names the directory), or
         metadata missing without a template for that leaf.
     """
-    directory = find_pytree_dir(os.fspath(path))
+    directory = find_pytree_dir(path)
     if directory is None:
         raise CheckpointNotFoundError(
             f"No Orbax PyTree checkpoint at {path} (looked for {METADATA_FILE} or a "
@@ -238,11 +283,10 @@ def read_orbax_tree(path: str, *, template: Mapping[str, Any] | None = None) -> 
             continue
         hint = flat_template.get(key)
         name = tree.placeholders[key]
-        spec = {"driver": "zarr", "kvstore": zarr_io.kvstore_for(os.path.join(directory, name)) }
-        spec["kvstore"]["path"] = spec["kvstore"]["path"].rstrip("/") + "/"
+        spec = {"driver": "zarr", "kvstore": zarr_io.kvstore_for(directory / name)}
         if key not in tree.shapes and hint is None:
             raise CorruptCheckpointError(
-                f"{directory}/{name}: no zarr metadata file (.zarray) for leaf "
+                f"{directory / name}: no zarr metadata file (.zarray) for leaf "
                 f"{key!r}; pass template= with its shape and dtype to read it."
             )
         out[key] = zarr_io.read_zarr(
@@ -257,21 +301,21 @@ def read_orbax_tree(path: str, *, template: Mapping[str, Any] | None = None) -> 
 class OrbaxReader(CheckpointReader):
     """Reads T5 parameters from an Orbax PyTree checkpoint, one leaf per restore."""
 
-    format = "t5x_orbax"
+    format = FORMAT
 
     def __init__(
         self,
-        path: str,
+        path: PathLike | Path,
         *,
         config: T5Config | None = None,
         num_heads: int | None = None,
         head_dim: int | None = None,
         overrides: Mapping[str, Any] | None = None,
     ):
-        directory = find_pytree_dir(os.fspath(path))
+        directory = find_pytree_dir(path)
         if directory is None:
             raise CheckpointNotFoundError(f"No Orbax PyTree checkpoint at {path}.")
-        super().__init__(os.fspath(path))
+        super().__init__(path)
         self._tree = _OrbaxTree(directory)
         leaves = set(self._tree.leaves)
         prefix = next(
@@ -303,3 +347,16 @@ class OrbaxReader(CheckpointReader):
     def _load(self, key: str) -> np.ndarray:
         source = self._source[key]
         return self._tree.restore([source])[source]
+
+
+registry.register_format(
+    registry.CheckpointFormat(
+        name=FORMAT,
+        doc=f"{METADATA_FILE} (or an older msgpack 'checkpoint' with {PLACEHOLDER} leaves) "
+        f"here or in {'/ or '.join(ITEM_DIRS)}/",
+        detect=detect,
+        reader=OrbaxReader,
+        # Orbax's older layout keeps its tree in a msgpack `checkpoint` file.
+        supersedes=("t5x_legacy",),
+    )
+)

@@ -1,0 +1,153 @@
+"""Calibration statistics for data-aware conversion methods (`lsq`).
+
+A data-aware method needs, for every attention layer it converts, the second
+moment of the inputs of that layer's query projection, C_q = E[x^T x] over
+real (non-padding) tokens. `collect_statistics` runs the source model on a
+few batches and records them: flax's `intercept_methods` sees the argument of
+every `query` projection's call, so no module has to expose its activations.
+`save_statistics` / `load_statistics` keep them in one `.npz` file that
+`convert_checkpoint(..., calibration=PATH)` reads.
+
+Layer keys are the attention prefixes of the parameter tree
+('decoder/layers_0/self_attention', 'decoder/layers_0/encoder_decoder_attention',
+'encoder/layers_0/attention').
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+QUERY_SECOND_MOMENT = "query_second_moment"
+TOKENS = "tokens"
+_SEPARATOR = "|"
+
+LayerStatistics = Mapping[str, np.ndarray]
+Statistics = Mapping[str, LayerStatistics]
+
+
+def _shift_right(targets: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(targets)
+    out[:, 1:] = targets[:, :-1]
+    return out
+
+
+def _capture_fn(config: Any):
+    """A jitted forward pass returning every query projection's inputs."""
+    import flax.linen as nn
+    import jax
+
+    from gqa_t5x.model import network
+
+    model = network.Transformer(config)
+
+    def forward(params, encoder_tokens, decoder_inputs, decoder_targets):
+        captured: dict[str, Any] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and module.name == "query" and args:
+                captured["/".join(module.path[:-1])] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            model.apply({"params": params}, encoder_tokens, decoder_inputs, decoder_targets,
+                        enable_dropout=False)
+        return captured
+
+    return jax.jit(forward)
+
+
+def collect_statistics(config: Any, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Second moments of every attention layer's query inputs on `batches`.
+
+    Args:
+      config: The source model's `T5Config` (any dtype; float32 is used).
+      params: Its parameters (nested dict).
+      batches: Unpacked batches with `encoder_input_tokens` and
+        `decoder_target_tokens` `[batch, length]` (0 = padding), optionally
+        `decoder_input_tokens` (default: targets shifted right).
+
+    Returns:
+      {layer prefix: {QUERY_SECOND_MOMENT: [emb, emb] float64, TOKENS: count}}.
+      Encoder layers average over real encoder tokens, decoder layers
+      (self- and cross-attention) over real decoder positions.
+
+    Raises:
+      ValueError: no batch, or no real token in them.
+    """
+    forward = _capture_fn(config.replace(dtype="float32", dropout_rate=0.0))
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for batch in batches:
+        encoder = np.asarray(batch["encoder_input_tokens"], np.int32)
+        targets = np.asarray(batch["decoder_target_tokens"], np.int32)
+        inputs = np.asarray(batch.get("decoder_input_tokens", _shift_right(targets)), np.int32)
+        captured = forward(params, encoder, inputs, targets)
+        for prefix, x in captured.items():
+            mask = (encoder if prefix.startswith("encoder/") else targets) > 0
+            rows = np.asarray(x, np.float64)[mask]  # [tokens, emb]
+            sums[prefix] = sums.get(prefix, 0.0) + rows.T @ rows
+            counts[prefix] = counts.get(prefix, 0) + int(rows.shape[0])
+    if not counts or min(counts.values()) == 0:
+        raise ValueError("collect_statistics saw no real (non-padding) tokens; give it non-empty batches.")
+    return {p: {QUERY_SECOND_MOMENT: sums[p] / counts[p], TOKENS: np.asarray(counts[p])} for p in sorted(sums)}
+
+
+def save_statistics(path: str | os.PathLike, statistics: Statistics) -> Path:
+    """Writes statistics to a `.npz` file (atomically: a temporary file, then rename).
+
+    Args:
+      path: Local file path ending in `.npz`.
+      statistics: {layer prefix: {name: array}}.
+
+    Returns:
+      The path written.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"Calibration statistics are written to a .npz file; got {str(path)!r}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{prefix}{_SEPARATOR}{name}": np.asarray(value)
+              for prefix, layer in statistics.items() for name, value in layer.items()}
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_statistics(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Reads statistics written by `save_statistics`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is not a statistics file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Calibration statistics {str(path)!r} do not exist; write them with "
+            "gqa_t5x.conversion.calibration.collect_statistics + save_statistics."
+        )
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            prefix, sep, name = key.rpartition(_SEPARATOR)
+            if not sep:
+                raise ValueError(f"{path} is not a calibration statistics file (entry {key!r}).")
+            out.setdefault(prefix, {})[name] = np.asarray(data[key])
+    for prefix, layer in out.items():
+        if QUERY_SECOND_MOMENT not in layer:
+            raise ValueError(f"{path}: layer {prefix!r} lacks {QUERY_SECOND_MOMENT!r}.")
+    return out
+
+
+def resolve(calibration: str | os.PathLike | Statistics | None) -> Statistics | None:
+    """Statistics from a path, a mapping (returned as is) or None."""
+    if calibration is None or isinstance(calibration, Mapping):
+        return calibration
+    return load_statistics(calibration)

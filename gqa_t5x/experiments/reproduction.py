@@ -1,0 +1,172 @@
+"""`gqa-t5x reproduce`: the GQA paper's findings at small scale, in one resumable command.
+
+    gqa-t5x reproduce --output /tmp/repro --report_dir docs --seeds 0,1,2
+
+Stages (each resumable, see `reproduction_stages.py`):
+
+1. data: a vocabulary, the WMT pairs that fit, gins, fixed held-out examples
+   of Wikipedia and C4, calibration examples (`reproduction_data.py`);
+2. pre-training of a multi-head T5.1.1 (8 heads) on Wikipedia with span
+   corruption, checkpoints along the way for the loss curve;
+3. calibration statistics of that model (for `lsq`);
+4. conversion to MQA and GQA-G with every method, evaluated at alpha = 0;
+5. per seed: the multi-head model continued, and every (variant, method)
+   uptrained (mean to the largest alpha, the others to the ablation alpha),
+   evaluated at each alpha;
+6. WMT En-De fine-tuning and BLEU of MHA, GQA and MQA (ablation alpha), per seed;
+7. interleaved time per sample of the three;
+8. analysis and report: `reproduction.md`, `reproduction.json`, figures.
+
+`OUTPUT/study.json` records the settings and the pre-training seed; a rerun
+with other settings is refused (the runs would not be comparable), a rerun
+with other seeds adds those seeds' runs and reports on the seeds it was given.
+On an accelerator JAX uses it without any setting here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gqa_t5x.errors import UsageError
+from gqa_t5x.storage import paths
+from gqa_t5x.experiments import reproduction_analysis as analysis
+from gqa_t5x.experiments import reproduction_data as rdata
+from gqa_t5x.experiments import reproduction_report as rreport
+from gqa_t5x.experiments import sweep
+from gqa_t5x.experiments.reproduction_settings import StudySettings, check_seeds, eval_key, variant
+from gqa_t5x.experiments.reproduction_stages import Stages, seeded, write_json
+
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_PRETRAIN_SEED = 100
+
+
+def default_shared_dir() -> Path:
+    """$GQA_T5X_SHARED, else the `shared` folder beside the repository."""
+    from gqa_t5x import gin_config
+
+    return Path(os.environ.get("GQA_T5X_SHARED", gin_config.REPO_ROOT.parent / "shared"))
+
+
+def _study_record(output: Path, settings: StudySettings, pretrain_seed: int) -> dict:
+    """Reads or creates OUTPUT/study.json; refuses other settings."""
+    path = output / "study.json"
+    wanted = {"settings": settings.to_json(), "pretrain_seed": pretrain_seed}
+    if path.exists():
+        record = json.loads(path.read_text())
+        if {k: record.get(k) for k in wanted} != wanted:
+            changed = sorted(k for k in wanted["settings"] if record.get("settings", {}).get(k) != wanted["settings"][k])
+            raise UsageError(
+                f"{output} holds a study with other settings ({changed or ['pretrain_seed']}); its runs are not "
+                "comparable with these. Use another --output, or the settings it was made with."
+            )
+        return record
+    record = dict(wanted, sessions=[])
+    write_json(path, record)
+    return record
+
+
+def _run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pretrain_seed: int,
+                shared: Path | None, corpus: rdata.Corpus | None, log: Callable[[str], None]) -> None:
+    started = time.time()
+    data = rdata.StudyData(output / "data")
+    stages = Stages(output, settings, data, pretrain_seed, log)
+    if not data.info.exists():
+        log("[1/8] data")
+        rdata.prepare_data(output, settings, shared, log, corpus=corpus)
+        stages.mark("data", {"root": str(data.root)}, started)
+    s, h, g = settings, settings.num_heads, settings.gqa_kv_heads
+    log("[2/8] pre-training")
+    mha = stages.pretrain()
+    stages.pretrain_curve()
+    stages.evaluate("mha_a0", mha)
+    log("[3/8] calibration statistics")
+    statistics = stages.calibrate(mha)
+    log("[4/8] conversions at alpha = 0")
+    converted: dict[tuple[int, str, int | None], str] = {}
+    for kv in (1, g):
+        for method in s.methods_for(kv):
+            for seed in (seeds if seeded(method) else (None,)):
+                converted[(kv, method, seed)] = path = stages.convert(mha, kv, method, seed, statistics)
+                stages.evaluate(eval_key(kv, h, method, 0.0, seed), path)
+    if s.conversion_only:
+        return
+    log("[5/8] uptraining")
+    for seed in seeds:
+        stages.uptrain_and_evaluate(mha, h, None, seed)
+        for kv in (1, g):
+            for method in s.methods_for(kv):
+                stages.uptrain_and_evaluate(converted[(kv, method, seed if seeded(method) else None)], kv, method, seed)
+    log("[6/8] WMT fine-tuning")
+    for seed in seeds[:s.finetune_seeds]:
+        for kv, method in s.finetuned():
+            initial = converted[(kv, method, None)] if kv != h else mha
+            checkpoint = stages.uptrain(initial, kv, method, seed)[s.ablation_alpha]
+            stages.finetune(kv, method, seed, checkpoint, mha)
+    log("[7/8] time per sample")
+    first = seeds[0]
+    timed = {}
+    for kv, method in ((h, None), (g, "mean"), (1, "mean")):
+        initial = converted[(kv, method, None)] if kv != h else mha
+        timed[variant(kv, h)] = stages.uptrain(initial, kv, method, first)[s.ablation_alpha]
+    stages.time_decoding(timed)
+
+
+def run_study(output: str | os.PathLike, *, settings: StudySettings | None = None,
+              seeds: Sequence[int] = DEFAULT_SEEDS, pretrain_seed: int = DEFAULT_PRETRAIN_SEED,
+              shared_dir: str | os.PathLike | None = None, report_dir: str | os.PathLike | None = None,
+              command: str | None = None, corpus: rdata.Corpus | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Runs (or resumes) the whole study and writes its report.
+
+    Args:
+      output: Directory of every run, checkpoint and evaluation (resumable).
+      settings: Sizes (default: the full study).
+      seeds: Seeds of uptraining, fine-tuning and seeded methods (>= 2; 3 for the study).
+      pretrain_seed: Seed of pre-training (not among `seeds`).
+      shared_dir: The shared data folder (default: `default_shared_dir()`).
+      report_dir: Where reproduction.md/.json and figures go (default OUTPUT/report).
+      command: The command line to print in the report.
+      corpus: Pre-train on this corpus and vocabulary instead of Wikipedia
+        (the quickstart); `shared_dir` is then only read for C4/WMT.
+      log: Progress messages.
+
+    Returns:
+      Name -> path of each report file.
+
+    Raises:
+      UsageError: invalid settings or seeds, or OUTPUT made with other settings.
+    """
+    settings = settings or StudySettings()
+    try:
+        settings.validate()
+        seeds = check_seeds(seeds, pretrain_seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    # Checkpoints go through the storage layer, but SentencePiece, numpy and
+    # matplotlib write local files: the study runs on local disk.
+    out = Path(paths.local_file(output, purpose="gqa-t5x reproduce (local runs and evaluations)")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shared = Path(shared_dir) if shared_dir else (None if corpus is not None else default_shared_dir())
+    record = _study_record(out, settings, pretrain_seed)
+    sweep.enable_compilation_cache(out / ".jax_cache")
+    start = time.time()
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seeds": list(seeds), "pretrain_seed": pretrain_seed}
+    try:
+        _run_stages(out, settings, seeds, pretrain_seed, shared, corpus, log)
+    finally:
+        session["wall_s"] = round(time.time() - start, 1)
+        record["sessions"].append(session)
+        write_json(out / "study.json", record)
+    log("[8/8] analysis and report")
+    command = command or f"gqa-t5x reproduce --output {shlex.quote(str(output))} --seeds {','.join(map(str, seeds))}"
+    results = analysis.analyse(out, settings, seeds, command=command, sessions=record["sessions"])
+    files = rreport.write_report(results, Path(report_dir) if report_dir else out / "report")
+    for line in rreport.summary_lines(results):
+        log(line)
+    log(f"report: {files['markdown']}")
+    return files

@@ -1,0 +1,254 @@
+"""The study's stages, each resumable: pre-train, convert, uptrain, evaluate,
+fine-tune, time.
+
+The pattern is the sweep's (`gqa_t5x.experiments.sweep`): every training and
+conversion stage is a `launcher.Launch` run in this process, a finished stage
+leaves `OUTPUT/markers/<stage>.done.json` (with its wall time) and is skipped
+by a rerun, and an interrupted training stage resumes from its MODEL_DIR (the
+trainer restores the newest checkpoint). Evaluations are files
+(`OUTPUT/evals/<key>.npz` + `.json`), written atomically. WMT fine-tuning and
+its BLEU evaluation are the sweep's own stage (`sweep.Runner.finetune_and_eval`).
+
+Uptraining runs once per (variant, method, seed) to the largest alpha it
+needs and keeps a checkpoint at each alpha it is evaluated at: T5's
+inverse-square-root schedule depends only on the global step, so the
+checkpoint at step P + alpha * P of a longer run is the run of length alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gqa_t5x import launcher
+from gqa_t5x.experiments import reproduction_data as rdata
+from gqa_t5x.experiments import reproduction_eval as reval
+from gqa_t5x.experiments import sweep
+from gqa_t5x.experiments.reproduction_settings import (
+    SEEDED_METHODS,
+    StudySettings,
+    conversion_name,
+    eval_key,
+    uptrain_run,
+)
+
+MODEL_GIN = "gin/models/t5_1_1/small.gin"  # its shape is overridden by study.gin
+WMT_TASK = "wmt14_ende"
+
+
+def _gin_str(value: Any) -> str:
+    return json.dumps(str(value))
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+class Stages:
+    """Runs the study's stages under one output directory.
+
+    Args:
+      output: OUTPUT.
+      settings: The study's settings.
+      data: The prepared data (`reproduction_data.prepare_data`).
+      pretrain_seed: Seed of pre-training.
+      log: Progress messages.
+    """
+
+    def __init__(self, output: Path, settings: StudySettings, data: rdata.StudyData, pretrain_seed: int,
+                 log: Callable[[str], None] = print):
+        self.out, self.s, self.data, self.pretrain_seed, self.log = output, settings, data, pretrain_seed, log
+        self.markers = output / "markers"
+        self.evals = output / "evals"
+        self._heldout: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ helpers
+    def done(self, stage: str) -> dict | None:
+        """The marker of a finished stage, or None."""
+        path = self.markers / f"{stage}.done.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def mark(self, stage: str, info: dict, started: float) -> dict:
+        """Records a finished stage with its wall time."""
+        info = dict(info, wall_s=round(time.time() - started, 2))
+        write_json(self.markers / f"{stage}.done.json", info)
+        return info
+
+    @property
+    def heldout(self) -> dict[str, Any]:
+        """The held-out example sets, loaded once."""
+        if self._heldout is None:
+            self._heldout = {name: rdata.load_arrays(self.data.heldout(name)) for name, _ in self.s.heldout_examples}
+        return self._heldout
+
+    def _train_launch(self, model_dir: Path, initial: str | None, kv_heads: int | None,
+                      bindings: tuple[str, ...]) -> Any:
+        return launcher.launch(launcher.Launch(
+            run_mode="train",
+            gin_files=(MODEL_GIN, "gin/runs/uptrain.gin", str(self.data.study_gin), str(self.data.pretrain_gin)),
+            gin_bindings=(f"NUM_KV_HEADS={kv_heads}", f"MODEL_DIR={_gin_str(model_dir)}",
+                          f"INITIAL_CHECKPOINT_PATH={_gin_str(initial) if initial else None}", *bindings),
+        ))
+
+    # ------------------------------------------------------------ stages
+    def pretrain(self) -> str:
+        """Pre-trains the multi-head model for P steps; returns its final checkpoint."""
+        done = self.done("pretrain")
+        if done:
+            return done["checkpoint"]
+        s, start = self.s, time.time()
+        model_dir = self.out / "pretrain"
+        self.log(f"[pretrain] MHA ({s.num_heads} heads), {s.pretrain_steps} steps of span corruption")
+        summary = self._train_launch(model_dir, None, None, (
+            f"TRAIN_STEPS={s.pretrain_steps}", f"RANDOM_SEED={self.pretrain_seed}",
+            f"CHECKPOINT_PERIOD={s.pretrain_steps // s.curve_points}", "KEEP_CHECKPOINTS=None"))
+        every = max(1, len(summary.losses) // 200)
+        losses = [[summary.start_step + i + 1, loss] for i, loss in enumerate(summary.losses)][::every]
+        checkpoint = str(model_dir / f"checkpoint_{s.pretrain_steps}")
+        return self.mark("pretrain", {"checkpoint": checkpoint, "train_loss": losses,
+                                      "train_loss_from_step": summary.start_step}, start)["checkpoint"]
+
+    def evaluate(self, key: str, checkpoint: str, sets: dict[str, Any] | None = None) -> dict:
+        """Scores a checkpoint on the held-out sets (once); returns its summary.
+
+        Args:
+          key: The evaluation's name (`reproduction_settings.eval_key`).
+          checkpoint: The checkpoint.
+          sets: {name: examples} (default: the span-corruption held-out sets).
+        """
+        path = self.evals / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        start = time.time()
+        scores = reval.score_checkpoint(checkpoint, self.heldout if sets is None else sets)
+        self.evals.mkdir(parents=True, exist_ok=True)
+        rdata.save_arrays(self.evals / f"{key}.npz", scores)
+        info = {"key": key, "checkpoint": checkpoint, "summary": reval.summary(scores),
+                "wall_s": round(time.time() - start, 2)}
+        write_json(path, info)
+        text = ", ".join(f"{n} loss {v['loss']:.4f} acc {v['accuracy']:.3f}" for n, v in info["summary"].items())
+        self.log(f"[eval] {key}: {text}")
+        return info
+
+    def pretrain_curve(self) -> None:
+        """Evaluates every pre-training checkpoint (the loss curve)."""
+        period = self.s.pretrain_steps // self.s.curve_points
+        for step in range(period, self.s.pretrain_steps + 1, period):
+            self.evaluate(f"pretrain_{step}", str(self.out / "pretrain" / f"checkpoint_{step}"))
+
+    def calibrate(self, source: str) -> Path:
+        """Calibration statistics of the pre-trained model for `lsq`."""
+        from gqa_t5x import checkpoints
+        from gqa_t5x.conversion import calibration
+
+        path = self.out / "stats" / "calibration.npz"
+        if self.done("calibrate"):
+            return path
+        start = time.time()
+        config, params = checkpoints.load(source)
+        examples = rdata.load_arrays(self.data.calibration)
+        n = examples["encoder_input_tokens"].shape[0]
+        batches = [{k: v[i:i + 64] for k, v in examples.items()} for i in range(0, n, 64)]
+        calibration.save_statistics(path, calibration.collect_statistics(config, params, batches))
+        self.mark("calibrate", {"statistics": str(path), "examples": n}, start)
+        return path
+
+    def convert(self, source: str, kv_heads: int, method: str, seed: int | None, statistics: Path) -> str:
+        """Converts the pre-trained model (once per deterministic method, per seed otherwise)."""
+        from gqa_t5x import checkpoints, conversion
+
+        name = conversion_name(kv_heads, method, seed)
+        output = self.out / "convert" / name
+        done = self.done(f"convert_{name}")
+        if done:
+            return done["checkpoint"]
+        start = time.time()
+        bindings = [f"SOURCE={_gin_str(source)}", f"OUTPUT={_gin_str(output)}", f"NUM_KV_HEADS={kv_heads}",
+                    f"METHOD={_gin_str(method)}", f"RANDOM_SEED={seed or 0}", "OVERWRITE=True",
+                    "converter.convert_checkpoint.progress=False"]
+        if conversion.get_method(method).needs_calibration:
+            bindings.append(f"converter.convert_checkpoint.calibration={_gin_str(statistics)}")
+        launcher.launch(launcher.Launch("convert", ("gin/runs/convert.gin",), tuple(bindings)))
+        if not checkpoints.is_checkpoint(output):
+            raise RuntimeError(f"The conversion to {output} left no checkpoint.")
+        return self.mark(f"convert_{name}", {"checkpoint": str(output)}, start)["checkpoint"]
+
+    def uptrain(self, initial: str, kv_heads: int, method: str | None, seed: int) -> dict[float, str]:
+        """Uptrains to the largest of `settings.uptrain_alphas(method)`, keeping a
+        checkpoint at each; returns {alpha: checkpoint}."""
+        s = self.s
+        name = uptrain_run(kv_heads, s.num_heads, method, seed)
+        model_dir = self.out / "uptrain" / name
+        alphas = s.uptrain_alphas(method)
+        alpha_max = max(alphas)
+        paths = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in alphas}
+        if self.done(f"uptrain_{name}"):
+            return paths
+        start = time.time()
+        self.log(f"[uptrain] {name}: alpha up to {alpha_max:g} ({s.alpha_steps(alpha_max)} steps)")
+        self._train_launch(model_dir, initial, None if kv_heads == s.num_heads else kv_heads, (
+            f"TRAIN_STEPS={s.pretrain_steps + s.alpha_steps(alpha_max)}", f"RANDOM_SEED={seed}",
+            f"CHECKPOINT_PERIOD={s.checkpoint_period(alphas)}", "KEEP_CHECKPOINTS=None"))
+        missing = [p for p in paths.values() if not Path(p).is_dir()]
+        if missing:
+            raise RuntimeError(f"Uptraining {name} did not leave the checkpoints {missing}.")
+        self.mark(f"uptrain_{name}", {"checkpoints": {str(a): p for a, p in paths.items()}}, start)
+        return paths
+
+    def uptrain_and_evaluate(self, initial: str, kv_heads: int, method: str | None, seed: int) -> None:
+        """`uptrain`, then `evaluate` at each of its alphas."""
+        for alpha, checkpoint in self.uptrain(initial, kv_heads, method, seed).items():
+            self.evaluate(eval_key(kv_heads, self.s.num_heads, method, alpha, seed), checkpoint)
+
+    def finetune(self, kv_heads: int, method: str | None, seed: int, initial: str, source: str) -> float:
+        """Fine-tunes on WMT En-De, scores BLEU (the sweep's stage) and the
+        teacher-forced loss on the same validation pairs; returns BLEU."""
+        s = self.s
+        name = f"{uptrain_run(kv_heads, s.num_heads, method, seed)}_a{s.ablation_alpha:g}"
+        spec = sweep.SweepSpec(
+            name="reproduction", model_gin=MODEL_GIN, base_checkpoint=source, num_kv_heads=(kv_heads,),
+            methods=(method or "mean",), alphas=(s.ablation_alpha,), tasks=(WMT_TASK,),
+            gin_files=(str(self.data.study_gin), str(self.data.wmt_gin)), finetune_steps=s.finetune_steps,
+            # The trainer evaluates at multiples of EVAL_PERIOD and at the last step: only the last.
+            finetune_bindings=(f"RANDOM_SEED={seed}", f"EVAL_PERIOD={10**9}"),
+            final_eval=False, seed=seed)
+        runner = sweep.Runner(spec, self.out / "finetune", log=self.log, compilation_cache=False)
+        point = sweep.Point(s.num_heads, kv_heads, method, s.ablation_alpha)
+        run_dir = self.out / "finetune" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.done(f"finetune_{name}") is None:
+            self.log(f"[finetune] {name}: WMT En-De, {s.finetune_steps} steps, BLEU on {s.bleu_examples} pairs")
+        start = time.time()
+        bleu = runner.finetune_and_eval(point, run_dir, initial, WMT_TASK)
+        final = sweep.latest_checkpoint(run_dir / f"finetune_{WMT_TASK}")
+        wmt = {rdata.WMT_SET: rdata.load_arrays(self.data.heldout(rdata.WMT_SET))}
+        self.evaluate(f"wmt_{name}", final, wmt)
+        if self.done(f"finetune_{name}") is None:
+            self.mark(f"finetune_{name}", {"bleu": bleu, "seed": seed, "kv_heads": kv_heads, "checkpoint": final},
+                      start)
+        return float(bleu)
+
+    def time_decoding(self, checkpoints_by_name: dict[str, str]) -> dict:
+        """Interleaved time per sample of the variants (`reproduction_eval.time_variants`)."""
+        done = self.done("timing")
+        if done:
+            return done
+        start = time.time()
+        s = self.s
+        self.log(f"[timing] {', '.join(checkpoints_by_name)} at (input, output) {list(s.timing_shapes)}")
+        result = reval.time_variants(checkpoints_by_name, s.timing_shapes, batch=s.timing_batch, rounds=s.timing_rounds)
+        result["checkpoints"] = checkpoints_by_name
+        return self.mark("timing", result, start)
+
+
+def seeded(method: str) -> bool:
+    """True for methods whose conversion depends on the seed."""
+    return method in SEEDED_METHODS

@@ -1,0 +1,254 @@
+"""Where a training run starts, and the state it starts from.
+
+* `find_start` + `check_train_steps`: the run resumes from MODEL_DIR's newest
+  checkpoint, else starts at INITIAL_CHECKPOINT_PATH's step, else at step 0;
+  TRAIN_STEPS (absolute, counted from the start of pre-training) must lie
+  beyond that step, except that a MODEL_DIR already at TRAIN_STEPS is a
+  finished run whose rerun does nothing.
+* `restore_or_initialize`: restores MODEL_DIR's checkpoint (parameters,
+  optimizer state, the global data row the run continues at), or loads the
+  initial checkpoint's parameters after comparing their shapes with the
+  model's (`check_param_shapes`), or initialises randomly; the optimizer
+  state is fresh unless restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gqa_t5x import checkpoints
+from gqa_t5x.model import models
+from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
+from gqa_t5x.training import partitioning
+from gqa_t5x.training import train_state as ts
+
+# The model gins' macros for config fields (gin/models/t5_1_1/common.gin),
+# named when a checkpoint disagrees with the model on one of them.
+_GIN_MACROS = {"num_kv_heads": "NUM_KV_HEADS", "encoder_num_kv_heads": "ENCODER_NUM_KV_HEADS"}
+
+
+def checkpoint_step(path: str) -> int:
+    """The training step recorded in a checkpoint of any format (0 if none)."""
+    with checkpoints.open_checkpoint(path) as reader:
+        return int(reader.step or 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StartInfo:
+    """Where a run starts.
+
+    Attributes:
+      step: Global step of the state the run starts from.
+      resumed_from: 'model_dir', 'initial_checkpoint' or 'scratch'.
+      data_row: Global row of the training data the run reads first (0
+        unless resumed from MODEL_DIR); None until restored.
+      restored_metadata: The metadata of the MODEL_DIR checkpoint resumed
+        from (which data pipeline and cache it read), else None.
+    """
+
+    step: int
+    resumed_from: str
+    data_row: int | None = None
+    restored_metadata: dict[str, Any] | None = None
+
+
+def find_start(latest_step: int | None, initial_checkpoint_path: str | None) -> StartInfo:
+    """Where the run starts (reads only steps, no parameters).
+
+    Args:
+      latest_step: Newest checkpoint step in MODEL_DIR, or None.
+      initial_checkpoint_path: INITIAL_CHECKPOINT_PATH, used when MODEL_DIR
+        has no checkpoint.
+
+    Returns:
+      The start (without `data_row`).
+    """
+    if latest_step is not None:
+        return StartInfo(latest_step, "model_dir")
+    if initial_checkpoint_path:
+        return StartInfo(checkpoint_step(initial_checkpoint_path), "initial_checkpoint")
+    return StartInfo(0, "scratch")
+
+
+def check_train_steps(
+    total_steps: int, start: StartInfo, model_dir: str, initial_checkpoint_path: str | None
+) -> bool:
+    """Checks TRAIN_STEPS against the start step.
+
+    A MODEL_DIR whose newest checkpoint is exactly TRAIN_STEPS holds a
+    finished run: rerunning the same command (a sweep resuming, a job
+    retried) is a no-op, not an error.
+
+    Returns:
+      True when the run is already finished (nothing to do).
+
+    Raises:
+      ValueError: TRAIN_STEPS is not beyond the start step; the message gives
+        the checkpoint's step and a value to use.
+    """
+    if not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"TRAIN_STEPS={total_steps!r} must be a positive integer.")
+    if start.resumed_from == "model_dir" and start.step == total_steps:
+        return True
+    if total_steps > start.step:
+        return False
+    absolute = (
+        "TRAIN_STEPS is absolute, counted from the start of pre-training (T5X), "
+        "not a number of steps to add"
+    )
+    if start.resumed_from == "model_dir":
+        raise ValueError(
+            f"TRAIN_STEPS={total_steps} is below the step of MODEL_DIR's newest "
+            f"checkpoint {model_dir}/checkpoint_{start.step}: {absolute}. To train "
+            f"further set TRAIN_STEPS beyond {start.step} (e.g. {start.step} + N); to "
+            "start over use a new MODEL_DIR."
+        )
+    raise ValueError(
+        f"TRAIN_STEPS={total_steps} is not beyond step {start.step} of "
+        f"INITIAL_CHECKPOINT_PATH={initial_checkpoint_path!r}, so this run would "
+        f"train nothing: {absolute}. For N more steps set TRAIN_STEPS = {start.step} "
+        f"+ N (e.g. {start.step + max(total_steps, 1)}), or bind TRAIN_STEPS="
+        "@gqa_t5x.training.trainer.steps_after_checkpoint() with "
+        "gqa_t5x.training.trainer.steps_after_checkpoint.steps = N."
+    )
+
+
+def _fields_changing_shapes(model: T5Config, found: T5Config) -> list[str]:
+    """Config fields on which the two disagree in a way that changes shapes."""
+    reference = param_tree.param_shapes(found)
+    fields = []
+    for field in dataclasses.fields(T5Config):
+        if getattr(model, field.name) == getattr(found, field.name):
+            continue
+        try:
+            changed = found.replace(**{field.name: getattr(model, field.name)})
+        except ValueError:  # Not even a valid config with the checkpoint's other fields.
+            fields.append(field.name)
+            continue
+        if param_tree.param_shapes(changed) != reference:
+            fields.append(field.name)
+    return fields
+
+
+def _describe(config: T5Config, field: str) -> str:
+    value = getattr(config, field)
+    if value is None and field in _GIN_MACROS:  # None: as many as query heads.
+        return f"None (= num_heads {config.num_heads})"
+    return repr(value)
+
+
+def check_param_shapes(
+    config: T5Config, reader: checkpoints.CheckpointReader, path: str
+) -> None:
+    """Compares a checkpoint's parameter shapes with the model's.
+
+    Raises:
+      ValueError: they differ; the message names the config fields (and
+        their gin macros) that explain it and the first differing parameters.
+    """
+    want = param_tree.param_shapes(config)
+    have = {key: tuple(reader.shape(key)) for key in reader.keys()}
+    if want == have:
+        return
+    differing = [
+        f"{key}: model {want.get(key, 'absent')} vs checkpoint {have.get(key, 'absent')}"
+        for key in [*want, *(k for k in have if k not in want)]
+        if want.get(key) != have.get(key)
+    ]
+    causes = []
+    for field in _fields_changing_shapes(config, reader.config):
+        macro = _GIN_MACROS.get(field)
+        hint = f" (gin macro {macro})" if macro else ""
+        causes.append(
+            f"{field}: model gin {_describe(config, field)} vs checkpoint "
+            f"{_describe(reader.config, field)}{hint}"
+        )
+    raise ValueError(
+        f"INITIAL_CHECKPOINT_PATH={path!r} does not match the model gin: "
+        + "; ".join(causes or ["parameter shapes differ"])
+        + f". {len(differing)} parameter(s) differ, e.g. "
+        + "; ".join(differing[:3])
+        + "."
+    )
+
+
+def _put(array: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    array = np.asarray(array, np.float32)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+def _load_initial_params(path: str, config: T5Config, shardings: Any) -> Any:
+    """Streams a checkpoint's parameters onto their shardings."""
+    flat_shardings = param_tree.flatten(shardings)
+    with checkpoints.open_checkpoint(path) as reader:
+        check_param_shapes(config, reader, path)
+        flat = {key: _put(reader.read(key), flat_shardings[key]) for key in reader.keys()}
+    return param_tree.unflatten(flat)
+
+
+def restore_or_initialize(
+    *,
+    start: StartInfo,
+    model: models.EncoderDecoderModel,
+    optimizer: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    manager: Any,
+    initial_checkpoint_path: str | None,
+    batch_size: int,
+    rng: jax.Array,
+) -> tuple[ts.TrainState, ts.TrainState, StartInfo]:
+    """Restores MODEL_DIR's checkpoint, loads the initial one, or initialises.
+
+    Args:
+      start: From `find_start`.
+      model: The model.
+      optimizer: Optax transformation (its state is initialised fresh unless
+        restored from MODEL_DIR).
+      partitioner: Mesh and shardings.
+      manager: Checkpoint manager of MODEL_DIR.
+      initial_checkpoint_path: INITIAL_CHECKPOINT_PATH.
+      batch_size: BATCH_SIZE (compared with the checkpoint's).
+      rng: Initialisation key.
+
+    Returns:
+      (state, state shardings, start with `data_row`).
+    """
+    abstract_params = jax.eval_shape(model.get_initial_params, rng)
+    param_shardings = partitioner.param_shardings(abstract_params, model.config)
+    if partitioner.replicated_params:
+        logging.info("Replicated (not split over 'model'): %s", partitioner.replicated_params)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = partitioner.opt_state_shardings(abstract_opt, abstract_params, param_shardings)
+    shardings = ts.TrainState(
+        step=partitioner.replicated, params=param_shardings, opt_state=opt_shardings
+    )
+    if start.resumed_from == "model_dir":
+        template = ts.TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt
+        )
+        state, meta = ts.restore(manager, start.step, template, shardings)
+        row = ts.data_row(meta, start.step)
+        if meta.get("batch_size") != batch_size:
+            logging.warning(
+                "BATCH_SIZE changed from %s to %s since the checkpoint: the data "
+                "resumes by example, at global row %d.", meta.get("batch_size"), batch_size, row,
+            )
+        return state, shardings, dataclasses.replace(start, data_row=row, restored_metadata=meta)
+    if start.resumed_from == "initial_checkpoint":
+        params = _load_initial_params(initial_checkpoint_path, model.config, param_shardings)
+    else:
+        params = jax.jit(model.get_initial_params, out_shardings=param_shardings)(rng)
+    state = ts.TrainState(
+        step=jax.device_put(jnp.asarray(start.step, jnp.int32), partitioner.replicated),
+        params=params,
+        opt_state=jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
+    )
+    return state, shardings, dataclasses.replace(start, data_row=0)
