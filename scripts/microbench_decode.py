@@ -190,7 +190,7 @@ def weight_products(shapes, repeats: int) -> list[dict]:
 
     Variants are timed in interleaved rounds (load from other processes falls
     on all alike), fastest round kept. 'transpose once' is the one-time cost
-    of the `[out, in]` copy (`decoding.decode_kernels`), in ms.
+    of the `[out, in]` copy (`decode_step.decode_kernels`), in ms.
     """
     rng = np.random.default_rng(2)
     forms = {

@@ -14,7 +14,7 @@ once per (config, decoding spec, shapes):
   runs in segments of steps, each with a self-attention cache only as long as
   its last step needs (`decode_attention.self_attention_segments`), so a step
   reads about the positions written so far; on CPU its steps multiply by the
-  decoder kernels transposed once per run (`decode_kernels`).
+  decoder kernels transposed once per run (`decode_step.decode_kernels`).
 
 T5 conventions: the decoder starts from id 0 (padding), EOS is id 1, tokens
 after EOS are 0. Encoder inputs are padded with 0 (masked out). Rows whose
@@ -40,11 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_t5x.model import attention
 from gqa_t5x.model import decode_attention
-from gqa_t5x.model import layers
+from gqa_t5x.model import decode_step
 from gqa_t5x.model import network
-from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
 Array = jax.Array
@@ -192,116 +190,6 @@ def brevity_penalty(alpha: float, length: Array | int) -> Array:
     return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
 
 
-def use_decode_kernels() -> bool:
-    """Whether decoding steps read decoder kernels transposed (`decode_kernels`).
-
-    On XLA:CPU a decode step's weight products run 2-4x faster over `[out,
-    in]` kernels (docs/bench_micro.md), which is worth one transposed copy of
-    the decoder's kernels per decoding run. Accelerators' matmul units do not
-    care, so they skip the copy.
-    """
-    return jax.default_backend() == "cpu"
-
-
-def decode_kernels(params: Any) -> Any:
-    """The decoder kernels a decode step multiplies by, transposed to `[out, in]`.
-
-    Every 2-D `kernel` under `decoder/` except the encoder-decoder key/value
-    kernels (used once, to build the cache), nested like `params`, for the
-    `layers.DECODE_KERNELS` collection. One copy of those weights: built once
-    per decoding run, before the step loop.
-
-    Args:
-      params: The model's `params`.
-
-    Returns:
-      `{'decoder': {...: {'kernel': [out, in]}}}`.
-    """
-    kernels = {}
-    for path, value in param_tree.flatten(params).items():
-        once = (param_tree.is_cross_attention(path)
-                and param_tree.attention_projection(path) in param_tree.KEY_VALUE_PROJECTIONS)
-        if path.startswith("decoder/") and path.endswith("/kernel") and value.ndim == 2 and not once:
-            kernels[path] = jnp.transpose(value)  # [out, in]
-    return param_tree.unflatten(kernels)
-
-
-def _step_fn(model: network.Transformer, params: Any, encoder_input_tokens: Array,
-             kernels: Any = None):
-    """Returns `step(cache, tokens [n]) -> (logits [n, vocab] float32, cache)`.
-
-    Args:
-      model: The network.
-      params: Its parameters.
-      encoder_input_tokens: `[n, enc_len]` (for the encoder-decoder mask).
-      kernels: `decode_kernels(params)` or None (the steps then read `params`).
-    """
-    variables_in = {"params": params}
-    if kernels is not None:
-        variables_in[layers.DECODE_KERNELS] = kernels
-
-    def step(cache: Any, tokens: Array) -> tuple[Array, Any]:
-        tokens = tokens[:, None]  # [n, 1]
-        logits, variables = model.apply(
-            {**variables_in, "cache": cache},
-            None,
-            encoder_input_tokens,
-            tokens,
-            tokens,
-            enable_dropout=False,
-            decode=True,
-            method=network.Transformer.decode,
-            mutable=["cache"],
-        )
-        return logits[:, 0].astype(jnp.float32), variables["cache"]
-
-    return step
-
-
-def _resize_self_cache(cache: Any, length: int) -> Any:
-    """The cache with its self-attention keys/values cut or zero-padded to `length`.
-
-    Keys `[rows, kv_heads, head_dim, L]` along their last axis, values
-    `[rows, kv_heads, L, head_dim]` along their third; `key_positions`
-    (whose shape tells a step the length) becomes `arange(length)`. The
-    encoder-decoder keys/values and the scalars are kept.
-    """
-
-    def resize(keypath, leaf):
-        path = param_tree.keypath_str(keypath)
-        name = path.split("/")[-1]
-        if name == "key_positions":
-            return jnp.arange(length, dtype=leaf.dtype)
-        if param_tree.is_cross_attention(path) or name not in (attention.CACHED_KEY, attention.CACHED_VALUE):
-            return leaf
-        axis = 3 if name == attention.CACHED_KEY else 2
-        if leaf.shape[axis] >= length:
-            return jax.lax.slice_in_dim(leaf, 0, length, axis=axis)
-        pad = [(0, 0)] * leaf.ndim
-        pad[axis] = (0, length - leaf.shape[axis])
-        return jnp.pad(leaf, pad)
-
-    return jax.tree_util.tree_map_with_path(resize, cache)
-
-
-def _segmented_while_loop(cond: Any, body: Any, state: tuple, segments: tuple[int, ...]) -> tuple:
-    """`lax.while_loop(cond, body, state)` run segment by segment.
-
-    `state[0]` is the step and `state[1]` the cache. Before the segment that
-    ends at step `end`, the self-attention cache is resized to `end`
-    positions (positions written so far are kept), so each step reads its
-    written prefix rounded up to the segment end rather than the whole
-    `max_decode_length` (`decode_attention.self_attention_segments`). A loop
-    that has stopped early stays stopped: later segments run no step.
-    """
-    for end in segments:
-        state = (state[0], _resize_self_cache(state[1], end), *state[2:])
-        state = jax.lax.while_loop(
-            lambda s, end=end: jnp.logical_and(cond(s), s[0] < end), body, state
-        )
-    return state
-
-
 def _lengths(tokens: Array, eos_id: int | None, padding_row: Array) -> Array:
     """Tokens up to and including the first EOS (all of them without one).
 
@@ -380,31 +268,13 @@ def _sample_loop(
         rng,
     )
     segments = decode_attention.self_attention_segments(length)
-    steps, _, _, seqs, _, log_prob, _ = _segmented_while_loop(cond, body, state, segments)
+    steps, _, _, seqs, _, log_prob, _ = decode_step.segmented_while_loop(cond, body, state, segments)
     return DecodeResult(
         seqs, log_prob, log_prob, _lengths(seqs, spec.eos_id, padding_row), steps
     )
 
 
 # -------------------------------------------------------------- beam search
-def _gather_beams(tree: Any, flat_index: Array) -> Any:
-    """Reorders the per-sequence rows of a decoding cache.
-
-    Leaves with a leading `[batch * beams]` axis (ndim >= 2) are gathered;
-    scalars (`cache_index`, `position`) and `key_positions` `[length]` are
-    shared by all rows and kept. Encoder-decoder keys/values are stored once
-    per example (`[batch, ...]`, read by all its beams), and beams only move
-    within an example, so those (the largest leaves) are not touched.
-    """
-
-    def gather(keypath, leaf):
-        if leaf.ndim < 2 or param_tree.is_cross_attention(param_tree.keypath_str(keypath)):
-            return leaf
-        return jnp.take(leaf, flat_index, axis=0)
-
-    return jax.tree_util.tree_map_with_path(gather, tree)
-
-
 def _beam_loop(
     step: Any,
     cache: Any,
@@ -481,7 +351,7 @@ def _beam_loop(
         alive_seqs = jnp.take_along_axis(top_seqs, keep[..., None], axis=1)
         source = jnp.take_along_axis(origin, keep, axis=1)  # [batch, k]
         flat = (jnp.arange(batch)[:, None] * k + source).reshape(batch * k)
-        cache = _gather_beams(cache, flat)
+        cache = decode_step.gather_beams(cache, flat)
         return i + 1, cache, alive_seqs, alive_lp, fin_seqs, fin_scores, fin_flags, fin_lp
 
     alive_lp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))
@@ -495,7 +365,7 @@ def _beam_loop(
         jnp.zeros((batch, k), jnp.bool_),  # finished flags
         jnp.full((batch, k), NEG_INF, jnp.float32),  # finished log-probs
     )
-    state = _segmented_while_loop(cond, body, state, decode_attention.self_attention_segments(length))
+    state = decode_step.segmented_while_loop(cond, body, state, decode_attention.self_attention_segments(length))
     steps, _, alive_seqs, alive_lp, fin_seqs, fin_scores, fin_flags, fin_lp = state
     # Alive beams that reached the length limit compete with finished ones.
     alive_scores = jnp.where(steps >= length, alive_lp / max_penalty, NEG_INF)
@@ -561,12 +431,12 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
             encoder_input_tokens = jnp.repeat(encoder_input_tokens, beams, axis=0)  # [batch * beams, enc_len]
         return variables["cache"], encoder_input_tokens
 
-    transposed = use_decode_kernels()
+    transposed = decode_step.use_decode_kernels()
 
     @jax.jit
     def run(params, cache, encoder_input_tokens, rng):
-        kernels = decode_kernels(params) if transposed else None
-        step = _step_fn(model, params, encoder_input_tokens, kernels)
+        kernels = decode_step.decode_kernels(params) if transposed else None
+        step = decode_step.step_fn(model, params, encoder_input_tokens, kernels)
         if spec.method == "beam":
             return _beam_loop(step, cache, encoder_input_tokens, spec)
         return _sample_loop(step, cache, encoder_input_tokens, rng, spec)

@@ -33,7 +33,7 @@ AXES_SUFFIX = "_axes"
 
 # Collection of decode-layout kernels: a Dense layer finds its kernel
 # transposed, `[out, in]`, under `decode_kernels/<module path>/kernel` when a
-# decoding run supplies it (`decoding.decode_kernels`).
+# decoding run supplies it (`decode_step.decode_kernels`).
 DECODE_KERNELS = "decode_kernels"
 
 # T5X's default initialisers.
@@ -124,7 +124,7 @@ class Dense(nn.Module):
                 raise ValueError(
                     f"decode_kernels holds a kernel of shape {kernel_t.shape} for a Dense layer "
                     f"of {inputs.shape[-1]} -> {self.features}; build it with "
-                    "decoding.decode_kernels(params)."
+                    "decode_step.decode_kernels(params)."
                 )
             return out_major_matmul(inputs, kernel_t.astype(self.dtype))
         kernel = kernel.astype(self.dtype)

@@ -286,49 +286,6 @@ def test_segmented_decoding_reading_written_prefixes_equals_one_segment_over_the
     assert int(segmented.steps) == int(whole.steps)
 
 
-def test_resizing_the_self_attention_cache_keeps_written_positions_and_the_cross_cache():
-    config = _config(2)
-    model = network.Transformer(config)
-    encoded = jnp.ones((3, 5, 32), jnp.float32)
-    _, variables = model.apply({"params": network.init_params(config)}, encoded, 6,
-                               method=network.Transformer.init_decode_cache, mutable=["cache"])
-    cache = jax.tree_util.tree_map(lambda x: x + 1.0 if x.ndim == 4 else x, variables["cache"])
-    short = param_tree.flatten(decoding._resize_self_cache(cache, 4))
-    longer = param_tree.flatten(decoding._resize_self_cache(cache, 9))
-    flat = param_tree.flatten(cache)
-    key, value = "decoder/layers_0/self_attention/cached_key", "decoder/layers_0/self_attention/cached_value"
-    assert short[key].shape == (3, 2, 8, 4) and short[value].shape == (3, 2, 4, 8)
-    np.testing.assert_array_equal(np.asarray(short[key]), np.asarray(flat[key])[..., :4])
-    np.testing.assert_array_equal(np.asarray(longer[value])[:, :, :6], np.asarray(flat[value]))
-    assert not np.asarray(longer[value])[:, :, 6:].any()
-    np.testing.assert_array_equal(np.asarray(longer["decoder/key_positions"]), np.arange(9))
-    cross = "decoder/layers_0/encoder_decoder_attention/cached_key"
-    assert short[cross] is flat[cross] and longer[cross].shape == (3, 2, 8, 5)
-
-
-def test_decode_steps_over_transposed_kernels_equal_steps_over_the_params(model):
-    config, params, enc = model
-    kernels = decoding.decode_kernels(params)
-    flat = param_tree.flatten(kernels)
-    assert flat["decoder/logits_dense/kernel"].shape == (VOCAB, 32)  # [out, in]
-    assert flat["decoder/layers_1/mlp/wi_0/kernel"].shape == (48, 32)
-    # The encoder-decoder key/value kernels only build the cache; the encoder has no steps.
-    assert not any(k.endswith(("encoder_decoder_attention/key/kernel", "encoder_decoder_attention/value/kernel"))
-                   or k.startswith("encoder/") for k in flat)
-    net = network.Transformer(config)
-    fns = decoding.compile_decoding(config, GREEDY)
-    cache, _ = fns.init_cache(params, fns.encode(params, enc), enc)
-    plain_step = jax.jit(decoding._step_fn(net, params, jnp.asarray(enc)))
-    kernel_step = jax.jit(decoding._step_fn(net, params, jnp.asarray(enc), kernels))
-    plain_cache, kernel_cache = cache, cache
-    tokens = jnp.zeros((enc.shape[0],), jnp.int32)
-    for _ in range(4):
-        plain, plain_cache = plain_step(plain_cache, tokens)
-        transposed, kernel_cache = kernel_step(kernel_cache, tokens)
-        np.testing.assert_allclose(np.asarray(transposed), np.asarray(plain), atol=1e-5)
-        tokens = jnp.argmax(plain, -1).astype(jnp.int32)
-
-
 def test_sampling_with_top_k_stays_in_the_top_k_and_is_reproducible(model):
     config, params, enc = model
     spec = decoding.DecodingSpec("sample", MAX_LEN, topk=3, temperature=2.0)
@@ -403,22 +360,3 @@ def test_decode_takes_a_spec_and_a_2d_integer_array():
         decoding.decode(_config(2), {}, np.ones((3,), np.int32), GREEDY)
     with pytest.raises(TypeError, match="spec must be a decoding.DecodingSpec"):
         decoding.decode(_config(2), {}, np.ones((1, 3), np.int32), {"max_decode_length": 4})
-
-
-def test_beam_reordering_gathers_self_attention_caches_and_shares_cross_attention_ones():
-    config = _config(2)
-    model = network.Transformer(config)
-    encoded = jnp.arange(3 * 5 * 32, dtype=jnp.float32).reshape(3, 5, 32) / 100.0  # rows differ
-    _, variables = model.apply({"params": network.init_params(config)}, encoded, 4,
-                               method=network.Transformer.init_decode_cache, mutable=["cache"])
-    cache = jax.tree_util.tree_map(lambda x: x + 1.0 if x.ndim == 4 else x, variables["cache"])
-    cache["decoder"]["layers_0"]["self_attention"]["cached_key"] *= jnp.arange(1.0, 4.0)[:, None, None, None]
-    order = jnp.array([2, 0, 1])
-    gathered = param_tree.flatten(decoding._gather_beams(cache, order))
-    for path, leaf in param_tree.flatten(cache).items():
-        if param_tree.is_cross_attention(path) or leaf.ndim < 2:
-            np.testing.assert_array_equal(np.asarray(gathered[path]), np.asarray(leaf), err_msg=path)
-        else:
-            np.testing.assert_array_equal(np.asarray(gathered[path]), np.asarray(leaf)[np.asarray(order)], err_msg=path)
-    cross = "decoder/layers_0/encoder_decoder_attention/cached_key"
-    assert not np.array_equal(np.asarray(gathered[cross]), np.asarray(gathered[cross])[np.asarray(order)])

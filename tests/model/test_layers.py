@@ -113,5 +113,5 @@ def test_dense_reads_a_transposed_decode_kernel_when_one_is_supplied():
     # It is the supplied kernel that is used, not the parameter.
     doubled = dense.apply({"params": params, layers.DECODE_KERNELS: {"kernel": 2 * kernel_t}}, x)
     np.testing.assert_allclose(np.asarray(doubled), 2 * np.asarray(plain), atol=1e-5)
-    with pytest.raises(ValueError, match="decoding.decode_kernels"):
+    with pytest.raises(ValueError, match="decode_step.decode_kernels"):
         dense.apply({"params": params, layers.DECODE_KERNELS: {"kernel": params["kernel"]}}, x)

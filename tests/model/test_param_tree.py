@@ -95,7 +95,9 @@ def test_is_cross_attention_picks_the_encoder_decoder_caches_and_kernels():
     cross = {p for p in cache if param_tree.is_cross_attention(p)}
     assert cross == {"decoder/layers_0/encoder_decoder_attention/cached_key",
                      "decoder/layers_0/encoder_decoder_attention/cached_value"}
-    assert all(cache[p].shape == (2, 3, 1, 2) for p in cross)  # [batch, enc_len, kv_heads, head_dim]
+    # The decode layout: keys [batch, kv_heads, head_dim, enc_len], values [batch, kv_heads, enc_len, head_dim].
+    assert cache["decoder/layers_0/encoder_decoder_attention/cached_key"].shape == (2, 1, 2, 3)
+    assert cache["decoder/layers_0/encoder_decoder_attention/cached_value"].shape == (2, 1, 3, 2)
     kernels = [p for p in T5X_TREE if param_tree.is_cross_attention(p)]
     assert len(kernels) == 4 and all("/encoder_decoder_attention/" in p for p in kernels)
 
