@@ -63,7 +63,9 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="Directory of the converted checkpoint (our format).")
     parser.add_argument("--num_kv_heads", type=int, help="Key/value heads of decoder self- and cross-attention.")
     parser.add_argument("--method", default="mean", help="A registered conversion method (docs/conversion.md): "
-                        "mean (paper), first, random (paper ablations), align, ...")
+                        "mean (paper), first, random (paper ablations), align, lsq (needs --calibration), ...")
+    parser.add_argument("--calibration", default=None,
+                        help="Calibration statistics (.npz from conversion.save_statistics) for data-aware methods (lsq).")
     parser.add_argument("--source_format", "--format", dest="source_format", default=None,
                         help="Format of --source when its directory holds several (e.g. gqa_t5x, huggingface).")
     parser.add_argument("--allow_unusual_values", action="store_true",
@@ -78,7 +80,8 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     if args.gin_file or args.gin_bindings:
-        given = [f"--{k}" for k in ("source", "output", "num_kv_heads", "source_format") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("source", "output", "num_kv_heads", "source_format", "calibration")
+                 if getattr(args, k) is not None]
         if given:
             raise UsageError(
                 f"{', '.join(given)} cannot be combined with --gin_file; bind "
@@ -105,6 +108,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         seed=args.seed,
         allow_unusual_values=args.allow_unusual_values,
         source_format=args.source_format,
+        calibration=args.calibration,
     )
     print(
         f"Wrote {args.output}: num_heads={config.num_heads}, "

@@ -104,8 +104,8 @@ def _layer_statistics(plan: Any, calibration: Any) -> dict[str, Any]:
         if not statistics:
             raise ValueError(
                 f"Method {plan.method!r} needs calibration statistics of the source model: pass "
-                "calibration=PATH (gin: converter.convert_checkpoint.calibration) written by "
-                "gqa_t5x.conversion.calibration.save_statistics."
+                "--calibration PATH (API: calibration=PATH; gin: converter.convert_checkpoint.calibration), "
+                "a .npz written by gqa_t5x.conversion.calibration.save_statistics."
             )
         missing = [prefix for prefix in plan.layers if prefix not in statistics]
         if missing:

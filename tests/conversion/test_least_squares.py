@@ -255,3 +255,28 @@ def test_lsq_without_calibration_or_with_missing_layers_is_refused_before_writin
     with pytest.raises(ValueError, match="lack 1 converted layer"):
         conversion.convert_checkpoint(source, tmp_path / "b", 1, method="lsq", calibration=stats, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_convert_with_calibration_flag_equals_the_api_and_without_it_is_a_usage_error(tmp_path, capsys):
+    from gqa_t5x import checkpoints
+    from gqa_t5x import cli
+
+    config = tiny_config()
+    params = random_params(config)
+    stats_path = calibration.save_statistics(
+        tmp_path / "stats.npz", calibration.collect_statistics(config, params, _batches(config, 1)))
+    source = _checkpoint(tmp_path, config, params)
+    base = ["convert", "--source", str(source), "--num_kv_heads", "1", "--method", "lsq", "--no_progress"]
+    code = cli.main(base + ["--output", str(tmp_path / "flags"), "--calibration", str(stats_path)])
+    assert code == 0, capsys.readouterr().err
+    conversion.convert_checkpoint(source, tmp_path / "api", 1, method="lsq", calibration=str(stats_path),
+                                  progress=False)
+    _, by_flags = checkpoints.load(tmp_path / "flags")
+    _, by_api = checkpoints.load(tmp_path / "api")
+    for key, value in param_tree.flatten(by_api).items():
+        np.testing.assert_array_equal(param_tree.flatten(by_flags)[key], value, err_msg=key)
+    capsys.readouterr()
+    code = cli.main(base + ["--output", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code != 0 and "needs calibration statistics" in err and "--calibration" in err
+    assert not (tmp_path / "none").exists()
