@@ -71,10 +71,11 @@ def _study_record(output: Path, settings: StudySettings, pretrain_seed: int) -> 
 
 
 def _run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pretrain_seed: int,
-                shared: Path | None, corpus: rdata.Corpus | None, log: Callable[[str], None]) -> None:
+                shared: Path | None, corpus: rdata.Corpus | None, log: Callable[[str], None],
+                on_mark: Callable[[], None] | None = None) -> None:
     started = time.time()
     data = rdata.StudyData(output / "data")
-    stages = Stages(output, settings, data, pretrain_seed, log)
+    stages = Stages(output, settings, data, pretrain_seed, log, on_mark)
     if not data.info.exists():
         log("[1/8] data")
         rdata.prepare_data(output, settings, shared, log, corpus=corpus)
@@ -155,13 +156,20 @@ def run_study(output: str | os.PathLike, *, settings: StudySettings | None = Non
     record = _study_record(out, settings, pretrain_seed)
     sweep.enable_compilation_cache(out / ".jax_cache")
     start = time.time()
-    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seeds": list(seeds), "pretrain_seed": pretrain_seed}
-    try:
-        _run_stages(out, settings, seeds, pretrain_seed, shared, corpus, log)
-    finally:
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seeds": list(seeds), "pretrain_seed": pretrain_seed,
+               "wall_s": 0.0}
+    record["sessions"].append(session)
+
+    def record_wall_time() -> None:
+        # After every finished stage, so that a killed session still counts up to its last stage.
         session["wall_s"] = round(time.time() - start, 1)
-        record["sessions"].append(session)
         write_json(out / "study.json", record)
+
+    record_wall_time()
+    try:
+        _run_stages(out, settings, seeds, pretrain_seed, shared, corpus, log, record_wall_time)
+    finally:
+        record_wall_time()
     log("[8/8] analysis and report")
     command = command or f"gqa-t5x reproduce --output {shlex.quote(str(output))} --seeds {','.join(map(str, seeds))}"
     results = analysis.analyse(out, settings, seeds, command=command, sessions=record["sessions"])

@@ -330,7 +330,9 @@ def markdown(results: dict, figure_dir: str) -> str:
            "## Verdicts", "", *_verdict_table(results), "",
            "## Run", "", f"    {results['command']}", "",
            f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, JAX {m['jax']} on {m['backend']}.",
-           f"- Wall time: {minutes:.1f} minutes over {len(results['sessions'])} session(s); per stage (s): "
+           f"- Wall time: {minutes:.1f} minutes over {len(results['sessions'])} recorded session(s) (a killed "
+           f"session counts up to its last finished stage); the stages' own times add up to "
+           f"{sum(results['stage_wall_time_s'].values()) / 60:.1f} minutes, per stage (s): "
            + ", ".join(f"{k} {v:g}" for k, v in results["stage_wall_time_s"].items()) + ".",
            f"- Seeds: {results['seeds']} (pre-training seed {pretrain_seed}).", "",
            "## Design", "", *_design(results), "",

@@ -64,8 +64,9 @@ class Stages:
     """
 
     def __init__(self, output: Path, settings: StudySettings, data: rdata.StudyData, pretrain_seed: int,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, on_mark: Callable[[], None] | None = None):
         self.out, self.s, self.data, self.pretrain_seed, self.log = output, settings, data, pretrain_seed, log
+        self.on_mark = on_mark
         self.markers = output / "markers"
         self.evals = output / "evals"
         self._heldout: dict[str, Any] | None = None
@@ -80,6 +81,8 @@ class Stages:
         """Records a finished stage with its wall time."""
         info = dict(info, wall_s=round(time.time() - started, 2))
         write_json(self.markers / f"{stage}.done.json", info)
+        if self.on_mark is not None:
+            self.on_mark()
         return info
 
     @property

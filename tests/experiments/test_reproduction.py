@@ -102,3 +102,23 @@ def test_seeds_must_be_distinct_and_exclude_the_pretraining_seed():
         check_seeds([1, 1], 100)
     with pytest.raises(ValueError, match="pre-training seed"):
         check_seeds([0, 100], 100)
+
+
+def test_a_killed_session_has_recorded_its_wall_time_up_to_its_last_finished_stage(tmp_path, monkeypatch):
+    import time
+
+    seen = {}
+
+    def stages_killed_after_one(out, settings, seeds, pretrain_seed, shared, corpus, log, on_mark):
+        time.sleep(0.05)
+        on_mark()  # a stage finished
+        # What a SIGKILL here would leave (no `finally` runs then):
+        seen.update(json.loads((out / "study.json").read_text())["sessions"][-1])
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(reproduction, "_run_stages", stages_killed_after_one)
+    with pytest.raises(RuntimeError, match="killed"):
+        reproduction.run_study(tmp_path / "study", settings=StudySettings.reduced(), seeds=(0, 1),
+                               shared_dir=tmp_path, log=lambda line: None)
+    assert seen["wall_s"] >= 0.05 and seen["seeds"] == [0, 1]
+    assert len(json.loads((tmp_path / "study" / "study.json").read_text())["sessions"]) == 1
