@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces docs/bench_decode_*.{json,md,png} (greedy time per sample vs kv
 # heads, with HuggingFace transformers T5 alongside). CPU-sized shapes: T5.1.1
-# widths with fewer layers. Takes ~10 minutes on a 2-core machine.
+# widths with fewer layers. Takes ~8 minutes on a 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} TF_CPP_MIN_LOG_LEVEL=3

@@ -7,7 +7,7 @@
 #   git worktree add --detach /tmp/before c63bda8      # the last commit before the speed work
 #   bash scripts/bench_decode_sitting.sh /tmp/before
 #
-# About 35 minutes on a 2-core machine. Run it on an otherwise idle machine:
+# About 25 minutes on a 2-core machine. Run it on an otherwise idle machine:
 # every report records the load average at its start and end.
 set -euo pipefail
 BEFORE=$(cd "${1:?usage: bench_decode_sitting.sh BEFORE_CHECKOUT}" && pwd)
