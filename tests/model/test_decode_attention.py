@@ -89,13 +89,14 @@ def _masked_reference(query, key, value, bias, index):
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
 def test_reading_only_the_written_prefix_equals_the_masked_full_cache_attention(kv_heads):
     rng = np.random.default_rng(2)
-    batch, length = 2, 12
+    batch, length = 2, 8
     query = rng.standard_normal((batch, 1, HEADS, HEAD_DIM)).astype(np.float32)
     key, value = _kv(rng, batch, length, kv_heads)
     key[0] *= 4.0  # large logits
     bias = rng.standard_normal((1, HEADS, 1, length)).astype(np.float32)
     for index in range(length):
-        for prefix in sorted({index + 1, min(length, index + 3), length}):  # a segment ending at or after index
+        # Segments ending exactly at the step, two steps after it, and at the end of the cache.
+        for prefix in sorted({index + 1, min(length, index + 3), length}):
             mask = (np.arange(prefix) <= index)[None, None, None, :]
             ours = decode_attention.cached_attention(
                 query, *_to_cache(key[:, :prefix], value[:, :prefix]), bias[..., :prefix], mask)
