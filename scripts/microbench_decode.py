@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from gqa_t5x.experiments import benchmark  # noqa: E402
 from gqa_t5x.experiments import roofline  # noqa: E402
+from gqa_t5x.experiments import timing  # noqa: E402
 from gqa_t5x.model import attention  # noqa: E402
 from gqa_t5x.model import decode_attention  # noqa: E402
 from gqa_t5x.model import layers  # noqa: E402
@@ -52,14 +53,8 @@ _GB = 1e9
 
 
 def _best(fn, *args, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Seconds of the fastest of `repeats` calls after one warm-up call (`timing.fastest`)."""
+    return timing.fastest(lambda: jax.block_until_ready(fn(*args)), repeats)[0]
 
 
 def _random(rng: np.random.Generator, shape: tuple[int, ...]) -> jax.Array:

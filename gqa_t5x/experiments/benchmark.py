@@ -45,6 +45,7 @@ import numpy as np
 
 from gqa_t5x import conversion
 from gqa_t5x.experiments import roofline
+from gqa_t5x.experiments import timing
 from gqa_t5x.model import attention
 from gqa_t5x.model import decode_attention
 from gqa_t5x.model import decoding
@@ -138,8 +139,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-measure_memory_bandwidth = roofline.measure_memory_bandwidth
-
 
 # ------------------------------------------------------------------ sizing
 def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
@@ -206,21 +205,6 @@ def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int
 
 
 # ------------------------------------------------------------------ timing
-def _timed(fn, repeats: int) -> tuple[float, Any]:
-    """Seconds of the fastest of `repeats` runs after a warm-up, and the output.
-
-    The minimum, not the median: on a shared machine other processes only
-    ever add time, so the fastest run is the best estimate of the cost.
-    """
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
-
-
 def _block(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
 
@@ -296,7 +280,7 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
     input_ids = torch.from_numpy(tokens.astype(np.int64))
     mask = torch.from_numpy((tokens > 0).astype(np.int64))
     with torch.inference_mode():
-        encoder_s, enc_out = _timed(lambda: model.encoder(input_ids=input_ids, attention_mask=mask), repeats)
+        encoder_s, enc_out = timing.fastest(lambda: model.encoder(input_ids=input_ids, attention_mask=mask), repeats)
 
         def generate():
             cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
@@ -306,7 +290,7 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
                 decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
             )
 
-        decoder_s, out = _timed(generate, repeats)
+        decoder_s, out = timing.fastest(generate, repeats)
     return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].numpy()}
 
 
@@ -324,7 +308,7 @@ def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats:
     key = jnp.asarray(rng.random((batch, g, d, kv_len), np.float32))  # [batch, kv_heads, head_dim, length]
     value = jnp.asarray(rng.random((batch, g, kv_len, d), np.float32))  # [batch, kv_heads, length, head_dim]
     core = jax.jit(decode_attention.cached_attention)
-    seconds, _ = _timed(lambda: core(query, key, value).block_until_ready(), repeats)
+    seconds, _ = timing.fastest(lambda: core(query, key, value).block_until_ready(), repeats)
     return (key.nbytes + value.nbytes) / seconds / _GB
 
 
@@ -372,7 +356,7 @@ def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log):
     tokens = np.random.default_rng(settings.seed).integers(2, base.vocab_size, size=(batch, n_in)).astype(np.int32)
     jtokens = jnp.asarray(tokens)
     fns = decoding.compile_decoding(base, decoding.DecodingSpec(max_decode_length=n_out, eos_id=None))
-    encoder_s, encoded = _timed(lambda: _block(fns.encode(mha_params, jtokens)), settings.repeats)
+    encoder_s, encoded = timing.fastest(lambda: _block(fns.encode(mha_params, jtokens)), settings.repeats)
     log(f"[bench] in={n_in} out={n_out} batch={batch}: encoder {encoder_s:.3f} s")
     variants = []
     for g in settings.num_kv_heads:

@@ -24,27 +24,17 @@ work are not counted):
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5x.experiments import timing
 from gqa_t5x.model.config import T5Config
 
 _GB = 1e9
 _F32 = 4
-
-
-def _best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure_memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict[str, float]:
@@ -61,7 +51,7 @@ def measure_memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict[str
     n = megabytes * 2**20 // 4
     src = np.random.default_rng(0).random(n, dtype=np.float32)
     dst = np.empty_like(src)
-    rate = lambda fn, moved: moved / _best_seconds(fn, repeats) / _GB  # noqa: E731
+    rate = lambda fn, moved: moved / timing.fastest(fn, repeats)[0] / _GB  # noqa: E731
     out = {"numpy_copy": rate(lambda: np.copyto(dst, src), 2 * src.nbytes)}
     x = jnp.asarray(src)
     scale = jax.jit(lambda v: v * 1.0001)
@@ -79,7 +69,7 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 3) -> float:
     a = jnp.asarray(rng.random((size, 2 * size), np.float32))
     b = jnp.asarray(rng.random((2 * size, 2 * size), np.float32))
     matmul = jax.jit(jnp.matmul)
-    seconds = _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+    seconds, _ = timing.fastest(lambda: matmul(a, b).block_until_ready(), repeats)
     return round(2 * size * (2 * size) ** 2 / seconds / _GB, 1)
 
 

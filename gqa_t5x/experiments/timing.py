@@ -4,19 +4,38 @@ The paper's protocol at the scale of one run: fixed input/output lengths
 (no early stop at EOS, so every model decodes the same number of steps),
 warm-up excluded, `block_until_ready`, time divided by the batch size. The
 full benchmark with the kv-head sweep, HF comparison and bandwidth figures is
-`gqa-t5x bench` (`gqa_t5x/benchmark.py`).
+`gqa-t5x bench` (`gqa_t5x/experiments/benchmark.py`). `fastest` is the one
+timing loop the benchmark, the roofline measurements and this module share.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from gqa_t5x import checkpoints
 from gqa_t5x.model import decoding
+
+
+def fastest(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Seconds of the fastest of `repeats` calls of `fn` after one warm-up call, and its output.
+
+    The minimum, not the median: on a shared machine other processes only
+    ever add time, so the fastest run is the best estimate of the cost. `fn`
+    must block until its work is done (`block_until_ready`).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: time at least one run after the warm-up.")
+    out = fn()  # compile + warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
 
 
 def time_params(config: Any, params: Any, *, batch: int, input_length: int,
@@ -46,12 +65,7 @@ def time_params(config: Any, params: Any, *, batch: int, input_length: int,
         result = decoding.decode(config, params, tokens, spec)
         jax.block_until_ready(result.tokens)
 
-    run()  # compile + warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+    best, _ = fastest(run, repeats)
     return {"time_per_sample": best / batch, "seconds": best, "batch": batch,
             "input_length": input_length, "output_length": output_length}
 

@@ -41,7 +41,8 @@ from gqa_t5x.model import layers
 
 Array = jax.Array
 
-_MASK_VALUE = -1e10
+# Additive logit of a masked position: one value for the training and decode paths.
+_MASK_VALUE = decode_attention.MASK_VALUE
 
 # Names of the decoding-cache variables of an attention layer.
 CACHED_KEY = "cached_key"
@@ -415,8 +416,8 @@ class MultiHeadDotProductAttention(nn.Module):
         Self-attention: zero `cached_key` `[batch, kv_heads, head_dim,
         max_length]` and `cached_value` `[batch, kv_heads, max_length,
         head_dim]`, and `cache_index = 0` (the decoding loop may hand a step a
-        shorter cache, as long as the steps it runs need). Cross-attention: keys and values projected once
-        from `inputs_kv` (the encoder output, one row per example; `batch` is
+        shorter cache, as long as the steps it runs need). Cross-attention:
+        keys and values projected once from `inputs_kv` (the encoder output, one row per example; `batch` is
         then unused and may be a multiple of it, e.g. examples x beams).
 
         Args:
@@ -433,9 +434,8 @@ class MultiHeadDotProductAttention(nn.Module):
             self.put_variable("cache", CACHED_VALUE,
                               decode_attention.value_to_cache_layout(value).astype(self.dtype))
             return
-        length = max_length
-        key_shape = (batch, self.num_kv_heads, self.head_dim, length)
-        value_shape = (batch, self.num_kv_heads, length, self.head_dim)
+        key_shape = (batch, self.num_kv_heads, self.head_dim, max_length)
+        value_shape = (batch, self.num_kv_heads, max_length, self.head_dim)
         self.put_variable("cache", CACHED_KEY, jnp.zeros(key_shape, self.dtype))
         self.put_variable("cache", CACHED_VALUE, jnp.zeros(value_shape, self.dtype))
         self.put_variable("cache", CACHE_INDEX, jnp.array(0, dtype=jnp.int32))

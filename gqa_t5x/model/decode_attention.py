@@ -10,9 +10,11 @@ is stored and read:
   matrix product per (batch, kv head) with its operand row-major in the
   contracted dimension's natural order: logits `[group, head_dim] x [head_dim,
   length]`, output `[group, length] x [length, head_dim]`. On XLA:CPU this
-  pair ran the single-query contractions 3-8x faster than the training layout
-  `[batch, length, kv_heads, head_dim]` and 1-5x faster than keys and values
-  both in either layout (`scripts/microbench_decode.py`, docs/bench_micro.md).
+  pair ran the single-query contractions of GQA-8 and MHA 3-16x faster than
+  the training layout `[batch, length, kv_heads, head_dim]`, and fastest of
+  the four layouts measured except at XXL-like MHA, where keys and values
+  both `[batch, kv_heads, head_dim, length]` were 20% faster
+  (`scripts/microbench_decode.py`, docs/bench_micro.md).
 * **Written prefix only.** Self-attention at step `i` needs positions
   `0..i`. The decoding loop (`decoding.py`) runs in segments of steps and
   gives each segment a self-attention cache exactly as long as the segment's
@@ -20,9 +22,9 @@ is stored and read:
   segment). A step then reads the whole, short, cache in one masked pass:
   `i + 1` positions rounded up to the segment end instead of `max_length`.
   XLA:CPU cannot read a block of the cache without first copying it (a
-  dynamic slice is a copy, at 7-20 GB/s), so a loop over blocks inside the
-  step with an online softmax (flash-decoding's recurrence) ran 1.5-4x
-  slower than one masked pass over the whole cache, and did not save time
+  dynamic slice is a copy), so a loop over blocks inside the step with an
+  online softmax (flash-decoding's recurrence) ran 1.1-6x slower than one
+  masked pass over the segment's cache in 17 of 18 measured cases
   (docs/bench_micro.md, "prefix reads").
 * **Shared rows (beams).** `cached_attention` lets several query rows share
   one cache row: with `beam_size` beams per example the encoder-decoder
@@ -46,7 +48,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Additive logit of a masked position (as in attention.py).
+# Additive logit of a masked position (attention.py uses the same).
 MASK_VALUE = -1e10
 # Self-attention segments: at least this many positions each, at most
 # MAX_SEGMENTS of them (each segment compiles its own copy of the step).
