@@ -286,6 +286,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="bench_decode", help="Report prefix: writes PREFIX.json/.md/.png.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights and inputs.")
     parser.add_argument("--bandwidth_mb", type=int, default=256, help="Buffer of the bandwidth measurement (MB).")
+    parser.add_argument("--num_partitions", type=int, default=1,
+                        help="Model-parallel shards (T5X's num_partitions): heads and MLP split over a 'model' "
+                             "mesh axis, the batch over 'data' (default 1; with one device, no mesh).")
+    parser.add_argument("--cpu_devices", type=int, default=None,
+                        help="Split the host CPU into N XLA devices (jax_num_cpu_devices), e.g. "
+                             "--cpu_devices 2 --num_partitions 2 to run the model split over two cores.")
 
 
 def _resolve_bench_flags(args: argparse.Namespace) -> None:
@@ -296,10 +302,25 @@ def _resolve_bench_flags(args: argparse.Namespace) -> None:
             setattr(args, name, preset.get(name, default))
 
 
+def _use_cpu_devices(count: int) -> None:
+    """Makes the CPU backend `count` XLA devices; must precede any JAX computation."""
+    import jax
+
+    if count < 1:
+        raise UsageError(f"--cpu_devices={count} must be >= 1.")
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as error:  # the backend is already up in this process
+        raise UsageError(f"--cpu_devices={count}: JAX's CPU backend was already initialised in this "
+                         f"process, so its device count is fixed ({error}).") from None
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from gqa_t5x.experiments import bench_report, benchmark
 
     _resolve_bench_flags(args)
+    if args.cpu_devices is not None:
+        _use_cpu_devices(args.cpu_devices)
     config = gin_config.model_config_from_gin(args.gin_file, args.gin_bindings)
     overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers")
                  if getattr(args, k) is not None}
@@ -314,12 +335,17 @@ def _run_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag}={getattr(args, flag)} must be >= 1.")
     if not 0 < args.memory_fraction <= 1:
         raise UsageError(f"--memory_fraction={args.memory_fraction} must be in (0, 1].")
+    import jax
+
+    if args.num_partitions < 1 or jax.device_count() % args.num_partitions:
+        raise UsageError(f"--num_partitions={args.num_partitions} must divide the number of devices "
+                         f"({jax.device_count()}: {jax.devices()[0].platform}); on CPU add --cpu_devices N.")
     settings = benchmark.BenchSettings(
         config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
         batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
         huggingface_repeats=args.huggingface_repeats, memory_fraction=args.memory_fraction,
         seed=args.seed, label=args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
-        bandwidth_mb=args.bandwidth_mb,
+        bandwidth_mb=args.bandwidth_mb, num_partitions=args.num_partitions,
     )
     results = benchmark.run_benchmark(settings)
     print(bench_report.format_table(results))

@@ -34,6 +34,7 @@ _COLUMNS = [
     ("decoder_per_token_s", "dec ms/token", lambda v: f"{1e3 * v:.2f}"),
     ("cross_attention_core_gbs", "attn core GB/s", "{:.1f}".format),
     ("cross_attention_core_fraction", "attn core % of BW", _pct),
+    ("torch_attention_core_gbs", "PyTorch attn core GB/s", "{:.1f}".format),
     ("huggingface_time_per_sample_s", "HF s/sample", "{:.4f}".format),
     ("speedup_vs_huggingface", "HF / ours", "{:.2f}x".format),
 ]
@@ -62,7 +63,9 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         f"{results['date']}, {machine['cpu']}, {machine['cores']} cores, JAX {machine['jax']} "
         f"({', '.join(machine['jax_devices'])}), load average {machine['load_average']} at start, "
-        f"{machine['load_average_end']} at end; wall {results['wall_s']} s.",
+        f"{machine['load_average_end']} at end; wall {results['wall_s']} s."
+        + (f" Model split over {results['settings']['num_partitions']} devices (num_partitions)."
+           if results["settings"].get("num_partitions", 1) > 1 else ""),
         "",
         f"Model: emb {cfg['emb_dim']}, {cfg['num_heads']} heads x {cfg['head_dim']}, mlp {cfg['mlp_dim']}, "
         f"{cfg['num_encoder_layers']} encoder / {cfg['num_decoder_layers']} decoder layers, vocab {cfg['vocab_size']}, "
@@ -78,7 +81,9 @@ def _markdown(results: dict[str, Any]) -> str:
         "bytes: the decoder weights it uses, the whole cross-attention cache and the self-attention "
         "positions written so far (averaged over the steps). 'attn core GB/s': the decoder's "
         "cross-attention core alone (decode_attention.cached_attention) for one query over the "
-        "encoder-length cache, K + V bytes / time; '% of BW' against the best bandwidth. "
+        "encoder-length cache, K + V bytes / time, cycling through 1 GiB of distinct caches so "
+        "that they come from memory as in a decode step; '% of BW' against the best bandwidth; "
+        "'PyTorch attn core' the same computation as torch.matmuls on PyTorch's CPU threads. "
         "'dec ms/token': decoder time / (batch x out).",
         "",
         format_table(results, markdown=True),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import hashlib
 import itertools
 import os
 import platform
@@ -54,6 +55,7 @@ from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
 _GB = 1e9
+Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,11 @@ class BenchSettings:
       seed: Seed of parameters and inputs.
       label: Name of the shape in reports (e.g. 'large-like').
       bandwidth_mb: Buffer size of the bandwidth measurement.
+      num_partitions: Model-parallel shards (T5X's `num_partitions`): with
+        more than one device the parameters, caches and batch are placed on a
+        (data, model) mesh of all devices by `training.partitioning` (heads
+        and MLP over `model`, batch over `data`); on CPU, host devices come
+        from `--cpu_devices`.
     """
 
     config: T5Config
@@ -87,6 +94,7 @@ class BenchSettings:
     seed: int = 0
     label: str = ""
     bandwidth_mb: int = 256
+    num_partitions: int = 1
 
 
 # ------------------------------------------------------------------ machine
@@ -294,22 +302,69 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
     return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].numpy()}
 
 
-def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5) -> float:
-    """GB/s of one decode query's cross-attention core over a `kv_len` cache.
+def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5,
+                             working_set_mb: int = 1024) -> float:
+    """GB/s of one decode query's cross-attention core over a `kv_len` cache, cold.
 
     Times `decode_attention.cached_attention` (what a decode step runs, in the
-    decode-cache layout, float32) alone, fastest run, and divides the K + V
-    bytes it reads by the time: how close XLA gets to streaming the cache at
-    this number of kv heads.
+    decode-cache layout, float32) alone and divides the K + V bytes it reads
+    by the time: how close XLA gets to streaming the cache at this number of
+    kv heads. In a decode step the cache comes from memory (the step reads
+    the decoder weights and every layer's cache in between), so the timed
+    pass cycles through as many distinct caches as make up `working_set_mb`
+    (at least 2): timing one cache again and again would read it from the
+    last-level cache and report more than memory can deliver.
+
+    Returns:
+      GB/s of K + V bytes, fastest of `repeats` passes over the caches.
     """
     g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
     rng = np.random.default_rng(0)
     query = jnp.asarray(rng.random((batch, 1, h, d), np.float32))  # [batch, 1, heads, head_dim]
-    key = jnp.asarray(rng.random((batch, g, d, kv_len), np.float32))  # [batch, kv_heads, head_dim, length]
-    value = jnp.asarray(rng.random((batch, g, kv_len, d), np.float32))  # [batch, kv_heads, length, head_dim]
+    one = 2 * batch * g * d * kv_len * 4
+    copies = int(min(256, max(2, -(-working_set_mb * 2**20 // one))))
+    caches = [
+        (jnp.asarray(rng.random((batch, g, d, kv_len), np.float32)),  # keys [batch, kv_heads, head_dim, length]
+         jnp.asarray(rng.random((batch, g, kv_len, d), np.float32)))  # values [batch, kv_heads, length, head_dim]
+        for _ in range(copies)
+    ]
     core = jax.jit(decode_attention.cached_attention)
-    seconds, _ = timing.fastest(lambda: core(query, key, value).block_until_ready(), repeats)
-    return (key.nbytes + value.nbytes) / seconds / _GB
+
+    def one_pass():
+        for key, value in caches:
+            out = core(query, key, value)
+        out.block_until_ready()
+
+    seconds, _ = timing.fastest(one_pass, repeats)
+    return one * copies / seconds / _GB
+
+
+def torch_attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5,
+                                   working_set_mb: int = 1024) -> float:
+    """`attention_core_bandwidth` for the same computation in PyTorch (the peer).
+
+    The same grouped single-query core (scores, softmax, weighted values) as
+    `torch.matmul`s over `[batch, kv_heads, ...]` caches, on PyTorch's CPU
+    threads, cycled through the same working set: what a multi-threaded
+    batched matrix-vector product reaches on this machine.
+    """
+    import torch
+
+    g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
+    gen = torch.Generator().manual_seed(0)
+    query = torch.rand((batch, g, h // g, d), generator=gen)  # [batch, kv_heads, group, head_dim]
+    one = 2 * batch * g * d * kv_len * 4
+    copies = int(min(256, max(2, -(-working_set_mb * 2**20 // one))))
+    caches = [(torch.rand((batch, g, d, kv_len), generator=gen), torch.rand((batch, g, kv_len, d), generator=gen))
+              for _ in range(copies)]
+
+    def one_pass():
+        with torch.inference_mode():
+            for key, value in caches:
+                torch.matmul(torch.softmax(torch.matmul(query, key), dim=-1), value)
+
+    seconds, _ = timing.fastest(one_pass, repeats)
+    return one * copies / seconds / _GB
 
 
 def _phase(cost: roofline.PhaseCost, seconds: float, machine: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -320,18 +375,24 @@ def _phase(cost: roofline.PhaseCost, seconds: float, machine: dict[str, Any], pr
             f"{prefix}_roofline_fraction": bound / seconds, f"{prefix}_limit": cost.limit(bw, peak)}
 
 
-def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine) -> dict[str, Any]:
+def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine, peer: bool = False) -> dict[str, Any]:
     cache = cache_bytes(config, batch, n_in, n_out)
     itemsize = jnp.dtype(config.activation_dtype).itemsize
     step_s = ours["loop_s"] / max(ours["steps"], 1)
     step = roofline.decode_step_cost(config, batch, n_in, n_out, itemsize=itemsize)
     core = attention_core_bandwidth(config, batch, n_in)
+    peer_core = {}
+    if peer:
+        torch_core = torch_attention_core_bandwidth(config, batch, n_in)
+        peer_core = {"torch_attention_core_gbs": torch_core,
+                     "torch_attention_core_fraction": torch_core / machine["bandwidth_gbs"]["best"]}
     return {
         "num_kv_heads": g,
         "variant": "MQA" if g == 1 else ("MHA" if g == config.num_heads else f"GQA-{g}"),
         "input_length": n_in, "output_length": n_out, "batch": batch,
         "encoder_s": encoder_s, "decoder_s": ours["decoder_s"], "cache_init_s": ours["cache_init_s"],
         "loop_s": ours["loop_s"], "steps": ours["steps"],
+        "tokens_sha256": hashlib.sha256(np.ascontiguousarray(ours["tokens"], np.int32).tobytes()).hexdigest(),
         "time_per_sample_s": (encoder_s + ours["decoder_s"]) / batch,
         "encoder_per_sample_s": encoder_s / batch,
         "decoder_per_sample_s": ours["decoder_s"] / batch,
@@ -348,32 +409,72 @@ def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine) -> dict[str, A
         **_phase(step, step_s, machine, "decode_step"),
         "cross_attention_core_gbs": core,
         "cross_attention_core_fraction": core / machine["bandwidth_gbs"]["best"],
+        **peer_core,
     }
+
+
+class _Placement:
+    """Puts a shape's parameters and batch on the mesh (or leaves them local).
+
+    One device and `num_partitions=1`: plain local arrays, the single-device
+    path. Otherwise T5X's layout through `training.partitioning.Partitioner`.
+    """
+
+    def __init__(self, num_partitions: int):
+        from gqa_t5x.training import partitioning
+
+        self.partitioner = None
+        if num_partitions > 1 or jax.device_count() > 1:
+            self.partitioner = partitioning.Partitioner(num_partitions=num_partitions)
+
+    def params(self, config: T5Config, params: Any) -> Any:
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        if self.partitioner is None:
+            return params
+        return jax.device_put(params, self.partitioner.param_shardings(params, config))
+
+    def batch(self, tokens: np.ndarray) -> Array:
+        if self.partitioner is None:
+            return jnp.asarray(tokens)
+        shards = self.partitioner.data_shards
+        if tokens.shape[0] % shards:
+            raise ValueError(f"batch {tokens.shape[0]} does not divide over {shards} data shards "
+                             f"({jax.device_count()} devices / num_partitions={self.partitioner.num_partitions}); "
+                             "choose a --batch_size that is a multiple of it.")
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from gqa_t5x.training import partitioning
+
+        return jax.device_put(tokens, NamedSharding(self.partitioner.mesh, PartitionSpec(partitioning.DATA_AXIS)))
 
 
 def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log):
     """Rows of every kv-head variant at one shape, and the HuggingFace row."""
     tokens = np.random.default_rng(settings.seed).integers(2, base.vocab_size, size=(batch, n_in)).astype(np.int32)
-    jtokens = jnp.asarray(tokens)
+    place = _Placement(settings.num_partitions)
+    jtokens = place.batch(tokens)
+    placed_mha = place.params(base, mha_params)
     fns = decoding.compile_decoding(base, decoding.DecodingSpec(max_decode_length=n_out, eos_id=None))
-    encoder_s, encoded = timing.fastest(lambda: _block(fns.encode(mha_params, jtokens)), settings.repeats)
+    encoder_s, encoded = timing.fastest(lambda: _block(fns.encode(placed_mha, jtokens)), settings.repeats)
     log(f"[bench] in={n_in} out={n_out} batch={batch}: encoder {encoder_s:.3f} s")
     variants = []
     for g in settings.num_kv_heads:
         config, params = (base, mha_params) if g == base.num_heads else conversion.convert(base, mha_params, g)
-        variants.append((config.replace(dropout_rate=0.0), jax.tree_util.tree_map(jnp.asarray, params)))
+        config = config.replace(dropout_rate=0.0)
+        variants.append((config, place.params(config, params)))
     timings = time_variants(variants, encoded, jtokens, n_out, settings.repeats)
     rows, mha_tokens = [], None
     for g, (config, _), ours in zip(settings.num_kv_heads, variants, timings):
         mha_tokens = ours["tokens"] if g == base.num_heads else mha_tokens
-        rows.append(_row(g, config, batch, n_in, n_out, encoder_s, ours, machine))
+        rows.append(_row(g, config, batch, n_in, n_out, encoder_s, ours, machine, settings.huggingface))
         r = rows[-1]
         log(f"[bench]   {r['variant']:>7}: {r['time_per_sample_s']:.4f} s/sample (decoder "
             f"{r['decoder_per_sample_s']:.4f}), step {1e3 * r['decode_step_s']:.1f} ms "
             f"({100 * r['decode_step_roofline_fraction']:.0f}% of roofline), "
-            f"attn core {r['cross_attention_core_gbs']:.1f} GB/s")
-    del variants
-    del encoded
+            f"attn core {r['cross_attention_core_gbs']:.1f} GB/s"
+            + (f" (PyTorch {r['torch_attention_core_gbs']:.1f})" if "torch_attention_core_gbs" in r else ""))
+    del variants, encoded
+    placed_mha = None  # frees the placed copy before HuggingFace builds its own
     gc.collect()
     if not settings.huggingface:
         return rows, None

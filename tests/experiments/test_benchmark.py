@@ -74,6 +74,8 @@ def test_bench_writes_json_markdown_and_png_with_consistent_numbers(tmp_path, ca
         assert row["decoder_per_token_s"] == pytest.approx(row["decoder_s"] / (3 * 5))
         assert row["cross_attention_core_fraction"] == pytest.approx(row["cross_attention_core_gbs"] / results["bandwidth_gbs"]["best"])
         assert row["cross_attention_core_gbs"] > 0
+        assert row["torch_attention_core_fraction"] == pytest.approx(row["torch_attention_core_gbs"] / results["bandwidth_gbs"]["best"])
+        assert row["torch_attention_core_gbs"] > 0
     assert results["bandwidth_gbs"]["best"] > 0
     # HuggingFace decoded the same weights: the same greedy tokens as our MHA run.
     assert hf["greedy_token_agreement_with_ours_mha"] == 1.0
@@ -82,6 +84,48 @@ def test_bench_writes_json_markdown_and_png_with_consistent_numbers(tmp_path, ca
     assert "step % roofline" in markdown and results["machine"]["cpu"] in markdown
     png = prefix.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_attention_core_bandwidth_reads_distinct_caches_filling_the_working_set(monkeypatch):
+    # Timing one cache over and over would read it from the last-level cache;
+    # the measurement must cycle through working_set_mb of distinct caches.
+    config = T5Config(vocab_size=100, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
+                      num_encoder_layers=1, num_decoder_layers=1, num_kv_heads=2)
+    seen = []
+    real = benchmark.decode_attention.cached_attention
+
+    def recording(query, key, value):
+        seen.append(key)
+        return real(query, key, value)
+
+    monkeypatch.setattr(benchmark.decode_attention, "cached_attention", recording)
+    monkeypatch.setattr(benchmark.jax, "jit", lambda f: f)  # count calls, not traces
+    one = 2 * 4 * 2 * 16 * 256 * 4  # K + V bytes: batch 4, 2 kv heads, head_dim 16, 256 positions
+    gbs = benchmark.attention_core_bandwidth(config, batch=4, kv_len=256, repeats=1, working_set_mb=1)
+    assert gbs > 0 and one == 2**20 // 4
+    # A warm-up pass and one timed pass, each over 4 distinct caches (1 MiB).
+    assert len(seen) == 8 and len({id(k) for k in seen}) == 4
+
+
+def test_bench_on_a_two_device_mesh_decodes_the_same_tokens_as_one_device(tmp_path):
+    # --cpu_devices must precede JAX's start-up, so each run is its own process.
+    import os
+    import subprocess
+    import sys
+
+    tokens = {}
+    for devices in (1, 2):
+        prefix = tmp_path / f"bench{devices}"
+        flags = ["--cpu_devices", str(devices), "--num_partitions", str(devices)]
+        subprocess.run(
+            [sys.executable, "-m", "gqa_t5x.cli", "bench", "--gin_file", TINY, "--num_kv_heads", "2,4",
+             "--input_length", "12", "--output_length", "4", "--batch_size", "2", "--repeats", "1",
+             "--bandwidth_mb", "8", "--no_huggingface", "--output", str(prefix), *flags],
+            check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+        results = json.loads(prefix.with_suffix(".json").read_text())
+        assert results["settings"]["num_partitions"] == devices and len(results["machine"]["jax_devices"]) == devices
+        tokens[devices] = {row["num_kv_heads"]: row["tokens_sha256"] for row in results["rows"]}
+    assert sorted(tokens[1]) == [2, 4] and tokens[1] == tokens[2]
 
 
 def test_batch_is_halved_until_the_memory_estimate_fits():
@@ -100,6 +144,8 @@ def test_batch_is_halved_until_the_memory_estimate_fits():
         (["--num_kv_heads", "3"], "--num_kv_heads 3 does not divide num_heads=4"),
         (["--repeats", "0"], "--repeats=0 must be >= 1"),
         (["--memory_fraction", "2"], "--memory_fraction=2.0 must be in"),
+        (["--num_partitions", "3"], "--num_partitions=3 must divide the number of devices (1: cpu)"),
+        (["--cpu_devices", "2"], "--cpu_devices=2: JAX's CPU backend was already initialised"),
     ],
 )
 def test_bad_bench_flags_are_named(flags, message, capsys):
