@@ -2,12 +2,13 @@
 # One sitting of the decode benchmarks: the code before the speed work and
 # this checkout, same shapes, back to back on the same machine, then the
 # before/after tables (docs/bench_decode_compare_*.md) and the output-length
-# check (large-like at 512 output tokens vs 128).
+# check (large-like at 512 output tokens vs 128), and large-like with the model
+# split over two CPU devices.
 #
 #   git worktree add --detach /tmp/before c63bda8      # the last commit before the speed work
 #   bash scripts/bench_decode_sitting.sh /tmp/before
 #
-# About 25 minutes on a 2-core machine. Run it on an otherwise idle machine:
+# About 28 minutes on a 2-core machine. Run it on an otherwise idle machine:
 # every report records the load average at its start and end.
 set -euo pipefail
 BEFORE=$(cd "${1:?usage: bench_decode_sitting.sh BEFORE_CHECKOUT}" && pwd)
@@ -35,6 +36,9 @@ after "${XXL[@]}" --num_kv_heads 1,8,64 --repeats 2 --huggingface_repeats 1 --ou
 # Output length 512: decoder time per token against the written cache bytes.
 after "${LARGE[@]}" --output_length 512 --num_kv_heads 1,8,16 --repeats 1 --no_huggingface \
   --output docs/bench_decode_large_out512
+# The model split over the two cores (two XLA CPU devices, num_partitions 2).
+after "${LARGE[@]}" --output_length 128 --num_kv_heads 1,8,16 --repeats 3 --huggingface_repeats 1 \
+  --cpu_devices 2 --num_partitions 2 --output docs/bench_decode_large_partitioned
 
 python scripts/bench_compare.py --before "$TMP/before_large.json" --after docs/bench_decode_large.json \
   --longer docs/bench_decode_large_out512.json --out docs/bench_decode_compare_large.md

@@ -20,6 +20,12 @@ processes on a shared machine only ever add time):
   product every decode step spends most of its time in, in GB/s of weight
   bytes, for the formulations XLA:CPU could be given (the kernel as stored,
   `[in, out]`, or transposed once to `[out, in]`).
+* `memory_cores`: the same single-query attention core with its caches in
+  memory, as in a decode step (the pass cycles through 1 GiB of distinct
+  caches, `benchmark.attention_core_bandwidth`): XLA on every core, XLA in a
+  process pinned to one core, and PyTorch's `torch.matmul` on its CPU
+  threads. Shows whether XLA:CPU spreads the batched single-query products
+  over the cores.
 * `encoder_attention`: the encoder's attention (training/encoder shapes)
   through the einsums vs `jax.nn.dot_product_attention` (implementation
   'xla').
@@ -241,6 +247,46 @@ def encoder_attention(shapes, repeats: int) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------ memory cores
+def _core_config(heads: int, kv_heads: int):
+    from gqa_t5x.model.config import T5Config
+
+    return T5Config(vocab_size=128, emb_dim=64, num_heads=heads, head_dim=64, mlp_dim=64,
+                    num_encoder_layers=1, num_decoder_layers=1, num_kv_heads=kv_heads)
+
+
+def _xla_cores(shapes, repeats: int) -> list[float]:
+    return [benchmark.attention_core_bandwidth(_core_config(h, g), b, n, repeats=repeats)
+            for _, b, h, g, n in shapes]
+
+
+def memory_cores(shapes, repeats: int) -> list[dict]:
+    """GB/s of the decode cross-attention core over caches that come from memory."""
+    import subprocess
+
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    child = subprocess.run(
+        [sys.executable, __file__, "--one_core_child", json.dumps(shapes), "--repeats", str(repeats)],
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), capture_output=True, text=True, check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    one_core = json.loads(child.stdout.strip().splitlines()[-1])
+    rows = []
+    for (label, b, h, g, n), xla, pinned in zip(shapes, _xla_cores(shapes, repeats), one_core):
+        peer = benchmark.torch_attention_core_bandwidth(_core_config(h, g), b, n, repeats=repeats)
+        rows.append({"shape": label, "batch": b, "heads": h, "kv_heads": g, "length": n,
+                     "XLA, all cores": xla, "XLA, process pinned to one core": pinned,
+                     f"PyTorch torch.matmul, {_torch_threads()} threads": peer})
+        print(f"[cores] {label} kv={g}: XLA {xla:.1f}, XLA one core {pinned:.1f}, PyTorch {peer:.1f} GB/s",
+              flush=True)
+    return rows
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 # ------------------------------------------------------------------ report
 def _markdown(results: dict) -> str:
     m, bw = results["machine"], results["machine"]["bandwidth_gbs"]
@@ -276,6 +322,12 @@ def _markdown(results: dict) -> str:
     lines += ["| batch x in x out | weight MB | " + " | ".join(cols) + " |", "|" + "---|" * (2 + len(cols))]
     lines += [f"| {r['batch']}x{r['in']}x{r['out']} | {r['weight_mb']:.0f} | " + " | ".join(
         f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+    lines += ["", "## Attention core with its caches in memory (GB/s of K + V; 1 GiB of distinct caches per pass)", ""]
+    rows = results["memory_cores"]
+    cols = [k for k in rows[0] if k not in ("shape", "batch", "heads", "kv_heads", "length")]
+    lines += ["| shape | batch | heads | kv heads | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
+    lines += [f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['kv_heads']} | " + " | ".join(
+        f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
     lines += ["", "## Encoder attention: einsums vs jax.nn.dot_product_attention (ms, forward and grad)", ""]
     rows = results["encoder_attention"]
     cols = list(rows[0])
@@ -291,8 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="Fewer shapes; print only.")
     parser.add_argument("--out", default=str(REPO / "docs" / "bench_micro"))
-    parser.add_argument("--sections", default="layout,prefix,weights,encoder")
+    parser.add_argument("--sections", default="layout,prefix,weights,cores,encoder")
+    parser.add_argument("--one_core_child", help=argparse.SUPPRESS)  # JSON shapes; set by memory_cores
     args = parser.parse_args(argv)
+    if args.one_core_child:
+        print(json.dumps(_xla_cores([tuple(s) for s in json.loads(args.one_core_child)], args.repeats)))
+        return 0
     sections = set(args.sections.split(","))
     started = benchmark.machine_info()
     machine = {**started, **roofline.measure_machine()}
@@ -317,11 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             shapes += [(8, 4096, 4096), (8, 4096, 10240), (8, 10240, 4096), (8, 4096, 32128)]
         results["weight_products"] = weight_products(shapes, args.repeats)
+    if "cores" in sections:
+        results["memory_cores"] = memory_cores(layout_shapes, max(3, args.repeats // 4))
     if "encoder" in sections:
         results["encoder_attention"] = encoder_attention([(16, 512, 16, 16), (4, 128, 6, 6), (4, 128, 6, 2)],
                                                          max(3, args.repeats // 4))
     results["load_average_end"] = benchmark.machine_info()["load_average"]
-    if not args.quick and sections == {"layout", "prefix", "weights", "encoder"}:
+    if not args.quick and sections == {"layout", "prefix", "weights", "cores", "encoder"}:
         Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
         Path(args.out + ".md").write_text(_markdown(results))
         print(f"Wrote {args.out}.json and {args.out}.md")
