@@ -12,6 +12,19 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole session, inherited by the
+# subprocesses tests start: many tests compile the same tiny models (a new
+# closure per test is a new jit, the same HLO), and on a 2-core CI machine
+# compiling is most of a test's time. Empty at the start of every session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _jax_cache = tempfile.mkdtemp(prefix="gqa-t5x-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _jax_cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
