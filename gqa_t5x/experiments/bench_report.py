@@ -26,6 +26,7 @@ _COLUMNS = [
     ("decoder_per_sample_s", "dec s/sample", "{:.4f}".format),
     ("time_per_sample_s", "total s/sample", "{:.4f}".format),
     ("kv_cache_bytes_per_sample", "KV MB/sample", lambda v: f"{v / 2**20:.1f}"),
+    ("step_kernels_s", "step kernels s (once per model)", "{:.3f}".format),
     ("cache_init_s", "cache build s", "{:.3f}".format),
     ("cache_build_roofline_fraction", "cache build % roofline", _pct),
     ("decode_step_s", "step ms", lambda v: f"{1e3 * v:.1f}"),
@@ -84,7 +85,9 @@ def _markdown(results: dict[str, Any]) -> str:
         "encoder-length cache, K + V bytes / time, cycling through 1 GiB of distinct caches so "
         "that they come from memory as in a decode step; '% of BW' against the best bandwidth; "
         "'PyTorch attn core' the same computation as torch.matmuls on PyTorch's CPU threads. "
-        "'dec ms/token': decoder time / (batch x out).",
+        "'dec ms/token': decoder time / (batch x out). The decoder's time is the cache build plus "
+        "the step loop; 'step kernels' (on CPU the decoder kernels transposed for the steps, made once "
+        "per model as `infer` does) is reported apart from it.",
         "",
         format_table(results, markdown=True),
         "",

@@ -222,30 +222,36 @@ def time_variants(variants, encoded, tokens, output_length, repeats) -> list[dic
 
     Rounds are interleaved (round 0 warms every variant up, then each round
     times every variant once), so load from other processes hits all variants
-    alike; the fastest round of each variant is kept.
+    alike; the fastest round of each variant is kept. The decode-step kernels
+    (`decoding.step_kernels`: on CPU the decoder's kernels transposed) are
+    made before each timed decode and timed on their own, not in the
+    decoder's time: `infer` makes them once per model, like loading it.
 
     Returns:
       Per variant: decoder_s (cache init + loop), cache_init_s, loop_s, steps,
-      tokens.
+      tokens, kernels_s (making the step kernels, once per model).
     """
     spec = decoding.DecodingSpec(method="greedy", max_decode_length=output_length, eos_id=None)
     compiled = [decoding.compile_decoding(config, spec) for config, _ in variants]
     key = jax.random.PRNGKey(0)
-    times: list[list[tuple[float, float]]] = [[] for _ in variants]
+    times: list[list[tuple[float, float, float]]] = [[] for _ in variants]
     results: list[Any] = [None] * len(variants)
     for round_ in range(repeats + 1):
         for i, ((_, params), fns) in enumerate(zip(variants, compiled)):
             start = time.perf_counter()
+            kernels = _block(decoding.step_kernels(params))  # one variant's at a time (memory)
+            made = time.perf_counter()
             cache, run_tokens = _block(fns.init_cache(params, encoded, tokens))
             middle = time.perf_counter()
-            results[i] = _block(fns.run(params, cache, run_tokens, key))
+            results[i] = _block(fns.run(params, cache, run_tokens, key, kernels))
             end = time.perf_counter()
-            del cache
+            del cache, kernels
             if round_:
-                times[i].append((middle - start, end - middle))
+                times[i].append((made - start, middle - made, end - middle))
     return [
-        {"decoder_s": min(a + b for a, b in t), "cache_init_s": min(a for a, _ in t),
-         "loop_s": min(b for _, b in t), "steps": int(r.steps), "tokens": np.asarray(r.tokens)}
+        {"decoder_s": min(b + c for _, b, c in t), "cache_init_s": min(b for _, b, _ in t),
+         "loop_s": min(c for _, _, c in t), "steps": int(r.steps), "tokens": np.asarray(r.tokens),
+         "kernels_s": min(a for a, _, _ in t)}
         for t, r in zip(times, results)
     ]
 
@@ -391,7 +397,7 @@ def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine, peer: bool = F
         "variant": "MQA" if g == 1 else ("MHA" if g == config.num_heads else f"GQA-{g}"),
         "input_length": n_in, "output_length": n_out, "batch": batch,
         "encoder_s": encoder_s, "decoder_s": ours["decoder_s"], "cache_init_s": ours["cache_init_s"],
-        "loop_s": ours["loop_s"], "steps": ours["steps"],
+        "loop_s": ours["loop_s"], "steps": ours["steps"], "step_kernels_s": ours["kernels_s"],
         "tokens_sha256": hashlib.sha256(np.ascontiguousarray(ours["tokens"], np.int32).tobytes()).hexdigest(),
         "time_per_sample_s": (encoder_s + ours["decoder_s"]) / batch,
         "encoder_per_sample_s": encoder_s / batch,

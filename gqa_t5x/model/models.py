@@ -399,6 +399,7 @@ def predict_batch_with_aux(
     rng: Any = None,
     return_all_decodes: bool = False,
     pad_batch_to: int | None = None,
+    kernels: Any = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Decodes a batch; returns the decodes and per-example scores.
 
@@ -414,6 +415,8 @@ def predict_batch_with_aux(
         (best first) instead of the best `[batch, len]`.
       pad_batch_to: Append all-padding filler rows up to this many (stripped
         from the outputs) so differently sized batches share one compilation.
+      kernels: `decoding.step_kernels(params)`, made once by callers that
+        decode many batches with the same params (default: made per call).
 
     Returns:
       (decodes, aux) with aux keys `scores`, `log_probs`, `lengths`.
@@ -432,7 +435,7 @@ def predict_batch_with_aux(
         spec = dataclasses.replace(spec, max_decode_length=int(np.shape(batch[key])[1]))
     n = encoder_input_tokens.shape[0]
     result = decoding.decode(
-        config, params, _pad_rows(encoder_input_tokens, pad_batch_to), spec, rng=rng
+        config, params, _pad_rows(encoder_input_tokens, pad_batch_to), spec, rng=rng, kernels=kernels
     )
     tokens, log_probs = np.asarray(result.tokens)[:n], np.asarray(result.log_probs)[:n]
     scores, lengths = np.asarray(result.scores)[:n], np.asarray(result.lengths)[:n]

@@ -152,6 +152,7 @@ def run_inference(
         method=method, max_decode_length=max_decode_length, eos_id=eos_id, **decode_kwargs
     )
     truncated = 0
+    kernels = decoding.step_kernels(params)  # once for every batch (CPU: transposed kernels)
     with paths.replacing(output_path) as out:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
@@ -168,6 +169,7 @@ def run_inference(
                 spec,
                 rng=rng,
                 pad_batch_to=batch_size,
+                kernels=kernels,
             )
             for i, record in enumerate(chunk):
                 length = int(aux["lengths"][i])

@@ -360,3 +360,29 @@ def test_decode_takes_a_spec_and_a_2d_integer_array():
         decoding.decode(_config(2), {}, np.ones((3,), np.int32), GREEDY)
     with pytest.raises(TypeError, match="spec must be a decoding.DecodingSpec"):
         decoding.decode(_config(2), {}, np.ones((1, 3), np.int32), {"max_decode_length": 4})
+
+
+def test_greedy_token_is_argmax_with_ties_going_to_the_first_maximum():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((5, 37)).astype(np.float32)
+    logits[1, [4, 9, 30]] = 10.0  # a three-way tie: the first wins, as in argmax
+    logits[2, :] = 0.0  # all tied
+    logits[3, -1] = 50.0  # the last id
+    picked = np.asarray(decoding.greedy_token(jnp.asarray(logits)))
+    np.testing.assert_array_equal(picked, np.argmax(logits, axis=-1))
+    assert picked.dtype == np.int32 and picked[1] == 4 and picked[2] == 0 and picked[3] == 36
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_step_kernels_made_once_decode_every_batch_as_kernels_made_per_call(model, method):
+    config, params, enc = model
+    spec = decoding.DecodingSpec(method, MAX_LEN, beam_size=3)
+    kernels = decoding.step_kernels(params)
+    if jax.default_backend() == "cpu":  # the transposed decoder kernels, [out, in]
+        flat = param_tree.flatten(kernels)
+        assert flat["decoder/logits_dense/kernel"].shape == (VOCAB, config.emb_dim)
+    for batch in (enc, enc[::-1]):  # two batches, one set of kernels
+        once = decoding.decode(config, params, batch, spec, kernels=kernels)
+        per_call = decoding.decode(config, params, batch, spec)
+        np.testing.assert_array_equal(np.asarray(once.tokens), np.asarray(per_call.tokens))
+        np.testing.assert_allclose(np.asarray(once.scores), np.asarray(per_call.scores), rtol=1e-6)
