@@ -26,6 +26,10 @@ processes on a shared machine only ever add time):
   process pinned to one core, and PyTorch's `torch.matmul` on its CPU
   threads. Shows whether XLA:CPU spreads the batched single-query products
   over the cores.
+* `encoder_products`: the encoder's float32 matrix products (large-like and
+  XXL-like MLP shapes) in GFLOP/s: XLA:CPU as configured, XLA:CPU with
+  `--xla_cpu_use_xnnpack=true` (a child process, the flag is process-wide),
+  and PyTorch's `torch.matmul` (MKL / oneDNN) on the same cores.
 * `encoder_attention`: the encoder's attention (training/encoder shapes)
   through the einsums vs `jax.nn.dot_product_attention` (implementation
   'xla').
@@ -247,6 +251,44 @@ def encoder_attention(shapes, repeats: int) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------- encoder products
+ENCODER_PRODUCTS = ((8192, 1024, 2816), (8192, 2816, 1024), (4096, 4096, 10240), (4096, 10240, 4096))
+
+
+def _xla_products(shapes, repeats: int) -> list[float]:
+    rng = np.random.default_rng(4)
+    out = []
+    for m, k, n in shapes:
+        a, b = _random(rng, (m, k)), _random(rng, (k, n))
+        out.append(2 * m * k * n / _best(jax.jit(jnp.matmul), a, b, repeats=repeats) / 1e9)
+    return out
+
+
+def encoder_products(shapes, repeats: int) -> list[dict]:
+    """GFLOP/s of `[m, k] x [k, n]` float32 products: XLA, XLA + XNNPACK, PyTorch."""
+    import subprocess
+
+    import torch
+
+    child = subprocess.run(
+        [sys.executable, __file__, "--products_child", json.dumps(shapes), "--repeats", str(repeats)],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_xnnpack=true").strip()})
+    xnnpack = json.loads(child.stdout.strip().splitlines()[-1])
+    rows = []
+    for (m, k, n), xla, xnn in zip(shapes, _xla_products(shapes, repeats), xnnpack):
+        gen = torch.Generator().manual_seed(4)
+        a, b = torch.randn((m, k), generator=gen), torch.randn((k, n), generator=gen)
+        with torch.inference_mode():
+            peer = 2 * m * k * n / timing.fastest(lambda: torch.matmul(a, b), repeats)[0] / 1e9
+        rows.append({"m x k x n": f"{m}x{k}x{n}", "XLA:CPU": xla, "XLA:CPU --xla_cpu_use_xnnpack=true": xnn,
+                     f"PyTorch torch.matmul, {torch.get_num_threads()} threads": peer})
+        print(f"[products] {m}x{k}x{n}: XLA {xla:.0f}, XLA+XNNPACK {xnn:.0f}, PyTorch {peer:.0f} GFLOP/s",
+              flush=True)
+    return rows
+
+
 # ------------------------------------------------------------ memory cores
 def _core_config(heads: int, kv_heads: int):
     from gqa_t5x.model.config import T5Config
@@ -328,6 +370,12 @@ def _markdown(results: dict) -> str:
     lines += ["| shape | batch | heads | kv heads | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
     lines += [f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['kv_heads']} | " + " | ".join(
         f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+    lines += ["", "## Encoder products: float32 `[m, k] x [k, n]` (GFLOP/s)", ""]
+    rows = results["encoder_products"]
+    cols = list(rows[0])
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f"{r[c]:.0f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+              for r in rows]
     lines += ["", "## Encoder attention: einsums vs jax.nn.dot_product_attention (ms, forward and grad)", ""]
     rows = results["encoder_attention"]
     cols = list(rows[0])
@@ -343,9 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="Fewer shapes; print only.")
     parser.add_argument("--out", default=str(REPO / "docs" / "bench_micro"))
-    parser.add_argument("--sections", default="layout,prefix,weights,cores,encoder")
+    parser.add_argument("--sections", default="layout,prefix,weights,cores,products,encoder")
     parser.add_argument("--one_core_child", help=argparse.SUPPRESS)  # JSON shapes; set by memory_cores
+    parser.add_argument("--products_child", help=argparse.SUPPRESS)  # JSON shapes; set by encoder_products
     args = parser.parse_args(argv)
+    if args.products_child:
+        print(json.dumps(_xla_products([tuple(s) for s in json.loads(args.products_child)], args.repeats)))
+        return 0
     if args.one_core_child:
         print(json.dumps(_xla_cores([tuple(s) for s in json.loads(args.one_core_child)], args.repeats)))
         return 0
@@ -375,11 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         results["weight_products"] = weight_products(shapes, args.repeats)
     if "cores" in sections:
         results["memory_cores"] = memory_cores(layout_shapes, max(3, args.repeats // 4))
+    if "products" in sections:
+        results["encoder_products"] = encoder_products(ENCODER_PRODUCTS[:1] if args.quick else ENCODER_PRODUCTS,
+                                                       max(3, args.repeats // 4))
     if "encoder" in sections:
         results["encoder_attention"] = encoder_attention([(16, 512, 16, 16), (4, 128, 6, 6), (4, 128, 6, 2)],
                                                          max(3, args.repeats // 4))
     results["load_average_end"] = benchmark.machine_info()["load_average"]
-    if not args.quick and sections == {"layout", "prefix", "weights", "cores", "encoder"}:
+    if not args.quick and sections == {"layout", "prefix", "weights", "cores", "products", "encoder"}:
         Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
         Path(args.out + ".md").write_text(_markdown(results))
         print(f"Wrote {args.out}.json and {args.out}.md")

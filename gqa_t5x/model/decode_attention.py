@@ -10,10 +10,10 @@ is stored and read:
   matrix product per (batch, kv head) with its operand row-major in the
   contracted dimension's natural order: logits `[group, head_dim] x [head_dim,
   length]`, output `[group, length] x [length, head_dim]`. On XLA:CPU this
-  pair ran the single-query contractions of GQA-8 and MHA 2-10x faster than
-  the training layout `[batch, length, kv_heads, head_dim]`, and fastest of
-  the four layouts measured except at XXL-like MHA, where keys and values
-  both `[batch, kv_heads, head_dim, length]` were 8% faster
+  pair ran the single-query contractions of GQA-8 and MHA 2.4-10x faster
+  than the training layout `[batch, length, kv_heads, head_dim]`, and fastest
+  of the four layouts measured for GQA and XXL-like MHA; at large-like MHA
+  keys and values both `[batch, kv_heads, head_dim, length]` were 8% faster
   (`scripts/microbench_decode.py`, docs/bench_micro.md).
 * **Written prefix only.** Self-attention at step `i` needs positions
   `0..i`. The decoding loop (`decoding.py`) runs in segments of steps and
@@ -23,7 +23,7 @@ is stored and read:
   `i + 1` positions rounded up to the segment end instead of `max_length`.
   XLA:CPU cannot read a block of the cache without first copying it (a
   dynamic slice is a copy), so a loop over blocks inside the step with an
-  online softmax (flash-decoding's recurrence) ran 1.2-4x slower than one
+  online softmax (flash-decoding's recurrence) ran 1.3-4.5x slower than one
   masked pass over the segment's cache in all 18 measured cases
   (docs/bench_micro.md, "prefix reads").
 * **Shared rows (beams).** `cached_attention` lets several query rows share

@@ -30,7 +30,7 @@ Array = jax.Array
 def use_decode_kernels() -> bool:
     """Whether decoding steps read decoder kernels transposed (`decode_kernels`).
 
-    On XLA:CPU a decode step's weight products run 1.3-2.7x faster over `[out,
+    On XLA:CPU a decode step's weight products run 1.5-3x faster over `[out,
     in]` kernels (docs/bench_micro.md), which is worth one transposed copy of
     the decoder's kernels per decoding run. Accelerators' matmul units do not
     care, so they skip the copy.
