@@ -251,6 +251,19 @@ def encoder_attention(shapes, repeats: int) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------- child processes
+def _child(flag: str, shapes, repeats: int, preexec_fn=None, **env: str) -> list[float]:
+    """Runs this script's `flag` mode on `shapes` in a fresh process (for settings
+    fixed at JAX start-up: CPU affinity, XLA_FLAGS); returns its list of numbers."""
+    import subprocess
+
+    child = subprocess.run(
+        [sys.executable, __file__, flag, json.dumps(shapes), "--repeats", str(repeats)],
+        preexec_fn=preexec_fn, capture_output=True, text=True, check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------- encoder products
 ENCODER_PRODUCTS = ((8192, 1024, 2816), (8192, 2816, 1024), (4096, 4096, 10240), (4096, 10240, 4096))
 
@@ -266,16 +279,11 @@ def _xla_products(shapes, repeats: int) -> list[float]:
 
 def encoder_products(shapes, repeats: int) -> list[dict]:
     """GFLOP/s of `[m, k] x [k, n]` float32 products: XLA, XLA + XNNPACK, PyTorch."""
-    import subprocess
 
     import torch
 
-    child = subprocess.run(
-        [sys.executable, __file__, "--products_child", json.dumps(shapes), "--repeats", str(repeats)],
-        capture_output=True, text=True, check=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu",
-             "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_xnnpack=true").strip()})
-    xnnpack = json.loads(child.stdout.strip().splitlines()[-1])
+    xnnpack = _child("--products_child", shapes, repeats,
+                     XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_xnnpack=true").strip())
     rows = []
     for (m, k, n), xla, xnn in zip(shapes, _xla_products(shapes, repeats), xnnpack):
         gen = torch.Generator().manual_seed(4)
@@ -304,14 +312,9 @@ def _xla_cores(shapes, repeats: int) -> list[float]:
 
 def memory_cores(shapes, repeats: int) -> list[dict]:
     """GB/s of the decode cross-attention core over caches that come from memory."""
-    import subprocess
 
     cpu = sorted(os.sched_getaffinity(0))[0]
-    child = subprocess.run(
-        [sys.executable, __file__, "--one_core_child", json.dumps(shapes), "--repeats", str(repeats)],
-        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), capture_output=True, text=True, check=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    one_core = json.loads(child.stdout.strip().splitlines()[-1])
+    one_core = _child("--one_core_child", shapes, repeats, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     rows = []
     for (label, b, h, g, n), xla, pinned in zip(shapes, _xla_cores(shapes, repeats), one_core):
         peer = benchmark.torch_attention_core_bandwidth(_core_config(h, g), b, n, repeats=repeats)
@@ -330,6 +333,22 @@ def _torch_threads() -> int:
 
 
 # ------------------------------------------------------------------ report
+def _core_table(rows: list[dict]) -> list[str]:
+    """Markdown rows of an attention-core table: the shape columns, then GB/s per method."""
+    cols = [k for k in rows[0] if k not in ("shape", "batch", "heads", "kv_heads", "length")]
+    lines = ["| shape | batch | heads | kv heads | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
+    return lines + [f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['kv_heads']} | " + " | ".join(
+        f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+
+
+def _plain_table(rows: list[dict], number: str) -> list[str]:
+    """Markdown rows of every field, floats formatted with `number`."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return lines + ["| " + " | ".join(number.format(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols)
+                    + " |" for r in rows]
+
+
 def _markdown(results: dict) -> str:
     m, bw = results["machine"], results["machine"]["bandwidth_gbs"]
     lines = [
@@ -346,11 +365,7 @@ def _markdown(results: dict) -> str:
         "## Attention core by cache layout (GB/s of K + V, single query, length = encoder length)",
         "",
     ]
-    rows = results["attention_layout"]
-    cols = [k for k in rows[0] if k not in ("shape", "batch", "heads", "kv_heads", "length")]
-    lines += ["| shape | batch | heads | kv heads | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
-    lines += [f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['kv_heads']} | " + " | ".join(
-        f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+    lines += _core_table(results["attention_layout"])
     lines += ["", "## Prefix reads: self-attention of one step at position `step` (ms)", ""]
     rows = results["prefix_reads"]
     cols = [k for k in rows[0] if k.endswith("ms")]
@@ -365,23 +380,11 @@ def _markdown(results: dict) -> str:
     lines += [f"| {r['batch']}x{r['in']}x{r['out']} | {r['weight_mb']:.0f} | " + " | ".join(
         f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
     lines += ["", "## Attention core with its caches in memory (GB/s of K + V; 1 GiB of distinct caches per pass)", ""]
-    rows = results["memory_cores"]
-    cols = [k for k in rows[0] if k not in ("shape", "batch", "heads", "kv_heads", "length")]
-    lines += ["| shape | batch | heads | kv heads | " + " | ".join(cols) + " |", "|" + "---|" * (4 + len(cols))]
-    lines += [f"| {r['shape']} | {r['batch']} | {r['heads']} | {r['kv_heads']} | " + " | ".join(
-        f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+    lines += _core_table(results["memory_cores"])
     lines += ["", "## Encoder products: float32 `[m, k] x [k, n]` (GFLOP/s)", ""]
-    rows = results["encoder_products"]
-    cols = list(rows[0])
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.0f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-              for r in rows]
+    lines += _plain_table(results["encoder_products"], "{:.0f}")
     lines += ["", "## Encoder attention: einsums vs jax.nn.dot_product_attention (ms, forward and grad)", ""]
-    rows = results["encoder_attention"]
-    cols = list(rows[0])
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-              for r in rows]
+    lines += _plain_table(results["encoder_attention"], "{:.2f}")
     lines.append("")
     return "\n".join(lines)
 

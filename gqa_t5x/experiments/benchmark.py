@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5x import conversion
 from gqa_t5x.experiments import roofline
@@ -53,6 +54,7 @@ from gqa_t5x.model import decoding
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
+from gqa_t5x.training import partitioning
 
 _GB = 1e9
 Array = jax.Array
@@ -308,6 +310,12 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
     return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].numpy()}
 
 
+def _cold_caches(batch: int, kv_heads: int, head_dim: int, kv_len: int, working_set_mb: int) -> tuple[int, int]:
+    """(K + V float32 bytes of one cache, how many distinct caches fill `working_set_mb`; 2-256)."""
+    one = 2 * batch * kv_heads * head_dim * kv_len * 4
+    return one, int(min(256, max(2, -(-working_set_mb * 2**20 // one))))
+
+
 def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats: int = 5,
                              working_set_mb: int = 1024) -> float:
     """GB/s of one decode query's cross-attention core over a `kv_len` cache, cold.
@@ -327,8 +335,7 @@ def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats:
     g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
     rng = np.random.default_rng(0)
     query = jnp.asarray(rng.random((batch, 1, h, d), np.float32))  # [batch, 1, heads, head_dim]
-    one = 2 * batch * g * d * kv_len * 4
-    copies = int(min(256, max(2, -(-working_set_mb * 2**20 // one))))
+    one, copies = _cold_caches(batch, g, d, kv_len, working_set_mb)
     caches = [
         (jnp.asarray(rng.random((batch, g, d, kv_len), np.float32)),  # keys [batch, kv_heads, head_dim, length]
          jnp.asarray(rng.random((batch, g, kv_len, d), np.float32)))  # values [batch, kv_heads, length, head_dim]
@@ -359,8 +366,7 @@ def torch_attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, re
     g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
     gen = torch.Generator().manual_seed(0)
     query = torch.rand((batch, g, h // g, d), generator=gen)  # [batch, kv_heads, group, head_dim]
-    one = 2 * batch * g * d * kv_len * 4
-    copies = int(min(256, max(2, -(-working_set_mb * 2**20 // one))))
+    one, copies = _cold_caches(batch, g, d, kv_len, working_set_mb)
     caches = [(torch.rand((batch, g, d, kv_len), generator=gen), torch.rand((batch, g, kv_len, d), generator=gen))
               for _ in range(copies)]
 
@@ -427,8 +433,6 @@ class _Placement:
     """
 
     def __init__(self, num_partitions: int):
-        from gqa_t5x.training import partitioning
-
         self.partitioner = None
         if num_partitions > 1 or jax.device_count() > 1:
             self.partitioner = partitioning.Partitioner(num_partitions=num_partitions)
@@ -447,10 +451,6 @@ class _Placement:
             raise ValueError(f"batch {tokens.shape[0]} does not divide over {shards} data shards "
                              f"({jax.device_count()} devices / num_partitions={self.partitioner.num_partitions}); "
                              "choose a --batch_size that is a multiple of it.")
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from gqa_t5x.training import partitioning
-
         return jax.device_put(tokens, NamedSharding(self.partitioner.mesh, PartitionSpec(partitioning.DATA_AXIS)))
 
 
