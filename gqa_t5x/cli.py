@@ -238,32 +238,27 @@ def _run_cache(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------- bench
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: comma-separated integers, each >= `minimum`."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < minimum:
+            kind = "positive" if minimum == 1 else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {kind} integers, got {text!r}")
+        return values
+    return parse
 
 
-# Defaults of the bench flags a preset may set (the parser leaves them None,
-# so that a flag given explicitly wins over the preset).
-BENCH_DEFAULTS = dict(gin_file="gin/models/t5_1_1/large.gin", num_kv_heads=None, input_length=(512,),
-                      output_length=(128,), batch_size=(16,), dtype="float32", no_huggingface=False, label="")
-# `--preset paper`: the paper's Table 1 / Figure 6 setting (XXL, all 24+24
-# layers, input 2048, output 512, batch 32 per chip, bfloat16, MHA / GQA-8 /
-# MQA), sized for an accelerator.
-BENCH_PRESETS = {
-    "paper": dict(gin_file="gin/models/t5_1_1/xxl.gin", num_kv_heads=(1, 8, 64), input_length=(2048,),
-                  output_length=(512,), batch_size=(32,), dtype="bfloat16", no_huggingface=True,
-                  label="paper setting (T5.1.1-XXL, 24+24 layers, in 2048, out 512, batch 32, bfloat16)"),
-}
+_ints = _int_list(1)
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(BENCH_PRESETS),
+    from gqa_t5x.experiments.bench import presets
+
+    parser.add_argument("--preset", choices=sorted(presets.PRESETS),
                         help="A named setting; 'paper' = XXL, 24+24 layers, input 2048, output 512, batch 32, "
                              "bfloat16, kv heads 1,8,64, no HuggingFace (for an accelerator). Flags given "
                              "explicitly override it.")
@@ -295,32 +290,27 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_bench_flags(args: argparse.Namespace) -> None:
-    """Fills unset flags from `--preset`, then from `BENCH_DEFAULTS`."""
-    preset = BENCH_PRESETS[args.preset] if args.preset else {}
-    for name, default in BENCH_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, default))
+    """Fills unset flags from `--preset`, then from `presets.DEFAULTS`."""
+    from gqa_t5x.experiments.bench import presets
 
-
-def _use_cpu_devices(count: int) -> None:
-    """Makes the CPU backend `count` XLA devices; must precede any JAX computation."""
-    import jax
-
-    if count < 1:
-        raise UsageError(f"--cpu_devices={count} must be >= 1.")
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError as error:  # the backend is already up in this process
-        raise UsageError(f"--cpu_devices={count}: JAX's CPU backend was already initialised in this "
-                         f"process, so its device count is fixed ({error}).") from None
+    for name, value in presets.resolve(args.preset, {k: getattr(args, k) for k in presets.DEFAULTS}).items():
+        setattr(args, name, value)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from gqa_t5x.experiments import bench_report, benchmark
+    from gqa_t5x.experiments.bench import benchmark
+    from gqa_t5x.experiments.bench import report as bench_report
 
     _resolve_bench_flags(args)
     if args.cpu_devices is not None:
-        _use_cpu_devices(args.cpu_devices)
+        from gqa_t5x import runtime
+
+        if args.cpu_devices < 1:
+            raise UsageError(f"--cpu_devices={args.cpu_devices} must be >= 1.")
+        try:
+            runtime.use_cpu_devices(args.cpu_devices)
+        except RuntimeError as error:
+            raise UsageError(f"--cpu_devices={args.cpu_devices}: {error}") from None
     config = gin_config.model_config_from_gin(args.gin_file, args.gin_bindings)
     overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers")
                  if getattr(args, k) is not None}
@@ -365,13 +355,18 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from gqa_t5x.experiments import report, sweep
+    from gqa_t5x.experiments.sweeps import report, sweep
 
     spec = sweep.load_spec(args.sweep_gin, args.gin_bindings)
     num_heads = gin_config.model_config_from_gin(spec.model_gin).num_heads
     spec.validate(num_heads)
     points = sweep.expand(spec, num_heads)
     print(f"Sweep {spec.name!r}: {len(points)} points -> {args.output}")
+    if args.mode == "local":  # points with the same shapes (every method at one G) compile once
+        from gqa_t5x import runtime
+        from gqa_t5x.storage import paths
+
+        runtime.enable_compilation_cache(paths.as_path(args.output, name="--output") / ".jax_cache")
     runner = sweep.Runner(spec, args.output, mode=args.mode, launcher=args.launcher)
     results, failed = runner.run(points)
     if args.mode == "local":
@@ -385,35 +380,34 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------- quickstart
+def _study_compilation_cache(output: str) -> None:
+    """The study's many runs of one model shape compile once (OUTPUT/.jax_cache, local)."""
+    from gqa_t5x import runtime
+    from gqa_t5x.storage import paths
+
+    runtime.enable_compilation_cache(os.path.join(paths.local_file(output, purpose="the study's runs"), ".jax_cache"))
+
+
 def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="quickstart_out", help="Output directory (default: ./quickstart_out).")
     parser.add_argument("--reduced", action="store_true", help="A seconds-scale run (what the tests use).")
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
-    from gqa_t5x.experiments import quickstart
+    from gqa_t5x.experiments.study import quickstart
 
     settings = quickstart.reduced_settings() if args.reduced else None
     command = f"{PROG} quickstart --output {args.output}" + (" --reduced" if args.reduced else "")
+    _study_compilation_cache(args.output)
     quickstart.run_quickstart(args.output, settings, command=command)
     return 0
 
 
 # ---------------------------------------------------------------- reproduce
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
-
-
 def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True,
                         help="Directory of the study's runs; rerun the same command to continue a stopped study.")
-    parser.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
+    parser.add_argument("--seeds", type=_int_list(0), default=(0, 1, 2),
                         help="Seeds of uptraining/fine-tuning data order and random conversion (default 0,1,2).")
     parser.add_argument("--pretrain_seed", type=int, default=100, help="Seed of pre-training (default 100).")
     parser.add_argument("--report_dir", default=None,
@@ -426,7 +420,8 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
-    from gqa_t5x.experiments import reproduction, reproduction_settings
+    from gqa_t5x.experiments.study import reproduction
+    from gqa_t5x.experiments.study import settings as reproduction_settings
 
     settings = reproduction_settings.StudySettings.reduced() if args.reduced else None
     report_dir = args.report_dir or (None if args.reduced else str(gin_config.REPO_ROOT / "docs"))
@@ -434,6 +429,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
                         *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
                         *(["--report_dir", args.report_dir] if args.report_dir else []),
                         *(["--reduced"] if args.reduced else [])])
+    _study_compilation_cache(args.output)
     reproduction.run_study(args.output, settings=settings, seeds=args.seeds, pretrain_seed=args.pretrain_seed,
                            shared_dir=args.shared_dir, report_dir=report_dir, command=command)
     return 0
@@ -447,7 +443,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from gqa_t5x.experiments import report
+    from gqa_t5x.experiments.sweeps import report
 
     files = report.write_report(args.run_dirs, args.output, include_paper=not args.no_paper)
     print(files["table_md"].read_text())
@@ -529,9 +525,17 @@ def _debug_requested(argv: Sequence[str]) -> bool:
     return "--debug" in argv or bool(os.environ.get("GQA_T5X_TRACEBACK"))
 
 
+def _start_process() -> None:
+    """The process-wide settings every command starts with (`gqa_t5x.runtime`)."""
+    from gqa_t5x import runtime
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # seqio/TFDS log device probing
+    runtime.return_freed_buffers_to_os()  # streaming conversion and checkpoint reads
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `gqa-t5x` in this process; returns the exit status."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # seqio/TFDS log device probing
+    _start_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     where = PROG
@@ -554,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def launcher_main(argv: Sequence[str] | None = None) -> int:
     """Runs `python -m gqa_t5x.main` in this process; returns the exit status."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _start_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     try:

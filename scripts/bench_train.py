@@ -181,10 +181,10 @@ def child(args: argparse.Namespace) -> dict:
 
 def _machine() -> dict:
     """CPU model, cores and the float32 matmul peak (for MFU)."""
-    from gqa_t5x.experiments import benchmark
-    from gqa_t5x.experiments import roofline
+    from gqa_t5x.experiments import machine
+    from gqa_t5x.experiments.bench import roofline
 
-    info = benchmark.machine_info()
+    info = machine.describe()
     return {"cpu": info["cpu"], "cores": info["cores"], "jax": info["jax"],
             "matmul_peak_gflops": roofline.measure_matmul_peak()}
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = ([] if args.no_huggingface else [HUGGINGFACE]) + kv_heads
     load_start = os.getloadavg()[0]
     machine = _machine()
-    from gqa_t5x.experiments import roofline
+    from gqa_t5x.experiments.bench import roofline
     from gqa_t5x.model.config import T5Config
 
     flops = roofline.train_step_flops(T5Config(**MODELS[args.model]), args.batch, args.inputs, args.targets)

@@ -52,8 +52,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gqa_t5x.experiments import benchmark  # noqa: E402
-from gqa_t5x.experiments import roofline  # noqa: E402
+from gqa_t5x.experiments.bench import benchmark  # noqa: E402
+from gqa_t5x.experiments.bench import roofline  # noqa: E402
+from gqa_t5x.experiments import machine as machine_info  # noqa: E402
 from gqa_t5x.experiments import timing  # noqa: E402
 from gqa_t5x.model import attention  # noqa: E402
 from gqa_t5x.model import decode_attention  # noqa: E402
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_xla_cores([tuple(s) for s in json.loads(args.one_core_child)], args.repeats)))
         return 0
     sections = set(args.sections.split(","))
-    started = benchmark.machine_info()
+    started = machine_info.describe()
     machine = {**started, **roofline.measure_machine()}
     print(f"[machine] {machine['cpu']}: bandwidth {machine['bandwidth_gbs']}, "
           f"matmul peak {machine['matmul_peak_gflops']} GFLOP/s", flush=True)
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if "encoder" in sections:
         results["encoder_attention"] = encoder_attention([(16, 512, 16, 16), (4, 128, 6, 6), (4, 128, 6, 2)],
                                                          max(3, args.repeats // 4))
-    results["load_average_end"] = benchmark.machine_info()["load_average"]
+    results["load_average_end"] = machine_info.load_average()
     if not args.quick and sections == {"layout", "prefix", "weights", "cores", "products", "encoder"}:
         Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
         Path(args.out + ".md").write_text(_markdown(results))

@@ -109,3 +109,31 @@ def test_model_package_imports_nothing_outside_it_but_errors():
 def test_no_module_is_longer_than_600_lines():
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+APPLICATIONS = ("bench", "sweeps", "study")
+
+
+def test_experiment_applications_share_only_the_core():
+    """bench/, sweeps/ and study/ import each other nowhere; the core
+    (experiments/*.py: stages, timing, machine, figures, paper) imports none of them."""
+    graph = _graph()
+    crossing = set()
+    for module, deps in graph.items():
+        if not module.startswith("gqa_t5x.experiments"):
+            continue
+        parts = module.split(".")
+        own = parts[2] if len(parts) > 3 and parts[2] in APPLICATIONS else None
+        for dep in deps:
+            dep_parts = dep.split(".")
+            app = dep_parts[2] if dep.startswith("gqa_t5x.experiments.") and len(dep_parts) > 3 else None
+            if app in APPLICATIONS and app != own:
+                crossing.add((module, dep))
+    assert crossing == set()
+
+
+def test_application_finder_sees_a_crossing():
+    """The check above is not vacuous: the study does drive stages of the core."""
+    graph = _graph()
+    assert "gqa_t5x.experiments.stages" in graph["gqa_t5x.experiments.study.stages"]
+    assert "gqa_t5x.experiments.stages" in graph["gqa_t5x.experiments.sweeps.sweep"]

@@ -4,14 +4,16 @@ The paper's protocol at the scale of one run: fixed input/output lengths
 (no early stop at EOS, so every model decodes the same number of steps),
 warm-up excluded, `block_until_ready`, time divided by the batch size. The
 full benchmark with the kv-head sweep, HF comparison and bandwidth figures is
-`gqa-t5x bench` (`gqa_t5x/experiments/benchmark.py`). `fastest` is the one
-timing loop the benchmark, the roofline measurements and this module share.
+`gqa-t5x bench` (`gqa_t5x/experiments/bench/benchmark.py`). `interleaved` is
+the one timing loop: the benchmark's variants, the study's interleaved rounds,
+the roofline measurements (`fastest`) and the microbenchmarks all use it.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,27 +22,80 @@ from gqa_t5x import checkpoints
 from gqa_t5x.model import decoding
 
 
+def interleaved(fns: Sequence[Callable[[], Any]], rounds: int) -> list[list[tuple[float, Any]]]:
+    """The one timing loop: a warm-up round, then `rounds` timed rounds of every function.
+
+    Each round calls every function once, in order, so load from other
+    processes falls on all of them alike and round `r` of two functions is a
+    paired comparison. Every function must block until its work is done
+    (`block_until_ready`).
+
+    Args:
+      fns: The functions to time (e.g. one decoder per variant).
+      rounds: Timed rounds after the warm-up round (compilation).
+
+    Returns:
+      Per function, per timed round: (seconds, what the call returned).
+    """
+    if rounds < 1:
+        raise ValueError(f"repeats={rounds}: time at least one run after the warm-up.")
+    for fn in fns:  # compile + warm-up
+        fn()
+    runs: list[list[tuple[float, Any]]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, runs):
+            start = time.perf_counter()
+            value = fn()
+            out.append((time.perf_counter() - start, value))
+    return runs
+
+
 def fastest(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Seconds of the fastest of `repeats` calls of `fn` after one warm-up call, and its output.
+    """Seconds of the fastest of `repeats` calls of `fn` after one warm-up call, and its last output.
 
     The minimum, not the median: on a shared machine other processes only
-    ever add time, so the fastest run is the best estimate of the cost. `fn`
-    must block until its work is done (`block_until_ready`).
+    ever add time, so the fastest run is the best estimate of the cost.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}: time at least one run after the warm-up.")
-    out = fn()  # compile + warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+    runs = interleaved([fn], repeats)[0]
+    return min(seconds for seconds, _ in runs), runs[-1][1]
+
+
+def greedy_decoder(config: Any, params: Any, *, batch: int, input_length: int,
+                   output_length: int, seed: int = 0) -> Callable[[], Any]:
+    """A function that greedily decodes `batch` random inputs with `params` and blocks.
+
+    Exactly `output_length` steps (no EOS stop), so every variant decodes the
+    same number of tokens; the decode-step kernels are made once here, like
+    loading the model.
+
+    Args:
+      config: Model config (its dtype is the activation dtype used).
+      params: Parameters.
+      batch: Samples decoded together.
+      input_length: Encoder tokens per sample.
+      output_length: Decoding steps per sample.
+      seed: Seed of the random input tokens.
+
+    Returns:
+      The decoding function (returns the decoded tokens).
+    """
+    if min(batch, input_length, output_length) < 1:
+        raise ValueError("batch, input_length and output_length must be >= 1.")
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, min(config.vocab_size, 32000), size=(batch, input_length)).astype(np.int32)
+    params = jax.device_put(params)
+    spec = decoding.DecodingSpec(method="greedy", max_decode_length=output_length, eos_id=None)
+    kernels = decoding.step_kernels(params)
+
+    def run() -> Any:
+        return jax.block_until_ready(decoding.decode(config, params, tokens, spec, kernels=kernels).tokens)
+
+    return run
 
 
 def time_params(config: Any, params: Any, *, batch: int, input_length: int,
                 output_length: int, repeats: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Measures greedy decoding of random inputs with `params`.
+    """Measures greedy decoding of random inputs with `params` (`greedy_decoder`).
 
     Args:
       config: Model config (its dtype is the activation dtype used).
@@ -54,19 +109,10 @@ def time_params(config: Any, params: Any, *, batch: int, input_length: int,
     Returns:
       {'time_per_sample', 'seconds', 'batch', 'input_length', 'output_length'}.
     """
-    if min(batch, input_length, output_length, repeats) < 1:
-        raise ValueError("batch, input_length, output_length and repeats must be >= 1.")
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(2, min(config.vocab_size, 32000), size=(batch, input_length)).astype(np.int32)
-    params = jax.device_put(params)
-    spec = decoding.DecodingSpec(method="greedy", max_decode_length=output_length, eos_id=None)
-
-    kernels = decoding.step_kernels(params)  # made once per model, like loading it
-
-    def run() -> None:
-        result = decoding.decode(config, params, tokens, spec, kernels=kernels)
-        jax.block_until_ready(result.tokens)
-
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1.")
+    run = greedy_decoder(config, params, batch=batch, input_length=input_length,
+                         output_length=output_length, seed=seed)
     best, _ = fastest(run, repeats)
     return {"time_per_sample": best / batch, "seconds": best, "batch": batch,
             "input_length": input_length, "output_length": output_length}

@@ -116,12 +116,13 @@ def test_killed_convert_on_gs_is_refused_then_cleaned_by_the_rerun(gcs_emulator,
 
 # ------------------------------------------------------ sweep and report
 def test_sweep_and_report_keep_their_files_on_gs(gcs_emulator, gcs_dir, capsys):
-    from gqa_t5x.experiments import sweep
+    from gqa_t5x.experiments import stages
+    from gqa_t5x.experiments.sweeps import sweep
 
     spec = sweep.SweepSpec(name="gs", model_gin="gin/models/t5_1_1/tiny.gin", base_checkpoint=f"{gcs_dir}/base",
                            num_kv_heads=(1,), methods=("mean",), alphas=(0.05,), tasks=("cnn_dailymail",))
     points = sweep.expand(spec, num_heads=4)
-    runner = sweep.Runner(spec, f"{gcs_dir}/sweep", compilation_cache=False, log=lambda _: None)
+    runner = sweep.Runner(spec, f"{gcs_dir}/sweep", log=lambda _: None)
     for point, score in zip(points, (20.0, 18.0)):
         # Every stage finished earlier: the point only collects its markers.
         run_dir = runner.out / point.name
@@ -134,7 +135,7 @@ def test_sweep_and_report_keep_their_files_on_gs(gcs_emulator, gcs_dir, capsys):
     assert failed == [] and [r["scores"] for r in results] == [{"cnn_dailymail": 20.0}, {"cnn_dailymail": 18.0}]
     assert {n for n in objects(gcs_emulator, f"{gcs_dir}/sweep") if n.endswith("results.json")} == {
         "mha_a0/results.json", "g1_mean_a0.05/results.json"}
-    assert sweep.latest_checkpoint(f"{gcs_dir}/sweep/g1_mean_a0.05/uptrain") == f"{gcs_dir}/sweep/g1_mean_a0.05/uptrain/checkpoint_5"
+    assert stages.latest_checkpoint(f"{gcs_dir}/sweep/g1_mean_a0.05/uptrain") == f"{gcs_dir}/sweep/g1_mean_a0.05/uptrain/checkpoint_5"
 
     assert cli.main(["report", f"{gcs_dir}/sweep", "--output", f"{gcs_dir}/report"]) == 0
     printed = capsys.readouterr().out

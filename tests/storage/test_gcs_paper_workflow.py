@@ -28,7 +28,7 @@ import pytest
 
 from conftest import GCS_TEST_BUCKET
 from gqa_t5x import cli, gin_config
-from gqa_t5x.experiments import sweep
+from gqa_t5x.experiments import stages
 from gqa_t5x.storage import paths
 from paths import REPO
 from storage_utils import objects, save_random_checkpoint, start_blocked
@@ -105,7 +105,7 @@ def test_readme_steps_1_to_4_on_gs(gcs_emulator, bucket, converted, shared_dir, 
     assert {"checkpoint_1004/commit_success.txt", "checkpoint_1006/commit_success.txt"} <= set(names)
     assert paths.as_path(f"{model_dir}/checkpoint_1004/state/_METADATA").read_text() != "{half-written"
     assert any(n.startswith("train/events.out.tfevents") for n in names)  # TensorBoard, through tf.io.gfile
-    uptrained = sweep.latest_checkpoint(model_dir)
+    uptrained = stages.latest_checkpoint(model_dir)
     assert uptrained == f"{model_dir}/checkpoint_1006"
 
     # Step 3: fine-tune on CNN/DailyMail (its sample on gs://), keeping the best checkpoint.
@@ -118,7 +118,7 @@ def test_readme_steps_1_to_4_on_gs(gcs_emulator, bucket, converted, shared_dir, 
         # No dropout: its RNG takes ~20 s to compile on CPU, and storage does not care.
         *_sizes(EVAL_PERIOD="2", NUM_EVAL_EXAMPLES="2", DROPOUT_RATE="0.0"), "--run_mode=train",
     ]) == 0, capsys.readouterr().err
-    best = sweep.latest_checkpoint(f"{cnn_dir}/best")
+    best = stages.latest_checkpoint(f"{cnn_dir}/best")
     assert best == f"{cnn_dir}/best/checkpoint_1008"
     logged = [json.loads(line) for line in paths.as_path(f"{cnn_dir}/eval/gqa_cnn_dailymail-metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1008] and "rouge1" in logged[0]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gqa_t5x.experiments import benchmark
+from gqa_t5x.experiments.bench import benchmark
 from gqa_t5x import cli
 from gqa_t5x.model.config import T5Config
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gqa_t5x.experiments import reproduction_analysis as analysis
-from gqa_t5x.experiments import reproduction_report as rreport
-from gqa_t5x.experiments import statistics as st
-from gqa_t5x.experiments.reproduction_settings import StudySettings, eval_key, uptrain_run
+from gqa_t5x.experiments.study import analysis
+from gqa_t5x.experiments.study import report as rreport
+from gqa_t5x.experiments.study import statistics as st
+from gqa_t5x.experiments.study.settings import StudySettings, eval_key, uptrain_run
 
 SEEDS = (0, 1, 2)
 N = 200

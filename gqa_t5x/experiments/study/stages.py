@@ -1,55 +1,54 @@
 """The study's stages, each resumable: pre-train, convert, uptrain, evaluate,
 fine-tune, time.
 
-The pattern is the sweep's (`gqa_t5x.experiments.sweep`): every training and
-conversion stage is a `launcher.Launch` run in this process, a finished stage
-leaves `OUTPUT/markers/<stage>.done.json` (with its wall time) and is skipped
-by a rerun, and an interrupted training stage resumes from its MODEL_DIR (the
+Every training, conversion and fine-tuning stage runs through the shared
+`experiments.stages.StageRunner` (the sweeps' runner): a `launcher.Launch`
+run in this process, a finished stage leaves
+`OUTPUT/markers/<stage>.done.json` (with its wall time) and is skipped by a
+rerun, and an interrupted training stage resumes from its MODEL_DIR (the
 trainer restores the newest checkpoint). Evaluations are files
-(`OUTPUT/evals/<key>.npz` + `.json`), written atomically. WMT fine-tuning and
-its BLEU evaluation are the sweep's own stage (`sweep.Runner.finetune_and_eval`).
+(`OUTPUT/evals/<key>.npz` + `.json`), written atomically.
 
 Uptraining runs once per (variant, method, seed) to the largest alpha it
 needs and keeps a checkpoint at each alpha it is evaluated at: T5's
 inverse-square-root schedule depends only on the global step, so the
 checkpoint at step P + alpha * P of a longer run is the run of length alpha.
+
+How to add a stage: a method here that returns early on `self.done(name)`,
+runs its work (a `stages.train_launch`/`self.runner.launch`, or plain
+Python) and ends with `self.mark(name, info, started)`; then call it from
+`reproduction._run_stages` in the order of the study. Nothing else changes:
+the report lists stage wall times from the markers by the name's first word.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gqa_t5x import launcher
-from gqa_t5x.experiments import reproduction_data as rdata
-from gqa_t5x.experiments import reproduction_eval as reval
-from gqa_t5x.experiments import sweep
-from gqa_t5x.experiments.reproduction_settings import (
+from gqa_t5x.experiments import stages
+from gqa_t5x.experiments.study import data as rdata
+from gqa_t5x.experiments.study import evaluation as reval
+from gqa_t5x.experiments.study.settings import (
     SEEDED_METHODS,
     StudySettings,
     conversion_name,
     eval_key,
     uptrain_run,
 )
+from gqa_t5x.storage import paths
 
 MODEL_GIN = "gin/models/t5_1_1/small.gin"  # its shape is overridden by study.gin
 WMT_TASK = "wmt14_ende"
 
 
-def _gin_str(value: Any) -> str:
-    return json.dumps(str(value))
-
-
 def write_json(path: Path, value: Any) -> None:
-    """Writes JSON atomically."""
+    """Writes JSON whole or not at all (`storage.paths.replace_file`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    paths.replace_file(path, json.dumps(value, indent=2))
 
 
 class Stages:
@@ -66,7 +65,7 @@ class Stages:
     def __init__(self, output: Path, settings: StudySettings, data: rdata.StudyData, pretrain_seed: int,
                  log: Callable[[str], None] = print, on_mark: Callable[[], None] | None = None):
         self.out, self.s, self.data, self.pretrain_seed, self.log = output, settings, data, pretrain_seed, log
-        self.on_mark = on_mark
+        self.runner = stages.StageRunner(log=log, on_mark=on_mark)
         self.markers = output / "markers"
         self.evals = output / "evals"
         self._heldout: dict[str, Any] | None = None
@@ -74,16 +73,12 @@ class Stages:
     # ------------------------------------------------------------ helpers
     def done(self, stage: str) -> dict | None:
         """The marker of a finished stage, or None."""
-        path = self.markers / f"{stage}.done.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return self.runner.done(self.markers, stage)
 
     def mark(self, stage: str, info: dict, started: float) -> dict:
         """Records a finished stage with its wall time."""
-        info = dict(info, wall_s=round(time.time() - started, 2))
-        write_json(self.markers / f"{stage}.done.json", info)
-        if self.on_mark is not None:
-            self.on_mark()
-        return info
+        self.markers.mkdir(parents=True, exist_ok=True)
+        return self.runner.mark(self.markers, stage, info, started)
 
     @property
     def heldout(self) -> dict[str, Any]:
@@ -92,14 +87,13 @@ class Stages:
             self._heldout = {name: rdata.load_arrays(self.data.heldout(name)) for name, _ in self.s.heldout_examples}
         return self._heldout
 
-    def _train_launch(self, model_dir: Path, initial: str | None, kv_heads: int | None,
-                      bindings: tuple[str, ...]) -> Any:
-        return launcher.launch(launcher.Launch(
-            run_mode="train",
-            gin_files=(MODEL_GIN, "gin/runs/uptrain.gin", str(self.data.study_gin), str(self.data.pretrain_gin)),
-            gin_bindings=(f"NUM_KV_HEADS={kv_heads}", f"MODEL_DIR={_gin_str(model_dir)}",
-                          f"INITIAL_CHECKPOINT_PATH={_gin_str(initial) if initial else None}", *bindings),
-        ))
+    def _gin_files(self, *extra: Path) -> tuple[str, ...]:
+        return (str(self.data.study_gin), *(str(p) for p in extra))
+
+    def _train(self, model_dir: Path, initial: str | None, kv_heads: int, bindings: tuple[str, ...]) -> Any:
+        return self.runner.launch(stages.train_launch(
+            MODEL_GIN, stages.UPTRAIN_GIN, self._gin_files(self.data.pretrain_gin), kv_heads, model_dir, initial,
+            bindings))
 
     # ------------------------------------------------------------ stages
     def pretrain(self) -> str:
@@ -110,7 +104,7 @@ class Stages:
         s, start = self.s, time.time()
         model_dir = self.out / "pretrain"
         self.log(f"[pretrain] MHA ({s.num_heads} heads), {s.pretrain_steps} steps of span corruption")
-        summary = self._train_launch(model_dir, None, None, (
+        summary = self._train(model_dir, None, s.num_heads, (
             f"TRAIN_STEPS={s.pretrain_steps}", f"RANDOM_SEED={self.pretrain_seed}",
             f"CHECKPOINT_PERIOD={s.pretrain_steps // s.curve_points}", "KEEP_CHECKPOINTS=None"))
         every = max(1, len(summary.losses) // 200)
@@ -166,23 +160,13 @@ class Stages:
 
     def convert(self, source: str, kv_heads: int, method: str, seed: int | None, statistics: Path) -> str:
         """Converts the pre-trained model (once per deterministic method, per seed otherwise)."""
-        from gqa_t5x import checkpoints, conversion
+        from gqa_t5x import conversion
 
         name = conversion_name(kv_heads, method, seed)
-        output = self.out / "convert" / name
-        done = self.done(f"convert_{name}")
-        if done:
-            return done["checkpoint"]
-        start = time.time()
-        bindings = [f"SOURCE={_gin_str(source)}", f"OUTPUT={_gin_str(output)}", f"NUM_KV_HEADS={kv_heads}",
-                    f"METHOD={_gin_str(method)}", f"RANDOM_SEED={seed or 0}", "OVERWRITE=True",
-                    "converter.convert_checkpoint.progress=False"]
-        if conversion.get_method(method).needs_calibration:
-            bindings.append(f"converter.convert_checkpoint.calibration={_gin_str(statistics)}")
-        launcher.launch(launcher.Launch("convert", ("gin/runs/convert.gin",), tuple(bindings)))
-        if not checkpoints.is_checkpoint(output):
-            raise RuntimeError(f"The conversion to {output} left no checkpoint.")
-        return self.mark(f"convert_{name}", {"checkpoint": str(output)}, start)["checkpoint"]
+        needs_statistics = conversion.get_method(method).needs_calibration
+        return self.runner.convert(self.markers, f"convert_{name}", source=source,
+                                   output=self.out / "convert" / name, num_kv_heads=kv_heads, method=method,
+                                   seed=seed or 0, calibration=statistics if needs_statistics else None)
 
     def uptrain(self, initial: str, kv_heads: int, method: str | None, seed: int) -> dict[float, str]:
         """Uptrains to the largest of `settings.uptrain_alphas(method)`, keeping a
@@ -192,46 +176,41 @@ class Stages:
         model_dir = self.out / "uptrain" / name
         alphas = s.uptrain_alphas(method)
         alpha_max = max(alphas)
-        paths = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in alphas}
+        checkpoints_at = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in alphas}
         if self.done(f"uptrain_{name}"):
-            return paths
+            return checkpoints_at
         start = time.time()
         self.log(f"[uptrain] {name}: alpha up to {alpha_max:g} ({s.alpha_steps(alpha_max)} steps)")
-        self._train_launch(model_dir, initial, None if kv_heads == s.num_heads else kv_heads, (
+        self._train(model_dir, initial, kv_heads, (
             f"TRAIN_STEPS={s.pretrain_steps + s.alpha_steps(alpha_max)}", f"RANDOM_SEED={seed}",
             f"CHECKPOINT_PERIOD={s.checkpoint_period(alphas)}", "KEEP_CHECKPOINTS=None"))
-        missing = [p for p in paths.values() if not Path(p).is_dir()]
+        missing = [p for p in checkpoints_at.values() if not Path(p).is_dir()]
         if missing:
             raise RuntimeError(f"Uptraining {name} did not leave the checkpoints {missing}.")
-        self.mark(f"uptrain_{name}", {"checkpoints": {str(a): p for a, p in paths.items()}}, start)
-        return paths
+        self.mark(f"uptrain_{name}", {"checkpoints": {str(a): p for a, p in checkpoints_at.items()}}, start)
+        return checkpoints_at
 
     def uptrain_and_evaluate(self, initial: str, kv_heads: int, method: str | None, seed: int) -> None:
         """`uptrain`, then `evaluate` at each of its alphas."""
         for alpha, checkpoint in self.uptrain(initial, kv_heads, method, seed).items():
             self.evaluate(eval_key(kv_heads, self.s.num_heads, method, alpha, seed), checkpoint)
 
-    def finetune(self, kv_heads: int, method: str | None, seed: int, initial: str, source: str) -> float:
-        """Fine-tunes on WMT En-De, scores BLEU (the sweep's stage) and the
+    def finetune(self, kv_heads: int, method: str | None, seed: int, initial: str) -> float:
+        """Fine-tunes on WMT En-De, scores BLEU (the runner's fine-tune stage) and the
         teacher-forced loss on the same validation pairs; returns BLEU."""
         s = self.s
         name = f"{uptrain_run(kv_heads, s.num_heads, method, seed)}_a{s.ablation_alpha:g}"
-        spec = sweep.SweepSpec(
-            name="reproduction", model_gin=MODEL_GIN, base_checkpoint=source, num_kv_heads=(kv_heads,),
-            methods=(method or "mean",), alphas=(s.ablation_alpha,), tasks=(WMT_TASK,),
-            gin_files=(str(self.data.study_gin), str(self.data.wmt_gin)), finetune_steps=s.finetune_steps,
-            # The trainer evaluates at multiples of EVAL_PERIOD and at the last step: only the last.
-            finetune_bindings=(f"RANDOM_SEED={seed}", f"EVAL_PERIOD={10**9}"),
-            final_eval=False, seed=seed)
-        runner = sweep.Runner(spec, self.out / "finetune", log=self.log, compilation_cache=False)
-        point = sweep.Point(s.num_heads, kv_heads, method, s.ablation_alpha)
         run_dir = self.out / "finetune" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.done(f"finetune_{name}") is None:
             self.log(f"[finetune] {name}: WMT En-De, {s.finetune_steps} steps, BLEU on {s.bleu_examples} pairs")
         start = time.time()
-        bleu = runner.finetune_and_eval(point, run_dir, initial, WMT_TASK)
-        final = sweep.latest_checkpoint(run_dir / f"finetune_{WMT_TASK}")
+        bleu = self.runner.finetune_and_eval(
+            run_dir, task=WMT_TASK, model_gin=MODEL_GIN, gin_files=self._gin_files(self.data.wmt_gin),
+            num_kv_heads=kv_heads, initial=initial, steps=s.finetune_steps,
+            # The trainer evaluates at multiples of EVAL_PERIOD and at the last step: only the last.
+            finetune_bindings=(f"RANDOM_SEED={seed}", f"EVAL_PERIOD={10**9}"), final_eval=False)
+        final = stages.latest_checkpoint(run_dir / f"finetune_{WMT_TASK}")
         wmt = {rdata.WMT_SET: rdata.load_arrays(self.data.heldout(rdata.WMT_SET))}
         self.evaluate(f"wmt_{name}", final, wmt)
         if self.done(f"finetune_{name}") is None:

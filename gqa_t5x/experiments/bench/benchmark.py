@@ -36,7 +36,6 @@ import gc
 import hashlib
 import itertools
 import os
-import platform
 import time
 from typing import Any
 
@@ -46,7 +45,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5x import conversion
-from gqa_t5x.experiments import roofline
+from gqa_t5x.experiments.bench import roofline
+from gqa_t5x.experiments import machine as machine_info
 from gqa_t5x.experiments import timing
 from gqa_t5x.model import attention
 from gqa_t5x.model import decode_attention
@@ -100,54 +100,13 @@ class BenchSettings:
 
 
 # ------------------------------------------------------------------ machine
-def _available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
-    except OSError:
-        return None
-
-
 def _memory_budget_bytes() -> int | None:
     """Memory a run may plan with: the device's on an accelerator, else available RAM."""
     if jax.default_backend() != "cpu":
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" in stats:
             return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    return _available_memory_bytes()
-
-
-def _load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (other processes share the CPU)."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, cores, memory, load and library versions (for the report)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
-        "memory_available_gb": round((_available_memory_bytes() or 0) / _GB, 2),
-        "load_average": _load_average(),
-    }
-    try:
-        import torch
-        import transformers
-
-        info.update(torch=torch.__version__, transformers=transformers.__version__,
-                    torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
-    return info
-
+    return machine_info.available_memory_bytes()
 
 
 # ------------------------------------------------------------------ sizing
@@ -175,24 +134,6 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
             kind = "cross" if param_tree.is_cross_attention(path) else "self"
             sizes[kind] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return sizes
-
-
-def decoder_weight_bytes(config: T5Config) -> int:
-    """Parameter bytes (float32) a decode step reads: the decoder and the logits.
-
-    Not counted: the encoder-decoder key/value kernels (used once, when the
-    cache is built) and the embedding table (one row per token is gathered)
-    unless the logits are tied to it.
-    """
-    total = 0
-    for path, shape in param_tree.param_shapes(config).items():
-        once = (param_tree.is_cross_attention(path)
-                and param_tree.attention_projection(path) in param_tree.KEY_VALUE_PROJECTIONS)
-        if (path.startswith("decoder/") and not once) or (
-            config.logits_via_embedding and path == "token_embedder/embedding"
-        ):
-            total += int(np.prod(shape)) * 4
-    return total
 
 
 def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> int:
@@ -234,28 +175,30 @@ def time_variants(variants, encoded, tokens, output_length, repeats) -> list[dic
       tokens, kernels_s (making the step kernels, once per model).
     """
     spec = decoding.DecodingSpec(method="greedy", max_decode_length=output_length, eos_id=None)
-    compiled = [decoding.compile_decoding(config, spec) for config, _ in variants]
     key = jax.random.PRNGKey(0)
-    times: list[list[tuple[float, float, float]]] = [[] for _ in variants]
-    results: list[Any] = [None] * len(variants)
-    for round_ in range(repeats + 1):
-        for i, ((_, params), fns) in enumerate(zip(variants, compiled)):
+
+    def decoder(params: Any, fns: Any):
+        def run() -> tuple[tuple[float, float, float], Any]:
             start = time.perf_counter()
             kernels = _block(decoding.step_kernels(params))  # one variant's at a time (memory)
             made = time.perf_counter()
             cache, run_tokens = _block(fns.init_cache(params, encoded, tokens))
             middle = time.perf_counter()
-            results[i] = _block(fns.run(params, cache, run_tokens, key, kernels))
+            result = _block(fns.run(params, cache, run_tokens, key, kernels))
             end = time.perf_counter()
-            del cache, kernels
-            if round_:
-                times[i].append((made - start, middle - made, end - middle))
-    return [
-        {"decoder_s": min(b + c for _, b, c in t), "cache_init_s": min(b for _, b, _ in t),
-         "loop_s": min(c for _, _, c in t), "steps": int(r.steps), "tokens": np.asarray(r.tokens),
-         "kernels_s": min(a for a, _, _ in t)}
-        for t, r in zip(times, results)
-    ]
+            return (made - start, middle - made, end - middle), result
+        return run
+
+    runs = timing.interleaved(
+        [decoder(params, decoding.compile_decoding(config, spec)) for config, params in variants], repeats)
+    out = []
+    for variant_runs in runs:
+        t = [phases for _, (phases, _) in variant_runs]
+        r = variant_runs[-1][1][1]
+        out.append({"decoder_s": min(b + c for _, b, c in t), "cache_init_s": min(b for _, b, _ in t),
+                    "loop_s": min(c for _, _, c in t), "steps": int(r.steps), "tokens": np.asarray(r.tokens),
+                    "kernels_s": min(a for a, _, _ in t)})
+    return out
 
 
 def _hf_model(config: T5Config, mha_params: Any):
@@ -412,7 +355,7 @@ def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine, peer: bool = F
         "kv_cache_bytes_per_sample": (cache["self"] + cache["cross"]) // batch,
         "self_kv_bytes_per_sample": cache["self"] // batch,
         "cross_kv_bytes_per_sample": cache["cross"] // batch,
-        "decode_step_s": step_s, "decoder_weight_bytes": decoder_weight_bytes(config),
+        "decode_step_s": step_s, "decoder_weight_bytes": 4 * roofline.decode_step_weights(config),
         "decode_step_bytes": step.bytes,
         "achieved_bandwidth_gbs": step.bytes / step_s / _GB,
         "bandwidth_efficiency": step.bytes / step_s / _GB / machine["bandwidth_gbs"]["best"],
@@ -515,7 +458,7 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
     for g in settings.num_kv_heads:
         base.replace(num_kv_heads=g)  # validates: a divisor of num_heads
     started = time.time()
-    machine = machine_info()
+    machine = machine_info.describe()
     log(f"[bench] {settings.label or 'model'}: {machine['cpu']}, {machine['cores']} cores, "
         f"load {machine['load_average']}, {machine['memory_available_gb']} GB available")
     machine.update(roofline.measure_machine(settings.bandwidth_mb))
@@ -530,7 +473,7 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
         shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log)
         rows += shape_rows
         hf_rows += [hf_row] if hf_row else []
-    machine["load_average_end"] = _load_average()
+    machine["load_average_end"] = machine_info.load_average()
     return {
         "label": settings.label,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gqa_t5x.experiments import paper
-from gqa_t5x.experiments import report
+from gqa_t5x.experiments.sweeps import report
 
 
 def _write(run_dir, **fields):

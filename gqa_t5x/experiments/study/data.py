@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gqa_t5x.experiments.reproduction_settings import StudySettings
+from gqa_t5x.experiments.study.settings import StudySettings
 
 CORPUS_TASK = "gqa_corpus_span_corruption"
 WMT_TASK = "gqa_wmt14_ende"

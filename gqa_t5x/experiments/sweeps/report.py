@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gqa_t5x.data import task_table
-from gqa_t5x.experiments import paper
+from gqa_t5x.experiments import figures, paper
 from gqa_t5x.storage import paths
 from gqa_t5x.storage.paths import Path
 
@@ -195,46 +195,14 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 # -------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def panels(count: int = 2, width: float = 5.5) -> tuple[Any, list[Any]]:
-    """A figure with `count` side-by-side panels (ours first, the paper's last).
-
-    Args:
-      count: Number of panels.
-      width: Width of one panel (inches).
-
-    Returns:
-      (figure, [axes, ...]).
-    """
-    fig, axes = _plt().subplots(1, count, figsize=(width * count, 4.2), squeeze=False)
-    return fig, list(axes[0])
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Writes a figure as PNG (local or gs://, written whole) and closes it."""
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    _plt().close(fig)
-    paths.replace_file(path, image.getvalue())
-
-
 def _panels():
     """A figure with two panels: this run (left), the paper (right)."""
-    fig, (ours, ref) = panels(2)
+    fig, (ours, ref) = figures.panels(2)
     return fig, ours, ref
 
 
 def _save(fig, path: Path) -> None:
-    save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:

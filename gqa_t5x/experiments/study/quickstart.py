@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gqa_t5x.data import local_corpus
-from gqa_t5x.experiments import reproduction
-from gqa_t5x.experiments.reproduction_data import Corpus
-from gqa_t5x.experiments.reproduction_settings import StudySettings
+from gqa_t5x.experiments.study import reproduction
+from gqa_t5x.experiments.study.data import Corpus
+from gqa_t5x.experiments.study.settings import StudySettings
 from gqa_t5x.storage import paths
 
 DEFAULT_SEEDS = tuple(range(8))  # seeds of `random`: 8 resolve its spread at alpha = 0

@@ -12,8 +12,9 @@ import pytest
 
 from gqa_t5x import cli
 from gqa_t5x.errors import UsageError
-from gqa_t5x.experiments import reproduction, reproduction_data
-from gqa_t5x.experiments.reproduction_settings import StudySettings, check_seeds, eval_key
+from gqa_t5x.experiments.study import reproduction
+from gqa_t5x.experiments.study import data as reproduction_data
+from gqa_t5x.experiments.study.settings import StudySettings, check_seeds, eval_key
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_heldout_loss_equals_the_eval_run_modes_cross_entropy(reduced_study):
     """Our per-example scorer and `--run_mode=eval`'s `token_loss` agree on the same examples."""
     from gqa_t5x import checkpoints
     from gqa_t5x.data import metrics
-    from gqa_t5x.experiments import reproduction_eval
+    from gqa_t5x.experiments.study import evaluation as reproduction_eval
     from gqa_t5x.model import models
 
     out = reduced_study

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from gqa_t5x.experiments import paper
-from gqa_t5x.experiments import report as report_figures
+from gqa_t5x.experiments import figures as report_figures
 
 
 def _fmt(interval: dict | None, digits: int = 3) -> str:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from gqa_t5x import cli
-from gqa_t5x.experiments import sweep
+from gqa_t5x.experiments.sweeps import sweep
 
 from paths import REPO
 
@@ -24,7 +24,7 @@ def _spec(**kw) -> sweep.SweepSpec:
 def test_expand_gives_one_mha_point_plus_groups_times_methods_times_alphas():
     points = sweep.expand(_spec(alphas=(0.0, 0.05)), num_heads=4)
     names = [p.name for p in points]
-    assert names[0] == "mha_a0" and points[0].method is None and points[0].gin_kv_heads is None
+    assert names[0] == "mha_a0" and points[0].method is None and points[0].num_kv_heads == points[0].num_heads
     assert sorted(names[1:]) == sorted(
         f"g{g}_{m}_a{a}" for g in (1, 2) for m in ("mean", "first") for a in ("0", "0.05")
     )

@@ -16,7 +16,6 @@ difference.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,44 +24,29 @@ import numpy as np
 _ROW_BATCH = 128
 
 
-@functools.lru_cache(maxsize=8)
-def _scorer(config: Any):
-    import jax
-    import jax.numpy as jnp
-
-    from gqa_t5x.model import network
-
-    model = network.Transformer(config)
-
-    @jax.jit
-    def score(params, encoder_tokens, decoder_inputs, targets):
-        logits = model.apply({"params": params}, encoder_tokens, decoder_inputs, targets, enable_dropout=False)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        token_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        weights = (targets > 0).astype(jnp.float32)
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
-        return -jnp.sum(token_lp * weights, -1), jnp.sum(correct, -1), jnp.sum(weights, -1)
-
-    return score
-
-
 def score_params(config: Any, params: Any, examples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-example loss sum, correct tokens and tokens of `examples`.
+
+    Scores with `losses.score_examples` in batches of `_ROW_BATCH` rows (the
+    last one padded with all-zero rows, so one compiled shape serves all).
 
     Args:
       config: The model's `T5Config` (evaluated in float32 without dropout).
       params: Its parameters.
       examples: 'encoder_input_tokens' `[n, in]` and 'decoder_target_tokens'
-        `[n, out]` (0 = padding).
+        `[n, out]` (0 = padding; the decoder inputs are the targets shifted
+        right).
 
     Returns:
-      {'loss': [n] summed cross-entropy, 'correct': [n], 'tokens': [n]} float64.
+      {'loss': [n] summed cross-entropy (minus the summed log-likelihood),
+      'correct': [n] argmax = target tokens, 'tokens': [n] target tokens},
+      float64.
     """
-    from gqa_t5x.model import models
+    from gqa_t5x.model import losses
 
-    score = _scorer(config.replace(dtype="float32", dropout_rate=0.0))
-    encoder = np.asarray(examples["encoder_input_tokens"], np.int32)
-    targets = np.asarray(examples["decoder_target_tokens"], np.int32)
+    config = config.replace(dtype="float32", dropout_rate=0.0)
+    encoder = np.asarray(examples["encoder_input_tokens"], np.int32)  # [n, in]
+    targets = np.asarray(examples["decoder_target_tokens"], np.int32)  # [n, out]
     n = encoder.shape[0]
     rows = min(_ROW_BATCH, n)
     out: dict[str, list[np.ndarray]] = {"loss": [], "correct": [], "tokens": []}
@@ -72,9 +56,10 @@ def score_params(config: Any, params: Any, examples: Mapping[str, np.ndarray]) -
         if real < rows:  # pad the last batch: one compiled shape
             enc = np.concatenate([enc, np.zeros((rows - real, enc.shape[1]), np.int32)])
             tgt = np.concatenate([tgt, np.zeros((rows - real, tgt.shape[1]), np.int32)])
-        values = score(params, enc, models.shift_right(tgt), tgt)
-        for name, value in zip(("loss", "correct", "tokens"), values):
-            out[name].append(np.asarray(value, np.float64)[:real])
+        scores = losses.score_examples(config, params, {"encoder_input_tokens": enc, "decoder_target_tokens": tgt})
+        out["loss"].append(-np.asarray(scores.log_likelihood, np.float64)[:real])
+        out["correct"].append(np.asarray(scores.correct, np.float64)[:real])
+        out["tokens"].append(np.asarray(scores.num_tokens, np.float64)[:real])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -117,7 +102,8 @@ def time_variants(checkpoints_by_name: Mapping[str, str], shapes: Sequence[tuple
       checkpoints_by_name: {variant: checkpoint path}.
       shapes: (input length, output length) pairs.
       batch: Samples decoded together.
-      rounds: Rounds; each times every variant once (after a warm-up).
+      rounds: Rounds; each times every variant once (`timing.interleaved`, after
+        a warm-up round).
 
     Returns:
       {'batch', 'rounds', 'shapes': [{'input_length', 'output_length',
@@ -126,18 +112,18 @@ def time_variants(checkpoints_by_name: Mapping[str, str], shapes: Sequence[tuple
     from gqa_t5x import checkpoints
     from gqa_t5x.experiments import timing
 
-    models = {}
+    decoders: dict[str, dict[tuple[int, int], Any]] = {}
     for name, path in checkpoints_by_name.items():
         config, params = checkpoints.load(path)
-        models[name] = (config.replace(dtype="float32", dropout_rate=0.0), params)
+        config = config.replace(dtype="float32", dropout_rate=0.0)
+        decoders[name] = {(n_in, n_out): timing.greedy_decoder(config, params, batch=batch, input_length=n_in,
+                                                               output_length=n_out)
+                          for n_in, n_out in shapes}
     result: dict[str, Any] = {"batch": batch, "rounds": rounds, "shapes": []}
     for input_length, output_length in shapes:
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(rounds):
-            for name, (config, params) in models.items():
-                measured = timing.time_params(config, params, batch=batch, input_length=input_length,
-                                              output_length=output_length, repeats=1)
-                times[name].append(float(measured["time_per_sample"]))
+        runs = timing.interleaved([d[(input_length, output_length)] for d in decoders.values()], rounds)
+        times = {name: [seconds / batch for seconds, _ in variant_runs]
+                 for name, variant_runs in zip(decoders, runs)}
         result["shapes"].append({"input_length": input_length, "output_length": output_length,
                                  "time_per_sample": times})
     return result

@@ -29,17 +29,16 @@ Claims (each difference is oriented so that the paper predicts it > 0 or < 0):
 from __future__ import annotations
 
 import json
-import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gqa_t5x.experiments import machine as machine_info
 from gqa_t5x.experiments import paper
-from gqa_t5x.experiments import statistics as st
-from gqa_t5x.experiments.reproduction_settings import SEEDED_METHODS, StudySettings, eval_key, uptrain_run, variant
+from gqa_t5x.experiments.study import statistics as st
+from gqa_t5x.experiments.study.settings import SEEDED_METHODS, StudySettings, eval_key, uptrain_run, variant
 
 PAPER_METHODS = ("mean", "first", "random")
 _NUMERATOR = {"loss": "loss", "accuracy": "correct"}
@@ -376,28 +375,6 @@ def downstream(a: Analysis, output: Path) -> tuple[list[dict], list[dict]]:
     return rows, comparisons
 
 
-def machine() -> dict[str, Any]:
-    """Where the study ran."""
-    import jax
-
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        memory_gib = None
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1) if memory_gib else None,
-            "platform": platform.platform(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "load_average_at_report": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-
-
 def stage_times(output: Path) -> dict[str, float]:
     """Wall seconds per kind of stage (markers and evaluations), summed."""
     totals: dict[str, float] = {}
@@ -424,7 +401,7 @@ def analyse(output: Path, settings: StudySettings, seeds: Sequence[int], *, comm
     data_info = output / "data" / "data.json"
     return {
         "command": command,
-        "machine": machine(),
+        "machine": machine_info.describe(),
         "sessions": sessions,
         "wall_time_s": round(sum(x.get("wall_s", 0.0) for x in sessions), 1),
         "stage_wall_time_s": stage_times(output),

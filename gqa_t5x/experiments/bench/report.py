@@ -6,12 +6,12 @@ results dict produced by `benchmark.run_benchmark`.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Any
 
 from gqa_t5x import storage
+from gqa_t5x.experiments import figures
 from gqa_t5x.experiments.paper import TIME_VS_GROUPS as PAPER_XXL_TIME_VS_GROUPS
 from gqa_t5x.storage import Path
 
@@ -78,7 +78,7 @@ def _markdown(results: dict[str, Any]) -> str:
         f"{bw['jax_scale']}, JAX read {bw['jax_read']} (best {bw['best']}); float32 matmul peak "
         f"{results.get('matmul_peak_gflops', '-')} GFLOP/s. Each phase's bound is max(bytes / "
         f"{bw['best']} GB/s, FLOPs / peak) with the minimum bytes and FLOPs of the phase "
-        "(gqa_t5x/experiments/roofline.py); '% roofline' = bound / measured time. A decode step's "
+        "(gqa_t5x/experiments/bench/roofline.py); '% roofline' = bound / measured time. A decode step's "
         "bytes: the decoder weights it uses, the whole cross-attention cache and the self-attention "
         "positions written so far (averaged over the steps). 'attn core GB/s': the decoder's "
         "cross-attention core alone (decode_attention.cached_attention) for one query over the "
@@ -97,13 +97,8 @@ def _markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     """Time per sample vs kv heads (the paper's Figure 6 style), and relative to MHA."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     heads = results["settings"]["config"]["num_heads"]
-    fig, (ax, rel) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, rel) = figures.panels(2, 5.5)
     shapes = sorted({(r["input_length"], r["output_length"], r["batch"]) for r in results["rows"]})
     for n_in, n_out, batch in shapes:
         rows = sorted((r for r in results["rows"] if (r["input_length"], r["output_length"], r["batch"]) == (n_in, n_out, batch)),
@@ -140,11 +135,7 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> None:
     rel.set_ylim(bottom=0)
     fig.suptitle(f"{results['label'] or 'model'}: greedy decoding time vs number of GQA groups "
                  f"({results['machine']['cpu']}, {results['machine']['cores']} cores)", fontsize=9)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=120)
-    plt.close(fig)
-    storage.replace_file(path, image.getvalue())
+    figures.save_figure(fig, path, dpi=120)
 
 
 def write_reports(results: dict[str, Any], prefix: str | os.PathLike) -> dict[str, Path]:

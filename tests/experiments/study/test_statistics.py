@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gqa_t5x.experiments import statistics as st
+from gqa_t5x.experiments.study import statistics as st
 
 
 def test_t_interval_of_three_seeds_uses_t_4303():

@@ -34,12 +34,11 @@ from pathlib import Path
 
 from gqa_t5x.errors import UsageError
 from gqa_t5x.storage import paths
-from gqa_t5x.experiments import reproduction_analysis as analysis
-from gqa_t5x.experiments import reproduction_data as rdata
-from gqa_t5x.experiments import reproduction_report as rreport
-from gqa_t5x.experiments import sweep
-from gqa_t5x.experiments.reproduction_settings import StudySettings, check_seeds, eval_key, variant
-from gqa_t5x.experiments.reproduction_stages import Stages, seeded, write_json
+from gqa_t5x.experiments.study import analysis
+from gqa_t5x.experiments.study import data as rdata
+from gqa_t5x.experiments.study import report as rreport
+from gqa_t5x.experiments.study.settings import StudySettings, check_seeds, eval_key, variant
+from gqa_t5x.experiments.study.stages import Stages, seeded, write_json
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_PRETRAIN_SEED = 100
@@ -107,7 +106,7 @@ def _run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], p
         for kv, method in s.finetuned():
             initial = converted[(kv, method, None)] if kv != h else mha
             checkpoint = stages.uptrain(initial, kv, method, seed)[s.ablation_alpha]
-            stages.finetune(kv, method, seed, checkpoint, mha)
+            stages.finetune(kv, method, seed, checkpoint)
     log("[7/8] time per sample")
     first = seeds[0]
     timed = {}
@@ -154,7 +153,6 @@ def run_study(output: str | os.PathLike, *, settings: StudySettings | None = Non
     out.mkdir(parents=True, exist_ok=True)
     shared = Path(shared_dir) if shared_dir else (None if corpus is not None else default_shared_dir())
     record = _study_record(out, settings, pretrain_seed)
-    sweep.enable_compilation_cache(out / ".jax_cache")
     start = time.time()
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seeds": list(seeds), "pretrain_seed": pretrain_seed,
                "wall_s": 0.0}

@@ -1,6 +1,6 @@
 """Ablation sweeps: groups x uptraining proportion x conversion method.
 
-A sweep gin (`configs/sweeps/*.gin`) binds one `gqa_t5x.experiments.sweep.SweepSpec`.
+A sweep gin (`configs/sweeps/*.gin`) binds one `gqa_t5x.experiments.sweeps.sweep.SweepSpec`.
 `gqa-t5x sweep SWEEP_GIN --output DIR` expands it into points and runs, for
 each point, the paper's pipeline:
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -33,12 +32,13 @@ from typing import Any
 
 import gin
 
-from gqa_t5x import gin_config, launcher
+from gqa_t5x import gin_config
 from gqa_t5x.data import task_table
+from gqa_t5x.experiments import stages
 from gqa_t5x.storage import paths
 from gqa_t5x.storage.paths import Path
 
-@gin.configurable(module="gqa_t5x.experiments.sweep")
+@gin.configurable(module="gqa_t5x.experiments.sweeps.sweep")
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
     """What a sweep varies and how each point is trained.
@@ -94,7 +94,7 @@ class SweepSpec:
         from gqa_t5x import conversion
 
         if not self.base_checkpoint:
-            raise ValueError("SweepSpec.base_checkpoint is required (gin: gqa_t5x.experiments.sweep.SweepSpec.base_checkpoint).")
+            raise ValueError("SweepSpec.base_checkpoint is required (gin: gqa_t5x.experiments.sweeps.sweep.SweepSpec.base_checkpoint).")
         for g in self.num_kv_heads:
             if g < 1 or num_heads % g:
                 raise ValueError(
@@ -120,11 +120,6 @@ class Point:
     num_kv_heads: int
     method: str | None  # None: the MHA source, not converted
     alpha: float
-
-    @property
-    def gin_kv_heads(self) -> int | None:
-        """NUM_KV_HEADS as the model gin spells it (None = multi-head)."""
-        return None if self.num_kv_heads == self.num_heads else self.num_kv_heads
 
     @property
     def name(self) -> str:
@@ -158,163 +153,56 @@ def load_spec(sweep_gin: str, bindings: Sequence[str] = ()) -> SweepSpec:
     return gin.get_configurable(SweepSpec)()
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> str:
-    """The `checkpoint_<step>` with the largest step under `directory` (local or gs://)."""
-    directory = paths.as_path(directory, name="model directory")
-    found = []
-    for name in paths.listdir(directory):
-        m = re.fullmatch(r"checkpoint_(\d+)", name)
-        if m and (directory / name).is_dir():
-            found.append((int(m.group(1)), name))
-    if not found:
-        raise FileNotFoundError(f"No checkpoint_<step> directory in {str(directory)!r}.")
-    return str(directory / max(found)[1])
-
-
-def enable_compilation_cache(directory: Path) -> None:
-    """JAX's persistent compilation cache, so points with the same shapes
-    (e.g. every method at one G) compile their train and decode steps once.
-    A cache directory the user configured is kept."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    paths.makedirs(directory)
-    jax.config.update("jax_compilation_cache_dir", str(directory))  # JAX reads gs:// too (epath)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def _gin_str(value: str) -> str:
-    return json.dumps(str(value))
-
-
-# ------------------------------------------------------------------ stages
-def _train_launch(spec: SweepSpec, run_gin: str, extra_gins: Sequence[str], g: int | None,
-                  model_dir: Path, initial: str, bindings: Sequence[str]) -> launcher.Launch:
-    return launcher.Launch(
-        run_mode="train",
-        gin_files=(spec.model_gin, run_gin, *extra_gins, *spec.gin_files),
-        gin_bindings=(
-            f"NUM_KV_HEADS={g if g else None}",
-            f"MODEL_DIR={_gin_str(model_dir)}",
-            f"INITIAL_CHECKPOINT_PATH={_gin_str(initial)}",
-            *bindings,
-        ),
-    )
-
-
 class Runner:
     """Runs (or prints) the stages of sweep points under `output_dir`.
 
-    Every stage is a `launcher.Launch`: `mode='local'` runs it in this process
-    (`launcher.launch`), `mode='print'` prints its command line
-    (`Launch.command_line`) behind `launcher_prefix`.
+    Every stage is a `launcher.Launch` run by the shared `stages.StageRunner`:
+    `mode='local'` runs it in this process, `mode='print'` prints its command
+    line (`Launch.command_line`) behind `launcher`. Markers live in each
+    point's directory.
     """
 
     def __init__(self, spec: SweepSpec, output_dir: str | os.PathLike, *,
-                 mode: str = "local", launcher: str = "", log: Callable[[str], None] = print,
-                 compilation_cache: bool = True):
-        if mode not in ("local", "print"):
-            raise ValueError(f"--mode={mode!r}; choose 'local' or 'print'.")
-        self.spec, self.mode, self.launcher_prefix, self.log = spec, mode, launcher, log
+                 mode: str = "local", launcher: str = "", log: Callable[[str], None] = print):
+        self.spec, self.log = spec, log
+        self.stages = stages.StageRunner(mode=mode, launcher_prefix=launcher, log=log)
+        self.mode = mode
         self.out = paths.as_path(output_dir, name="--output")
-        if mode == "local" and compilation_cache:
-            enable_compilation_cache(self.out / ".jax_cache")
-
-    # -- helpers
-    def _done(self, run_dir: Path, stage: str) -> dict | None:
-        path = run_dir / f"{stage}.done.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def _mark(self, run_dir: Path, stage: str, info: dict) -> dict:
-        paths.replace_file(run_dir / f"{stage}.done.json", json.dumps(info, indent=2))
-        return info
-
-    def _run(self, request: launcher.Launch, *, on_every_host: bool = True) -> Any:
-        """Runs `request` here, or prints it (behind the launcher prefix when the
-        stage runs on every host of a slice; a conversion runs once)."""
-        if self.mode == "print":
-            prefix = self.launcher_prefix if on_every_host else ""
-            self.log(f"{prefix} {request.command_line()}".strip())
-            return None
-        return launcher.launch(request)
 
     # -- stages
     def convert(self, point: Point, run_dir: Path) -> str:
         if point.method is None:
             return self.spec.base_checkpoint
-        done = self._done(run_dir, "convert")
-        if done:
-            return done["checkpoint"]
-        out = run_dir / "converted"
-        self._run(launcher.Launch(
-            run_mode="convert",
-            gin_files=("gin/runs/convert.gin",),
-            gin_bindings=(
-                f"SOURCE={_gin_str(self.spec.base_checkpoint)}", f"OUTPUT={_gin_str(out)}",
-                f"NUM_KV_HEADS={point.num_kv_heads}", f"METHOD={_gin_str(point.method)}",
-                f"RANDOM_SEED={self.spec.seed}", "OVERWRITE=True", "converter.convert_checkpoint.progress=False",
-            ),
-        ), on_every_host=False)
-        if self.mode == "print":
-            return str(out)
-        return self._mark(run_dir, "convert", {"checkpoint": str(out)})["checkpoint"]
+        return self.stages.convert(run_dir, "convert", source=self.spec.base_checkpoint, output=run_dir / "converted",
+                                   num_kv_heads=point.num_kv_heads, method=point.method, seed=self.spec.seed)
 
     def uptrain(self, point: Point, run_dir: Path, initial: str) -> str:
         if point.alpha <= 0:
             return initial
-        done = self._done(run_dir, "uptrain")
+        done = self.stages.done(run_dir, "uptrain")
         if done:
             return done["checkpoint"]
+        started = time.time()
         model_dir = run_dir / "uptrain"
-        self._run(_train_launch(self.spec, "gin/runs/uptrain.gin", [], point.gin_kv_heads, model_dir, initial,
-                                [f"UPTRAIN_ALPHA={point.alpha}", *self.spec.uptrain_bindings]))
-        if self.mode == "print":
+        self.stages.launch(stages.train_launch(
+            self.spec.model_gin, stages.UPTRAIN_GIN, self.spec.gin_files, point.num_kv_heads, model_dir, initial,
+            [f"UPTRAIN_ALPHA={point.alpha}", *self.spec.uptrain_bindings]))
+        if self.stages.printing:
             return str(model_dir / "checkpoint_<final>")
-        return self._mark(run_dir, "uptrain", {"checkpoint": latest_checkpoint(model_dir)})["checkpoint"]
+        return self.stages.mark(run_dir, "uptrain", {"checkpoint": stages.latest_checkpoint(model_dir)},
+                                started)["checkpoint"]
 
     def finetune_and_eval(self, point: Point, run_dir: Path, initial: str, task: str) -> float | None:
-        done = self._done(run_dir, f"eval_{task}")
-        if done:
-            return done["score"]
-        spec = task_table.by_key(task)
-        task_gin, metric = spec.gin_file, spec.primary_metric
-        model_dir = run_dir / f"finetune_{task}"
-        request = _train_launch(self.spec, "gin/runs/finetune.gin", [task_gin], point.gin_kv_heads, model_dir, initial,
-                           ["TRAIN_STEPS=@gqa_t5x.training.trainer.steps_after_checkpoint()",
-                            "gqa_t5x.training.trainer.steps_after_checkpoint.initial_checkpoint_path=%INITIAL_CHECKPOINT_PATH",
-                            f"gqa_t5x.training.trainer.steps_after_checkpoint.steps={self.spec.finetune_steps}",
-                            f"EVAL_METRIC={_gin_str(metric)}", *self.spec.finetune_bindings])
-        summary = self._run(request)
-        if self.mode == "local" and not self.spec.final_eval and getattr(summary, "best", None):
-            step = summary.best[0]
-            values = next(iter(summary.eval_metrics[step].values()))
-            return self._mark(run_dir, f"eval_{task}", {
-                "checkpoint": str(model_dir / "best" / f"checkpoint_{step}"), "metric": metric,
-                "score": float(values[metric]), "all": values, "source": "fine-tuning evaluation"})["score"]
-        best = model_dir / "best"
-        eval_dir = run_dir / f"eval_{task}"
-        checkpoint = str(best / "checkpoint_<best>") if self.mode == "print" else (
-            latest_checkpoint(best) if best.is_dir() else latest_checkpoint(model_dir))
-        metrics = self._run(launcher.Launch(
-            run_mode="eval",
-            gin_files=(self.spec.model_gin, "gin/runs/eval.gin", task_gin, *self.spec.gin_files),
-            gin_bindings=(f"CHECKPOINT_PATH={_gin_str(checkpoint)}", f"EVAL_OUTPUT_DIR={_gin_str(eval_dir)}",
-                          *self.spec.eval_bindings),
-        ))
-        if self.mode == "print":
-            return None
-        values = next(iter(metrics.values())) if metrics else {}
-        if metric not in values:
-            raise KeyError(f"Evaluation of {task} produced metrics {sorted(values)}, not {metric!r}.")
-        return self._mark(run_dir, f"eval_{task}", {"checkpoint": checkpoint, "metric": metric,
-                                                     "score": float(values[metric]), "all": values})["score"]
+        spec = self.spec
+        return self.stages.finetune_and_eval(
+            run_dir, task=task, model_gin=spec.model_gin, gin_files=spec.gin_files,
+            num_kv_heads=point.num_kv_heads, initial=initial, steps=spec.finetune_steps,
+            finetune_bindings=spec.finetune_bindings, eval_bindings=spec.eval_bindings, final_eval=spec.final_eval)
 
     def time_per_sample(self, point: Point, run_dir: Path, checkpoint: str) -> float | None:
-        if self.mode == "print":
+        if self.stages.printing:
             return None
-        done = self._done(run_dir, "timing")
+        done = self.stages.done(run_dir, "timing")
         if done:
             return done["time_per_sample"]
         from gqa_t5x.experiments import timing
@@ -322,7 +210,7 @@ class Runner:
         result = timing.time_checkpoint(
             checkpoint, dtype=self.spec.timing_dtype, batch=self.spec.timing_batch,
             input_length=self.spec.timing_input_length, output_length=self.spec.timing_output_length)
-        return self._mark(run_dir, "timing", result)["time_per_sample"]
+        return self.stages.mark(run_dir, "timing", result)["time_per_sample"]
 
     # -- driver
     def run_point(self, point: Point) -> dict | None:
