@@ -2,7 +2,7 @@
 
     gqa-t5x reproduce --output /tmp/repro --report_dir docs --seeds 0,1,2
 
-Stages (each resumable, see `reproduction_stages.py`):
+Stages (each resumable, in the order of `stages.run_stages`):
 
 1. data: a vocabulary, the WMT pairs that fit, gins, fixed held-out examples
    of Wikipedia and C4, calibration examples (`reproduction_data.py`);
@@ -37,18 +37,26 @@ from gqa_t5x.storage import paths
 from gqa_t5x.experiments.study import analysis
 from gqa_t5x.experiments.study import data as rdata
 from gqa_t5x.experiments.study import report as rreport
-from gqa_t5x.experiments.study.settings import StudySettings, check_seeds, eval_key, variant
-from gqa_t5x.experiments.study.stages import Stages, seeded, write_json
+from gqa_t5x.experiments.study import stages as study_stages
+from gqa_t5x.experiments.study.settings import StudySettings, check_seeds
+from gqa_t5x.experiments.study.stages import write_json
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_PRETRAIN_SEED = 100
 
 
 def default_shared_dir() -> Path:
-    """$GQA_T5X_SHARED, else the `shared` folder beside the repository."""
+    """$GQA_T5X_SHARED, else a `shared` folder beside the checkout or the cwd.
+
+    `../shared` of the source checkout gqa_t5x is imported from (an editable
+    install, PYTHONPATH), else, for an installed package (which has no
+    checkout), `../shared` of the working directory.
+    """
     from gqa_t5x import gin_config
 
-    return Path(os.environ.get("GQA_T5X_SHARED", gin_config.REPO_ROOT.parent / "shared"))
+    if "GQA_T5X_SHARED" in os.environ:
+        return Path(os.environ["GQA_T5X_SHARED"])
+    return (gin_config.source_checkout() or Path.cwd()).parent / "shared"
 
 
 def _study_record(output: Path, settings: StudySettings, pretrain_seed: int) -> dict:
@@ -67,53 +75,6 @@ def _study_record(output: Path, settings: StudySettings, pretrain_seed: int) -> 
     record = dict(wanted, sessions=[])
     write_json(path, record)
     return record
-
-
-def _run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pretrain_seed: int,
-                shared: Path | None, corpus: rdata.Corpus | None, log: Callable[[str], None],
-                on_mark: Callable[[], None] | None = None) -> None:
-    started = time.time()
-    data = rdata.StudyData(output / "data")
-    stages = Stages(output, settings, data, pretrain_seed, log, on_mark)
-    if not data.info.exists():
-        log("[1/8] data")
-        rdata.prepare_data(output, settings, shared, log, corpus=corpus)
-        stages.mark("data", {"root": str(data.root)}, started)
-    s, h, g = settings, settings.num_heads, settings.gqa_kv_heads
-    log("[2/8] pre-training")
-    mha = stages.pretrain()
-    stages.pretrain_curve()
-    stages.evaluate("mha_a0", mha)
-    log("[3/8] calibration statistics")
-    statistics = stages.calibrate(mha)
-    log("[4/8] conversions at alpha = 0")
-    converted: dict[tuple[int, str, int | None], str] = {}
-    for kv in (1, g):
-        for method in s.methods_for(kv):
-            for seed in (seeds if seeded(method) else (None,)):
-                converted[(kv, method, seed)] = path = stages.convert(mha, kv, method, seed, statistics)
-                stages.evaluate(eval_key(kv, h, method, 0.0, seed), path)
-    if s.conversion_only:
-        return
-    log("[5/8] uptraining")
-    for seed in seeds:
-        stages.uptrain_and_evaluate(mha, h, None, seed)
-        for kv in (1, g):
-            for method in s.methods_for(kv):
-                stages.uptrain_and_evaluate(converted[(kv, method, seed if seeded(method) else None)], kv, method, seed)
-    log("[6/8] WMT fine-tuning")
-    for seed in seeds[:s.finetune_seeds]:
-        for kv, method in s.finetuned():
-            initial = converted[(kv, method, None)] if kv != h else mha
-            checkpoint = stages.uptrain(initial, kv, method, seed)[s.ablation_alpha]
-            stages.finetune(kv, method, seed, checkpoint)
-    log("[7/8] time per sample")
-    first = seeds[0]
-    timed = {}
-    for kv, method in ((h, None), (g, "mean"), (1, "mean")):
-        initial = converted[(kv, method, None)] if kv != h else mha
-        timed[variant(kv, h)] = stages.uptrain(initial, kv, method, first)[s.ablation_alpha]
-    stages.time_decoding(timed)
 
 
 def run_study(output: str | os.PathLike, *, settings: StudySettings | None = None,
@@ -165,7 +126,7 @@ def run_study(output: str | os.PathLike, *, settings: StudySettings | None = Non
 
     record_wall_time()
     try:
-        _run_stages(out, settings, seeds, pretrain_seed, shared, corpus, log, record_wall_time)
+        study_stages.run_stages(out, settings, seeds, pretrain_seed, shared, corpus, log, record_wall_time)
     finally:
         record_wall_time()
     log("[8/8] analysis and report")

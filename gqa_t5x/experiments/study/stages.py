@@ -14,11 +14,13 @@ needs and keeps a checkpoint at each alpha it is evaluated at: T5's
 inverse-square-root schedule depends only on the global step, so the
 checkpoint at step P + alpha * P of a longer run is the run of length alpha.
 
-How to add a stage: a method here that returns early on `self.done(name)`,
-runs its work (a `stages.train_launch`/`self.runner.launch`, or plain
-Python) and ends with `self.mark(name, info, started)`; then call it from
-`reproduction._run_stages` in the order of the study. Nothing else changes:
-the report lists stage wall times from the markers by the name's first word.
+How to add a stage (one module, this one): a `Stages` method that returns
+early on `self.done(name)`, runs its work (a `stages.train_launch` through
+`self.runner.launch`, or plain Python) and ends with
+`self.mark(name, info, started)`; then one call of it in `run_stages`, in
+the order of the study. The report lists stage wall times from the markers
+by the name's first word; analysing the new stage's output is the report's
+business (`analysis.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from gqa_t5x.experiments.study.settings import (
     conversion_name,
     eval_key,
     uptrain_run,
+    variant,
 )
 from gqa_t5x.storage import paths
 
@@ -229,6 +232,54 @@ class Stages:
         result = reval.time_variants(checkpoints_by_name, s.timing_shapes, batch=s.timing_batch, rounds=s.timing_rounds)
         result["checkpoints"] = checkpoints_by_name
         return self.mark("timing", result, start)
+
+
+def run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pretrain_seed: int,
+                shared: Path | None, corpus: rdata.Corpus | None, log: Callable[[str], None],
+                on_mark: Callable[[], None] | None = None) -> None:
+    """Runs (or resumes) the study's stages 1-7 in order; the report is `reproduction.run_study`'s."""
+    started = time.time()
+    data = rdata.StudyData(output / "data")
+    stages = Stages(output, settings, data, pretrain_seed, log, on_mark)
+    if not data.info.exists():
+        log("[1/8] data")
+        rdata.prepare_data(output, settings, shared, log, corpus=corpus)
+        stages.mark("data", {"root": str(data.root)}, started)
+    s, h, g = settings, settings.num_heads, settings.gqa_kv_heads
+    log("[2/8] pre-training")
+    mha = stages.pretrain()
+    stages.pretrain_curve()
+    stages.evaluate("mha_a0", mha)
+    log("[3/8] calibration statistics")
+    statistics = stages.calibrate(mha)
+    log("[4/8] conversions at alpha = 0")
+    converted: dict[tuple[int, str, int | None], str] = {}
+    for kv in (1, g):
+        for method in s.methods_for(kv):
+            for seed in (seeds if seeded(method) else (None,)):
+                converted[(kv, method, seed)] = path = stages.convert(mha, kv, method, seed, statistics)
+                stages.evaluate(eval_key(kv, h, method, 0.0, seed), path)
+    if s.conversion_only:
+        return
+    log("[5/8] uptraining")
+    for seed in seeds:
+        stages.uptrain_and_evaluate(mha, h, None, seed)
+        for kv in (1, g):
+            for method in s.methods_for(kv):
+                stages.uptrain_and_evaluate(converted[(kv, method, seed if seeded(method) else None)], kv, method, seed)
+    log("[6/8] WMT fine-tuning")
+    for seed in seeds[:s.finetune_seeds]:
+        for kv, method in s.finetuned():
+            initial = converted[(kv, method, None)] if kv != h else mha
+            checkpoint = stages.uptrain(initial, kv, method, seed)[s.ablation_alpha]
+            stages.finetune(kv, method, seed, checkpoint)
+    log("[7/8] time per sample")
+    first = seeds[0]
+    timed = {}
+    for kv, method in ((h, None), (g, "mean"), (1, "mean")):
+        initial = converted[(kv, method, None)] if kv != h else mha
+        timed[variant(kv, h)] = stages.uptrain(initial, kv, method, first)[s.ablation_alpha]
+    stages.time_decoding(timed)
 
 
 def seeded(method: str) -> bool:

@@ -13,6 +13,7 @@ import pytest
 from gqa_t5x import cli
 from gqa_t5x.errors import UsageError
 from gqa_t5x.experiments.study import reproduction
+from gqa_t5x.experiments.study import stages as study_stages
 from gqa_t5x.experiments.study import data as reproduction_data
 from gqa_t5x.experiments.study.settings import StudySettings, check_seeds, eval_key
 
@@ -117,7 +118,7 @@ def test_a_killed_session_has_recorded_its_wall_time_up_to_its_last_finished_sta
         seen.update(json.loads((out / "study.json").read_text())["sessions"][-1])
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(reproduction, "_run_stages", stages_killed_after_one)
+    monkeypatch.setattr(study_stages, "run_stages", stages_killed_after_one)
     with pytest.raises(RuntimeError, match="killed"):
         reproduction.run_study(tmp_path / "study", settings=StudySettings.reduced(), seeds=(0, 1),
                                shared_dir=tmp_path, log=lambda line: None)
