@@ -30,12 +30,6 @@ LayerStatistics = Mapping[str, np.ndarray]
 Statistics = Mapping[str, LayerStatistics]
 
 
-def _shift_right(targets: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(targets)
-    out[:, 1:] = targets[:, :-1]
-    return out
-
-
 def _capture_fn(config: Any):
     """A jitted forward pass returning every query projection's inputs."""
     import flax.linen as nn
@@ -80,13 +74,15 @@ def collect_statistics(config: Any, params: Any, batches: Iterable[Mapping[str, 
     Raises:
       ValueError: no batch, or no real token in them.
     """
+    from gqa_t5x.model import losses
+
     forward = _capture_fn(config.replace(dtype="float32", dropout_rate=0.0))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch in batches:
         encoder = np.asarray(batch["encoder_input_tokens"], np.int32)
         targets = np.asarray(batch["decoder_target_tokens"], np.int32)
-        inputs = np.asarray(batch.get("decoder_input_tokens", _shift_right(targets)), np.int32)
+        inputs = np.asarray(batch.get("decoder_input_tokens", losses.shift_right(targets)), np.int32)
         captured = forward(params, encoder, inputs, targets)
         for prefix, x in captured.items():
             mask = (encoder if prefix.startswith("encoder/") else targets) > 0

@@ -2,45 +2,44 @@
 
 It owns what T5X's `models.EncoderDecoderModel` owns: the flax module, the
 vocabularies, the feature converter class and the loss (token cross-entropy
-plus z-loss, weighted by `decoder_loss_weights`), and exposes
-`predict_batch`/`score_batch` for evaluation. Optimisation lives in
-`training/trainer.py`.
+plus z-loss, weighted by `decoder_loss_weights`; the formula is in
+`losses.py`), and exposes `predict_batch`/`predict_batch_with_aux`/
+`score_batch` for evaluation. Optimisation lives in `training/trainer.py`.
 
 The module-level `score_batch`, `predict_batch` and `predict_batch_with_aux`
-do the same from a config and parameters (the inference run and the decoding
-tests use them). Batches are dicts of int arrays with T5X feature names:
-`encoder_input_tokens` `[batch, enc_len]` (0 = padding), and for scoring
-`decoder_target_tokens` `[batch, dec_len]`, optionally `decoder_input_tokens`
-(default: targets shifted right, starting from 0) and `decoder_loss_weights`
-(default: `decoder_target_tokens > 0`).
+are the implementations, from a config and parameters (the inference run and
+the decoding tests call them); the model's methods of the same names pass
+their own config and the same arguments to them. Batches are dicts of int
+arrays with T5X feature names: `encoder_input_tokens` `[batch, enc_len]`
+(0 = padding), and for scoring `decoder_target_tokens` `[batch, dec_len]`,
+optionally `decoder_input_tokens` (default: targets shifted right, starting
+from 0) and `decoder_loss_weights` (default: `decoder_target_tokens > 0`).
 
-Loss (T5X `losses.compute_weighted_cross_entropy`), per target token t with
-weight w_t, logits z_t and log-partition log Z_t = logsumexp(z_t):
+`loss_normalizing_factor=None` sums the weighted token losses, as T5X does
+by default; `'NUM_REAL_TARGET_TOKENS'` divides by the number of weighted
+tokens; a number divides by that constant.
 
-    ce_t     = log Z_t - z_t[target_t]         (label smoothing optional)
-    zloss_t  = z_loss * (log Z_t)^2
-    loss     = sum_t w_t (ce_t + zloss_t) / loss_normalizing_factor
-
-`loss_normalizing_factor=None` sums over tokens, as T5X does by default;
-`'NUM_REAL_TARGET_TOKENS'` divides by the number of weighted tokens; a number
-divides by that constant.
+Importing this module imports neither seqio nor TensorFlow: seqio is only
+loaded when `EncoderDecoderModel.FEATURE_CONVERTER_CLS` is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 
 from gqa_t5x.model import decoding
+from gqa_t5x.model import losses
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
+
+if TYPE_CHECKING:
+    import seqio
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -62,41 +61,13 @@ PACKING_FEATURES = (
 )
 
 
-def cross_entropy_with_z_loss(
-    logits: Array,
-    targets: Array,
-    z_loss: float = 0.0,
-    label_smoothing: float = 0.0,
-) -> tuple[Array, Array, Array]:
-    """Per-token cross-entropy and z-loss.
+class _FeatureConverterClass:
+    """`seqio.EncDecFeatureConverter`, imported when first read (not at import)."""
 
-    Args:
-      logits: `[batch, length, vocab]` (any float dtype; computed in float32).
-      targets: `[batch, length]` integer ids.
-      z_loss: Coefficient of (log Z)^2.
-      label_smoothing: Mass spread uniformly over the other vocabulary items.
+    def __get__(self, instance: Any, owner: type | None = None) -> type:
+        import seqio
 
-    Returns:
-      (total, cross_entropy, z_loss_term), each `[batch, length]` float32,
-      with total = cross_entropy + z_loss_term.
-    """
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
-    target_logit = jnp.take_along_axis(
-        logits, targets[..., None].astype(jnp.int32), axis=-1
-    )[..., 0]  # [batch, length]
-    if label_smoothing:
-        confidence = 1.0 - label_smoothing
-        low = label_smoothing / (vocab - 1)
-        # Entropy of the smoothed target distribution: its minimum loss.
-        normalizer = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
-        expected_logit = confidence * target_logit + low * (jnp.sum(logits, axis=-1) - target_logit)
-        cross_entropy = log_z - expected_logit - normalizer
-    else:
-        cross_entropy = log_z - target_logit
-    z_term = z_loss * jnp.square(log_z)
-    return cross_entropy + z_term, cross_entropy, z_term
+        return seqio.EncDecFeatureConverter
 
 
 class EncoderDecoderModel:
@@ -109,9 +80,11 @@ class EncoderDecoderModel:
       z_loss: Coefficient of the z-loss (T5X: 1e-4).
       label_smoothing: Label smoothing (T5X: 0).
       loss_normalizing_factor: None (sum), 'NUM_REAL_TARGET_TOKENS' or a number.
+      FEATURE_CONVERTER_CLS: `seqio.EncDecFeatureConverter` (class attribute,
+        seqio is imported when it is first read).
     """
 
-    FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+    FEATURE_CONVERTER_CLS = _FeatureConverterClass()
 
     def __init__(
         self,
@@ -202,9 +175,12 @@ class EncoderDecoderModel:
           dropout_rng: PRNG key for dropout, or None for no dropout.
 
         Returns:
-          (loss, metrics) where metrics are SUMS over the batch's weighted
-          tokens (`loss_sum`, `cross_ent_sum`, `z_loss_sum`, `correct`,
-          `num_tokens`) so that they aggregate exactly across steps/devices.
+          (loss, metrics): the weighted sum of
+          `losses.cross_entropy_with_z_loss` divided as
+          `loss_normalizing_factor` says; metrics are SUMS over the batch's
+          weighted tokens (`loss_sum`, `cross_ent_sum`, `z_loss_sum`,
+          `correct`, `num_tokens`) so that they aggregate exactly across
+          steps/devices.
         """
         logits = self.compute_logits(params, batch, dropout_rng)
         targets = batch["decoder_target_tokens"]
@@ -212,7 +188,7 @@ class EncoderDecoderModel:
         if weights is None:
             weights = (targets > 0).astype(jnp.float32)
         weights = weights.astype(jnp.float32)
-        total, cross_ent, z_term = cross_entropy_with_z_loss(
+        total, cross_ent, z_term = losses.cross_entropy_with_z_loss(
             logits, targets, self.z_loss, self.label_smoothing
         )
         loss_sum = jnp.sum(total * weights)
@@ -234,9 +210,11 @@ class EncoderDecoderModel:
         return loss, metrics
 
     # ------------------------------------------------------ scoring / decoding
-    def score_batch(self, params: Any, batch: Batch) -> np.ndarray:
-        """Log-likelihood of each example's targets, `[batch]` (see `score_batch`)."""
-        return score_batch(self.config, params, batch)
+    def score_batch(
+        self, params: Any, batch: Batch, *, return_token_log_probs: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The module-level `score_batch` with this model's config."""
+        return score_batch(self.config, params, batch, return_token_log_probs=return_token_log_probs)
 
     def predict_batch_with_aux(
         self,
@@ -246,10 +224,19 @@ class EncoderDecoderModel:
         *,
         rng: Any = None,
         return_all_decodes: bool = False,
+        pad_batch_to: int | None = None,
+        kernels: Any = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Decodes a batch; returns decodes and aux scores (see `predict_batch_with_aux`)."""
+        """The module-level `predict_batch_with_aux` with this model's config."""
         return predict_batch_with_aux(
-            self.config, params, batch, spec, rng=rng, return_all_decodes=return_all_decodes
+            self.config,
+            params,
+            batch,
+            spec,
+            rng=rng,
+            return_all_decodes=return_all_decodes,
+            pad_batch_to=pad_batch_to,
+            kernels=kernels,
         )
 
     def predict_batch(
@@ -259,37 +246,24 @@ class EncoderDecoderModel:
         spec: decoding.DecodingSpec | None = None,
         *,
         rng: Any = None,
-        max_decode_length: int | None = None,
+        return_all_decodes: bool = False,
+        pad_batch_to: int | None = None,
+        kernels: Any = None,
     ) -> np.ndarray:
-        """Decoded ids `[batch, length]` (0 after EOS).
-
-        Args:
-          params: Network parameters.
-          batch: Unpacked converted features; `encoder_input_tokens` is decoded.
-          spec: What to decode (default: greedy, the paper's, to the targets'
-            length).
-          rng: PRNG key or int seed for sampling.
-          max_decode_length: Replaces `spec.max_decode_length` when given
-            (what `training/evaluation.py` passes).
-
-        Returns:
-          The best decode of every example.
-        """
-        spec = spec or decoding.DecodingSpec()
-        if max_decode_length is not None:
-            spec = dataclasses.replace(spec, max_decode_length=max_decode_length)
-        return predict_batch(self.config, params, batch, spec, rng=rng)
+        """The module-level `predict_batch` with this model's config."""
+        return predict_batch(
+            self.config,
+            params,
+            batch,
+            spec,
+            rng=rng,
+            return_all_decodes=return_all_decodes,
+            pad_batch_to=pad_batch_to,
+            kernels=kernels,
+        )
 
 
 # ------------------------------------------------------------------ scoring
-def shift_right(targets: Any) -> np.ndarray:
-    """Decoder inputs for `targets` `[batch, len]`: start id 0, then targets[:-1]."""
-    targets = np.asarray(targets)
-    out = np.zeros_like(targets)
-    out[..., 1:] = targets[..., :-1]
-    return out
-
-
 def loss_weights_from_lengths(tokens: Any, lengths: Any) -> np.ndarray:
     """`decoder_loss_weights` covering the first `lengths` tokens of each row.
 
@@ -304,40 +278,6 @@ def loss_weights_from_lengths(tokens: Any, lengths: Any) -> np.ndarray:
     return (np.arange(tokens.shape[-1]) < lengths[..., None]).astype(np.float32)
 
 
-def _require(batch: Mapping[str, Any], key: str) -> np.ndarray:
-    if key not in batch:
-        raise ValueError(f"batch lacks {key!r}; it has {sorted(batch)}.")
-    value = np.asarray(batch[key])
-    if value.ndim != 2:
-        raise ValueError(f"batch[{key!r}] must be [batch, length]; got shape {value.shape}.")
-    return value
-
-
-@functools.lru_cache(maxsize=16)
-def _scorer(config: T5Config, with_log_probs: bool):
-    model = network.Transformer(config)
-
-    @jax.jit
-    def score(params, encoder_input_tokens, decoder_input_tokens, targets, weights):
-        # The network derives its padding masks from `decoder_target_tokens > 0`;
-        # pass the weights instead so that a decoded pad id (0) inside a
-        # sequence is scored like HuggingFace and the cached decoder do.
-        mask_tokens = (weights > 0).astype(jnp.int32)
-        logits = model.apply(
-            {"params": params},
-            encoder_input_tokens,
-            decoder_input_tokens,
-            mask_tokens,
-            enable_dropout=False,
-        )  # [batch, dec_len, vocab]
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        token_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        scores = jnp.sum(token_lp * weights, axis=-1)  # [batch]
-        return (scores, log_probs) if with_log_probs else scores
-
-    return score
-
-
 def score_batch(
     config: T5Config,
     params: Any,
@@ -347,37 +287,30 @@ def score_batch(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Teacher-forced log-likelihood of `decoder_target_tokens` per example (T5X).
 
+    seqio's `score_fn` contract on top of `losses.score_examples`.
+
     Args:
       config: Model config.
       params: Model parameters.
       batch: `encoder_input_tokens`, `decoder_target_tokens`, optional
-        `decoder_input_tokens` and `decoder_loss_weights`.
+        `decoder_input_tokens` and `decoder_loss_weights` (positions with
+        weight > 0 are the decoder's real tokens, even a decoded id 0).
       return_token_log_probs: Also return the full log-softmax
         `[batch, dec_len, vocab]`.
 
     Returns:
       `[batch]` float32 sums of log p(target) over weighted positions (and the
       log-probabilities when asked).
+
+    Raises:
+      ValueError: a feature is missing (named in the error) or misshapen.
     """
-    encoder_input_tokens = _require(batch, "encoder_input_tokens").astype(np.int32)
-    targets = _require(batch, "decoder_target_tokens").astype(np.int32)
-    if "decoder_input_tokens" in batch:
-        decoder_input_tokens = _require(batch, "decoder_input_tokens").astype(np.int32)
-    else:
-        decoder_input_tokens = shift_right(targets)
-    weights = np.asarray(batch.get("decoder_loss_weights", targets > 0), np.float32)
-    if weights.shape != targets.shape or decoder_input_tokens.shape != targets.shape:
-        raise ValueError(
-            "decoder_input_tokens / decoder_loss_weights must have the shape of "
-            f"decoder_target_tokens {targets.shape}; got {decoder_input_tokens.shape} / "
-            f"{weights.shape}."
-        )
-    out = _scorer(config, bool(return_token_log_probs))(
-        params, encoder_input_tokens, decoder_input_tokens, targets, weights
+    scores = losses.score_examples(
+        config, params, batch, return_token_log_probs=return_token_log_probs
     )
     if return_token_log_probs:
-        return np.asarray(out[0]), np.asarray(out[1])
-    return np.asarray(out)
+        return scores.log_likelihood, scores.token_log_probs
+    return scores.log_likelihood
 
 
 # --------------------------------------------------------------- prediction
@@ -422,7 +355,7 @@ def predict_batch_with_aux(
       (decodes, aux) with aux keys `scores`, `log_probs`, `lengths`.
     """
     spec = spec or decoding.DecodingSpec()
-    encoder_input_tokens = _require(batch, "encoder_input_tokens").astype(np.int32)
+    encoder_input_tokens = losses.require_feature(batch, "encoder_input_tokens").astype(np.int32)
     if spec.max_decode_length is None:
         key = next(
             (k for k in ("decoder_input_tokens", "decoder_target_tokens") if k in batch), None
@@ -453,8 +386,14 @@ def predict_batch(
     rng: Any = None,
     return_all_decodes: bool = False,
     pad_batch_to: int | None = None,
+    kernels: Any = None,
 ) -> np.ndarray:
-    """Decoded ids `[batch, len]` (see `predict_batch_with_aux` for arguments)."""
+    """The decodes of `predict_batch_with_aux` (same arguments), without aux.
+
+    Returns:
+      Decoded ids `[batch, len]` (0 after EOS), or `[batch, beams, len]` for
+      beam search with `return_all_decodes`.
+    """
     return predict_batch_with_aux(
         config,
         params,
@@ -463,4 +402,5 @@ def predict_batch(
         rng=rng,
         return_all_decodes=return_all_decodes,
         pad_batch_to=pad_batch_to,
+        kernels=kernels,
     )[0]

@@ -8,8 +8,9 @@ axes of a config are read from the network itself (`jax.eval_shape` of
 `network.init_variables`, cached per config), so the tree is written down in
 one place: `network.py` and `layers.py`. The module names below let callers
 test a path without spelling them; `tests/model/test_param_tree.py` checks
-them against the network. This module also maps each path to the
-HuggingFace `transformers` and Mesh TensorFlow (original T5) variable names.
+them against the network. The names other formats give these paths
+(HuggingFace `transformers`, Mesh TensorFlow) live with their readers in
+`gqa_t5x/checkpoints/` (`huggingface.hf_name`, `mesh_tf.mesh_tf_to_t5x`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import tensorflow as tf
 from gqa_t5x import checkpoints
 from gqa_t5x.data import datasets
 from gqa_t5x.data import errors
+from gqa_t5x.model import decoding
 from gqa_t5x.model import models
 from gqa_t5x.model import param_tree
 from gqa_t5x.storage import paths
@@ -59,11 +60,14 @@ def make_predict_fn(
       fn(dataset, model_feature_shapes=None) -> [(index, token ids)].
     """
 
+    # Greedy, the paper's; max_decode_length=None decodes to the targets' length.
+    spec = decoding.DecodingSpec(max_decode_length=max_decode_length)
+
     def predict_fn(dataset: tf.data.Dataset, model_feature_shapes: Any = None):
         del model_feature_shapes
         out: list[tuple[int, list[int]]] = []
         for indices, features, rows in _batches(dataset, batch_size):
-            tokens = model.predict_batch(params, features, max_decode_length=max_decode_length)
+            tokens = model.predict_batch(params, features, spec)
             tokens = np.asarray(jax.device_get(tokens))
             # Full-length rows (0 after EOS): seqio stacks them into an array
             # and its vocabulary stops decoding at EOS.

@@ -56,7 +56,8 @@ def score_params(config: Any, params: Any, examples: Mapping[str, np.ndarray]) -
         if real < rows:  # pad the last batch: one compiled shape
             enc = np.concatenate([enc, np.zeros((rows - real, enc.shape[1]), np.int32)])
             tgt = np.concatenate([tgt, np.zeros((rows - real, tgt.shape[1]), np.int32)])
-        scores = losses.score_examples(config, params, {"encoder_input_tokens": enc, "decoder_target_tokens": tgt})
+        batch = {"encoder_input_tokens": enc, "decoder_target_tokens": tgt}
+        scores = losses.score_examples(config, params, batch)
         out["loss"].append(-np.asarray(scores.log_likelihood, np.float64)[:real])
         out["correct"].append(np.asarray(scores.correct, np.float64)[:real])
         out["tokens"].append(np.asarray(scores.num_tokens, np.float64)[:real])

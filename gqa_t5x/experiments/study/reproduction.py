@@ -5,7 +5,7 @@
 Stages (each resumable, in the order of `stages.run_stages`):
 
 1. data: a vocabulary, the WMT pairs that fit, gins, fixed held-out examples
-   of Wikipedia and C4, calibration examples (`reproduction_data.py`);
+   of Wikipedia and C4, calibration examples (`data.py`);
 2. pre-training of a multi-head T5.1.1 (8 heads) on Wikipedia with span
    corruption, checkpoints along the way for the loss curve;
 3. calibration statistics of that model (for `lsq`);

@@ -60,7 +60,7 @@ class Stages:
     Args:
       output: OUTPUT.
       settings: The study's settings.
-      data: The prepared data (`reproduction_data.prepare_data`).
+      data: The prepared data (`data.prepare_data`).
       pretrain_seed: Seed of pre-training.
       log: Progress messages.
     """
@@ -120,7 +120,7 @@ class Stages:
         """Scores a checkpoint on the held-out sets (once); returns its summary.
 
         Args:
-          key: The evaluation's name (`reproduction_settings.eval_key`).
+          key: The evaluation's name (`settings.eval_key`).
           checkpoint: The checkpoint.
           sets: {name: examples} (default: the span-corruption held-out sets).
         """
@@ -222,7 +222,7 @@ class Stages:
         return float(bleu)
 
     def time_decoding(self, checkpoints_by_name: dict[str, str]) -> dict:
-        """Interleaved time per sample of the variants (`reproduction_eval.time_variants`)."""
+        """Interleaved time per sample of the variants (`evaluation.time_variants`)."""
         done = self.done("timing")
         if done:
             return done

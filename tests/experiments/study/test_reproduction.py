@@ -65,21 +65,33 @@ def test_heldout_examples_are_fixed_and_scores_pair_example_by_example(reduced_s
     assert a["wikipedia/tokens"].sum() == (heldout["decoder_target_tokens"] > 0).sum()
 
 
-def test_heldout_loss_equals_the_eval_run_modes_cross_entropy(reduced_study):
-    """Our per-example scorer and `--run_mode=eval`'s `token_loss` agree on the same examples."""
-    from gqa_t5x import checkpoints
-    from gqa_t5x.data import metrics
-    from gqa_t5x.experiments.study import evaluation as reproduction_eval
-    from gqa_t5x.model import models
+def test_heldout_scores_equal_huggingface_per_example(monkeypatch):
+    """`score_params`' loss, correct and token counts against HuggingFace's T5,
+    in batches of 2 rows so the last batch is padded."""
+    hf_reference = pytest.importorskip("hf_reference")
+    from gqa_t5x.experiments.study import evaluation
 
-    out = reduced_study
-    heldout = reproduction_data.load_arrays(reproduction_data.StudyData(out / "data").heldout("c4"))
-    config, params = checkpoints.load(out / "pretrain" / "checkpoint_40")
-    mine = reproduction_eval.score_params(config, params, heldout)
-    scores = models.score_batch(config.replace(dtype="float32"), params, heldout)
-    tokens = (heldout["decoder_target_tokens"] > 0).sum(axis=1)
-    reference = metrics.token_loss(tokens, scores)["cross_ent_loss"]
-    assert mine["loss"].sum() / mine["tokens"].sum() == pytest.approx(reference, rel=1e-5)
+    hf_model = hf_reference.make_hf_t5(vocab_size=40, d_model=16, num_heads=4, d_kv=4, d_ff=24,
+                                       num_layers=1, num_decoder_layers=1, seed=5)
+    config = hf_reference.our_config_for(hf_model)
+    params = hf_reference.our_params_for(hf_model, config)
+    rng = np.random.default_rng(6)
+    enc = rng.integers(2, 40, size=(3, 7)).astype(np.int32)
+    enc[0, 5:] = 0
+    tgt = rng.integers(2, 40, size=(3, 5)).astype(np.int32)
+    tgt[1, 2:] = 0
+    decoder_inputs = np.concatenate([np.zeros((3, 1), np.int32), tgt[:, :-1]], axis=1)
+    logits = hf_reference.hf_logits(hf_model, enc, decoder_inputs, tgt).astype(np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    real = tgt > 0
+    monkeypatch.setattr(evaluation, "_ROW_BATCH", 2)
+    got = evaluation.score_params(config, params, {"encoder_input_tokens": enc, "decoder_target_tokens": tgt})
+    assert all(v.dtype == np.float64 and v.shape == (3,) for v in got.values())
+    np.testing.assert_allclose(got["loss"], -(np.take_along_axis(log_probs, tgt[..., None], -1)[..., 0] * real).sum(-1),
+                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got["correct"], ((logits.argmax(-1) == tgt) & real).sum(-1))
+    np.testing.assert_array_equal(got["tokens"], real.sum(-1))
 
 
 def test_rerun_resumes_without_training_and_other_settings_are_refused(reduced_study, shared_dir):
