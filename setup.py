@@ -34,6 +34,8 @@ _INSTALL_REQUIRES = [
 _TEST_REQUIRES = [
     "pytest>=7",
     "pytest-xdist>=3",
+    # Per-test timeout (pytest.ini: timeout).
+    "pytest-timeout>=2.1",
     # Independent numerical reference (HuggingFace T5 in PyTorch, CPU).
     "torch==2.13.0",
     "transformers>=4.40",
@@ -44,6 +46,9 @@ _TEST_REQUIRES = [
     "cryptography>=41",
 ]
 
+# Folders of gin files, installed as data packages (no __init__.py).
+_GIN_FOLDERS = ("gqa_t5x.gin", "gqa_t5x.configs")
+
 setuptools.setup(
     name="gqa_t5x",
     version="0.1.0",
@@ -51,7 +56,14 @@ setuptools.setup(
         "Grouped-query attention for T5.1.1: conversion of multi-head "
         "checkpoints, uptraining and evaluation with T5X conventions."
     ),
-    packages=setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]),
+    # The repository's top-level gin/ and configs/ ship inside the package as
+    # gqa_t5x/gin and gqa_t5x/configs (as T5X ships its gins), so an installed
+    # package resolves `gin/runs/uptrain.gin` and `include 'gin/...'` from any
+    # working directory (gqa_t5x.gin_config.resource_root). An editable install
+    # (or PYTHONPATH) reads the checkout's own folders instead.
+    packages=[*setuptools.find_packages(include=["gqa_t5x", "gqa_t5x.*"]), *_GIN_FOLDERS],
+    package_dir={package: package.split(".")[-1] for package in _GIN_FOLDERS},
+    package_data={package: ["**/*.gin"] for package in _GIN_FOLDERS},
     python_requires=">=3.10",
     install_requires=_INSTALL_REQUIRES,
     extras_require={"test": _TEST_REQUIRES},

@@ -411,11 +411,13 @@ def _reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Seeds of uptraining/fine-tuning data order and random conversion (default 0,1,2).")
     parser.add_argument("--pretrain_seed", type=int, default=100, help="Seed of pre-training (default 100).")
     parser.add_argument("--report_dir", default=None,
-                        help="Where reproduction.md, reproduction.json and reproduction/*.png go (default: the "
-                             "repository's docs/, or OUTPUT/report with --reduced).")
+                        help="Where reproduction.md, reproduction.json and reproduction/*.png go (default: "
+                             "OUTPUT/report; pass docs to refresh a checkout's committed report).")
     parser.add_argument("--shared_dir", default=None,
                         help="The shared data folder with data/wikipedia_en, data/c4, data/wmt_ende "
-                             "(default: $GQA_T5X_SHARED or ../shared beside the repository).")
+                             "(default: $GQA_T5X_SHARED, else ../shared beside the source checkout when "
+                             "gqa_t5x runs from one (editable install), else ../shared of the working "
+                             "directory).")
     parser.add_argument("--reduced", action="store_true", help="Seconds-scale sizes that check the machinery (tests).")
 
 
@@ -424,14 +426,13 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from gqa_t5x.experiments.study import settings as reproduction_settings
 
     settings = reproduction_settings.StudySettings.reduced() if args.reduced else None
-    report_dir = args.report_dir or (None if args.reduced else str(gin_config.REPO_ROOT / "docs"))
     command = " ".join([PROG, "reproduce", "--output", args.output, "--seeds", ",".join(map(str, args.seeds)),
                         *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
                         *(["--report_dir", args.report_dir] if args.report_dir else []),
                         *(["--reduced"] if args.reduced else [])])
     _study_compilation_cache(args.output)
     reproduction.run_study(args.output, settings=settings, seeds=args.seeds, pretrain_seed=args.pretrain_seed,
-                           shared_dir=args.shared_dir, report_dir=report_dir, command=command)
+                           shared_dir=args.shared_dir, report_dir=args.report_dir, command=command)
     return 0
 
 

@@ -2,8 +2,13 @@
 
 Gin files are layered as in T5X: model gin (sizes, `gin/models/...`) -> run gin
 (`gin/runs/...`) -> experiment gin (`configs/...`) -> command-line bindings
-(`--gin.NUM_KV_HEADS=8`). Includes are written relative to the repository root
-(`include 'gin/models/t5_1_1/common.gin'`), which is always on the search path.
+(`--gin.NUM_KV_HEADS=8`). Names and includes are written relative to the
+folder holding `gin/` and `configs/` (`include 'gin/models/t5_1_1/common.gin'`),
+`resource_root()`: inside the installed package (`gqa_t5x/gin`, as T5X ships
+its gins), or the source checkout the package is imported from (editable
+install, PYTHONPATH). It is always the last gin search path, so a file is found
+as given (absolute, or relative to the working directory), then on
+`--gin_search_paths`, then in the package, from any working directory.
 
 Two checks T5X does not make, because a silently ignored flag costs a pod-day:
 a command-line binding of a macro that no parsed gin file defines or uses
@@ -14,8 +19,9 @@ a macro left at `%gin.REQUIRED` is an error naming it.
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.resources
 import logging
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +31,8 @@ import gin
 from gqa_t5x.errors import UsageError
 from gqa_t5x.model import network
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-GIN_DIR = REPO_ROOT / "gin"
+# The folders of gin files; setup.py installs them as gqa_t5x/gin, gqa_t5x/configs.
+GIN_FOLDERS = ("gin", "configs")
 
 _REQUIRED = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*%gin\.REQUIRED\s*$", re.M)
 _MACRO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -61,17 +67,58 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, bindings
 
 
+def source_checkout() -> Path | None:
+    """The source checkout `gqa_t5x` is imported from, or None when installed.
+
+    A checkout (editable install, PYTHONPATH) is the package folder's parent
+    holding setup.py, `gin/` and `configs/`; an installed package's parent is
+    site-packages (which holds gin-config's own `gin/`, hence setup.py).
+    """
+    package = importlib.resources.files("gqa_t5x")
+    if not isinstance(package, Path):
+        return None
+    root = package.resolve().parent
+    if (root / "setup.py").is_file() and all((root / name).is_dir() for name in GIN_FOLDERS):
+        return root
+    return None
+
+
+@functools.cache
+def resource_root() -> Path:
+    """The folder holding the `gin/` and `configs/` of the imported `gqa_t5x`.
+
+    The installed package's own folder when it ships them (a wheel or
+    `pip install .`: `gqa_t5x/gin`, `gqa_t5x/configs`), else the source
+    checkout it is imported from (`pip install -e .`, PYTHONPATH).
+
+    Raises:
+      FileNotFoundError: neither holds them (e.g. a zipped install).
+    """
+    package = importlib.resources.files("gqa_t5x")
+    if isinstance(package, Path) and all((package / name).is_dir() for name in GIN_FOLDERS):
+        return package.resolve()
+    checkout = source_checkout()
+    if checkout is not None:
+        return checkout
+    raise FileNotFoundError(
+        f"The gin files of gqa_t5x ({' and '.join(f'{n}/' for n in GIN_FOLDERS)}) are neither in the installed "
+        f"package ({package}) nor in a source checkout beside it; reinstall it (pip install .)."
+    )
+
+
 def default_search_paths() -> list[str]:
-    """The repository root (so `gin/...` includes resolve) and the cwd."""
-    return [str(REPO_ROOT), os.getcwd()]
+    """The package's gin resources (`resource_root()`), so `gin/...` names resolve anywhere."""
+    return [str(resource_root())]
 
 
 def resolve_gin_file(name: str, search_paths: Sequence[str] = ()) -> str:
     """The absolute path of gin file `name`, looked up like T5X does.
 
     Args:
-      name: A path, absolute or relative to the cwd or a search path.
-      search_paths: Extra search paths (`--gin_search_paths`).
+      name: A path, absolute or relative to the cwd or a search path, such as
+        `gin/runs/uptrain.gin` (found in the package from any cwd).
+      search_paths: Extra search paths (`--gin_search_paths`), searched before
+        the package's `resource_root()`.
 
     Returns:
       The absolute path (absolute paths keep gin from logging failed lookups).
