@@ -46,3 +46,69 @@ def test_reduced_quickstart_converts_with_every_method_and_reports_intervals(tmp
     text = (out / "report" / "reproduction.md").read_text()
     assert "What it does not show" in text and "gqa-t5x quickstart --output" in text
     assert (out / "report" / "reproduction" / "methods.png").stat().st_size > 0
+
+
+# -------------------------------- the quickstart's analysis on hand-made scores
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import study_evals  # noqa: E402  (tests/study_evals.py)
+from gqa_t5x.experiments.study import analysis  # noqa: E402
+from gqa_t5x.experiments.study import quickstart  # noqa: E402
+from gqa_t5x.experiments.study import report as study_report  # noqa: E402
+
+# Per seed of `random`: how much worse than `first` it is (8 seeds, the quickstart's default).
+_RANDOM_GAPS = np.array([0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 0.9])
+_SCENARIOS = {
+    # (first - mean, sign of random - first, MQA - MHA, GQA - MHA, lsq - mean)
+    "paper": (0.3, 1.0, 1.0, 0.2, -1.0),
+    "tied": (0.0, 0.0, 0.0, 0.0, 0.0),
+    "reversed": (-0.3, -1.0, 0.2, 1.0, 1.0),
+}
+
+
+def _quickstart_scores(out, scenario: str):
+    """Writes every evaluation the quickstart's analysis reads; returns its settings and seeds."""
+    settings = quickstart.reduced_settings()
+    seeds = quickstart.DEFAULT_SEEDS
+    first_gap, random_sign, mqa_gap, gqa_gap, lsq_gap = _SCENARIOS[scenario]
+    (_, n), = settings.heldout_examples
+    mha = 3.0 + 0.1 * np.sin(np.arange(n))  # examples differ; every model keeps their order
+    ev = out / "evals"
+    study_evals.write_config(ev, settings, 8, None, 0.0, seeds, mha)
+    for kv, gap in ((1, mqa_gap), (2, gqa_gap)):
+        mean, first = mha + gap, mha + gap + first_gap
+        study_evals.write_config(ev, settings, kv, "mean", 0.0, seeds, mean)
+        study_evals.write_config(ev, settings, kv, "first", 0.0, seeds, first)
+        study_evals.write_config(ev, settings, kv, "lsq", 0.0, seeds, mean + lsq_gap)
+        # Seed s of random: first + gap_s on every example (so first's loss per token + gap_s).
+        study_evals.write_config(ev, settings, kv, "random", 0.0, seeds,
+                                 [first + random_sign * g for g in _RANDOM_GAPS])
+    return settings, seeds
+
+
+@pytest.mark.parametrize("scenario,c1,c3,lsq", [
+    ("paper", "reproduced", "reproduced", "better at alpha 0"),
+    ("tied", "inconclusive", "inconclusive", "no difference resolved at alpha 0"),
+    ("reversed", "not reproduced", "not reproduced", "worse at alpha 0"),
+])
+def test_quickstart_analysis_of_hand_made_scores_gives_the_known_verdicts(tmp_path, scenario, c1, c3, lsq):
+    settings, seeds = _quickstart_scores(tmp_path, scenario)
+    results = analysis.analyse(tmp_path, settings, seeds, command="gqa-t5x quickstart", sessions=[])
+    claims = {c["id"]: c for c in results["claims"]}
+    assert {k: c["verdict"] for k, c in claims.items()} == {"C1": c1, "C2": "not run", "C3": c3, "C4": "not run"}
+    first_gap, random_sign, mqa_gap, gqa_gap, lsq_gap = _SCENARIOS[scenario]
+    # C1 at alpha 0 for MQA: first - mean holds on every example, so the paired bootstrap is a point ...
+    first_minus_mean, random_minus_first = (c["interval"] for c in claims["C1"]["primary"])
+    assert (first_minus_mean["mean"], first_minus_mean["low"], first_minus_mean["high"]) == pytest.approx(
+        (first_gap,) * 3, abs=1e-9)
+    # ... and random - first is a t interval over the 8 seeds: 0.9 +- 2.3646 x 0.1852 / sqrt(8).
+    mean, low, high = study_evals.t_interval(random_sign * _RANDOM_GAPS)
+    assert (random_minus_first["mean"], random_minus_first["low"], random_minus_first["high"]) == pytest.approx(
+        (mean, low, high), abs=1e-6)  # the tabulated quantile has 8 digits
+    assert random_minus_first["kind"] == "t over seeds" and random_minus_first["n"] == 8
+    # C3 at alpha 0: MQA - GQA, and GQA - (MQA + MHA) / 2, both exact on every example.
+    c3_rows = [c["interval"]["mean"] for c in claims["C3"]["primary"]]
+    assert c3_rows == pytest.approx([mqa_gap - gqa_gap, gqa_gap - mqa_gap / 2], abs=1e-9)
+    assert next(b for b in results["beyond_paper"] if b["id"] == "B-lsq")["verdict"] == lsq
+    assert f"C1: {c1} - " in "\n".join(study_report.summary_lines(results))

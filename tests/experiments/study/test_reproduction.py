@@ -136,3 +136,101 @@ def test_a_killed_session_has_recorded_its_wall_time_up_to_its_last_finished_sta
                                shared_dir=tmp_path, log=lambda line: None)
     assert seen["wall_s"] >= 0.05 and seen["seeds"] == [0, 1]
     assert len(json.loads((tmp_path / "study" / "study.json").read_text())["sessions"]) == 1
+
+
+# ------------------------------- the study's analysis on hand-made scores (no training)
+import study_evals  # noqa: E402  (tests/study_evals.py)
+from gqa_t5x.experiments.study import analysis  # noqa: E402
+
+_SEEDS = (0, 1)
+# Loss per token of each configuration of the reduced study (per seed where seeded):
+# GQA-2 sits between MQA and MHA, uptraining closes most of MQA's gap, lsq beats mean by 1.
+_PAPER = {
+    (8, None, 0.0): 3.0, (2, "mean", 0.0): 3.4, (1, "mean", 0.0): 5.0,
+    (8, None, 0.05): [3.00, 3.02], (2, "mean", 0.05): [3.05, 3.07], (1, "mean", 0.05): [3.50, 3.54],
+    (8, None, 0.1): [2.95, 2.97], (2, "mean", 0.1): [3.00, 3.02], (1, "mean", 0.1): [3.20, 3.24],
+    (1, "lsq", 0.0): 4.0, (1, "lsq", 0.05): [2.50, 2.54],
+}
+_PAPER_TIMES = {"MHA": [3.0, 3.2], "GQA-2": [2.0, 2.1], "MQA": [1.0, 1.05]}
+
+
+def _reversed_scores() -> dict:
+    """MQA and GQA-2 swapped, lsq worse than mean by 1."""
+    out = dict(_PAPER)
+    for alpha in (0.0, 0.05, 0.1):
+        out[(1, "mean", alpha)], out[(2, "mean", alpha)] = _PAPER[(2, "mean", alpha)], _PAPER[(1, "mean", alpha)]
+    out[(1, "lsq", 0.0)] = out[(1, "mean", 0.0)] + 1.0
+    out[(1, "lsq", 0.05)] = [v + 1.0 for v in out[(1, "mean", 0.05)]]
+    return out
+
+
+def _tied_scores() -> dict:
+    """Every model scores the same, at every alpha."""
+    return {key: (3.0 if key[2] == 0 else [3.0, 3.0]) for key in _PAPER}
+
+
+def _write_study(out, scores: dict, times: dict):
+    settings = StudySettings.reduced()
+    for (kv, method, alpha), values in scores.items():
+        study_evals.write_config(out / "evals", settings, kv, method, alpha, _SEEDS, values)
+    study_evals.write_timing(out, settings, times)
+    return settings
+
+
+def _interval(comparison: dict) -> tuple[float, float, float]:
+    i = comparison["interval"]
+    return i["mean"], i["low"], i["high"]
+
+
+def test_reduced_study_analysis_of_paper_shaped_scores_reproduces_c2_c3_c4_with_hand_intervals(tmp_path):
+    settings = _write_study(tmp_path, _PAPER, _PAPER_TIMES)
+    results = analysis.analyse(tmp_path, settings, _SEEDS, command="x", sessions=[])
+    claims = {c["id"]: c for c in results["claims"]}
+    assert {k: c["verdict"] for k, c in claims.items()} == {
+        "C1": "not run", "C2": "reproduced", "C3": "reproduced", "C4": "reproduced"}  # no `first` in reduced
+    t1 = 12.7062047  # t_{0.975, 1}: two seeds
+    c2 = claims["C2"]["primary"]
+    # MQA - GQA per seed: 0.45, 0.47 -> 0.46 +- t1 x 0.0141421 / sqrt(2) = 0.46 +- 0.1270620.
+    assert _interval(c2[0]) == pytest.approx((0.46, 0.46 - 0.1270620, 0.46 + 0.1270620), abs=1e-6)
+    # GQA - (MQA + MHA) / 2 per seed: 3.05 - 3.25 = -0.20, 3.07 - 3.28 = -0.21 -> -0.205 +- 0.0635310.
+    assert _interval(c2[1]) == pytest.approx((-0.205, -0.205 - 0.0635310, -0.205 + 0.0635310), abs=1e-6)
+    assert c2[0]["interval"]["kind"] == "t over seeds" and c2[1]["expected"] == "< 0"
+    c3 = claims["C3"]["primary"]
+    # Alpha 0 (one run each, the same loss on every example): points 5.0 - 3.4 and 3.4 - (5.0 + 3.0) / 2.
+    assert _interval(c3[0]) == pytest.approx((1.6, 1.6, 1.6), abs=1e-9)
+    assert _interval(c3[1]) == pytest.approx((-0.6, -0.6, -0.6), abs=1e-9)
+    assert c3[0]["interval"]["kind"] == "bootstrap over examples"
+    # MQA(5%) - (MQA(0) + MHA(5%)) / 2: 3.50 - 4.00 = -0.50, 3.54 - 4.01 = -0.47 -> -0.485 +- 0.1905931.
+    assert _interval(c3[2]) == pytest.approx((-0.485, -0.485 - 0.1905931, -0.485 + 0.1905931), abs=1e-6)
+    # C4: t(MHA) - t(GQA) per round 1.0, 1.1 -> 1.05 +- 0.635310; t(GQA) - t(MQA): 1.0, 1.05 -> 1.025 +- 0.317655.
+    c4 = claims["C4"]["primary"]
+    assert _interval(c4[0]) == pytest.approx((1.05, 1.05 - 0.635310, 1.05 + 0.635310), abs=1e-6)
+    assert _interval(c4[1]) == pytest.approx((1.025, 1.025 - 0.317655, 1.025 + 0.317655), abs=1e-6)
+    assert c4[0]["interval"]["kind"] == "t over timing rounds"
+    (lsq,) = results["beyond_paper"]
+    assert lsq["verdict"] == "better at alpha 0; better at alpha 0.05"
+
+
+def test_reduced_study_analysis_of_reversed_scores_is_not_reproduced(tmp_path):
+    times = {"MHA": _PAPER_TIMES["MQA"], "GQA-2": _PAPER_TIMES["GQA-2"], "MQA": _PAPER_TIMES["MHA"]}
+    settings = _write_study(tmp_path, _reversed_scores(), times)
+    results = analysis.analyse(tmp_path, settings, _SEEDS, command="x", sessions=[])
+    claims = {c["id"]: c for c in results["claims"]}
+    assert {k: c["verdict"] for k, c in claims.items()} == {
+        "C1": "not run", "C2": "not reproduced", "C3": "not reproduced", "C4": "not reproduced"}
+    # The mirror image of the paper-shaped MQA - GQA: -0.46 +- 0.1270620.
+    assert _interval(claims["C2"]["primary"][0]) == pytest.approx((-0.46, -0.5870620, -0.3329380), abs=1e-6)
+    assert _interval(claims["C3"]["primary"][0]) == pytest.approx((-1.6, -1.6, -1.6), abs=1e-9)
+    assert results["beyond_paper"][0]["verdict"] == "worse at alpha 0; worse at alpha 0.05"
+
+
+def test_reduced_study_analysis_of_identical_scores_is_inconclusive(tmp_path):
+    settings = _write_study(tmp_path, _tied_scores(), {n: [2.0, 2.1] for n in ("MHA", "GQA-2", "MQA")})
+    results = analysis.analyse(tmp_path, settings, _SEEDS, command="x", sessions=[])
+    claims = {c["id"]: c for c in results["claims"]}
+    assert {k: c["verdict"] for k, c in claims.items()} == {
+        "C1": "not run", "C2": "inconclusive", "C3": "inconclusive", "C4": "inconclusive"}
+    for c in claims["C2"]["primary"] + claims["C3"]["primary"] + claims["C4"]["primary"]:
+        assert _interval(c) == pytest.approx((0.0, 0.0, 0.0), abs=1e-12), c["comparison"]
+    assert results["beyond_paper"][0]["verdict"] == (
+        "no difference resolved at alpha 0; no difference resolved at alpha 0.05")
