@@ -112,8 +112,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     )
     print(
         f"Wrote {args.output}: num_heads={config.num_heads}, "
-        f"num_kv_heads={config.decoder_kv_heads}, "
-        f"encoder_num_kv_heads={config.encoder_kv_heads}, method={args.method}."
+        f"num_kv_heads={config.num_kv_heads}, "
+        f"encoder_num_kv_heads={config.encoder_num_kv_heads}, method={args.method}."
     )
     return 0
 
@@ -300,6 +300,7 @@ def _resolve_bench_flags(args: argparse.Namespace) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from gqa_t5x.experiments.bench import benchmark
     from gqa_t5x.experiments.bench import report as bench_report
+    from gqa_t5x.model.config import check_kv_heads
 
     _resolve_bench_flags(args)
     if args.cpu_devices is not None:
@@ -318,8 +319,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     powers = {2**i for i in range(config.num_heads.bit_length()) if config.num_heads % 2**i == 0}
     kv = args.num_kv_heads or tuple(sorted(powers | {config.num_heads}))
     for g in kv:
-        if config.num_heads % g:
-            raise UsageError(f"--num_kv_heads {g} does not divide num_heads={config.num_heads}.")
+        try:
+            check_kv_heads(config.num_heads, g, name="--num_kv_heads")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     for flag in ("repeats", "huggingface_repeats"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag}={getattr(args, flag)} must be >= 1.")

@@ -243,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     heads = MODELS[args.model]["num_heads"]
     kv_heads = [int(k) for k in args.kv_heads.split(",")] if args.kv_heads else [heads, 2, 1]
+    from gqa_t5x.model.config import check_kv_heads
+
     for kv in kv_heads:
-        if kv < 1 or heads % kv:
-            raise SystemExit(f"--kv_heads {kv} does not divide the {heads} heads of T5.1.1-{args.model}.")
+        try:
+            check_kv_heads(heads, kv, name="--kv_heads", hint=f" (T5.1.1-{args.model})")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     runs = ([] if args.no_huggingface else [HUGGINGFACE]) + kv_heads
     load_start = os.getloadavg()[0]
     machine = _machine()

@@ -65,7 +65,7 @@ def test_cli_convert_then_export_gives_our_gqa_logits_in_huggingface(hf_dir, tmp
     code, out, err = _run(["export", "--checkpoint", gqa, "--format", "huggingface", "--output", tmp_path / "hf", "--no_progress"], capsys)
     assert code == 0, err
     config, params = checkpoints.load(gqa)
-    assert config.decoder_kv_heads == groups and config.encoder_kv_heads == 4
+    assert config.num_kv_heads == groups and config.encoder_num_kv_heads == 4
     assert params["decoder"]["layers_0"]["self_attention"]["key"]["kernel"].shape == (24, 6 * groups)
     batch = tokens(6, config.vocab_size)
     exported = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from gqa_t5x.model import param_tree
-from gqa_t5x.model.config import T5Config
+from gqa_t5x.model.config import KV_HEAD_FIELDS, T5Config
 
 # Sub-layers of a T5 block in the order Mesh TensorFlow (`layer_000`, ...) and
 # HuggingFace (`layer.0`, ...) number them: (T5X module, its pre-norm). Both
@@ -183,11 +183,10 @@ def infer_config(
         ("num_kv_heads", "decoder/layers_0/self_attention/key/kernel"),
         ("encoder_num_kv_heads", "encoder/layers_0/attention/key/kernel"),
     ):
-        if key in shapes:
-            heads = _heads_from_width(shapes[key][-1], head_dim, key, source)
-            kv[field] = None if heads == num_heads else heads
-        else:
-            kv[field] = None
+        # A side without layers has no kernel to tell: as many as num_heads.
+        kv[field] = (
+            _heads_from_width(shapes[key][-1], head_dim, key, source) if key in shapes else num_heads
+        )
 
     n_enc = _count_layers(shapes, "encoder")
     n_dec = _count_layers(shapes, "decoder")
@@ -231,6 +230,8 @@ def infer_config(
     if buckets is not None:
         fields["relative_attention_num_buckets"] = buckets
     for name, value in overrides.items():
+        if name in KV_HEAD_FIELDS and value is None:  # T5X's None: as many as num_heads
+            value = num_heads
         if name in fields and fields[name] != value:
             raise CheckpointError(
                 f"{source}: the checkpoint's metadata says {name}={value!r} but its "
@@ -295,34 +296,6 @@ def to_float32(array: Any, *, key: str, source: str) -> np.ndarray:
     return np.asarray(array, dtype=np.float32, order="C")
 
 
-_MALLOC_TUNED = False
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def return_freed_buffers_to_os() -> None:
-    """Makes glibc give freed large buffers straight back to the OS.
-
-    By default glibc raises its mmap threshold after a large buffer is freed,
-    so later tensor-sized buffers come from per-thread heaps that keep the
-    memory after `free`. Reading hundreds of large tensors from tensorstore's
-    thread pool then grows resident memory by (threads x tensor size). A fixed
-    4 MiB threshold (once per process; a no-op off glibc) keeps a streaming
-    conversion's footprint at the tensors actually alive.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 class CheckpointReader:
     """Lazy, per-parameter view of a checkpoint in canonical T5X param_tree.
 
@@ -340,7 +313,6 @@ class CheckpointReader:
     format: str = ""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        return_freed_buffers_to_os()
         self.path = os.fspath(path)
         self.config: T5Config | None = None
         self.step: int | None = None

@@ -280,8 +280,8 @@ def hf_config_dict(config: T5Config, dtype: str = "float32") -> dict[str, Any]:
         "decoder_start_token_id": 0,
         "torch_dtype": dtype,
         "gqa_t5x": {
-            "num_kv_heads": config.decoder_kv_heads,
-            "encoder_num_kv_heads": config.encoder_kv_heads,
+            "num_kv_heads": config.num_kv_heads,
+            "encoder_num_kv_heads": config.encoder_num_kv_heads,
             "note": "key/value heads repeated per group for HuggingFace T5",
         },
     }
@@ -425,7 +425,9 @@ def _export(
     from tqdm.auto import tqdm
 
     hf_config = hf_config_dict(config, dtype)  # validates before any writing
-    mha_shapes = param_tree.param_shapes(config.replace(num_kv_heads=None, encoder_num_kv_heads=None))
+    mha_shapes = param_tree.param_shapes(
+        config.replace(num_kv_heads=config.num_heads, encoder_num_kv_heads=config.num_heads)
+    )
     tensors = []  # (our path, HF name, transpose, HF shape, repeat kv heads)
     for path, shape in param_tree.param_shapes(config).items():
         name, transpose = hf_name(path)

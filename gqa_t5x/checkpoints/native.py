@@ -41,7 +41,6 @@ from gqa_t5x.checkpoints.base import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
-    return_freed_buffers_to_os,
 )
 from gqa_t5x.checkpoints.t5x_orbax import FORMAT as ORBAX_FORMAT
 from gqa_t5x.checkpoints.t5x_orbax import OrbaxReader
@@ -144,7 +143,6 @@ class CheckpointWriter:
         self.config = config
         self.step = int(step)
         self._shapes = param_tree.param_shapes(config)
-        return_freed_buffers_to_os()
         self._target = atomic.AtomicDirectory(
             directory, marker=MANIFEST, describe=registry.describe_existing, overwrite=overwrite
         )

@@ -33,7 +33,6 @@ from gqa_t5x.conversion.methods import (
     AttentionLayer,
     ConversionMethod,
     convert_attention,
-    divisors,
     get_method,
     group_heads,
     merge_heads,
@@ -50,6 +49,7 @@ from gqa_t5x.conversion.value_limits import (
     UnusualValuesError,
     check_values,
 )
+from gqa_t5x.model.config import divisors
 
 __all__ = [
     "ALL_PROJECTIONS",

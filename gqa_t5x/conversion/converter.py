@@ -205,10 +205,10 @@ def convert_checkpoint(
                 "source_format": reader.format,
                 "method": method,
                 "seed": plan.seed,
-                "source_num_kv_heads": plan.source.decoder_kv_heads,
-                "num_kv_heads": plan.target.decoder_kv_heads,
-                "source_encoder_num_kv_heads": plan.source.encoder_kv_heads,
-                "encoder_num_kv_heads": plan.target.encoder_kv_heads,
+                "source_num_kv_heads": plan.source.num_kv_heads,
+                "num_kv_heads": plan.target.num_kv_heads,
+                "source_encoder_num_kv_heads": plan.source.encoder_num_kv_heads,
+                "encoder_num_kv_heads": plan.target.encoder_num_kv_heads,
                 "optimizer_state": "fresh (not carried over)",
                 "calibration": str(calibration) if isinstance(calibration, (str, os.PathLike)) else (
                     "in memory" if calibration is not None else None),
@@ -222,7 +222,7 @@ def convert_checkpoint(
             bar = tqdm(
                 target_shapes.items(),
                 total=len(target_shapes),
-                desc=f"convert ({method}, G={plan.target.decoder_kv_heads})",
+                desc=f"convert ({method}, G={plan.target.num_kv_heads})",
                 unit="param",
                 disable=not progress,
             )

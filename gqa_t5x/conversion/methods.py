@@ -37,6 +37,7 @@ import numpy as np
 from gqa_t5x.conversion.alignment import align_rotations, rotate_heads, split_heads
 from gqa_t5x.conversion.least_squares import least_squares_pool
 from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import divisors
 
 KEY_VALUE: tuple[str, ...] = ("key", "value")
 ALL_PROJECTIONS: tuple[str, ...] = param_tree.ATTENTION_PROJECTIONS  # query, key, value, out
@@ -241,11 +242,6 @@ def _check_statistics(statistics: Mapping[str, np.ndarray] | None, path: str, me
             f"'query_second_moment' of shape ({emb}, {emb}); got "
             f"{None if moment is None else np.shape(moment)}."
         )
-
-
-def divisors(n: int) -> list[int]:
-    """The divisors of n, ascending (the valid kv head counts for n heads)."""
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def convert_attention(

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from gqa_t5x.conversion.methods import divisors, get_method
+from gqa_t5x.conversion.methods import get_method
 from gqa_t5x.model import param_tree
-from gqa_t5x.model.config import T5Config
+from gqa_t5x.model.config import T5Config, check_kv_heads, divisors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,19 +44,13 @@ class ConversionPlan:
         return get_method(self.method).projections
 
 
-def _check_kv_heads(name: str, value: Any, num_heads: int, source_kv: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(
-            f"{name}={value!r} must be a positive integer (1 = multi-query, "
-            f"{num_heads} = multi-head); divisors of num_heads={num_heads}: "
-            f"{divisors(num_heads)}."
-        )
-    value = int(value)
-    if num_heads % value:
-        raise ValueError(
-            f"{name}={value} does not divide num_heads={num_heads}; choose one "
-            f"of {divisors(num_heads)}."
-        )
+def _check_target(name: str, value: Any, num_heads: int, source_kv: int) -> int:
+    """A valid target for a source with `source_kv` kv heads, as an int.
+
+    `check_kv_heads` decides what a valid head count is; a conversion can
+    moreover only merge whole groups of the source.
+    """
+    value = check_kv_heads(num_heads, value, name=name)
     if value > source_kv:
         raise ValueError(
             f"{name}={value} is more key/value heads than the source has "
@@ -103,12 +97,12 @@ def plan_conversion(
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r} must be an integer.")
     heads = config.num_heads
-    dec_kv = _check_kv_heads("num_kv_heads", num_kv_heads, heads, config.decoder_kv_heads)
+    dec_kv = _check_target("num_kv_heads", num_kv_heads, heads, config.num_kv_heads)
     changes: dict[str, Any] = {"num_kv_heads": dec_kv}
-    enc_kv = config.encoder_kv_heads
+    enc_kv = config.encoder_num_kv_heads
     if convert_encoder:
         requested = num_kv_heads if encoder_num_kv_heads is None else encoder_num_kv_heads
-        enc_kv = _check_kv_heads("encoder_num_kv_heads", requested, heads, config.encoder_kv_heads)
+        enc_kv = _check_target("encoder_num_kv_heads", requested, heads, config.encoder_num_kv_heads)
         changes["encoder_num_kv_heads"] = enc_kv
     elif encoder_num_kv_heads is not None:
         raise ValueError(
@@ -117,13 +111,13 @@ def plan_conversion(
         )
     target = config.replace(**changes)
     layers: dict[str, tuple[int, int]] = {}
-    if enc_kv != config.encoder_kv_heads:
+    if enc_kv != config.encoder_num_kv_heads:
         for i in range(config.num_encoder_layers):
-            layers[f"encoder/layers_{i}/{param_tree.ENCODER_ATTENTION}"] = (config.encoder_kv_heads, enc_kv)
-    if dec_kv != config.decoder_kv_heads:
+            layers[f"encoder/layers_{i}/{param_tree.ENCODER_ATTENTION}"] = (config.encoder_num_kv_heads, enc_kv)
+    if dec_kv != config.num_kv_heads:
         for i in range(config.num_decoder_layers):
             for module in (param_tree.DECODER_SELF_ATTENTION, param_tree.DECODER_CROSS_ATTENTION):
-                layers[f"decoder/layers_{i}/{module}"] = (config.decoder_kv_heads, dec_kv)
+                layers[f"decoder/layers_{i}/{module}"] = (config.num_kv_heads, dec_kv)
     return ConversionPlan(source=config, target=target, method=method, seed=int(seed), layers=layers)
 
 

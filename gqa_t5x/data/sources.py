@@ -1,7 +1,8 @@
 """Where a task's raw examples come from: TFDS or local files, chosen in gin.
 
 Each data set a task reads has a gin-configurable location
-(`gqa_t5x.data.tasks.<location>`, created by `tasks.register_task`) taking:
+(`gqa_t5x.data.tasks.<location>`, made by `tasks.define_location`; the
+built-in ones are module-level names of `tasks.py`) taking:
 
 * `tfds_data_dir`: a local/gs:// TFDS data dir holding the prepared dataset
   (T5X's `--tfds_data_dir` / `seqio.set_tfds_data_dir_override` also works);

@@ -6,14 +6,20 @@ appended as span-corruption sentinels: `<extra_id_0>` is id 32099, counting
 down to `<extra_id_99>` = 32000. The vocabulary therefore has 32,100 ids and
 the model pads its embedding to 32,128.
 
-Where the model file lives is resolved when the vocabulary is first used, not
-when tasks are registered, so gin files parsed after `import gqa_t5x.data.tasks`
-still take effect. Precedence:
+Where the model file lives is the `path` argument of the gin configurable
+`vocabulary_path` (`DEFAULT_VOCAB_PATH`, the public gs:// file, when unbound).
+The gin files that name a vocabulary bind it to their macro `VOCAB_PATH`:
 
-1. `gqa_t5x.data.vocabularies.vocabulary_path.path = "/path/spiece.model"`
-   (an explicit gin binding);
-2. the gin macro `VOCAB_PATH` (e.g. `--gin.VOCAB_PATH="/path/spiece.model"`);
-3. `DEFAULT_VOCAB_PATH` (the public gs:// file).
+    gqa_t5x.data.vocabularies.vocabulary_path.path = %VOCAB_PATH
+
+(`gin/runs/train_common.gin`, `eval.gin`, `infer.gin`, and the task gins that
+point at local data), so `--gin.VOCAB_PATH="/path/spiece.model"` chooses the
+file. Nothing here reads gin macros itself: without that binding the macro
+has no effect.
+
+A vocabulary made with no fixed file (`get_vocabulary()`, as the tasks do when
+they are registered at import time) calls `vocabulary_path()` when it is first
+used, so gin files parsed after `import gqa_t5x.data.tasks` still take effect.
 """
 
 from __future__ import annotations
@@ -24,37 +30,29 @@ import tensorflow as tf
 
 DEFAULT_VOCAB_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 DEFAULT_EXTRA_IDS = 100
+# The gin macro the gin files bind `vocabulary_path.path` to; named in errors.
 VOCAB_PATH_MACRO = "VOCAB_PATH"
-
-
-def _macro_value(name: str) -> str | None:
-    """Returns the value of gin macro `name`, or None when it is not defined."""
-    try:
-        return gin.query_parameter(f"{name}/gin.macro.value")
-    except ValueError:
-        return None
+PATH_BINDING = "gqa_t5x.data.vocabularies.vocabulary_path.path"
 
 
 @gin.configurable(module="gqa_t5x.data.vocabularies")
 def vocabulary_path(path: str | None = None) -> str:
-    """Returns the SentencePiece model file to use.
+    """Returns the SentencePiece model file to use: `path`, or the default.
 
     Args:
-      path: Explicit path (local or gs://). When None, the gin macro
-        `VOCAB_PATH` is used if defined, else `DEFAULT_VOCAB_PATH`.
+      path: Local or gs:// path of the model file; None is
+        `DEFAULT_VOCAB_PATH`. Gin files bind it to `%VOCAB_PATH`.
 
     Returns:
       The path of the SentencePiece model file.
     """
     if path is None:
-        path = _macro_value(VOCAB_PATH_MACRO)
-    if path is None:
         path = DEFAULT_VOCAB_PATH
     if not isinstance(path, str) or not path:
         raise ValueError(
             f"The vocabulary path must be a non-empty string, got {path!r}; "
-            f"set the gin macro {VOCAB_PATH_MACRO} or "
-            "`gqa_t5x.data.vocabularies.vocabulary_path.path`."
+            f"set the gin macro {VOCAB_PATH_MACRO} (with a run gin, which binds "
+            f"{PATH_BINDING} to it) or bind {PATH_BINDING}."
         )
     return path
 
@@ -63,9 +61,10 @@ class T5Vocabulary(seqio.SentencePieceVocabulary):
     """`seqio.SentencePieceVocabulary` whose model file is resolved lazily.
 
     With `sentencepiece_model_file=None` the file comes from
-    `vocabulary_path()` whenever the model is needed, so tasks registered at
-    import time follow the gin configuration parsed later. A missing file
-    raises `FileNotFoundError` naming the path and the gin macro that sets it.
+    `vocabulary_path()` (its gin binding) whenever the model is needed, so
+    tasks registered at import time follow the gin configuration parsed
+    later. A missing file raises `FileNotFoundError` naming the path and the
+    gin setting that chooses it.
     """
 
     def __init__(
@@ -76,7 +75,7 @@ class T5Vocabulary(seqio.SentencePieceVocabulary):
         """Creates the vocabulary.
 
         Args:
-          sentencepiece_model_file: Fixed path, or None to resolve through gin.
+          sentencepiece_model_file: Fixed path, or None for `vocabulary_path()`.
           extra_ids: Number of sentinel ids appended after the 32,000 pieces.
         """
         if extra_ids < 0:
@@ -97,14 +96,13 @@ class T5Vocabulary(seqio.SentencePieceVocabulary):
                 raise OSError(
                     f"Cannot read SentencePiece model file {path!r}: "
                     f"{e.message}. Without access to it, set the gin macro "
-                    f"{VOCAB_PATH_MACRO} to a local copy."
+                    f"{VOCAB_PATH_MACRO} (or {PATH_BINDING}) to a local copy."
                 ) from e
             if not exists:
                 raise FileNotFoundError(
                     f"SentencePiece model file {path!r} does not exist. Point "
                     "the vocabulary at the T5 model file with the gin macro "
-                    f"{VOCAB_PATH_MACRO} (or `gqa_t5x.data.vocabularies."
-                    "vocabulary_path.path`)."
+                    f"{VOCAB_PATH_MACRO} (or {PATH_BINDING})."
                 )
             self._sentencepiece_model_file = path
             self._model = None
@@ -137,7 +135,8 @@ def get_vocabulary(
     Usable from gin as `VOCABULARY = @gqa_t5x.data.vocabularies.get_vocabulary()`.
 
     Args:
-      sentencepiece_model_file: Fixed model path; None follows `VOCAB_PATH`.
+      sentencepiece_model_file: Fixed model path; None follows
+        `vocabulary_path()` (gin: `VOCAB_PATH`).
       extra_ids: Number of sentinel ids (T5: 100).
 
     Returns:

@@ -38,6 +38,7 @@ import numpy as np
 
 from gqa_t5x.model import decode_attention
 from gqa_t5x.model import layers
+from gqa_t5x.model.config import check_kv_heads
 
 Array = jax.Array
 
@@ -356,7 +357,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
     Attributes:
       num_heads: Query heads.
-      num_kv_heads: Key/value heads; must divide num_heads.
+      num_kv_heads: Key/value heads, a divisor of num_heads (an int;
+        `config.check_kv_heads` decides).
       head_dim: Width of a head.
       out_features: Output width (the model's emb_dim).
       is_cross_attention: Encoder-decoder attention (keys from the encoder):
@@ -376,11 +378,7 @@ class MultiHeadDotProductAttention(nn.Module):
     float32_logits: bool = True
 
     def setup(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} is not divisible by "
-                f"num_kv_heads={self.num_kv_heads}."
-            )
+        check_kv_heads(self.num_heads, self.num_kv_heads, name="num_kv_heads")
         depth_scaling = float(np.sqrt(self.head_dim))
 
         def query_init(key, shape, dtype=jnp.float32):

@@ -8,9 +8,19 @@ numbers that make grouped-query attention configurable:
 * `encoder_num_kv_heads`: key/value heads of encoder self-attention (the paper
   leaves it multi-head).
 
-`None` means "as many as `num_heads`" (multi-head attention). `1` is
-multi-query attention. Query head `h` reads key/value head
-`h // (num_heads // num_kv_heads)` (contiguous groups).
+Both are ints inside the code: `1` is multi-query attention, `num_heads`
+multi-head attention, any other divisor of `num_heads` grouped-query attention.
+Query head `h` reads key/value head `h // (num_heads // num_kv_heads)`
+(contiguous groups). For T5X compatibility the constructor (and so the gin
+macros `NUM_KV_HEADS` / `ENCODER_NUM_KV_HEADS` and config.json files that
+recorded `null`) also accepts `None`, which `__post_init__` replaces by
+`num_heads`: `T5Config(num_heads=8, num_kv_heads=None)` and
+`T5Config(num_heads=8, num_kv_heads=8)` are the same config (equal, same hash,
+same JSON).
+
+`check_kv_heads` is the one check of a key/value head count; `T5Config.validate`
+calls it for both fields, and code holding a count that is not in a config yet
+(a conversion target, a command-line flag) calls it directly.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -31,8 +42,51 @@ _DTYPES = {
 _ACTIVATIONS = ("gelu", "relu", "linear", "silu", "swish", "gelu_new", "tanh")
 
 
-def _divisors(n: int) -> list[int]:
+# The key/value head fields and the gin macros that set them in the model gins
+# (gin/models/t5_1_1/common.gin).
+KV_HEAD_FIELDS = ("num_kv_heads", "encoder_num_kv_heads")
+KV_HEAD_MACROS = {"num_kv_heads": "NUM_KV_HEADS", "encoder_num_kv_heads": "ENCODER_NUM_KV_HEADS"}
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n, ascending (the valid key/value head counts for n heads)."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_kv_heads(num_heads: int, num_kv_heads: Any, *, name: str = "num_kv_heads", hint: str = "") -> int:
+    """Checks a key/value head count against `num_heads`; returns it as an int.
+
+    The one place that decides which counts are valid: a positive integer that
+    divides `num_heads` (1 = multi-query, `num_heads` = multi-head).
+
+    Args:
+      num_heads: Query heads (a positive int).
+      num_kv_heads: The count to check (an int or numpy integer; not None:
+        only `T5Config` maps None to `num_heads`).
+      name: What the count is called where the user sets it (a config field,
+        a flag, an argument); named in the error.
+      hint: Appended to the error before its final period, e.g.
+        " (gin: --gin.NUM_KV_HEADS=...)".
+
+    Returns:
+      `num_kv_heads` as a Python int.
+
+    Raises:
+      ValueError: not a positive integer, or not a divisor of `num_heads`; the
+        message names `name` and lists the divisors to choose from.
+    """
+    choices = f"choose a divisor of {num_heads}: {divisors(num_heads)}{hint}."
+    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, (int, np.integer)) or num_kv_heads <= 0:
+        raise ValueError(
+            f"{name}={num_kv_heads!r} must be a positive integer (1 = multi-query, "
+            f"{num_heads} = multi-head); {choices}"
+        )
+    value = int(num_kv_heads)
+    if value > num_heads:
+        raise ValueError(f"{name}={value} exceeds num_heads={num_heads}; {choices}")
+    if num_heads % value:
+        raise ValueError(f"num_heads={num_heads} is not divisible by {name}={value}; {choices}")
+    return value
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
@@ -74,9 +128,11 @@ class T5Config:
         False).
       float32_attention_logits: Compute attention logits/softmax in float32.
       num_kv_heads: Key/value heads of decoder self-attention and
-        encoder-decoder attention. None = num_heads (MHA); 1 = MQA.
-      encoder_num_kv_heads: Key/value heads of encoder self-attention.
-        None = num_heads.
+        encoder-decoder attention, a divisor of num_heads: num_heads = MHA,
+        1 = MQA. Always an int once constructed; None is accepted as input
+        and means num_heads.
+      encoder_num_kv_heads: Key/value heads of encoder self-attention, as
+        `num_kv_heads` (None = num_heads).
       relative_attention_num_buckets: Relative position buckets (T5: 32).
       relative_attention_max_distance: Maximum distance of the buckets (128).
     """
@@ -102,6 +158,15 @@ class T5Config:
         # Normalise sequences coming from gin (lists) into tuples so the config
         # stays hashable (flax modules need hashable attributes).
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        # None (T5X's "as many as num_heads") becomes num_heads, and numpy
+        # integers Python ints, so every consumer, equality, hash and JSON
+        # sees one int whichever way the config was written.
+        for name in KV_HEAD_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, self.num_heads)
+            elif isinstance(value, np.integer):
+                object.__setattr__(self, name, int(value))
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -141,51 +206,24 @@ class T5Config:
                     f"T5Config.mlp_activations contains {act!r}; supported "
                     f"activations are {list(_ACTIVATIONS)}."
                 )
-        macros = {"num_kv_heads": "NUM_KV_HEADS", "encoder_num_kv_heads": "ENCODER_NUM_KV_HEADS"}
-        for name in ("num_kv_heads", "encoder_num_kv_heads"):
-            hint = f" (gin: --gin.{macros[name]}=...)"
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(
-                    f"T5Config.{name}={value!r} must be a positive integer "
-                    f"(1 = multi-query, {self.num_heads} = multi-head) or None{hint}."
-                )
-            if value > self.num_heads:
-                raise ValueError(
-                    f"T5Config.{name}={value} exceeds num_heads={self.num_heads}; "
-                    f"choose a divisor of {self.num_heads}: "
-                    f"{_divisors(self.num_heads)}{hint}."
-                )
-            if self.num_heads % value:
-                raise ValueError(
-                    f"num_heads={self.num_heads} is not divisible by "
-                    f"{name}={value}; choose a divisor of {self.num_heads}: "
-                    f"{_divisors(self.num_heads)}{hint}."
-                )
+        for name in KV_HEAD_FIELDS:
+            check_kv_heads(
+                self.num_heads, getattr(self, name), name=name,
+                hint=f" (gin: --gin.{KV_HEAD_MACROS[name]}=...)",
+            )
 
     # -------------------------------------------------------------- properties
-    @property
-    def decoder_kv_heads(self) -> int:
-        """Key/value heads of decoder self- and encoder-decoder attention."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def encoder_kv_heads(self) -> int:
-        """Key/value heads of encoder self-attention."""
-        return (
-            self.num_heads
-            if self.encoder_num_kv_heads is None
-            else self.encoder_num_kv_heads
-        )
-
     @property
     def activation_dtype(self) -> jnp.dtype:
         return resolve_dtype(self.dtype)
 
     def replace(self, **changes: Any) -> "T5Config":
-        """Returns a copy with `changes` applied (and validated)."""
+        """Returns a copy with `changes` applied (and validated).
+
+        The key/value head counts are kept as the ints they are: to change
+        `num_heads` and stay multi-head, pass `num_kv_heads=None` (and
+        `encoder_num_kv_heads=None`) with it.
+        """
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------ persistence

@@ -22,7 +22,7 @@ encoder input is all padding (filler rows that keep a batch at its compiled
 size) count as finished from the start, so they never delay the early exit.
 
 The split lets the benchmark time the encoder and the decoder separately
-(`gqa_t5x/experiments/benchmark.py`); `decode` runs all three. What to decode
+(`gqa_t5x/experiments/bench/benchmark.py`); `decode` runs all three. What to decode
 (method, length, EOS, sampling and beam settings) is one `DecodingSpec`,
 validated when it is built and passed whole:
 

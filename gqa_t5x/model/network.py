@@ -48,7 +48,7 @@ class EncoderLayer(nn.Module):
         x = layers.LayerNorm(dtype=dtype, name="pre_attention_layer_norm")(inputs)
         x = attention.MultiHeadDotProductAttention(
             num_heads=cfg.num_heads,
-            num_kv_heads=cfg.encoder_kv_heads,
+            num_kv_heads=cfg.encoder_num_kv_heads,
             head_dim=cfg.head_dim,
             out_features=cfg.emb_dim,
             dtype=dtype,
@@ -84,7 +84,7 @@ class DecoderLayer(nn.Module):
         dtype = resolve_dtype(cfg.dtype)
         common = dict(
             num_heads=cfg.num_heads,
-            num_kv_heads=cfg.decoder_kv_heads,
+            num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
             out_features=cfg.emb_dim,
             dtype=dtype,

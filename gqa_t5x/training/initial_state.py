@@ -26,14 +26,9 @@ import optax
 from gqa_t5x import checkpoints
 from gqa_t5x.model import models
 from gqa_t5x.model import param_tree
-from gqa_t5x.model.config import T5Config
+from gqa_t5x.model.config import KV_HEAD_MACROS, T5Config
 from gqa_t5x.training import partitioning
 from gqa_t5x.training import train_state as ts
-
-# The model gins' macros for config fields (gin/models/t5_1_1/common.gin),
-# named when a checkpoint disagrees with the model on one of them.
-_GIN_MACROS = {"num_kv_heads": "NUM_KV_HEADS", "encoder_num_kv_heads": "ENCODER_NUM_KV_HEADS"}
-
 
 def checkpoint_step(path: str) -> int:
     """The training step recorded in a checkpoint of any format (0 if none)."""
@@ -140,8 +135,11 @@ def _fields_changing_shapes(model: T5Config, found: T5Config) -> list[str]:
 
 def _describe(config: T5Config, field: str) -> str:
     value = getattr(config, field)
-    if value is None and field in _GIN_MACROS:  # None: as many as query heads.
-        return f"None (= num_heads {config.num_heads})"
+    if field in KV_HEAD_MACROS:
+        if value == config.num_heads:
+            return f"{value} (= num_heads, multi-head)"
+        if value == 1:
+            return "1 (multi-query)"
     return repr(value)
 
 
@@ -165,7 +163,7 @@ def check_param_shapes(
     ]
     causes = []
     for field in _fields_changing_shapes(config, reader.config):
-        macro = _GIN_MACROS.get(field)
+        macro = KV_HEAD_MACROS.get(field)  # the gin macro that sets it
         hint = f" (gin macro {macro})" if macro else ""
         causes.append(
             f"{field}: model gin {_describe(config, field)} vs checkpoint "

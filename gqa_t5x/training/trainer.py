@@ -472,7 +472,7 @@ def train(
                 f"[train] {origin}: step {start.step} -> {total_steps} "
                 f"({total_steps - start.step} steps), mesh "
                 f"{dict(partitioner.mesh.shape)}, batch {train_dataset_cfg.batch_size}, "
-                f"kv heads {model.config.decoder_kv_heads}/{model.config.num_heads}",
+                f"kv heads {model.config.num_kv_heads}/{model.config.num_heads}",
                 flush=True,
             )
         train_step = jax.jit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -88,7 +89,7 @@ def test_t5x_tiny_fixture_infers_config_and_matches_independent_msgpack_decode()
         assert (c.num_encoder_layers, c.num_decoder_layers, c.num_heads, c.head_dim) == (2, 2, 4, 3)
         assert (c.emb_dim, c.mlp_dim, c.vocab_size) == (8, 16, 32128)
         assert c.mlp_activations == ("gelu", "linear") and not c.logits_via_embedding
-        assert c.num_kv_heads is None and c.encoder_num_kv_heads is None
+        assert c.num_kv_heads == c.encoder_num_kv_heads == 4  # multi-head, as ints
         assert reader.keys() == list(param_tree.param_shapes(c))
         assert set(flat) == set(reader.keys())
         for key in reader.keys():
@@ -190,7 +191,7 @@ def test_gqa_key_value_widths_infer_num_kv_heads(tmp_path):
     flat = random_params(config, 3)
     ckpt = write_t5x_legacy(tmp_path / "checkpoint_0", flat)
     with checkpoints.open_checkpoint(ckpt) as reader:
-        assert reader.config.num_kv_heads == 2 and reader.config.encoder_num_kv_heads is None
+        assert reader.config.num_kv_heads == 2 and reader.config.encoder_num_kv_heads == SMALL.num_heads
         assert reader.shape("decoder/layers_1/encoder_decoder_attention/value/kernel") == (8, 6)
 
 
@@ -299,6 +300,86 @@ def test_save_then_open_is_bit_exact_and_records_config_and_step(tmp_path):
             assert got.dtype == np.float32
             assert got.tobytes() == flat[key].tobytes(), key
     assert sorted(os.listdir(out.parent)) == ["checkpoint_1050000"]  # no temp dirs left
+
+
+def test_an_old_checkpoint_that_recorded_null_kv_heads_opens_as_multi_head(tmp_path):
+    from gqa_t5x.checkpoints import native
+
+    flat = random_params(SMALL, 8)
+    out = tmp_path / "checkpoint_1"
+    checkpoints.save(out, SMALL, param_tree.unflatten(flat), step=1)
+    assert json.loads((out / native.CONFIG_JSON).read_text())["num_kv_heads"] == 4  # written as an int
+    # What checkpoints written while None was stored look like on disk.
+    manifest = json.loads((out / native.MANIFEST).read_text())
+    manifest["config"].update(num_kv_heads=None, encoder_num_kv_heads=None)
+    (out / native.MANIFEST).write_text(json.dumps(manifest))
+    record = json.loads((out / native.CONFIG_JSON).read_text())
+    record.update(num_kv_heads=None, encoder_num_kv_heads=None)
+    (out / native.CONFIG_JSON).write_text(json.dumps(record))
+    with checkpoints.open_checkpoint(out) as reader:
+        assert reader.config == SMALL and hash(reader.config) == hash(SMALL)
+        assert (reader.config.num_kv_heads, reader.config.encoder_num_kv_heads) == (4, 4)
+        np.testing.assert_array_equal(reader.read("token_embedder/embedding"), flat["token_embedder/embedding"])
+
+
+@needs_shared
+@pytest.mark.parametrize("kv_heads", ["None", "4"])
+def test_a_multi_head_checkpoint_equals_the_gin_config_with_none_or_num_heads(kv_heads):
+    import gin
+
+    from gqa_t5x import gin_config
+
+    try:
+        from_gin = gin_config.model_config_from_gin(
+            str(REPO / "gin/models/t5_1_1/tiny.gin"),
+            [f"NUM_KV_HEADS={kv_heads}", f"ENCODER_NUM_KV_HEADS={kv_heads}"],
+        )
+    finally:
+        gin.clear_config()
+    with checkpoints.open_checkpoint(TINY) as reader:
+        inferred = reader.config
+    # dtype and dropout are run settings the tensors cannot tell.
+    assert inferred == from_gin.replace(dtype=inferred.dtype, dropout_rate=inferred.dropout_rate)
+
+
+_NO_ALLOCATOR_TUNING_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys
+    import numpy as np
+    from gqa_t5x import checkpoints, runtime
+    from gqa_t5x.model import param_tree
+    from gqa_t5x.model.config import T5Config
+
+    config = T5Config(vocab_size=64, emb_dim=8, num_heads=4, head_dim=3, mlp_dim=16,
+                      num_encoder_layers=1, num_decoder_layers=1)
+    params = {k: np.ones(s, np.float32) for k, s in param_tree.param_shapes(config).items()}
+    loaded = []
+    real = ctypes.CDLL
+
+    def spy(name, *args, **kwargs):  # the C library is opened for nothing but mallopt
+        if name and str(name).rsplit("/", 1)[-1].startswith("libc.so"):
+            loaded.append(name)
+        return real(name, *args, **kwargs)
+
+    ctypes.CDLL = spy
+    checkpoints.save(sys.argv[1], config, param_tree.unflatten(params), step=1)
+    with checkpoints.open_checkpoint(sys.argv[1]) as reader:
+        reader.read("token_embedder/embedding")
+    checkpoints.load(sys.argv[1])
+    print(loaded, runtime._allocator_tuned)
+    """
+)
+
+
+def test_writing_and_opening_a_checkpoint_leave_the_process_allocator_alone(tmp_path):
+    """glibc tuning is `runtime.return_freed_buffers_to_os()`, for entry points to call."""
+    script = tmp_path / "no_tuning.py"
+    script.write_text(_NO_ALLOCATOR_TUNING_SCRIPT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "[] False", proc.stdout
 
 
 def test_our_format_is_restorable_by_orbax_for_training(tmp_path):
@@ -425,7 +506,7 @@ _STREAMING_SCRIPT = textwrap.dedent(
     """
     import resource, sys
     import numpy as np
-    from gqa_t5x import checkpoints
+    from gqa_t5x import checkpoints, runtime
     from gqa_t5x.model import param_tree
     from gqa_t5x.model.config import T5Config
 
@@ -435,6 +516,7 @@ _STREAMING_SCRIPT = textwrap.dedent(
     total = sum(int(np.prod(s)) * 4 for s in shapes.values())
     largest = max(int(np.prod(s)) * 4 for s in shapes.values())
     warm, src, dst = sys.argv[1:4]
+    runtime.return_freed_buffers_to_os()  # as the command line does; the library does not
 
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

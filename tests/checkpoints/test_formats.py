@@ -39,7 +39,7 @@ def check_t5_1_1_config(config: T5Config) -> None:
     assert (config.vocab_size, config.emb_dim, config.num_heads, config.head_dim) == (64, 8, 4, 3)
     assert (config.mlp_dim, config.num_encoder_layers, config.num_decoder_layers) == (16, 2, 3)
     assert config.mlp_activations == ("gelu", "linear")
-    assert config.num_kv_heads is None and config.encoder_num_kv_heads is None
+    assert config.num_kv_heads == config.encoder_num_kv_heads == 4  # multi-head, as ints
 
 
 @pytest.mark.parametrize("variant", ["safetensors", "sharded_safetensors", "pytorch_bin"])
@@ -138,7 +138,7 @@ def test_huggingface_gqa_weights_infer_num_kv_heads(hf_model, tmp_path):
     hf_config = dict(hf_model.config.to_dict(), scale_decoder_outputs=False)
     _write_safetensors(tmp_path / "gqa", state, hf_config)
     with checkpoints.open_checkpoint(tmp_path / "gqa") as reader:
-        assert reader.config.num_kv_heads == 2 and reader.config.encoder_num_kv_heads is None
+        assert reader.config.num_kv_heads == 2 and reader.config.encoder_num_kv_heads == 4
         np.testing.assert_array_equal(
             reader.read("decoder/layers_2/self_attention/key/kernel"),
             state["decoder.block.2.layer.0.SelfAttention.k.weight"].T,

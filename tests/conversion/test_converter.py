@@ -55,7 +55,7 @@ def test_t5x_fixture_mean_kv_is_group_mean_and_everything_else_untouched(t5x_tin
     config, params = t5x_tiny
     assert (config.num_heads, config.head_dim) == (4, 3)
     new_config, new_params = conversion.convert(config, params, groups)
-    assert new_config.decoder_kv_heads == groups and new_config.encoder_kv_heads == 4
+    assert new_config.num_kv_heads == groups and new_config.encoder_num_kv_heads == 4
     src, out = flat(params), flat(new_params)
     assert set(out) == set(param_tree.param_shapes(new_config))
     for path, value in out.items():
@@ -72,7 +72,7 @@ def test_t5x_fixture_streaming_to_same_num_kv_heads_is_bit_identical(t5x_tiny, t
 
     conversion.convert_checkpoint(T5X_TINY, tmp_path / "out", 4, method=method, progress=False)
     with checkpoints.open_checkpoint(T5X_TINY) as src, checkpoints.open_checkpoint(tmp_path / "out") as dst:
-        assert dst.config.decoder_kv_heads == 4 and dst.keys() == src.keys()
+        assert dst.config.num_kv_heads == 4 and dst.keys() == src.keys()
         for key in src.keys():
             a, b = src.read(key), dst.read(key)
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
@@ -89,7 +89,7 @@ def test_t5x_fixture_streaming_equals_in_memory_conversion(t5x_tiny, tmp_path, m
         source_step = src.step
     got_config, got = checkpoints.load(tmp_path / "gqa")
     assert returned == got_config
-    assert got_config.decoder_kv_heads == expected_config.decoder_kv_heads == groups
+    assert got_config.num_kv_heads == expected_config.num_kv_heads == groups
     for path, value in flat(expected).items():
         np.testing.assert_array_equal(flat(got)[path], value, err_msg=path)
     with checkpoints.open_checkpoint(tmp_path / "gqa") as dst:
@@ -171,7 +171,7 @@ def test_two_step_mean_equals_direct_mean_and_groups_stay_contiguous():
     mid_config, mid = conversion.convert(config, params, 4)
     two_config, two = conversion.convert(mid_config, mid, 2)
     _, direct = conversion.convert(config, params, 2)
-    assert two_config.decoder_kv_heads == 2
+    assert two_config.num_kv_heads == 2
     src = flat(params)
     for path, value in flat(direct).items():
         np.testing.assert_allclose(flat(two)[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
@@ -188,7 +188,7 @@ def test_convert_encoder_converts_encoder_attention_only_when_asked():
     key = "encoder/layers_1/attention/value/kernel"
     np.testing.assert_allclose(flat(out)[key], _group_mean(flat(params)[key], 8, 1), rtol=1e-6, atol=1e-7)
     default_config, default = conversion.convert(config, params, 2)
-    assert default_config.encoder_kv_heads == 4
+    assert default_config.encoder_num_kv_heads == 4
     np.testing.assert_array_equal(flat(default)[key], flat(params)[key])
 
 

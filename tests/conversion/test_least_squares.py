@@ -227,7 +227,7 @@ def test_lsq_converts_a_checkpoint_as_the_closed_form_on_each_layer(tmp_path):
     conversion.convert_checkpoint(source, tmp_path / "gqa", 2, method="lsq", calibration=str(stats_path),
                                   progress=False)
     got_config, got = checkpoints.load(tmp_path / "gqa")
-    assert got_config.decoder_kv_heads == 2 and got_config.encoder_kv_heads == 4
+    assert got_config.num_kv_heads == 2 and got_config.encoder_num_kv_heads == 4
     src, out = param_tree.flatten(params), param_tree.flatten(got)
     for prefix in ("decoder/layers_0/self_attention", "decoder/layers_1/encoder_decoder_attention"):
         kernels = {p: src[f"{prefix}/{p}/kernel"] for p in ("query", "key", "value", "out")}

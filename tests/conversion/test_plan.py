@@ -36,7 +36,7 @@ def test_decoder_only_plan_lists_every_decoder_self_and_cross_attention_and_no_e
     expected = {f"decoder/layers_{i}/{m}" for i in range(3) for m in ("self_attention", "encoder_decoder_attention")}
     assert set(plan.layers) == expected  # 3 decoder layers x 2 attentions, no encoder layer
     assert set(plan.layers.values()) == {(4, num_kv_heads)}
-    assert plan.target.decoder_kv_heads == num_kv_heads and plan.target.encoder_kv_heads == 4
+    assert plan.target.num_kv_heads == num_kv_heads and plan.target.encoder_num_kv_heads == 4
     assert (plan.source, plan.method, plan.seed) == (config, "mean", 3)
     # Everything but the kv head count is the source's.
     assert plan.target == config.replace(num_kv_heads=num_kv_heads)
@@ -46,14 +46,14 @@ def test_decoder_only_plan_lists_every_decoder_self_and_cross_attention_and_no_e
 def test_convert_encoder_adds_encoder_attention_with_its_own_head_count():
     config = _config()
     plan = cplan.plan_conversion(config, 1, convert_encoder=True, encoder_num_kv_heads=2)
-    assert plan.target.decoder_kv_heads == 1 and plan.target.encoder_kv_heads == 2
+    assert plan.target.num_kv_heads == 1 and plan.target.encoder_num_kv_heads == 2
     assert {k: v for k, v in plan.layers.items() if k.startswith("encoder/")} == {
         "encoder/layers_0/attention": (4, 2), "encoder/layers_1/attention": (4, 2)}
     assert len(plan.layers) == 2 + 6
     assert set(plan.layers) == _layers_whose_shapes_change(config, plan.target)
     # Without an explicit encoder count the encoder gets the decoder's.
     same = cplan.plan_conversion(config, 2, convert_encoder=True)
-    assert same.target.encoder_kv_heads == 2 and same.layers["encoder/layers_1/attention"] == (4, 2)
+    assert same.target.encoder_num_kv_heads == 2 and same.layers["encoder/layers_1/attention"] == (4, 2)
 
 
 def test_unchanged_head_counts_list_no_layer():

@@ -115,6 +115,58 @@ def test_shared_data_gin_runs_tasks_offline_from_the_repository_root(monkeypatch
     assert len(c4[0]["inputs"]) == 512
 
 
+# ---------------------------- data locations in gin ---------------------------
+
+# `tasks.<name>.` or `gqa_t5x.data.tasks.<name>.` in a gin file (bindings and
+# the examples in comments alike).
+_TASKS_REFERENCE = re.compile(r"(?<![\w/])(?:gqa_t5x\.data\.)?tasks\.([A-Za-z_]\w*)\.")
+
+
+def _gin_files():
+    return sorted(p for folder in ("gin", "configs") for p in (REPO / folder).rglob("*.gin"))
+
+
+def test_every_builtin_location_is_defined_by_name_in_the_module_source():
+    source = Path(tasks.__file__).read_text()
+    locations = {s.source.location for s in task_table.BUILTIN_TASKS}
+    assert len(locations) == 9
+    for location in sorted(locations):
+        # Greppable: `cnn_dailymail_data = define_location("cnn_dailymail_data")`.
+        assert re.search(rf'^{location} = define_location\("{location}"\)$', source, re.M), location
+        configurable = getattr(tasks, location)
+        assert gin.get_configurable(f"gqa_t5x.data.tasks.{location}") is configurable
+        assert location in tasks.__doc__
+    assert "setattr" not in source
+
+
+def test_every_tasks_configurable_a_gin_file_references_exists():
+    referenced = {}
+    for path in _gin_files():
+        for name in _TASKS_REFERENCE.findall(path.read_text()):
+            referenced.setdefault(name, path.relative_to(REPO).as_posix())
+    assert {"c4_data", "cnn_dailymail_data", "corpus_data", "mediasum_data"} <= set(referenced)
+    for name, where in sorted(referenced.items()):
+        assert callable(getattr(tasks, name, None)), f"{where} references tasks.{name}"
+        gin.get_configurable(f"gqa_t5x.data.tasks.{name}")  # raises when unknown
+
+
+def test_configs_binding_locations_through_dynamic_registration_parse(monkeypatch):
+    monkeypatch.chdir(REPO)
+    gin.parse_config_file(str(REPO / "configs" / "finetune_cnn_sample.gin"))
+    assert tasks.cnn_dailymail_data().files["train"].endswith("validation.jsonl")
+
+
+def test_define_location_registers_a_configurable_without_adding_module_names():
+    name = "test_only_defined_data"
+    location = tasks.define_location(name)
+    assert tasks.define_location(name) is location
+    assert not hasattr(tasks, name)
+    gin.bind_parameter(f"gqa_t5x.data.tasks.{name}.files", {"validation": "/data/x.jsonl"})
+    assert location().files == {"validation": "/data/x.jsonl"}
+    with pytest.raises(ValueError, match="would shadow gqa_t5x.data.tasks.define_location"):
+        tasks.define_location("define_location")
+
+
 # ------------------------------ TFDS (mocked) --------------------------------
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import gin
+import numpy as np
 import pytest
 
 from gqa_t5x import gin_config
-from gqa_t5x.model.config import T5Config
+from gqa_t5x.model.config import T5Config, check_kv_heads
 
 
 def _small_config(num_kv_heads: int | None, **kw) -> T5Config:
@@ -71,14 +74,14 @@ def test_model_gins_have_the_papers_shapes(size, shape):
     assert (config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim) == (emb, heads, head_dim, mlp)
     assert config.num_encoder_layers == config.num_decoder_layers == layers
     assert config.vocab_size == 32128 and config.mlp_activations == ("gelu", "linear")
-    assert config.decoder_kv_heads == heads and config.encoder_kv_heads == heads  # MHA by default
+    assert config.num_kv_heads == heads and config.encoder_num_kv_heads == heads  # MHA by default
 
 
 def test_num_kv_heads_is_chosen_from_the_command_line():
     config = gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin", ["NUM_KV_HEADS=8"])
-    assert config.decoder_kv_heads == 8 and config.encoder_kv_heads == 64
+    assert config.num_kv_heads == 8 and config.encoder_num_kv_heads == 64
     mqa = gin_config.model_config_from_gin("gin/models/t5_1_1/large.gin", ["NUM_KV_HEADS=1", "ACTIVATION_DTYPE='float32'"])
-    assert mqa.decoder_kv_heads == 1 and mqa.dtype == "float32"
+    assert mqa.num_kv_heads == 1 and mqa.dtype == "float32"
     with pytest.raises(ValueError, match="NUM_KV_HEADS"):
         gin_config.model_config_from_gin("gin/models/t5_1_1/small.gin", ["NUM_KV_HEADS=4"])
 
@@ -86,3 +89,71 @@ def test_num_kv_heads_is_chosen_from_the_command_line():
 def test_missing_gin_file_is_named():
     with pytest.raises(FileNotFoundError, match="no_such.gin"):
         gin_config.model_config_from_gin("gin/models/t5_1_1/no_such.gin")
+
+
+# ------------------------------------------------- key/value heads: always int
+
+
+def _kv(**kv_heads) -> T5Config:
+    """The 4-head small config with the given key/value head fields."""
+    return _small_config(kv_heads.pop("num_kv_heads", None), **kv_heads)
+
+
+@pytest.mark.parametrize("field", ["num_kv_heads", "encoder_num_kv_heads"])
+def test_none_kv_heads_become_num_heads_with_equal_configs_hashes_and_json(field):
+    implicit = _kv(**{field: None})
+    explicit = _kv(num_kv_heads=4, encoder_num_kv_heads=4)
+    assert getattr(implicit, field) == 4 and type(getattr(implicit, field)) is int
+    assert implicit == explicit and hash(implicit) == hash(explicit)
+    assert implicit.to_json() == explicit.to_json()
+    assert json.loads(implicit.to_json())[field] == 4
+    assert {implicit: "cached"}[explicit] == "cached"  # lru_cache / flax attribute keys
+
+
+def test_numpy_integer_kv_heads_are_stored_as_python_ints():
+    config = _small_config(np.int64(2), encoder_num_kv_heads=np.int32(1))
+    assert (config.num_kv_heads, config.encoder_num_kv_heads) == (2, 1)
+    assert type(config.num_kv_heads) is int and config == _small_config(2, encoder_num_kv_heads=1)
+
+
+def test_replace_with_none_means_multi_head_of_the_new_num_heads():
+    gqa = _small_config(2)
+    assert gqa.replace(num_kv_heads=None).num_kv_heads == 4
+    wider = gqa.replace(num_heads=8, num_kv_heads=None, encoder_num_kv_heads=None)
+    assert (wider.num_kv_heads, wider.encoder_num_kv_heads) == (8, 8)
+
+
+@pytest.mark.parametrize("field", ["num_kv_heads", "encoder_num_kv_heads"])
+@pytest.mark.parametrize("value", [0, -1, -4, 3, 5, 8, 2.0, "2", True])
+def test_every_invalid_kv_head_count_names_the_field_and_lists_the_divisors(field, value):
+    with pytest.raises(ValueError) as raised:
+        _kv(**{field: value})
+    message = str(raised.value)
+    assert f"{field}={value!r}" in message, message
+    assert "choose a divisor of 4: [1, 2, 4]" in message, message
+    macro = {"num_kv_heads": "NUM_KV_HEADS", "encoder_num_kv_heads": "ENCODER_NUM_KV_HEADS"}[field]
+    assert f"--gin.{macro}=" in message, message
+
+
+def test_check_kv_heads_is_the_shared_check_for_counts_outside_a_config():
+    assert check_kv_heads(16, 8) == 8 and type(check_kv_heads(16, np.int64(4))) is int
+    with pytest.raises(ValueError, match=r"^num_heads=16 is not divisible by --num_kv_heads=6; "
+                                         r"choose a divisor of 16: \[1, 2, 4, 8, 16\]\.$"):
+        check_kv_heads(16, 6, name="--num_kv_heads")
+    with pytest.raises(ValueError, match=r"G=None must be a positive integer"):
+        check_kv_heads(16, None, name="G")
+
+
+def test_a_config_json_that_recorded_null_kv_heads_loads_as_multi_head():
+    record = json.loads(_small_config(2).to_json())
+    record.update(num_kv_heads=None, encoder_num_kv_heads=None)
+    config = T5Config.from_json(json.dumps(record))
+    assert (config.num_kv_heads, config.encoder_num_kv_heads) == (4, 4)
+    assert config == _small_config(4)
+
+
+@pytest.mark.parametrize("macro", ["None", "64"])
+def test_gin_none_and_num_heads_build_the_same_config(macro):
+    config = gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin", [f"NUM_KV_HEADS={macro}"])
+    assert config == gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin")
+    assert config.num_kv_heads == 64 and config.encoder_num_kv_heads == 64

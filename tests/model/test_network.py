@@ -73,13 +73,13 @@ def _small_config(num_kv_heads: int | None, **kw) -> T5Config:
 
 def _repeat_kv_to_mha(config: T5Config, params) -> dict:
     """MHA params whose key/value kernels repeat each GQA kv head per group."""
-    group = config.num_heads // config.decoder_kv_heads
+    group = config.num_heads // config.num_kv_heads
     flat = param_tree.flatten(jax.tree_util.tree_map(np.asarray, params))
     out = {}
     for path, value in flat.items():
         if path.startswith("decoder/layers_") and ("/key/" in path or "/value/" in path):
             emb = value.shape[0]
-            heads = value.reshape(emb, config.decoder_kv_heads, config.head_dim)
+            heads = value.reshape(emb, config.num_kv_heads, config.head_dim)
             value = np.repeat(heads, group, axis=1).reshape(emb, config.num_heads * config.head_dim)
         out[path] = value
     return param_tree.unflatten(out)

@@ -74,7 +74,7 @@ def test_convert_gs_to_gs_reads_back_and_exports_from_gs(gcs_emulator, gcs_dir, 
     names = objects(gcs_emulator, output)
     assert "gqa_t5x_checkpoint.json" in names and storage.WRITER_FILE not in names
     with checkpoints.open_checkpoint(output) as remote, checkpoints.open_checkpoint(local) as reference:
-        assert (remote.format, remote.step, remote.config.decoder_kv_heads) == ("gqa_t5x", 1000, 2)
+        assert (remote.format, remote.step, remote.config.num_kv_heads) == ("gqa_t5x", 1000, 2)
         assert remote.manifest["params"] == reference.manifest["params"]  # every shape and crc32
         key = "decoder/layers_0/self_attention/key/kernel"  # a converted one, read (and checked) from gs://
         np.testing.assert_array_equal(remote.read(key), reference.read(key))
@@ -111,7 +111,7 @@ def test_killed_convert_on_gs_is_refused_then_cleaned_by_the_rerun(gcs_emulator,
     names = objects(gcs_emulator, output)
     assert storage.WRITER_FILE not in names and "gqa_t5x_checkpoint.json" in names
     with checkpoints.open_checkpoint(output) as reader:
-        assert reader.config.decoder_kv_heads == 2
+        assert reader.config.num_kv_heads == 2
 
 
 # ------------------------------------------------------ sweep and report

@@ -326,7 +326,7 @@ def test_parameter_shapes_are_compared_and_the_differing_field_and_macro_named()
         initial_state.check_param_shapes(T5Config(num_heads=4, num_kv_heads=2),
                                          _ShapesOnly(mha_implicit), "ckpt")
     message = str(raised.value)
-    assert "num_kv_heads: model gin 2 vs checkpoint None (= num_heads 4) (gin macro NUM_KV_HEADS)" in message
+    assert "num_kv_heads: model gin 2 vs checkpoint 4 (= num_heads, multi-head) (gin macro NUM_KV_HEADS)" in message
     assert "decoder/layers_0/self_attention/key/kernel: model (512, 128) vs checkpoint (512, 256)" in message
     with pytest.raises(ValueError, match=r"mlp_dim: model gin 1024 vs checkpoint 2048(?! \(gin)"):
         initial_state.check_param_shapes(T5Config(num_heads=4, mlp_dim=1024),

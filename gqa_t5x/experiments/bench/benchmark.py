@@ -275,7 +275,7 @@ def attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, repeats:
     Returns:
       GB/s of K + V bytes, fastest of `repeats` passes over the caches.
     """
-    g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
+    g, h, d = config.num_kv_heads, config.num_heads, config.head_dim
     rng = np.random.default_rng(0)
     query = jnp.asarray(rng.random((batch, 1, h, d), np.float32))  # [batch, 1, heads, head_dim]
     one, copies = _cold_caches(batch, g, d, kv_len, working_set_mb)
@@ -306,7 +306,7 @@ def torch_attention_core_bandwidth(config: T5Config, batch: int, kv_len: int, re
     """
     import torch
 
-    g, h, d = config.decoder_kv_heads, config.num_heads, config.head_dim
+    g, h, d = config.num_kv_heads, config.num_heads, config.head_dim
     gen = torch.Generator().manual_seed(0)
     query = torch.rand((batch, g, h // g, d), generator=gen)  # [batch, kv_heads, group, head_dim]
     one, copies = _cold_caches(batch, g, d, kv_len, working_set_mb)

@@ -121,7 +121,7 @@ def _logits_weights(cfg: T5Config) -> int:
 def encoder_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int = _F32) -> PhaseCost:
     """Bytes and FLOPs of encoding `batch` inputs of `input_length` tokens."""
     tokens = batch * input_length
-    per_layer = _attention_weights(cfg, cfg.encoder_kv_heads) + _mlp_weights(cfg)
+    per_layer = _attention_weights(cfg, cfg.encoder_num_kv_heads) + _mlp_weights(cfg)
     norms = (2 * cfg.num_encoder_layers + 1) * cfg.emb_dim
     relpos = cfg.num_heads * cfg.relative_attention_num_buckets
     weights = cfg.num_encoder_layers * per_layer + norms + relpos
@@ -133,7 +133,7 @@ def encoder_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int = _
 
 def cache_build_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int = _F32) -> PhaseCost:
     """Bytes and FLOPs of projecting the cross-attention keys/values once."""
-    kv_width = cfg.decoder_kv_heads * cfg.head_dim
+    kv_width = cfg.num_kv_heads * cfg.head_dim
     kernels = cfg.num_decoder_layers * 2 * cfg.emb_dim * kv_width
     encoded = batch * input_length * cfg.emb_dim
     cache = cfg.num_decoder_layers * 2 * batch * input_length * kv_width
@@ -151,7 +151,7 @@ def decode_step_weights(cfg: T5Config) -> int:
     gathers are counted with the activations.
     """
     e, hd = cfg.emb_dim, cfg.num_heads * cfg.head_dim
-    per_layer = 3 * e + _attention_weights(cfg, cfg.decoder_kv_heads) + 2 * e * hd + _mlp_weights(cfg)
+    per_layer = 3 * e + _attention_weights(cfg, cfg.num_kv_heads) + 2 * e * hd + _mlp_weights(cfg)
     relpos = cfg.num_heads * cfg.relative_attention_num_buckets
     return cfg.num_decoder_layers * per_layer + relpos + e + _logits_weights(cfg)
 
@@ -172,7 +172,7 @@ def decode_step_cost(cfg: T5Config, batch: int, input_length: int, output_length
       The average step's cost.
     """
     rows = batch * beam_size
-    kv_width = cfg.decoder_kv_heads * cfg.head_dim
+    kv_width = cfg.num_kv_heads * cfg.head_dim
     layers = cfg.num_decoder_layers
     mean_self = (output_length + 1) / 2
     self_cache = layers * 2 * rows * kv_width * (mean_self + 1)  # read the prefix, write one position
@@ -205,7 +205,7 @@ def forward_flops(cfg: T5Config, batch: int, input_length: int, target_length: i
     """
     enc_tokens, dec_tokens = batch * input_length, batch * target_length
     q_o = 2 * cfg.emb_dim * cfg.num_heads * cfg.head_dim
-    kv = 2 * cfg.emb_dim * cfg.decoder_kv_heads * cfg.head_dim
+    kv = 2 * cfg.emb_dim * cfg.num_kv_heads * cfg.head_dim
     encoder = encoder_cost(cfg, batch, input_length).flops
     per_layer = (2 * dec_tokens * (q_o + kv + q_o + _mlp_weights(cfg))  # self q/k/v/o, cross q/o, MLP
                  + 2 * enc_tokens * kv  # cross k/v from the encoder output

@@ -225,8 +225,10 @@ def write_gins(data: StudyData, settings: StudySettings, corpus: dict[str, str],
 from __gin__ import dynamic_registration
 from gqa_t5x.model import network
 import gqa_t5x.data.tasks
+import gqa_t5x.data.vocabularies
 
 VOCAB_PATH = {json.dumps(str(vocab))}
+gqa_t5x.data.vocabularies.vocabulary_path.path = %VOCAB_PATH
 ACTIVATION_DTYPE = 'float32'
 {where}
 

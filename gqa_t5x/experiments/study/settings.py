@@ -25,6 +25,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from gqa_t5x.model.config import check_kv_heads
+
 # Conversion methods whose result depends on the seed.
 SEEDED_METHODS: frozenset[str] = frozenset({"random"})
 
@@ -180,9 +182,10 @@ class StudySettings:
 
     def validate(self) -> None:
         """Checks the settings; raises ValueError naming the field."""
-        if self.num_heads % self.gqa_kv_heads or not 1 < self.gqa_kv_heads < self.num_heads:
-            raise ValueError(f"gqa_kv_heads={self.gqa_kv_heads} must divide num_heads={self.num_heads} and "
-                             "lie strictly between 1 (MQA) and num_heads (MHA).")
+        check_kv_heads(self.num_heads, self.gqa_kv_heads, name="gqa_kv_heads")
+        if not 1 < self.gqa_kv_heads < self.num_heads:
+            raise ValueError(f"gqa_kv_heads={self.gqa_kv_heads} must lie strictly between 1 (MQA) and "
+                             f"num_heads={self.num_heads} (MHA).")
         for field in ("methods", "gqa_methods"):
             value = getattr(self, field)
             if value is not None and "mean" not in value:

@@ -35,6 +35,7 @@ import gin
 from gqa_t5x import gin_config
 from gqa_t5x.data import task_table
 from gqa_t5x.experiments import stages
+from gqa_t5x.model.config import check_kv_heads
 from gqa_t5x.storage import paths
 from gqa_t5x.storage.paths import Path
 
@@ -96,11 +97,8 @@ class SweepSpec:
         if not self.base_checkpoint:
             raise ValueError("SweepSpec.base_checkpoint is required (gin: gqa_t5x.experiments.sweeps.sweep.SweepSpec.base_checkpoint).")
         for g in self.num_kv_heads:
-            if g < 1 or num_heads % g:
-                raise ValueError(
-                    f"SweepSpec.num_kv_heads contains {g}, which does not divide "
-                    f"num_heads={num_heads} of {self.model_gin}."
-                )
+            check_kv_heads(num_heads, g, name="SweepSpec.num_kv_heads",
+                           hint=f" ({self.model_gin} has num_heads={num_heads})")
         unknown = sorted(set(self.methods) - set(conversion.METHODS))
         if unknown:
             raise ValueError(f"SweepSpec.methods has unknown method(s) {unknown}; known: {list(conversion.METHODS)}.")

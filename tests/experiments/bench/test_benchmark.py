@@ -222,7 +222,7 @@ def test_batch_is_halved_until_the_memory_estimate_fits():
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--num_kv_heads", "3"], "--num_kv_heads 3 does not divide num_heads=4"),
+        (["--num_kv_heads", "3"], "num_heads=4 is not divisible by --num_kv_heads=3; choose a divisor of 4: [1, 2, 4]"),
         (["--repeats", "0"], "--repeats=0 must be >= 1"),
         (["--memory_fraction", "2"], "--memory_fraction=2.0 must be in"),
         (["--num_partitions", "3"], "--num_partitions=3 must divide the number of devices (1: cpu)"),

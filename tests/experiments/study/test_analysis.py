@@ -122,7 +122,7 @@ def test_report_renders_every_claim_and_figure(tmp_path):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(gqa_kv_heads=3), "must divide num_heads"),
+    (dict(gqa_kv_heads=3), r"num_heads=8 is not divisible by gqa_kv_heads=3; choose a divisor of 8"),
     (dict(methods=("first", "random")), "must include 'mean'"),
     (dict(ablation_alpha=0.2), "must be one of alphas"),
     (dict(pretrain_steps=410), "whole number of steps"),

@@ -34,7 +34,7 @@ def test_expand_gives_one_mha_point_plus_groups_times_methods_times_alphas():
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(num_kv_heads=(3,)), "does not divide num_heads=4"),
+        (dict(num_kv_heads=(3,)), r"num_heads=4 is not divisible by SweepSpec.num_kv_heads=3; choose a divisor of 4: \[1, 2, 4\]"),
         (dict(methods=("median",)), "unknown method"),
         (dict(tasks=("squad",)), "unknown task"),
         (dict(base_checkpoint=""), "base_checkpoint is required"),
