@@ -88,14 +88,8 @@ def plot_methods(results: dict, path: Path) -> None:
         ax.set_xticks(range(len(s["methods"])), s["methods"])
         ax.set(ylabel="held-out loss (lower is better)", title=f"this study, alpha = {alpha:g}")
         ax.legend(fontsize=8)
-    ref = axes[-1]
-    names = list(paper.CONVERSION_METHODS)
-    ref.bar(range(len(names)), [paper.CONVERSION_METHODS[n] for n in names], color="gray")
-    ref.axhline(paper.CONVERSION_MHA_LARGE, linestyle="--", color="black", label="MHA-Large")
-    ref.set_xticks(range(len(names)), names)
-    ref.set_ylim(min(paper.CONVERSION_METHODS.values()) - 0.5, paper.CONVERSION_MHA_LARGE + 0.3)
-    ref.set(ylabel="average score (higher is better)", title="paper: T5-Large -> MQA, alpha 0.05")
-    ref.legend(fontsize=8)
+    report_figures.paper_methods_panel(axes[-1], "paper: T5-Large -> MQA, alpha 0.05",
+                                       "average score (higher is better)")
     report_figures.save_figure(fig, path)
 
 
@@ -113,12 +107,7 @@ def plot_alpha(results: dict, path: Path) -> None:
         ours.axhline(mha[0][_primary(results)]["mean"], color="gray", linestyle="--", label="MHA (alpha 0)")
     ours.set(xlabel="uptraining proportion alpha", ylabel="held-out loss (lower is better)", title="this study")
     ours.legend(fontsize=8)
-    for label, curve in paper.ALPHA_CURVES.items():
-        xs = sorted(curve)
-        ref.plot(xs, [curve[x] for x in xs], marker="o", label=label)
-    ref.axhline(paper.ALPHA_MHA_LINE, color="gray", linestyle="--", label="MHA")
-    ref.set(xlabel="uptraining proportion alpha", ylabel="average score (higher is better)", title="paper (T5-XXL)")
-    ref.legend(fontsize=8)
+    report_figures.paper_alpha_panel(ref)
     report_figures.save_figure(fig, path)
 
 

@@ -249,12 +249,7 @@ def plot_alpha(results: Sequence[dict[str, Any]], path: Path) -> None:
     ours.set(xlabel="uptraining proportion alpha", ylabel="average score", title="this run")
     if ours.get_legend_handles_labels()[0]:
         ours.legend(fontsize=8)
-    for label, curve in paper.ALPHA_CURVES.items():
-        alphas = sorted(curve)
-        ref.plot(alphas, [curve[a] for a in alphas], marker="o", label=label)
-    ref.axhline(paper.ALPHA_MHA_LINE, color="gray", linestyle="--", label="MHA")
-    ref.set(xlabel="uptraining proportion alpha", ylabel="CNN/MultiNews/TriviaQA avg", title="paper (T5-XXL)")
-    ref.legend(fontsize=8)
+    figures.paper_alpha_panel(ref, "CNN/MultiNews/TriviaQA avg")
     _save(fig, path)
 
 
@@ -271,14 +266,7 @@ def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
     ours.bar(range(len(labels)), [_mean(bars[k]) for k in labels])
     ours.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ours.set(ylabel="average score", title="this run")
-    names = list(paper.CONVERSION_METHODS)
-    ref.bar(range(len(names)), [paper.CONVERSION_METHODS[n] for n in names], color="gray")
-    ref.axhline(paper.CONVERSION_MHA_LARGE, linestyle="--", color="black", label="MHA-Large")
-    ref.set_xticks(range(len(names)), names)
-    lo = min(paper.CONVERSION_METHODS.values()) - 0.5
-    ref.set_ylim(lo, paper.CONVERSION_MHA_LARGE + 0.3)
-    ref.set(ylabel="average score", title="paper (T5-Large -> MQA)")
-    ref.legend(fontsize=8)
+    figures.paper_methods_panel(ref)
     _save(fig, path)
 
 
