@@ -365,11 +365,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
     spec.validate(num_heads)
     points = sweep.expand(spec, num_heads)
     print(f"Sweep {spec.name!r}: {len(points)} points -> {args.output}")
-    if args.mode == "local":  # points with the same shapes (every method at one G) compile once
-        from gqa_t5x import runtime
-        from gqa_t5x.storage import paths
-
-        runtime.enable_compilation_cache(paths.as_path(args.output, name="--output") / ".jax_cache")
+    if args.mode == "local":
+        _compilation_cache(args.output)
     runner = sweep.Runner(spec, args.output, mode=args.mode, launcher=args.launcher)
     results, failed = runner.run(points)
     if args.mode == "local":
@@ -382,15 +379,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return errors.EXIT_FAILURE if failed else 0
 
 
-# --------------------------------------------------------------- quickstart
-def _study_compilation_cache(output: str) -> None:
-    """The study's many runs of one model shape compile once (OUTPUT/.jax_cache, local)."""
+def _compilation_cache(output: str) -> None:
+    """Runs of one model shape (a sweep's points, the study's stages) compile once: OUTPUT/.jax_cache."""
     from gqa_t5x import runtime
     from gqa_t5x.storage import paths
 
-    runtime.enable_compilation_cache(os.path.join(paths.local_file(output, purpose="the study's runs"), ".jax_cache"))
+    runtime.enable_compilation_cache(paths.as_path(output, name="--output") / ".jax_cache")
 
 
+# --------------------------------------------------------------- quickstart
 def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="quickstart_out", help="Output directory (default: ./quickstart_out).")
     parser.add_argument("--reduced", action="store_true", help="A seconds-scale run (what the tests use).")
@@ -401,7 +398,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
 
     settings = quickstart.reduced_settings() if args.reduced else None
     command = f"{PROG} quickstart --output {args.output}" + (" --reduced" if args.reduced else "")
-    _study_compilation_cache(args.output)
+    _compilation_cache(args.output)
     quickstart.run_quickstart(args.output, settings, command=command)
     return 0
 
@@ -433,7 +430,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
                         *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
                         *(["--report_dir", args.report_dir] if args.report_dir else []),
                         *(["--reduced"] if args.reduced else [])])
-    _study_compilation_cache(args.output)
+    _compilation_cache(args.output)
     reproduction.run_study(args.output, settings=settings, seeds=args.seeds, pretrain_seed=args.pretrain_seed,
                            shared_dir=args.shared_dir, report_dir=args.report_dir, command=command)
     return 0

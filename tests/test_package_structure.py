@@ -137,3 +137,46 @@ def test_application_finder_sees_a_crossing():
     graph = _graph()
     assert "gqa_t5x.experiments.stages" in graph["gqa_t5x.experiments.study.stages"]
     assert "gqa_t5x.experiments.stages" in graph["gqa_t5x.experiments.sweeps.sweep"]
+
+
+# docs/architecture.md's layering: what each part may import (besides itself).
+ALLOWED = {
+    "errors": set(),
+    "storage": {"errors"},
+    "model": {"errors"},
+    "data": {"storage", "errors"},
+    "checkpoints": {"model", "storage", "errors"},
+    "gin_config": {"model", "errors"},
+    "runtime": {"storage"},
+    "conversion": {"checkpoints", "model", "storage", "errors"},
+    "training": {"checkpoints", "data", "model", "storage", "errors"},
+    "launcher": {"gin_config", "storage", "errors"},
+    "experiments": {"launcher", "checkpoints", "data", "model", "storage", "errors"},
+    "experiments.bench": {"experiments", "conversion", "training", "checkpoints", "model", "storage", "errors"},
+    "experiments.sweeps": {"experiments", "conversion", "data", "gin_config", "model", "storage", "errors"},
+    "experiments.study": {"experiments", "conversion", "checkpoints", "data", "gin_config", "model", "storage",
+                          "errors"},
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")[1:]
+    if not parts:
+        return ""
+    if parts[0] == "experiments" and len(parts) > 2:
+        return f"experiments.{parts[1]}"
+    return parts[0]
+
+
+def test_every_part_imports_only_the_layers_docs_architecture_draws():
+    graph = _graph()
+    extra = set()
+    for module, deps in graph.items():
+        part = _part(module)
+        if part not in ALLOWED:
+            continue  # cli, main, __main__: the entry points import everything
+        for dep in deps:
+            if (target := _part(dep)) and target != part and target not in ALLOWED[part]:
+                extra.add((module, dep))
+    assert extra == set()
+    assert set(ALLOWED) >= {_part(m) for m in graph} - {"", "cli", "main", "__main__"}
