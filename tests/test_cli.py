@@ -91,6 +91,7 @@ def test_gin_entry_point_converts_like_the_flags(tmp_path, capsys):
         np.testing.assert_array_equal(flat(a)[path], value)
 
 
+@pytest.mark.slow
 def test_python_dash_m_main_run_mode_convert_runs_in_a_fresh_process(tmp_path):
     if not T5X_TINY.exists():
         pytest.skip(f"T5X fixture not found at {T5X_TINY}")

@@ -122,6 +122,7 @@ def uptrained(converted, shared_dir):
     return model_dir, proc
 
 
+@pytest.mark.slow
 def test_uptrain_on_c4_sample_from_converted_checkpoint_lowers_the_loss(uptrained):
     model_dir, proc = uptrained
     assert "checkpoint_1000: step 1000 -> 1040" in proc.stdout
@@ -151,6 +152,7 @@ def finetuned(uptrained, shared_dir):
     return model_dir, proc
 
 
+@pytest.mark.slow
 def test_finetune_on_cnn_sample_writes_rouge_and_keeps_the_best_checkpoint(finetuned):
     model_dir, proc = finetuned
     lines = (model_dir / "eval" / "gqa_cnn_dailymail-metrics.jsonl").read_text().splitlines()
@@ -164,6 +166,7 @@ def test_finetune_on_cnn_sample_writes_rouge_and_keeps_the_best_checkpoint(finet
     assert "best         gqa_cnn_dailymail/rouge1" in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_run_mode_scores_a_training_checkpoint(finetuned, shared_dir, tmp_path):
     model_dir, _ = finetuned
     cnn = shared_dir / "data" / "cnn_dailymail" / "validation.jsonl"
@@ -190,6 +193,7 @@ def _train_in_process(model_dir: Path, initial: Path, shared: Path, *flags: str)
     ])
 
 
+@pytest.mark.slow
 def test_rejected_relaunch_keeps_the_record_and_accepted_ones_keep_history(converted, shared_dir, tmp_path, capsys):
     model_dir = tmp_path / "run"
     initial = converted / "gqa" / "checkpoint_1000"
@@ -225,6 +229,7 @@ def test_configuration_errors_are_one_line_with_exit_status_2(converted, shared_
     assert not (tmp_path / "run" / "config.gin").exists()
 
 
+@pytest.mark.slow
 def test_python_dash_m_main_reports_a_bad_head_count_in_one_line(converted, tmp_path):
     proc = launch(f"--gin_file={TINY}", "--gin_file=gin/runs/uptrain.gin", "--gin.NUM_KV_HEADS=3",
                   f"--gin.INITIAL_CHECKPOINT_PATH='{converted / 'gqa' / 'checkpoint_1000'}'",
@@ -236,6 +241,7 @@ def test_python_dash_m_main_reports_a_bad_head_count_in_one_line(converted, tmp_
 
 
 @pytest.mark.parametrize("fault", ["missing_field", "not_json"])
+@pytest.mark.slow
 def test_a_data_error_ends_the_process_promptly_every_time(converted, shared_dir, tmp_path, fault):
     """Ten fine-tunes on a broken JSONL each exit non-zero within 30 s, with one message.
 

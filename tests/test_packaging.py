@@ -80,6 +80,7 @@ def _run(argv: list, cwd: Path, env: dict[str, str], timeout: float = 900) -> su
 
 
 @pytest.mark.slow
+@pytest.mark.study
 def test_wheel_in_a_fresh_venv_runs_bench_and_quickstart_outside_the_checkout(tmp_path):
     expected = _checkout_gin_files()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GQA_T5X_SHARED", "PIP_REQUIRE_VIRTUALENV")}

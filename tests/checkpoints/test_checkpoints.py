@@ -543,6 +543,7 @@ _STREAMING_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_writer_and_reader_stream_one_parameter_at_a_time(tmp_path):
     """Writing and copying a 320 MB checkpoint raise peak memory by far less than its size."""
     script = tmp_path / "stream.py"

@@ -62,7 +62,8 @@ def test_export_of_unconverted_hf_model_reproduces_hf_logits(hf_source, tmp_path
     assert masked_max_diff(hf_logits(reloaded, batch), hf_logits(model, batch), batch[2]) == 0.0
 
 
-@pytest.mark.parametrize("groups,method", [(1, "mean"), (2, "mean"), (2, "align")])
+@pytest.mark.parametrize("groups,method", [pytest.param(1, "mean", marks=pytest.mark.slow),
+                                           pytest.param(2, "mean", marks=pytest.mark.slow), (2, "align")])
 def test_exported_gqa_model_gives_our_gqa_logits_in_huggingface(hf_source, tmp_path, groups, method):
     _, config, params = hf_source
     gqa_config, gqa_params = conversion.convert(config, params, groups, method=method)
@@ -140,7 +141,9 @@ def _activation_cases() -> list[tuple[str, ...]]:
     return [(a,) for a in names] + [(a, "linear") for a in names]
 
 
-@pytest.mark.parametrize("activations", _activation_cases(), ids="-".join)
+@pytest.mark.parametrize("activations", [  # the fast tier: gated GELU (T5.1.1) and ReLU (T5)
+    pytest.param(c, marks=() if c in (("gelu", "linear"), ("relu",)) else pytest.mark.slow) for c in _activation_cases()],
+    ids="-".join)
 def test_every_activation_round_trips_through_a_huggingface_export(tmp_path, activations):
     from gqa_t5x import checkpoints
     from gqa_t5x.model import layers

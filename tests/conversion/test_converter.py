@@ -160,6 +160,7 @@ def test_random_is_seeded_fresh_t5x_init_with_fan_in_variance():
     assert abs(samples.mean()) < 0.01
 
 
+@pytest.mark.slow
 def test_two_step_mean_equals_direct_mean_and_groups_stay_contiguous():
     """8 -> 4 -> 2 heads equals 8 -> 2, and kv head g pools query heads g*H/G .. (g+1)*H/G - 1.
 
@@ -218,6 +219,7 @@ def test_more_kv_heads_than_a_gqa_source_is_refused():
 
 
 # ---------------------------------------------------------------------- align
+@pytest.mark.slow
 def test_align_rotation_step_alone_leaves_mha_logits_unchanged():
     config = tiny_config()
     params = random_params(config, seed=1)
@@ -242,6 +244,7 @@ def test_align_rotation_step_alone_leaves_mha_logits_unchanged():
     assert np.abs(got - reference).max() <= 1e-5 * max(1.0, np.abs(reference).max())
 
 
+@pytest.mark.slow
 def test_align_beats_mean_when_heads_are_rotations_of_each_other():
     config = tiny_config()
     params = rotated_heads_params(config)
@@ -261,6 +264,7 @@ def test_align_beats_mean_when_heads_are_rotations_of_each_other():
         assert errs["align"]["ov"] < 0.05 * errs["mean"]["ov"]
 
 
+@pytest.mark.slow
 def test_align_never_increases_within_group_kv_dispersion_on_random_model():
     """Guaranteed by construction: the identity start of Procrustes is plain mean."""
     config = tiny_config(num_heads=8, head_dim=4)
@@ -346,6 +350,7 @@ def _first_of_all(kernels, layer):
 
 
 # ------------------------------------------------------------------------ gin
+@pytest.mark.slow
 def test_convert_gin_binds_convert_checkpoint_like_the_python_call(tmp_path):
     import gin
 

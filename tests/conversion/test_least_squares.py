@@ -161,6 +161,7 @@ def _batches(config, count=2):
     return out
 
 
+@pytest.mark.slow
 def test_collected_statistics_are_the_second_moments_of_the_layer_norm_outputs():
     from gqa_t5x.model import network
 
@@ -257,6 +258,7 @@ def test_lsq_without_calibration_or_with_missing_layers_is_refused_before_writin
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_cli_convert_with_calibration_flag_equals_the_api_and_without_it_is_a_usage_error(tmp_path, capsys):
     from gqa_t5x import checkpoints
     from gqa_t5x import cli

@@ -36,6 +36,7 @@ _KILLED_CONVERSION = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_leaves_a_leftover_the_next_one_removes_and_reports(tmp_path, caplog):
     config = tiny_config()
     params = random_params(config, seed=1)

@@ -142,6 +142,7 @@ def test_a_cache_of_other_settings_or_missing_shards_is_an_error_naming_what_to_
         cache_reader.CacheReader(half)
 
 
+@pytest.mark.slow
 def test_shards_written_apart_interleave_row_by_row(written, tmp_path, capsys):
     _, _ = written
     path = str(tmp_path / "sharded")
@@ -182,6 +183,7 @@ def test_training_input_opens_the_cache_when_set_and_says_so_when_streaming(writ
     data.close()
 
 
+@pytest.mark.slow
 def test_a_one_shard_c4_cache_holds_the_rows_a_single_host_stream_reads(shared_dir, tmp_path):
     import gin
 

@@ -112,6 +112,7 @@ def test_held_out_loss_of_the_corpus_validation_split_counts_every_target_token(
     assert result["perplexity"] == pytest.approx(np.e, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_wikipedia_gin_reads_the_shared_sample_and_c4_validation(monkeypatch):
     if not (REPO.parent / "shared" / "data" / "wikipedia_en").is_dir():
         pytest.skip("../shared/data/wikipedia_en is not next to the repository")

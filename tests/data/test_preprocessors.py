@@ -213,6 +213,7 @@ def raw_text_start(raw: tf.data.Dataset) -> str:
     return next(iter(raw))["text"].numpy().decode()
 
 
+@pytest.mark.slow
 def test_span_corruption_on_real_c4_matches_t5_statistics(shared_dir):
     """1,000 real C4 documents, real T5 vocabulary, T5's settings."""
     c4_dir = shared_dir / "data" / "c4" / "en" / "3.0.1"

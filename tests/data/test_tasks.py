@@ -170,7 +170,9 @@ def test_define_location_registers_a_configurable_without_adding_module_names():
 # ------------------------------ TFDS (mocked) --------------------------------
 
 
-@pytest.mark.parametrize("task", TFDS_TASKS)
+@pytest.mark.parametrize("task", [  # the fast tier: one span-corruption and one summarization task
+    pytest.param(t, marks=() if t in ("gqa_c4_span_corruption", "gqa_cnn_dailymail") else pytest.mark.slow)
+    for t in TFDS_TASKS])
 def test_tfds_task_runs_its_whole_chain_under_mock_data(task, vocab):
     lengths = task_table.feature_lengths(task)
     split = "train" if task == "gqa_c4_span_corruption" else "validation"
@@ -191,6 +193,7 @@ def test_tfds_task_runs_its_whole_chain_under_mock_data(task, vocab):
     assert batch["decoder_target_tokens"].shape == (lengths["targets"],)
 
 
+@pytest.mark.slow
 def test_eval_mixture_yields_examples_under_mock_data(vocab, tmp_path):
     mediasum = _write_jsonl(
         tmp_path / "mediasum.jsonl",
@@ -244,6 +247,7 @@ def test_cnn_dailymail_local_jsonl_end_to_end_with_rouge(vocab, shared_dir):
     assert scores["rouge1"] == pytest.approx(27.465429326941127, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_wmt_local_text_pair_end_to_end_with_bleu(vocab, shared_dir):
     folder = shared_dir / "data" / "wmt_ende"
     english = (folder / "src-val.txt").read_text().splitlines()

@@ -79,7 +79,8 @@ def test_dropout_needs_a_key_and_is_reproducible_with_one():
         attention.grouped_dot_product_attention(query, key, value, dropout_rate=0.5, deterministic=False)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
+@pytest.mark.parametrize("kv_heads", [pytest.param(4, marks=pytest.mark.slow), 2, pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["MHA", "GQA-2", "MQA"])
 @pytest.mark.parametrize("with_bias,with_mask", [(False, False), (True, False), (False, True), (True, True)])
 def test_fused_kernel_path_equals_the_einsum_path(kv_heads, with_bias, with_mask):
     query, key, value, bias, mask = _inputs(kv_heads, seed=3)

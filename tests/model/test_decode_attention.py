@@ -48,7 +48,8 @@ def test_cached_attention_equals_the_attention_core_on_the_same_keys_and_values(
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), atol=2e-6)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
+@pytest.mark.parametrize("kv_heads", [pytest.param(4, marks=pytest.mark.slow), 2, pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["MHA", "GQA-2", "MQA"])
 def test_beams_sharing_a_cache_row_equal_attention_over_the_row_repeated_per_beam(kv_heads):
     rng = np.random.default_rng(1)
     examples, beams, length = 2, 3, 6
@@ -86,6 +87,7 @@ def _masked_reference(query, key, value, bias, index):
     return attention.grouped_dot_product_attention(query, key, value, bias, mask)
 
 
+@pytest.mark.slow  # decoding through written prefixes stays fast: tests/model/test_decoding.py
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA-2", "MQA"])
 def test_reading_only_the_written_prefix_equals_the_masked_full_cache_attention(kv_heads):
     rng = np.random.default_rng(2)

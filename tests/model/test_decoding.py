@@ -83,7 +83,7 @@ def model():
     return _model(2)
 
 
-@pytest.mark.parametrize("num_kv_heads", [1, 2])  # MQA and GQA; MHA vs HuggingFace below
+@pytest.mark.parametrize("num_kv_heads", [pytest.param(1, marks=pytest.mark.slow), 2])  # MQA and GQA; MHA vs HuggingFace below
 def test_greedy_is_the_argmax_of_teacher_forced_scoring_of_its_own_output(num_kv_heads, model):
     config, params, enc = model if num_kv_heads == 2 else _model(num_kv_heads)
     result = decoding.decode(config, params, enc, GREEDY)
@@ -245,6 +245,7 @@ def test_beam_search_equals_plain_python_beam_search_and_log_probs_equal_score_b
             assert abs(float(result.scores[row, beam]) - score) < 1e-4
 
 
+@pytest.mark.slow
 def test_beam_search_with_shared_cross_attention_kv_equals_beam_search_with_copies_per_beam(model):
     config, params, enc = model
     spec = decoding.DecodingSpec("beam", MAX_LEN, beam_size=3, alpha=0.6)
@@ -269,7 +270,7 @@ def test_beam_search_with_shared_cross_attention_kv_equals_beam_search_with_copi
     assert int(shared.steps) == int(copied.steps)
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
+@pytest.mark.parametrize("method", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])
 def test_segmented_decoding_reading_written_prefixes_equals_one_segment_over_the_whole_cache(model, method, monkeypatch):
     config, params, enc = model
     spec = decoding.DecodingSpec(method, MAX_LEN, beam_size=3)
@@ -286,6 +287,7 @@ def test_segmented_decoding_reading_written_prefixes_equals_one_segment_over_the
     assert int(segmented.steps) == int(whole.steps)
 
 
+@pytest.mark.slow
 def test_sampling_with_top_k_stays_in_the_top_k_and_is_reproducible(model):
     config, params, enc = model
     spec = decoding.DecodingSpec("sample", MAX_LEN, topk=3, temperature=2.0)
@@ -373,7 +375,7 @@ def test_greedy_token_is_argmax_with_ties_going_to_the_first_maximum():
     assert picked.dtype == np.int32 and picked[1] == 4 and picked[2] == 0 and picked[3] == 36
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
+@pytest.mark.parametrize("method", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])
 def test_step_kernels_made_once_decode_every_batch_as_kernels_made_per_call(model, method):
     config, params, enc = model
     spec = decoding.DecodingSpec(method, MAX_LEN, beam_size=3)

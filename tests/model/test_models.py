@@ -76,6 +76,7 @@ def test_model_score_batch_is_minus_the_per_example_cross_entropy(tiny):
     np.testing.assert_allclose(scores, -(ce * batch["decoder_loss_weights"]).sum(-1), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_rng_changes_the_loss_only_when_dropout_is_enabled(tiny):
     model, params, batch = tiny
     rng = jax.random.PRNGKey(5)
@@ -125,6 +126,7 @@ def test_score_batch_equals_the_sum_of_huggingface_target_log_probs():
     np.testing.assert_allclose(partial, expected - last, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_batch_defaults_to_the_targets_length_and_strips_filler_rows():
     config = _config()
     params = network.init_params(config, seed=1)
@@ -143,6 +145,7 @@ def test_predict_batch_defaults_to_the_targets_length_and_strips_filler_rows():
     np.testing.assert_array_equal(best, beams[:, 0])
 
 
+@pytest.mark.slow
 def test_model_predict_methods_pass_their_config_and_arguments_through():
     config = _config()
     model = models.EncoderDecoderModel(network.Transformer(config))
@@ -178,6 +181,7 @@ def test_loss_weights_from_lengths_cover_the_first_tokens_of_each_row():
     )
 
 
+@pytest.mark.slow
 def test_importing_models_loads_neither_seqio_nor_tensorflow():
     import subprocess
     import sys

@@ -45,7 +45,8 @@ PARITY_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("name,hf_kwargs,enc_len,dec_len,enc_pad,dec_pad", PARITY_CONFIGS, ids=[c[0] for c in PARITY_CONFIGS])
+@pytest.mark.parametrize("name,hf_kwargs,enc_len,dec_len,enc_pad,dec_pad", [  # "square" in the fast tier
+    pytest.param(*c, id=c[0], marks=() if c[0] == "square" else pytest.mark.slow) for c in PARITY_CONFIGS])
 def test_logits_match_huggingface_t5_v1_1(name, hf_kwargs, enc_len, dec_len, enc_pad, dec_pad):
     hf_model = hf_reference.make_hf_t5(seed=len(name), **hf_kwargs)
     config = hf_reference.our_config_for(hf_model)
@@ -85,6 +86,7 @@ def _repeat_kv_to_mha(config: T5Config, params) -> dict:
     return param_tree.unflatten(out)
 
 
+@pytest.mark.slow  # the same property per attention layer: tests/model/test_attention.py
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
 def test_gqa_equals_mha_with_kv_heads_repeated_per_group(num_kv_heads):
     config = _small_config(num_kv_heads)
@@ -133,7 +135,7 @@ def _decode_step_by_step(config, params, enc, tgt):
     return np.stack(out, axis=1), cache
 
 
-@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("num_kv_heads", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_cached_decoding_reproduces_teacher_forced_logits(num_kv_heads):
     config = _small_config(num_kv_heads)
     params = network.init_params(config, seed=5)
@@ -173,6 +175,7 @@ def test_decoding_cache_holds_kv_heads_and_cross_attention_kv_once():
         assert sizes[g]["cross"] * 4 == sizes[4]["cross"] * g
 
 
+@pytest.mark.slow
 def test_cross_attention_keys_are_not_recomputed_during_decoding():
     """After the cache is built, decoding steps never touch the encoder output."""
     config = _small_config(2)
@@ -193,6 +196,7 @@ def test_cross_attention_keys_are_not_recomputed_during_decoding():
     assert np.isfinite(stepped).all()
 
 
+@pytest.mark.slow
 def test_packed_segments_give_the_same_logits_as_separate_examples():
     config = _small_config(2)
     params = network.init_params(config, seed=11)
@@ -225,6 +229,7 @@ def test_packed_segments_give_the_same_logits_as_separate_examples():
     np.testing.assert_array_equal(shuffled, packed)
 
 
+@pytest.mark.slow
 def test_bfloat16_activations_with_float32_params_track_float32():
     config = _small_config(2)
     params = network.init_params(config, seed=13)
@@ -242,6 +247,7 @@ def test_bfloat16_activations_with_float32_params_track_float32():
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_dropout_changes_outputs_only_when_enabled():
     config = _small_config(2, dropout_rate=0.3)
     params = network.init_params(config)

@@ -22,6 +22,8 @@ from gqa_t5x.storage import paths
 from storage_utils import objects, save_random_checkpoint, start_blocked
 from training_utils import tiny_config
 
+pytestmark = pytest.mark.gcs
+
 # ------------------------------------------------------------------ clients
 def test_every_client_reaches_the_emulator_and_nothing_is_written_locally(gcs_emulator, gcs_dir, tmp_path, monkeypatch):
     import tensorflow as tf
@@ -62,6 +64,7 @@ def test_files_appear_whole_or_not_at_all_on_gs(gcs_emulator, gcs_dir):
 
 
 # -------------------------------------------------------------- checkpoints
+@pytest.mark.slow
 def test_convert_gs_to_gs_reads_back_and_exports_from_gs(gcs_emulator, gcs_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     source, output, hf = f"{gcs_dir}/mha/checkpoint_1000", f"{gcs_dir}/gqa2/checkpoint_1000", f"{gcs_dir}/gqa2_hf"
@@ -90,6 +93,7 @@ def test_convert_gs_to_gs_reads_back_and_exports_from_gs(gcs_emulator, gcs_dir, 
         assert reader.format == "huggingface" and reader.read(key).shape == (16, 16)  # kv heads repeated for HF
 
 
+@pytest.mark.slow
 def test_killed_convert_on_gs_is_refused_then_cleaned_by_the_rerun(gcs_emulator, gcs_dir, tmp_path, caplog, capsys):
     source, output = f"{gcs_dir}/mha/checkpoint_1000", f"{gcs_dir}/gqa2/checkpoint_1000"
     save_random_checkpoint(source, tiny_config())

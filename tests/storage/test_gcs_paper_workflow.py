@@ -33,6 +33,8 @@ from gqa_t5x.storage import paths
 from paths import REPO
 from storage_utils import objects, save_random_checkpoint, start_blocked
 
+pytestmark = [pytest.mark.gcs, pytest.mark.slow]
+
 TINY = "gin/models/t5_1_1/tiny.gin"
 VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"  # the model gins' default
 

@@ -79,6 +79,7 @@ def test_run_inference_reads_text_lines_and_names_bad_inputs(tmp_path):
         inference.run_inference(config, params, text, _CharVocabulary(), batch_size=0)
 
 
+@pytest.mark.slow
 def test_infer_run_mode_decodes_a_real_t5x_checkpoint_with_the_t5_vocabulary(shared_dir, tmp_path):
     """launcher.py --run_mode=infer with gin/runs/infer.gin on T5X's own tiny checkpoint."""
     import gin

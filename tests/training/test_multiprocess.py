@@ -35,6 +35,8 @@ from gqa_t5x import gin_config
 
 from paths import REPO, TESTS
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 TINY = "gin/models/t5_1_1/tiny.gin"
 WORKER = TESTS / "training" / "launch_worker.py"
 START, STEPS = 1000, 1008

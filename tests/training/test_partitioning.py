@@ -81,6 +81,7 @@ def sharded_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("run", ["1:8,1", "1:4,2", "1:2,4"])
+@pytest.mark.slow
 def test_sharded_training_matches_single_device_loss_trajectory(sharded_runs, run):
     got, want = sharded_runs[run]["losses"], sharded_runs["1:1,1"]["losses"]
     assert len(got) == len(want) == 3
@@ -88,6 +89,7 @@ def test_sharded_training_matches_single_device_loss_trajectory(sharded_runs, ru
     assert want[-1] < want[0]  # The model trains at all.
 
 
+@pytest.mark.slow
 def test_kv_heads_are_split_when_divisible_and_replicated_otherwise(sharded_runs):
     kv = "decoder/layers_0/self_attention/key/kernel"
     cross_v = "decoder/layers_1/encoder_decoder_attention/value/kernel"

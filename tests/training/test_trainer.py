@@ -62,6 +62,8 @@ def run_worker(model_dir: Path, out: Path, steps: int, **kw) -> subprocess.Compl
 
 # ------------------------------------------------------------------ preemption
 @pytest.mark.parametrize("pipeline", ["stream", "cache"])
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch, pipeline):
     steps = 8
     killed_dir = tmp_path / "killed"
@@ -111,6 +113,7 @@ def test_sigkilled_run_resumes_to_bit_identical_parameters(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------- NaN guard
+@pytest.mark.slow
 def test_nonfinite_update_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     proc = run_worker(tmp_path / "nan", tmp_path / "nan.json", 8, checkpoint_period=2,
                       inf_lr_from_step=3)
@@ -215,6 +218,7 @@ def test_on_validated_runs_after_restoring_and_before_the_first_step(finished_ru
     assert sorted(p.name for p in finished_run.glob("checkpoint_*")) == ["checkpoint_3"]
 
 
+@pytest.mark.slow
 def test_a_bad_jsonl_record_reaches_the_caller_as_one_data_error(shared_dir, tmp_path):
     vocab = shared_dir / "fixtures" / "t5_vocab" / "cc_all.32000.sentencepiece.model"
     path = tmp_path / "cnn.jsonl"

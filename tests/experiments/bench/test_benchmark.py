@@ -57,6 +57,7 @@ def _decoder_bytes(params) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_bench_writes_json_markdown_and_png_with_consistent_numbers(tmp_path, capsys, monkeypatch):
     from gqa_t5x.experiments import timing
 
@@ -188,6 +189,7 @@ def test_attention_core_bandwidth_reads_distinct_caches_filling_the_working_set(
     assert len(seen) == 8 and len({id(k) for k in seen}) == 4
 
 
+@pytest.mark.slow
 def test_bench_on_a_two_device_mesh_decodes_the_same_tokens_as_one_device(tmp_path):
     # --cpu_devices must precede JAX's start-up, so each run is its own process.
     import os

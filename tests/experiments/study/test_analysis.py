@@ -14,6 +14,8 @@ from gqa_t5x.experiments.study import report as rreport
 from gqa_t5x.experiments.study import statistics as st
 from gqa_t5x.experiments.study.settings import StudySettings, eval_key, uptrain_run
 
+pytestmark = pytest.mark.study
+
 SEEDS = (0, 1, 2)
 N = 200
 

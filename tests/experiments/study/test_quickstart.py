@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gqa_t5x import cli
 from gqa_t5x.data import local_corpus
 
+pytestmark = pytest.mark.study
 
+
+@pytest.mark.slow
 def test_local_corpus_is_real_prose_split_into_summary_and_body(tmp_path):
     paths = local_corpus.build_corpus(tmp_path, max_docs=200, vocab_size=400)
     train = [json.loads(l) for l in paths["summarize_train"].read_text().splitlines()]
@@ -29,6 +34,7 @@ def test_local_corpus_is_real_prose_split_into_summary_and_body(tmp_path):
     assert sp.decode(ids) == train[0]["highlights"]
 
 
+@pytest.mark.slow
 def test_reduced_quickstart_converts_with_every_method_and_reports_intervals(tmp_path, monkeypatch):
     monkeypatch.delenv("GQA_T5X_SHARED", raising=False)  # needs no shared data
     assert cli.main(["quickstart", "--output", str(tmp_path / "qs"), "--reduced"]) == 0

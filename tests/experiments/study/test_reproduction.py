@@ -17,6 +17,8 @@ from gqa_t5x.experiments.study import stages as study_stages
 from gqa_t5x.experiments.study import data as reproduction_data
 from gqa_t5x.experiments.study.settings import StudySettings, check_seeds, eval_key
 
+pytestmark = pytest.mark.study
+
 
 @pytest.fixture(scope="module")
 def reduced_study(tmp_path_factory, shared_dir):
@@ -27,6 +29,7 @@ def reduced_study(tmp_path_factory, shared_dir):
     return out / "run"
 
 
+@pytest.mark.slow
 def test_reduced_study_runs_every_stage_and_writes_the_report(reduced_study):
     out = reduced_study
     settings = StudySettings.reduced()
@@ -54,6 +57,7 @@ def test_reduced_study_runs_every_stage_and_writes_the_report(reduced_study):
         assert (out / "report" / "reproduction" / f"{name}.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_heldout_examples_are_fixed_and_scores_pair_example_by_example(reduced_study):
     out = reduced_study
     data = reproduction_data.StudyData(out / "data")
@@ -94,6 +98,7 @@ def test_heldout_scores_equal_huggingface_per_example(monkeypatch):
     np.testing.assert_array_equal(got["tokens"], real.sum(-1))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_training_and_other_settings_are_refused(reduced_study, shared_dir):
     out = reduced_study
     before = {p: p.stat().st_mtime for p in (out / "markers").glob("*.json")}

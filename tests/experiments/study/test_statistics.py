@@ -7,6 +7,8 @@ import pytest
 
 from gqa_t5x.experiments.study import statistics as st
 
+pytestmark = pytest.mark.study
+
 
 def test_t_interval_of_three_seeds_uses_t_4303():
     interval = st.t_interval([1.0, 2.0, 3.0])

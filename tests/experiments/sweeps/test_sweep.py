@@ -122,6 +122,7 @@ def test_a_failed_point_is_recorded_the_others_finish_and_a_rerun_only_redoes_it
     assert saved["scores"] == {"cnn_dailymail": 10.0} and saved["num_kv_heads"] == 1
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_end_to_end_is_resumable_and_reports(shared_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "sweep"
