@@ -201,10 +201,6 @@ def _panels():
     return fig, ours, ref
 
 
-def _save(fig, path: Path) -> None:
-    figures.save_figure(fig, path)
-
-
 def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:
     """Average score against time per sample (the paper's Figure 3 style)."""
     fig, ours, ref = _panels()
@@ -219,7 +215,7 @@ def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:
         ref.scatter([entry["time"]], [entry["avg"]], s=40, color="gray")
         ref.annotate(name, (entry["time"], entry["avg"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ref.set(xlabel="time per sample (s)", ylabel="average score", title="paper (T5.1.1, TPUv4)")
-    _save(fig, path)
+    figures.save_figure(fig, path)
 
 
 def _series_label(r: dict[str, Any]) -> str:
@@ -250,7 +246,7 @@ def plot_alpha(results: Sequence[dict[str, Any]], path: Path) -> None:
     if ours.get_legend_handles_labels()[0]:
         ours.legend(fontsize=8)
     figures.paper_alpha_panel(ref, "CNN/MultiNews/TriviaQA avg")
-    _save(fig, path)
+    figures.save_figure(fig, path)
 
 
 def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
@@ -267,7 +263,7 @@ def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
     ours.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ours.set(ylabel="average score", title="this run")
     figures.paper_methods_panel(ref)
-    _save(fig, path)
+    figures.save_figure(fig, path)
 
 
 def plot_time_vs_groups(results: Sequence[dict[str, Any]], path: Path) -> None:
@@ -286,7 +282,7 @@ def plot_time_vs_groups(results: Sequence[dict[str, Any]], path: Path) -> None:
     ref.plot(ref_g, [paper.TIME_VS_GROUPS[g] for g in ref_g], marker="o", color="gray")
     ref.set_xscale("log", base=2)
     ref.set(xlabel="groups", ylabel="time per sample (s)", title="paper (T5-XXL, in 2048 / out 512)")
-    _save(fig, path)
+    figures.save_figure(fig, path)
 
 
 def write_report(
