@@ -5,6 +5,9 @@
   (a flag, a gin macro, a path, a head count). Exit status 2.
 * `RunError`: a run that had validated its inputs failed while running (bad
   data deep in a file, a full disk, a diverged loss). Exit status 1.
+* `Preempted`: a training run stopped on SIGTERM/SIGINT after saving a
+  checkpoint at an agreed step; rerunning the command resumes it. Exit
+  status 75 (EX_TEMPFAIL of sysexits.h: a temporary failure, retry).
 * Anything else is a bug or an environment failure. Exit status 1.
 
 Library code raises the most specific built-in or project exception; only the
@@ -18,6 +21,7 @@ import re
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
@@ -38,6 +42,14 @@ class UsageError(ValueError):
     """A command-line or gin-configuration error (exit status 2)."""
 
 
+class ExplainedFailure(Exception):
+    """A failure of the environment whose message says all (exit status 1).
+
+    A full disk, for example: the one line names the path and what was kept,
+    so no exception type and no traceback hint are printed with it.
+    """
+
+
 class RunError(RuntimeError):
     """A run failed after its inputs were validated (exit status 1).
 
@@ -48,6 +60,10 @@ class RunError(RuntimeError):
     def __init__(self, cause: BaseException):
         super().__init__(describe(cause))
         self.cause = cause
+
+
+class Preempted(Exception):
+    """A run stopped on a preemption signal after saving (exit status 75)."""
 
 
 def describe(error: BaseException) -> str:
@@ -72,6 +88,8 @@ def exit_status(error: BaseException) -> int:
     """The exit status a command ends with after `error`."""
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if isinstance(error, Preempted):
+        return EXIT_PREEMPTED
     if isinstance(error, RunError):
         return EXIT_FAILURE
     if isinstance(error, (UsageError, *CONFIG_ERRORS)):

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gqa_t5x import gin_config
-from gqa_t5x.errors import RunError, UsageError
+from gqa_t5x.errors import Preempted, RunError, UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,22 +50,27 @@ class RunMode:
       run_gins: Run gins that configure it (for error messages).
       output_macros: Macros naming where `config.gin` is written, in order of
         preference.
+      example_gin_files: The `--gin_file` flags of a typical launch (what an
+        error suggests when none is given).
     """
 
     module: str
     function: str
     run_gins: str
     output_macros: tuple[str, ...] = ()
+    example_gin_files: tuple[str, ...] = ()
 
 
 RUN_MODES: dict[str, RunMode] = {
     "train": RunMode("gqa_t5x.training.trainer", "train",
-                     "gin/runs/uptrain.gin or gin/runs/finetune.gin", ("MODEL_DIR",)),
+                     "gin/runs/uptrain.gin or gin/runs/finetune.gin", ("MODEL_DIR",),
+                     ("gin/models/t5_1_1/small.gin", "gin/runs/uptrain.gin")),
     "eval": RunMode("gqa_t5x.training.evaluation", "evaluate", "gin/runs/eval.gin",
-                    ("MODEL_DIR", "EVAL_OUTPUT_DIR")),
+                    ("MODEL_DIR", "EVAL_OUTPUT_DIR"), ("gin/models/t5_1_1/small.gin", "gin/runs/eval.gin")),
     "infer": RunMode("gqa_t5x.training.inference", "infer", "gin/runs/infer.gin",
-                     ("MODEL_DIR", "INFER_OUTPUT_DIR")),
-    "convert": RunMode("gqa_t5x.conversion.converter", "convert_checkpoint", "gin/runs/convert.gin"),
+                     ("MODEL_DIR", "INFER_OUTPUT_DIR"), ("gin/runs/infer.gin",)),
+    "convert": RunMode("gqa_t5x.conversion.converter", "convert_checkpoint", "gin/runs/convert.gin",
+                       example_gin_files=("gin/runs/convert.gin",)),
 }
 
 
@@ -95,9 +100,11 @@ class Launch:
         if self.run_mode not in RUN_MODES:
             raise UsageError(f"--run_mode={self.run_mode!r}; choose one of {list(RUN_MODES)}.")
         if not self.gin_files:
+            mode = RUN_MODES[self.run_mode]
+            example = " ".join(f"--gin_file={name}" for name in mode.example_gin_files)
             raise UsageError(
-                "--gin_file is required, e.g. --gin_file=gin/models/t5_1_1/small.gin "
-                "--gin_file=gin/runs/uptrain.gin."
+                f"--gin_file is required: the run gin of --run_mode={self.run_mode} is "
+                f"{mode.run_gins}, e.g. {example}."
             )
 
     def command_line(self, prefix: Sequence[str] = ("python", "-m", "gqa_t5x.main")) -> str:
@@ -219,7 +226,7 @@ def launch(request: Launch, *, distributed: Distributed | None = None) -> Any:
         record()  # The run function validates nothing the gin parse has not.
     try:
         return configured(on_validated=on_validated) if takes_hook else configured()
-    except (RunError, KeyboardInterrupt):
+    except (RunError, KeyboardInterrupt, Preempted):
         raise
     except Exception as e:
         if validated:

@@ -9,6 +9,15 @@
 # shard. Checkpoints in MODEL_DIR (a gs:// path) make the job restartable: run
 # the same command again after a preemption and it resumes.
 #
+# Preemption: on SIGTERM (or SIGINT) the processes finish their step, agree on
+# one step across hosts, save MODEL_DIR/checkpoint_<step> there and exit with
+# status 75 ("preempted, resume me"); a second signal aborts at once and the
+# newest complete checkpoint stays. Each worker relaunches itself after exit
+# status 75 (up to MAX_RESTARTS times; the relaunched processes meet again at
+# the coordinator and resume from that checkpoint). When the VMs themselves
+# are taken away, rerun this script once the slice is back: it resumes too.
+# The log pipe ignores SIGTERM, so the saving process can still print.
+#
 # Usage:
 #   scripts/tpu_pod_train.sh TPU_NAME ZONE MODEL_DIR INITIAL_CHECKPOINT_PATH [--gin.X=Y ...]
 #
@@ -27,10 +36,12 @@
 #   TFDS_DATA_DIR    --tfds_data_dir for C4 (e.g. gs://my-bucket/tfds)
 #   DATA_CACHE_DIR   the run's data cache (gqa-t5x cache), e.g. gs://my-bucket/c4_cache
 #   PROJECT          gcloud project (default: gcloud's configured project)
+#   MAX_RESTARTS     relaunches per worker after a preemption (exit 75; default 3)
+#   RESTART_DELAY_S  seconds before such a relaunch (default 10)
 set -euo pipefail
 
 if [[ $# -lt 4 ]]; then
-  sed -n '2,30p' "$0" >&2
+  sed -n '2,40p' "$0" >&2
   exit 2
 fi
 TPU_NAME=$1; ZONE=$2; MODEL_DIR=$3; INIT_CKPT=$4; shift 4
@@ -72,8 +83,16 @@ if [[ -n "${DATA_CACHE_DIR:-}" ]]; then
 fi
 FLAGS+=("${EXTRA_FLAGS[@]}")
 
-# The same command on every worker; logs stay on each worker.
-COMMAND="cd ${REMOTE_DIR} && python3 -m gqa_t5x.main ${FLAGS[*]} 2>&1 | tee -a ~/gqa_t5x_train.log"
+# The same command on every worker; logs stay on each worker. Exit status 75
+# (preempted after saving) relaunches the worker; anything else ends it.
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RESTART_DELAY_S=${RESTART_DELAY_S:-10}
+RUN="python3 -m gqa_t5x.main ${FLAGS[*]} 2>&1 | (trap '' TERM INT; tee -a ~/gqa_t5x_train.log)"
+COMMAND="cd ${REMOTE_DIR} && set -o pipefail && for attempt in \$(seq 0 ${MAX_RESTARTS}); do \
+  status=0; ${RUN} || status=\$?; \
+  if [ \$status -ne 75 ]; then exit \$status; fi; \
+  echo \"preempted (exit 75): relaunch \$((attempt + 1)) of ${MAX_RESTARTS}\"; sleep ${RESTART_DELAY_S}; \
+done; exit 75"
 echo "Launching on all workers of ${TPU_NAME}:"
 echo "  ${COMMAND}"
 exec "${GCLOUD[@]}" ssh "${TPU_NAME}" --worker=all --command="${COMMAND}"

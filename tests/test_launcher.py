@@ -193,6 +193,27 @@ def _train_in_process(model_dir: Path, initial: Path, shared: Path, *flags: str)
     ])
 
 
+def test_train_refuses_an_initial_checkpoint_with_a_huge_value_in_one_line_and_the_flag_accepts_it(
+        converted, shared_dir, tmp_path, capsys):
+    from gqa_t5x import checkpoints
+
+    config, params = checkpoints.load(converted / "gqa" / "checkpoint_1000")
+    params["encoder"]["relpos_bias"]["rel_embedding"][0, 0] = 2e4
+    initial = tmp_path / "bad" / "checkpoint_1000"
+    checkpoints.save(initial, config, params, step=1000)
+    code = _train_in_process(tmp_path / "run", initial, shared_dir, "--gin.TRAIN_STEPS=1001")
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("python -m gqa_t5x.main")]
+    assert code == 2 and len(ours) == 1, err
+    assert "parameter 'encoder/relpos_bias/rel_embedding' holds 1 implausibly large" in ours[0]
+    assert "--allow_unusual_values" in ours[0]
+    assert not (tmp_path / "run" / "config.gin").exists()
+    code = _train_in_process(tmp_path / "run", initial, shared_dir, "--gin.TRAIN_STEPS=1001",
+                             "--allow_unusual_values")
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint_1001").is_dir()
+
+
 @pytest.mark.slow
 def test_rejected_relaunch_keeps_the_record_and_accepted_ones_keep_history(converted, shared_dir, tmp_path, capsys):
     model_dir = tmp_path / "run"

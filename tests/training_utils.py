@@ -6,6 +6,8 @@ by seqio with the dataset seed, so a resumed run and an uninterrupted run can
 be compared exactly. The env variable `GQA_TEST_SLOW_EXAMPLE_S` delays every
 example of the stream, and `GQA_TEST_SLOW_BATCH_S` every batch read from a
 data cache (`slow_down_cache_batches`), so a test can kill a run mid-way.
+`GQA_TEST_SIGNAL_AT` makes the run signal itself at a known point
+(`signal_self_at`): during a step or during a checkpoint write.
 
 Run as a script, it trains (see `main`) and writes the final parameters'
 checksums and the loss trajectory as JSON; the preemption and sharding tests
@@ -103,6 +105,47 @@ def slow_down_cache_batches(seconds: float) -> None:
     cache_reader.host_batches = slowed
 
 
+def signal_self_at(spec: str) -> None:
+    """Makes this training process send itself signals at known points.
+
+    Args:
+      spec: 'step:N' (SIGTERM while the N-th step of this process runs),
+        'save:N' (SIGTERM while the checkpoint of step N is being written,
+        after its asynchronous write has started), 'twice:N' (SIGTERM during
+        step N, then a second SIGTERM during the preemption save that
+        follows), or 'sigint:N' (SIGINT during step N).
+    """
+    import signal
+
+    from gqa_t5x.training import partitioning
+    from gqa_t5x.training import train_state
+
+    kind, at = spec.split(":")
+    at = int(at)
+    signum = signal.SIGINT if kind == "sigint" else signal.SIGTERM
+    to_global = partitioning.Partitioner.host_local_to_global
+    save = train_state.save
+    calls = {"steps": 0, "saves_signalled": 0}
+
+    def host_local_to_global(self, *args, **kwargs):
+        calls["steps"] += 1
+        if kind != "save" and calls["steps"] == at:
+            os.kill(os.getpid(), signum)
+        return to_global(self, *args, **kwargs)
+
+    def saving(manager, state, *args, **kwargs):
+        saved = save(manager, state, *args, **kwargs)
+        step = int(state.step)
+        due = (kind == "save" and step == at) or (kind == "twice" and calls["steps"] >= at)
+        if due and not calls["saves_signalled"]:
+            calls["saves_signalled"] += 1
+            os.kill(os.getpid(), signal.SIGTERM)  # The write is still in flight.
+        return saved
+
+    partitioning.Partitioner.host_local_to_global = host_local_to_global
+    train_state.save = saving
+
+
 def read_checkpoint_params(path: str) -> dict[str, np.ndarray]:
     """{T5X path: float32 array} of a training checkpoint (via the checkpoints package)."""
     from gqa_t5x import checkpoints
@@ -151,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         def learning_rate_fn(step):
             return jnp.where(step >= args.inf_lr_from_step, jnp.inf, 0.01)
 
+    from gqa_t5x import errors
+
     register_synthetic_task()
+    if os.environ.get("GQA_TEST_SIGNAL_AT"):
+        signal_self_at(os.environ["GQA_TEST_SIGNAL_AT"])
     if os.environ.get("GQA_TEST_SLOW_BATCH_S"):
         slow_down_cache_batches(float(os.environ["GQA_TEST_SLOW_BATCH_S"]))
     result: dict = {"runs": {}}
@@ -166,13 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = (
             os.path.join(args.model_dir, f"{kv}_{data}x{model_shards}") if runs else args.model_dir
         )
-        summary = trainer.train(
-            model=model, train_dataset_cfg=dataset_config(cache_dir=args.cache_dir),
-            model_dir=model_dir,
-            total_steps=args.steps, learning_rate_fn=learning_rate_fn,
-            partitioner=partitioner, checkpoint_period=args.checkpoint_period,
-            keep_checkpoints=None, log_every=1, progress=True, random_seed=3,
-        )
+        try:
+            summary = trainer.train(
+                model=model, train_dataset_cfg=dataset_config(cache_dir=args.cache_dir),
+                model_dir=model_dir,
+                total_steps=args.steps, learning_rate_fn=learning_rate_fn,
+                partitioner=partitioner, checkpoint_period=args.checkpoint_period,
+                keep_checkpoints=None, log_every=1, progress=True, random_seed=3,
+            )
+        except errors.Preempted as stopped:
+            print(f"training_utils: stopped: {stopped}", file=sys.stderr, flush=True)
+            return errors.exit_status(stopped)
         params = read_checkpoint_params(os.path.join(model_dir, f"checkpoint_{summary.end_step}"))
         abstract = jax.eval_shape(model.get_initial_params, jax.random.PRNGKey(0))
         specs = partitioner.param_specs(abstract, model.config)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from gqa_t5x.checkpoints import value_limits
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import KV_HEAD_FIELDS, T5Config
 
@@ -308,12 +309,19 @@ class CheckpointReader:
         `open_checkpoint`.
       config: the model config (inferred or given).
       step: training step recorded in the checkpoint, if any.
+      check_values: `read` refuses non-finite or implausibly large values
+        (`value_limits`).
+      metadata: the JSON our writers store beside the parameters (our
+        format's manifest, a training checkpoint's `metadata` item); {} for
+        other formats.
     """
 
     format: str = ""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
+        self.check_values = True  # `open_checkpoint(allow_unusual_values=True)` turns it off.
+        self.metadata: dict[str, Any] = {}  # What our writers record (e.g. the vocabulary).
         self.config: T5Config | None = None
         self.step: int | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -378,6 +386,10 @@ class CheckpointReader:
 
         Returns:
           A float32 numpy array in T5X layout with shape `shape(key)`.
+
+        Raises:
+          UnusualValuesError: with `check_values`, a non-finite value or
+            one with |x| > 1e4 (`value_limits`), naming the parameter.
         """
         if self._closed:
             raise CheckpointError(f"{self.path}: reader is closed.")
@@ -390,6 +402,8 @@ class CheckpointReader:
                 f"{self.path}: parameter {key!r} read with shape {tuple(array.shape)} "
                 f"but its index says {tuple(expected)}."
             )
+        if self.check_values:
+            value_limits.check_values(array, key=key, source=self.path)
         return array
 
     def close(self) -> None:

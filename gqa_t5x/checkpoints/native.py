@@ -249,13 +249,14 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._target.done:
+        if exc_type is None and not self._target.done:
             try:
                 self.commit()
-            finally:
-                self.abort()  # a no-op once published
+            except BaseException as error:
+                self._target.__exit__(type(error), error, error.__traceback__)  # abort; a full disk named
+                raise
+            return
+        self._target.__exit__(exc_type, exc, tb)  # abort (a no-op once published); a full disk named
 
 
 def save(
@@ -321,14 +322,14 @@ class NativeReader(OrbaxReader):
                 f"{manifest.get('format_version')!r} is not readable by this version."
             )
         stored = self._stored_config(path, manifest)
-        self.manifest = manifest
-        self.metadata = manifest.get("metadata", {})
         super().__init__(
             path / manifest.get("orbax_item", STATE_DIR),
             config=config or stored,
             num_heads=num_heads,
             head_dim=head_dim,
         )
+        self.manifest = manifest
+        self.metadata = manifest.get("metadata", {})
         self.path = str(path)
         self.step = int(manifest.get("step", self.step or 0))
 

@@ -132,8 +132,11 @@ def detect_format(path: PathLike | Path, *, format: str | None = None) -> tuple[
       AmbiguousCheckpointError: several formats are present; the message
         lists them and how to choose one.
       CheckpointError: unknown `format`, or a format-specific ambiguity.
+      StorageError: a gs:// endpoint does not answer in time, or refuses
+        access without credentials (`storage.deadlines`).
     """
     path = paths.as_path(path)
+    paths.check_reachable(path)  # gs://: a stalled endpoint fails here, within the storage timeout
     candidates = (get_format(format),) if format is not None else formats()
     _refuse_unfinished(path)
     found = {}
@@ -165,6 +168,8 @@ def describe_existing(path: PathLike | Path) -> str | None:
         found = detect_format(path)
     except CheckpointError as e:
         return f"an incomplete or unreadable checkpoint ({str(e).splitlines()[0]})"
+    except paths.deadlines.StorageError:
+        raise  # storage did not answer: nothing is known about the directory
     except OSError:
         return None
     return f"a {found[0]} checkpoint" if found else None
@@ -200,6 +205,7 @@ def open_checkpoint(
     config: T5Config | None = None,
     head_dim: int | None = None,
     num_heads: int | None = None,
+    allow_unusual_values: bool = False,
 ) -> CheckpointReader:
     """Opens a checkpoint of any registered format for lazy reading.
 
@@ -214,6 +220,9 @@ def open_checkpoint(
       head_dim: width of an attention head, for checkpoints whose head count
         cannot be read from the tensors.
       num_heads: number of query heads, likewise.
+      allow_unusual_values: read non-finite values and values with
+        |x| > 1e4 without complaint (otherwise `read` refuses them,
+        `value_limits`).
 
     Returns:
       A `CheckpointReader` (index read, no tensor loaded yet).
@@ -229,4 +238,6 @@ def open_checkpoint(
     if found is None:
         raise CheckpointNotFoundError(not_found_message(path, format=format))
     name, resolved = found
-    return _FORMATS[name].reader(resolved, config=config, num_heads=num_heads, head_dim=head_dim)
+    reader = _FORMATS[name].reader(resolved, config=config, num_heads=num_heads, head_dim=head_dim)
+    reader.check_values = not allow_unusual_values
+    return reader

@@ -4,8 +4,9 @@ T5X legacy checkpoints keep large leaves as zarr arrays whose tensorstore spec
 sits in the msgpack file with a path relative to the checkpoint directory;
 Orbax (non-OCDBT) and our own format keep one zarr array per leaf. This module
 resolves such specs (local paths and `gs://` buckets, through
-`storage.paths.kvstore_spec`), reads an array with clear errors (naming the
-array's directory) and writes one.
+`storage.paths.kvstore_spec`; opened with `storage.paths.tensorstore_context`,
+which carries the gs:// retry policy), reads an array with clear errors
+(naming the array's directory) and writes one.
 """
 
 from __future__ import annotations
@@ -85,12 +86,12 @@ def describe(spec: Mapping[str, Any]) -> str:
 
 
 def _list_keys(kvstore: Mapping[str, Any]) -> list[str]:
-    store = ts.KvStore.open(dict(kvstore)).result()
+    store = ts.KvStore.open(dict(kvstore), context=paths.tensorstore_context()).result()
     return [k.decode() if isinstance(k, bytes) else str(k) for k in store.list().result()]
 
 
 def _read_key(kvstore: Mapping[str, Any], key: str) -> bytes | None:
-    store = ts.KvStore.open(dict(kvstore)).result()
+    store = ts.KvStore.open(dict(kvstore), context=paths.tensorstore_context()).result()
     result = store.read(key).result()
     return bytes(result.value) if result.state == "value" else None
 
@@ -200,7 +201,7 @@ def read_zarr(
             f"missing; was the checkpoint copied completely?)."
         )
     try:
-        store = ts.open(spec, open=True, read=True, **open_kwargs).result()
+        store = ts.open(spec, open=True, read=True, context=paths.tensorstore_context(), **open_kwargs).result()
         return np.asarray(store.read().result())
     except Exception as e:
         raise CorruptCheckpointError(
@@ -237,5 +238,5 @@ def write_zarr(directory: PathLike | Path, array: np.ndarray, *, chunk_bytes: in
         },
         "store_data_equal_to_fill_value": True,
     }
-    store = ts.open(spec, create=True, open=False).result()
+    store = ts.open(spec, create=True, open=False, context=paths.tensorstore_context()).result()
     store.write(array).result()

@@ -9,8 +9,9 @@
 Modules: `methods` (the registry and the built-in methods), `plan` (what a
 conversion changes), `converter` (in memory and streaming), `alignment`
 (align's maths), `least_squares` (lsq's maths), `calibration` (statistics of
-the source model for data-aware methods), `value_limits` (plausibility of
-source values). See docs/conversion.md.
+the source model for data-aware methods). The plausibility of source values
+is checked by every checkpoint reader (`checkpoints.value_limits`). See
+docs/conversion.md.
 """
 
 from gqa_t5x.conversion.alignment import (
@@ -44,7 +45,7 @@ from gqa_t5x.conversion.plan import (
     plan_conversion,
     split_attention_path,
 )
-from gqa_t5x.conversion.value_limits import (
+from gqa_t5x.checkpoints.value_limits import (  # Checked by every checkpoint reader.
     MAX_ABS_VALUE,
     UnusualValuesError,
     check_values,

@@ -76,7 +76,8 @@ def collect_statistics(config: Any, params: Any, batches: Iterable[Mapping[str, 
     """
     from gqa_t5x.model import losses
 
-    forward = _capture_fn(config.replace(dtype="float32", dropout_rate=0.0))
+    # Unscanned: the captures are keyed by each layer's own module path.
+    forward = _capture_fn(config.replace(dtype="float32", dropout_rate=0.0, scan_layers=False))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch in batches:

@@ -24,7 +24,6 @@ from gqa_t5x import checkpoints
 from gqa_t5x.conversion import calibration as calibration_stats
 from gqa_t5x.conversion.methods import convert_attention, get_method
 from gqa_t5x.conversion.plan import plan_conversion, split_attention_path
-from gqa_t5x.conversion.value_limits import check_values
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 from gqa_t5x.storage import paths
@@ -132,6 +131,7 @@ def convert_checkpoint(
     allow_unusual_values: bool = False,
     source_format: str | None = None,
     calibration: str | calibration_stats.Statistics | None = None,
+    vocab: str | None = None,
 ) -> T5Config:
     """Converts a checkpoint on disk, streaming one attention layer at a time.
 
@@ -141,7 +141,7 @@ def convert_checkpoint(
     output are removed, in one log line). At most one attention layer's
     kernels (the method's projections), their converted versions and the
     current parameter are in memory. Every source tensor is checked as it is
-    read (`value_limits.check_values`). The step of the source is kept (T5X's
+    read (`checkpoints.value_limits`, in the reader). The step of the source is kept (T5X's
     TRAIN_STEPS is absolute); the optimizer state is not carried over (a fresh
     Adafactor state, see docs/conversion.md).
 
@@ -157,12 +157,14 @@ def convert_checkpoint(
       encoder_num_kv_heads: Encoder target when `convert_encoder`.
       on_param: Called with each parameter path after it is written.
       allow_unusual_values: Convert even if source values are non-finite or
-        |x| > `value_limits.MAX_ABS_VALUE` (otherwise an error naming the
+        |x| > `checkpoints.MAX_ABS_VALUE` (otherwise an error naming the
         parameter).
       source_format: Read `source` as this format when it holds several.
       calibration: Calibration statistics of the source (a local `.npz` path
         or a mapping, see `calibration.py`), required by data-aware methods
         such as `lsq` (gin: `converter.convert_checkpoint.calibration`).
+      vocab: The SentencePiece model of the source, recorded in the output
+        (`checkpoints.vocabulary`); None keeps the source's record, if any.
 
     Returns:
       The config of the converted checkpoint.
@@ -182,7 +184,9 @@ def convert_checkpoint(
     output_path = paths.as_path(output, name="--output")
     if paths.is_same_or_inside(output_path, source_path):
         raise ValueError(f"--output {output_path} must not be (inside) the source checkpoint {source_path}.")
-    with checkpoints.open_checkpoint(source_path, format=source_format) as reader:
+    with checkpoints.open_checkpoint(
+        source_path, format=source_format, allow_unusual_values=allow_unusual_values
+    ) as reader:
         plan = plan_conversion(
             reader.config,
             num_kv_heads,
@@ -193,13 +197,11 @@ def convert_checkpoint(
         )
         statistics = _layer_statistics(plan, calibration)
 
-        def read(key: str) -> np.ndarray:
-            array = reader.read(key)
-            if not allow_unusual_values:
-                check_values(array, key=key, source=reader.path)
-            return array
+        read = reader.read  # Checks each value unless allow_unusual_values (`value_limits`).
 
+        recorded = checkpoints.vocabulary.for_checkpoint(reader, vocab)
         metadata = {
+            **({checkpoints.vocabulary.KEY: recorded} if recorded else {}),
             "conversion": {
                 "source": str(source_path),
                 "source_format": reader.format,

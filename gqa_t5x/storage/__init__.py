@@ -1,4 +1,6 @@
-"""Storage: one path layer (local paths and gs:// URLs) and atomic directory writes.
+"""Storage: one path layer (local paths and gs:// URLs), atomic directory writes,
+and bounded waits on gs:// (`deadlines`: GQA_T5X_STORAGE_TIMEOUT_S / _RETRIES /
+_BACKOFF_S; a stalled endpoint ends in a one-line `StorageTimeoutError`).
 
     from gqa_t5x import storage
     path = storage.as_path("gs://bucket/run/checkpoint_1000000")  # an epath.Path
@@ -19,6 +21,13 @@ from gqa_t5x.storage.atomic import (
     remove_leftovers,
     writer_of,
 )
+from gqa_t5x.storage.deadlines import (
+    StorageCredentialsError,
+    StorageError,
+    StorageTimeoutError,
+    StorageUnreachableError,
+    check_reachable,
+)
 from gqa_t5x.storage.paths import (
     Path,
     PathLike,
@@ -38,6 +47,7 @@ from gqa_t5x.storage.paths import (
     replace_file,
     replacing,
     rmtree,
+    tensorstore_context,
     walk,
     write_file,
 )
@@ -51,10 +61,15 @@ __all__ = [
     "Path",
     "PathLike",
     "RemotePathError",
+    "StorageCredentialsError",
+    "StorageError",
+    "StorageTimeoutError",
+    "StorageUnreachableError",
     "WriterInfo",
     "absolute",
     "as_path",
     "check_destination",
+    "check_reachable",
     "configure_clients",
     "emulator_host",
     "has_atomic_rename",
@@ -69,6 +84,7 @@ __all__ = [
     "replace_file",
     "replacing",
     "rmtree",
+    "tensorstore_context",
     "walk",
     "write_file",
     "writer_of",

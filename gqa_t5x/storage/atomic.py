@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gqa_t5x.storage import paths
+from gqa_t5x.storage import space
 from gqa_t5x.storage.paths import Path, PathLike
 
 STAGING_TAG = ".gqa_t5x-tmp-"
@@ -203,8 +204,11 @@ def check_destination(
       DestinationExistsError: the destination is a file, holds something
         other than a checkpoint, is being written by another process, or
         holds a checkpoint and `overwrite` is False.
+      StorageError: a gs:// destination's storage does not answer in time
+        (`deadlines`).
     """
     destination = paths.as_path(destination)
+    paths.check_reachable(destination)  # gs://: fail within the storage timeout, not in a client
     if not destination.exists():
         return
     if not destination.is_dir():
@@ -352,5 +356,11 @@ class AtomicDirectory:
     def __enter__(self) -> AtomicDirectory:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        published = self._done
         self.abort()
+        if exc is not None and not published and space.is_out_of_space(exc):
+            raise space.NoSpaceError(
+                str(self.destination), "the write was stopped and its partial output removed; nothing at "
+                "the destination changed (a checkpoint already there is intact). Free space and rerun."
+            ) from exc

@@ -22,26 +22,45 @@ Which client serves gs:// (`configure_clients`, run at import): epath uses
 tf.io.gfile when TensorFlow is installed, gcsfs when EPATH_USE_TF=false.
 tf.io.gfile cannot be pointed at an emulator, so when STORAGE_EMULATOR_HOST
 is set the defaults switch epath to gcsfs (see docs/training.md, "Storage").
+
+Bounded waits (`deadlines`): on gs:// the functions here first check, once
+per bucket, that storage answers (`check_reachable`), and run their requests
+with the timeout and retries of GQA_T5X_STORAGE_TIMEOUT_S / _RETRIES /
+_BACKOFF_S; a stall ends in `StorageTimeoutError` naming the URL. The
+clients' own timeouts carry the same policy (`configure_clients`). Local
+paths are untouched by all of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 
 from etils import epath
 
+from gqa_t5x.storage import deadlines
+from gqa_t5x.storage.deadlines import check_reachable
+
 Path = epath.Path
 PathLike = str | os.PathLike
+T = TypeVar("T")
 
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 _GCS = re.compile(r"gs://([^/]+)/?(.*)", re.DOTALL)
 
 EMULATOR_HOST_VAR = "STORAGE_EMULATOR_HOST"
+# Values `configure_clients` set (it replaces them, not the user's, when the
+# policy changes): environment variables, and fsspec's gcs options. The
+# variables are listed in APPLIED_VAR for child processes, which inherit
+# them and must still tell them from the user's.
+APPLIED_VAR = "GQA_T5X_STORAGE_CLIENT_DEFAULTS"
+_applied_environ: dict[str, str] = {}
+_applied_gcs_options: dict[str, Any] = {}
 # Set (unless the user set them) when STORAGE_EMULATOR_HOST names an emulator.
 _EMULATOR_DEFAULTS = {
     # epath's gs:// client: gcsfs, which honours STORAGE_EMULATOR_HOST
@@ -62,6 +81,20 @@ def emulator_host() -> str | None:
     return None if host in ("", "default") else host
 
 
+def _set_default(values: dict[str, Any], target: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
+    """Sets each of `values` in `target` unless set there by someone else.
+
+    Returns:
+      The entries set or changed.
+    """
+    changed = {}
+    for key, value in values.items():
+        current = target.get(key)
+        if current is None or (key in applied and applied[key] == current and current != value):
+            target[key] = applied[key] = changed[key] = value
+    return changed
+
+
 def configure_clients() -> dict[str, str]:
     """Sets the gs:// clients' defaults; runs when this module is imported.
 
@@ -69,13 +102,22 @@ def configure_clients() -> dict[str, str]:
     cache directory listings, since tensorstore, Orbax and other hosts write
     the same directories and a cached listing would hide their files.
 
+    Always, unless set otherwise: the clients' timeouts and retries follow
+    GQA_T5X_STORAGE_TIMEOUT_S / _RETRIES / _BACKOFF_S (`deadlines`): gcsfs's
+    `requests_timeout`, and tf.io.gfile's and tensorstore's variables
+    (`deadlines.client_environment`). An invalid GQA_T5X_STORAGE_* value
+    leaves them at the clients' defaults here; the first gs:// access then
+    reports it.
+
     With STORAGE_EMULATOR_HOST set, unless set otherwise: EPATH_USE_TF=false
     (epath uses gcsfs, which honours the emulator; tf.io.gfile cannot),
     TENSORSTORE_GCS_HTTP_URL=the emulator (array data goes there too, not
     to real GCS), GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, and anonymous
     gcsfs access. epath and gcsfs read their variables once per process, so
     this must run before the first gs:// access (call it again after setting
-    STORAGE_EMULATOR_HOST at run time).
+    STORAGE_EMULATOR_HOST or GQA_T5X_STORAGE_* at run time). The variables
+    set are listed in GQA_T5X_STORAGE_CLIENT_DEFAULTS, so that a child
+    process with another policy replaces them.
 
     Returns:
       The environment variables this call set.
@@ -84,15 +126,41 @@ def configure_clients() -> dict[str, str]:
 
     gcs_options = fsspec.config.conf.setdefault("gcs", {})
     gcs_options.setdefault("use_listings_cache", False)
-    if emulator_host() is None:
-        return {}
-    gcs_options.setdefault("token", "anon")
-    host = emulator_host()
-    url = host if "://" in host else f"http://{host}"  # as gcsfs and google-cloud-storage read it
-    defaults = {**_EMULATOR_DEFAULTS, "TENSORSTORE_GCS_HTTP_URL": url}
-    applied = {k: v for k, v in defaults.items() if k not in os.environ}
+    environ: dict[str, str] = {}
+    try:
+        policy = deadlines.Policy.from_environment()
+    except ValueError:
+        policy = None
+    if policy is not None:
+        _set_default(deadlines.gcsfs_options(policy), gcs_options, _applied_gcs_options)
+        environ.update(deadlines.client_environment(policy))
+    url = deadlines.emulator_url()
+    if url is not None:
+        gcs_options.setdefault("token", "anon")
+        environ.update({**_EMULATOR_DEFAULTS, "TENSORSTORE_GCS_HTTP_URL": url})
+    try:
+        inherited = json.loads(os.environ.get(APPLIED_VAR, "{}"))
+    except ValueError:
+        inherited = {}
+    if isinstance(inherited, dict):
+        for key, value in inherited.items():
+            if os.environ.get(key) == value:
+                _applied_environ.setdefault(key, value)
+    current = dict(os.environ)
+    applied = _set_default(environ, current, _applied_environ)
     os.environ.update(applied)
+    if _applied_environ:
+        os.environ[APPLIED_VAR] = json.dumps(_applied_environ, sort_keys=True)
     return applied
+
+
+def _bounded(path: Path, what: str, call: Callable[[], T], *, retry: bool = True) -> T:
+    """`call()` for a local path; on gs:// after `check_reachable`, with a deadline."""
+    if not deadlines.is_gcs(path):
+        return call()
+    url = os.fspath(path)
+    check_reachable(url)
+    return deadlines.bounded(call, url=url, what=what, retry=retry)
 
 
 def as_path(path: PathLike | Path, *, name: str = "path") -> Path:
@@ -154,9 +222,13 @@ def is_same_or_inside(path: PathLike | Path, directory: PathLike | Path) -> bool
 def listdir(directory: PathLike | Path) -> list[str]:
     """Sorted names of the entries of a directory (empty if it does not exist)."""
     directory = as_path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(child.name for child in directory.iterdir())
+
+    def names() -> list[str]:
+        if not directory.is_dir():
+            return []
+        return sorted(child.name for child in directory.iterdir())
+
+    return _bounded(directory, "listing a directory", names)
 
 
 def makedirs(directory: PathLike | Path) -> Path:
@@ -164,14 +236,21 @@ def makedirs(directory: PathLike | Path) -> Path:
 
     On object storage directories are implicit (a prefix exists once an
     object lies under it), so nothing is created: no placeholder objects,
-    and never a bucket (gcsfs would create a missing one).
+    and never a bucket (gcsfs would create a missing one). A gs:// bucket is
+    checked to answer (`check_reachable`), so that a run writing there fails
+    at once, not in the middle.
 
     Returns:
       The directory, as a `Path`.
+
+    Raises:
+      StorageTimeoutError: storage does not answer (see `deadlines`).
     """
     directory = as_path(directory)
     if not is_remote(directory):
         directory.mkdir(parents=True, exist_ok=True)
+    else:
+        check_reachable(directory)
     return directory
 
 
@@ -185,7 +264,12 @@ def walk(directory: PathLike | Path) -> Iterator[tuple[Path, list[str], list[str
     """
     directory = as_path(directory)
     scheme = _URL.match(os.fspath(directory))
-    for root, dirs, files in directory.walk(top_down=True):
+    steps = directory.walk(top_down=True)
+    while True:  # each step (one directory listed) bounded on gs://
+        step = _bounded(directory, "listing a directory tree", lambda: next(steps, None))
+        if step is None:
+            return
+        root, dirs, files = step
         text = os.fspath(root)
         if scheme and not is_remote(text):
             text = scheme.group(0) + text.lstrip("/")
@@ -208,16 +292,28 @@ def rename(source: PathLike | Path, target: PathLike | Path) -> None:
 
 
 def rmtree(path: PathLike | Path) -> None:
-    """Deletes a directory tree (or file); a missing path is not an error."""
+    """Deletes a directory tree (or file); a missing path is not an error.
+
+    On gs:// the checks are bounded as a whole; the deletion, whose length
+    grows with the tree, by the clients' per-request timeouts.
+    """
     path = as_path(path)
-    if path.is_dir():
+
+    def kind() -> str | None:
+        return "directory" if path.is_dir() else "file" if path.exists() else None
+
+    found = _bounded(path, "checking a path", kind)
+    if found == "directory":
         path.rmtree(missing_ok=True)
-    elif path.exists():
+    elif found == "file":
         path.unlink()
 
 
 def write_file(path: PathLike | Path, data: str | bytes) -> None:
     """Writes a whole file; on a local filesystem it is flushed to disk (fsync).
+
+    Meant for small files (metadata, markers): on gs:// the write is bounded
+    as a whole by the storage timeout (`deadlines`).
 
     Args:
       path: the file (its directory must exist).
@@ -225,11 +321,15 @@ def write_file(path: PathLike | Path, data: str | bytes) -> None:
     """
     path = as_path(path)
     payload = data.encode() if isinstance(data, str) else data
-    with path.open("wb") as f:
-        f.write(payload)
-        if not is_remote(path):
-            f.flush()
-            os.fsync(f.fileno())
+
+    def write() -> None:
+        with path.open("wb") as f:
+            f.write(payload)
+            if not is_remote(path):
+                f.flush()
+                os.fsync(f.fileno())
+
+    _bounded(path, "writing a file", write)
 
 
 class _Utf8Writer:
@@ -252,7 +352,8 @@ def replace_file(path: PathLike | Path, data: str | bytes) -> None:
 
     Local: a temporary sibling, flushed to disk, renamed over `path`.
     Object storage: one upload, which publishes the object whole when it
-    completes (a killed upload leaves the previous object, or nothing).
+    completes (a killed upload leaves the previous object, or nothing);
+    bounded as a whole on gs:// (`deadlines`), so meant for small files.
 
     Args:
       path: the file (its directory is created if needed).
@@ -261,7 +362,8 @@ def replace_file(path: PathLike | Path, data: str | bytes) -> None:
     path = as_path(path)
     makedirs(path.parent)
     if is_remote(path):
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        payload = data.encode() if isinstance(data, str) else data
+        _bounded(path, "writing a file", lambda: path.write_bytes(payload))
         return
     tmp = _staging_name(path)
     try:
@@ -284,7 +386,8 @@ def replacing(path: PathLike | Path, mode: str = "w") -> Iterator[IO[Any]]:
     sibling locally, a hidden object on object storage) and renamed over
     `path` at the end (on object storage a server-side copy, which publishes
     the object whole). An exception in the block deletes the temporary file
-    and leaves `path` as it was.
+    and leaves `path` as it was. On gs:// the streamed upload is bounded by
+    the clients' per-request timeouts, the publishing copy as a whole.
 
     Args:
       path: the file (its directory is created if needed).
@@ -305,11 +408,12 @@ def replacing(path: PathLike | Path, mode: str = "w") -> Iterator[IO[Any]]:
                 f.flush()
                 os.fsync(f.fileno())
         if is_remote(path):
-            tmp.replace(path)
+            _bounded(path, "publishing a file", lambda: tmp.replace(path), retry=False)
         else:
             os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
+    except BaseException as error:
+        # After a storage timeout, cleaning up would wait as long again.
+        if not isinstance(error, deadlines.StorageError) and _bounded(tmp, "checking a path", tmp.exists):
             tmp.unlink()
         raise
 
@@ -344,8 +448,27 @@ def _split_gcs(url: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
+def tensorstore_context() -> Any:
+    """The tensorstore context to open `kvstore_spec`s with (a `ts.Context`).
+
+    It holds the gs:// retry policy (`gcs_request_retries`, from
+    GQA_T5X_STORAGE_RETRIES / _BACKOFF_S, see `deadlines`); with an invalid
+    value, the default policy's (the path layer's first gs:// access reports
+    the value).
+    """
+    import tensorstore as ts
+
+    try:
+        policy = deadlines.Policy.from_environment()
+    except ValueError:
+        policy = deadlines.Policy()
+    return ts.Context({"gcs_request_retries": deadlines.tensorstore_retries(policy)})
+
+
 def kvstore_spec(path: PathLike | Path) -> dict[str, Any]:
     """A tensorstore kvstore spec for a local directory or a gs:// URL.
+
+    Open it with `tensorstore_context()`, which carries the retry policy.
 
     Raises:
       RemotePathError: a URL of a scheme tensorstore is not set up for here.

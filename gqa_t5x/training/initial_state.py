@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from gqa_t5x import checkpoints
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import models
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import KV_HEAD_MACROS, T5Config
@@ -183,13 +184,21 @@ def _put(array: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def _load_initial_params(path: str, config: T5Config, shardings: Any) -> Any:
-    """Streams a checkpoint's parameters onto their shardings."""
-    flat_shardings = param_tree.flatten(shardings)
-    with checkpoints.open_checkpoint(path) as reader:
+def _load_initial_params(path: str, config: T5Config, shardings: Any, allow_unusual_values: bool) -> Any:
+    """Streams a checkpoint's parameters onto their shardings (values checked as read).
+
+    A scanned model's layers are read one by one onto the per-layer
+    shardings, then stacked onto `shardings` (`layer_stack.stack_layers`).
+    """
+    stacked = layer_stack.is_stacked(shardings)
+    flat_shardings = param_tree.flatten(layer_stack.unstack_layers(shardings, config) if stacked else shardings)
+    with checkpoints.open_checkpoint(path, allow_unusual_values=allow_unusual_values) as reader:
         check_param_shapes(config, reader, path)
         flat = {key: _put(reader.read(key), flat_shardings[key]) for key in reader.keys()}
-    return param_tree.unflatten(flat)
+    params = param_tree.unflatten(flat)
+    if stacked:
+        params = jax.jit(lambda p: layer_stack.stack_layers(p, config), out_shardings=shardings)(params)
+    return params
 
 
 def restore_or_initialize(
@@ -202,6 +211,7 @@ def restore_or_initialize(
     initial_checkpoint_path: str | None,
     batch_size: int,
     rng: jax.Array,
+    allow_unusual_values: bool = False,
 ) -> tuple[ts.TrainState, ts.TrainState, StartInfo]:
     """Restores MODEL_DIR's checkpoint, loads the initial one, or initialises.
 
@@ -215,9 +225,15 @@ def restore_or_initialize(
       initial_checkpoint_path: INITIAL_CHECKPOINT_PATH.
       batch_size: BATCH_SIZE (compared with the checkpoint's).
       rng: Initialisation key.
+      allow_unusual_values: ALLOW_UNUSUAL_VALUES: accept restored parameters
+        that are non-finite or have |x| > 1e4 (`checkpoints.value_limits`).
 
     Returns:
       (state, state shardings, start with `data_row`).
+
+    Raises:
+      UnusualValuesError: a restored parameter (MODEL_DIR's checkpoint or
+        INITIAL_CHECKPOINT_PATH) holds such values; it is named.
     """
     abstract_params = jax.eval_shape(model.get_initial_params, rng)
     param_shardings = partitioner.param_shardings(abstract_params, model.config)
@@ -233,6 +249,8 @@ def restore_or_initialize(
             step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt
         )
         state, meta = ts.restore(manager, start.step, template, shardings)
+        if not allow_unusual_values:
+            checkpoints.check_tree(state.params, source=f"{manager.directory}/{ts.STEP_PREFIX}_{start.step}")
         row = ts.data_row(meta, start.step)
         if meta.get("batch_size") != batch_size:
             logging.warning(
@@ -241,7 +259,9 @@ def restore_or_initialize(
             )
         return state, shardings, dataclasses.replace(start, data_row=row, restored_metadata=meta)
     if start.resumed_from == "initial_checkpoint":
-        params = _load_initial_params(initial_checkpoint_path, model.config, param_shardings)
+        params = _load_initial_params(
+            initial_checkpoint_path, model.config, param_shardings, allow_unusual_values
+        )
     else:
         params = jax.jit(model.get_initial_params, out_shardings=param_shardings)(rng)
     state = ts.TrainState(

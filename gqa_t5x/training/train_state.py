@@ -29,12 +29,15 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from gqa_t5x.checkpoints import steps
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model.config import T5Config
 from gqa_t5x.storage import paths
 
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
-STEP_PREFIX = "checkpoint"
+STEP_PREFIX = steps.STEP_PREFIX
+complete_steps = steps.complete_steps
 
 
 @flax.struct.dataclass
@@ -54,21 +57,72 @@ class TrainState:
     opt_state: Any
 
     def to_tree(self) -> dict[str, Any]:
-        """The T5X-shaped tree that is saved."""
-        return {"target": self.params, "state": {"step": self.step, "param_states": self.opt_state}}
+        """The T5X-shaped tree that is saved.
+
+        Always T5X's unscanned names: a scanned model's stacked parameters
+        (`encoder/layers/...`) and the optimizer state that mirrors them are
+        sliced per layer (`layer_stack.unstack_tree`), so a scanned and an
+        unscanned run read each other's checkpoints (the slices are copies:
+        while a scanned state is saved its device holds it twice). Leaves
+        may be arrays or `jax.ShapeDtypeStruct`s (`abstract_tree`).
+        """
+        counts = layer_stack.layer_counts(self.params)
+        params, opt_state = self.params, self.opt_state
+        if counts:
+            params = layer_stack.unstack_tree(params, counts)
+            opt_state = layer_stack.unstack_tree(opt_state, counts)
+        return {"target": params, "state": {"step": self.step, "param_states": opt_state}}
 
     @classmethod
-    def from_tree(cls, tree: Mapping[str, Any]) -> "TrainState":
-        return cls(step=tree["state"]["step"], params=tree["target"], opt_state=tree["state"]["param_states"])
+    def from_tree(cls, tree: Mapping[str, Any], like: "TrainState | None" = None) -> "TrainState":
+        """The state of a saved tree; stacked like `like` when that is a scanned state.
+
+        Args:
+          tree: `to_tree()`'s layout (unscanned names).
+          like: A state (arrays or `jax.ShapeDtypeStruct`s) whose stacked
+            parameters and optimizer state the result should have; None or
+            an unscanned state keeps the tree's layout.
+        """
+        state = cls(step=tree["state"]["step"], params=tree["target"], opt_state=tree["state"]["param_states"])
+        if like is None or not layer_stack.layer_counts(like.params):
+            return state
+        return cls(
+            step=state.step,
+            params=layer_stack.stack_tree(state.params, like.params),
+            opt_state=layer_stack.stack_tree(state.opt_state, like.opt_state),
+        )
 
 
 def abstract_tree(state: TrainState, shardings: TrainState) -> dict[str, Any]:
     """ShapeDtypeStructs (with shardings) of `state.to_tree()` for restoring."""
-    return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s),
-        state.to_tree(),
-        shardings.to_tree(),
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=s), state, shardings
     )
+    return abstract.to_tree()
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def remove_partial_checkpoints(directory: paths.PathLike | paths.Path) -> list[str]:
+    """Removes unfinished checkpoint writes (Orbax's temporary directories).
+
+    Called after a write failed (a full disk): the next start would remove
+    them too (`cleanup_tmp_directories`), but a full disk must be freed now.
+
+    Args:
+      directory: MODEL_DIR (or MODEL_DIR/best).
+
+    Returns:
+      The names removed, e.g. ['checkpoint_4.orbax-checkpoint-tmp'].
+    """
+    root = paths.as_path(directory, name="MODEL_DIR")
+    if not root.is_dir():
+        return []
+    removed = sorted(n for n in paths.listdir(root) if n.startswith(f"{STEP_PREFIX}_") and TMP_MARK in n)
+    for name in removed:
+        paths.rmtree(root / name)
+    return removed
 
 
 def checkpoint_manager(
@@ -105,7 +159,7 @@ def checkpoint_manager(
         keep_checkpoints_without_metrics=best_metric is None,
     )
     return ocp.CheckpointManager(
-        paths.as_path(directory, name="MODEL_DIR"), options=options,
+        paths.absolute(paths.as_path(directory, name="MODEL_DIR")), options=options,  # Orbax needs absolute paths.
         item_names=(STATE_ITEM, METADATA_ITEM),
     )
 
@@ -157,7 +211,12 @@ def restore(
             }
         ),
     )
-    return TrainState.from_tree(restored[STATE_ITEM]), dict(restored[METADATA_ITEM])
+    tree, meta = restored[STATE_ITEM], dict(restored[METADATA_ITEM])
+    if not layer_stack.layer_counts(template.params):
+        return TrainState.from_tree(tree), meta
+    # A scanned model: stack the per-layer leaves onto the template's shardings.
+    like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), template)
+    return jax.jit(lambda t: TrainState.from_tree(t, like), out_shardings=shardings)(tree), meta
 
 
 def metadata_for(
@@ -170,6 +229,8 @@ def metadata_for(
     data_start_row: int = 0,
     data_pipeline: str = "stream",
     data_cache: str | None = None,
+    vocabulary: Mapping[str, Any] | None = None,
+    run_start_step: int | None = None,
 ) -> dict[str, Any]:
     """The JSON stored beside each training checkpoint.
 
@@ -182,6 +243,10 @@ def metadata_for(
       data_start_row: Global row read first at `data_start_step`.
       data_pipeline: 'cache' or 'stream'.
       data_cache: The cache's fingerprint (None when streaming).
+      vocabulary: The run's vocabulary record (`checkpoints.vocabulary.record`),
+        read back by eval, infer and export; None when the model has none.
+      run_start_step: The step the run began at before any resume (its
+        progress is counted from it); None when unknown.
 
     Returns:
       The metadata dict.
@@ -195,6 +260,8 @@ def metadata_for(
         "data_cache": data_cache,
         "mixture_or_task_name": task,
         "seed": seed,
+        **({"vocabulary": dict(vocabulary)} if vocabulary else {}),
+        **({"run_start_step": int(run_start_step)} if run_start_step is not None else {}),
     }
 
 

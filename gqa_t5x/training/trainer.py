@@ -30,29 +30,31 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import gin
 import jax
 import numpy as np
 import optax
-import seqio
 from clu import metric_writers
 
+from gqa_t5x import checkpoints
 from gqa_t5x.data import datasets
-from gqa_t5x.data import task_table
 from gqa_t5x.data import train_data
 from gqa_t5x.model import models
 from gqa_t5x.storage import paths
+from gqa_t5x.storage import space
+from gqa_t5x.training import best_checkpoint
 from gqa_t5x.training import evaluation
 from gqa_t5x.training import initial_state
 from gqa_t5x.training import optimizers
 from gqa_t5x.training import partitioning
+from gqa_t5x.training import preemption
 from gqa_t5x.training import train_state as ts
+from gqa_t5x.training.train_step import make_train_step
 from gqa_t5x.training.train_log import TrainLog
 from gqa_t5x.training.train_log import TrainSummary
 from gqa_t5x.training.train_log import print_summary
@@ -113,152 +115,6 @@ def steps_after_checkpoint(initial_checkpoint_path: str | None, steps: int) -> i
     return initial_state.checkpoint_step(initial_checkpoint_path) + int(steps)
 
 
-# ----------------------------------------------------------------- train step
-
-
-def make_train_step(
-    model: models.EncoderDecoderModel,
-    optimizer: optax.GradientTransformation,
-    learning_rate_fn: optimizers.Schedule,
-    dropout_key: jax.Array,
-):
-    """The (un-jitted) train step `(state, batch) -> (state, metrics)`.
-
-    Args:
-      model: Provides `loss_fn`.
-      optimizer: Optax transformation without learning rate.
-      learning_rate_fn: Schedule of the global step.
-      dropout_key: Base PRNG key; step `s` uses `fold_in(dropout_key, s)`, so
-        a resumed run draws the same dropout masks.
-
-    Returns:
-      The step function; metrics are summed loss terms, `loss`,
-      `learning_rate`, `grad_norm` and `param_norm`.
-    """
-
-    def train_step(state: ts.TrainState, batch: dict[str, jax.Array]):
-        step_rng = jax.random.fold_in(dropout_key, state.step)
-        grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        learning_rate = learning_rate_fn(state.step)
-        updates = optimizers.scale_updates(updates, learning_rate)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(
-            metrics, loss=loss, learning_rate=learning_rate,
-            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-        )
-        return ts.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
-
-
-# ----------------------------------------------------------------- evaluation
-
-
-def default_eval_metric(task_names: Sequence[str]) -> str:
-    """'task/metric' of the task table's primary metric of the evaluated task.
-
-    Args:
-      task_names: seqio tasks the evaluation runs (one, or a mixture's).
-
-    Raises:
-      ValueError: several tasks (which one should pick the best checkpoint?),
-        a task outside the table, or one without a primary metric.
-    """
-    if len(task_names) != 1:
-        raise ValueError(
-            f"EVAL_METRIC=None but the evaluation runs {len(task_names)} tasks "
-            f"{list(task_names)}; set EVAL_METRIC='task/metric' (e.g. "
-            f"'{task_names[0]}/rouge1') to pick the best checkpoint."
-        )
-    (name,) = task_names
-    try:
-        metric = task_table.by_name(name).primary_metric
-    except KeyError as e:
-        raise ValueError(f"EVAL_METRIC=None: {e.args[0]} Or set EVAL_METRIC.") from None
-    if metric is None:
-        raise ValueError(
-            f"EVAL_METRIC=None but task {name!r} has no primary metric in the "
-            "task table; set EVAL_METRIC to a metric it reports (the best "
-            "checkpoint is the one where it is highest)."
-        )
-    return f"{name}/{metric}"
-
-
-def _lookup_metric(metrics: Mapping[str, Mapping[str, float]], name: str) -> float:
-    """The value of `name` ('metric' or 'task/metric') in evaluation results."""
-    available = [f"{t}/{k}" for t, v in metrics.items() for k in v]
-    if "/" in name:
-        task, key = name.split("/", 1)
-        if key in metrics.get(task, {}):
-            return float(metrics[task][key])
-    else:
-        for values in metrics.values():
-            if name in values:
-                return float(values[name])
-    raise KeyError(f"EVAL_METRIC={name!r} is not among the evaluation metrics {available}.")
-
-
-@dataclasses.dataclass
-class EvalSetup:
-    """What `evaluate_and_keep_best` needs, built once before the loop.
-
-    Attributes:
-      evaluator: The seqio evaluator (datasets cached).
-      dataset_cfg: The evaluation data (batch size).
-      metric: 'task/metric' or 'metric' whose maximum picks the best checkpoint.
-      best_manager: Checkpoint manager of MODEL_DIR/best.
-      max_decode_length: Decoding length (None: the targets' length).
-    """
-
-    evaluator: seqio.Evaluator
-    dataset_cfg: datasets.DatasetConfig
-    metric: str
-    best_manager: Any
-    max_decode_length: int | None
-
-
-def _previous_best(best_manager: Any, summary: TrainSummary) -> None:
-    """Puts the best evaluation of an earlier part of the run into `summary`."""
-    previous = ts.best_so_far(best_manager)
-    if previous is not None:
-        summary.best = (int(previous["step"]), float(previous["eval_score"]))
-        summary.best_metric = previous["eval_metric"]
-        summary.eval_metrics[summary.best[0]] = previous["eval_results"]
-
-
-def evaluate_and_keep_best(
-    setup: EvalSetup,
-    model: models.EncoderDecoderModel,
-    state: ts.TrainState,
-    step: int,
-    metadata: Mapping[str, Any],
-    summary: TrainSummary,
-    log: TrainLog,
-) -> None:
-    """Evaluates `state`, logs the metrics, saves it to MODEL_DIR/best if best.
-
-    The best manager keeps one checkpoint, the one with the highest metric.
-    """
-    results = evaluation.run_evaluator(
-        setup.evaluator, model, state.params, step=step,
-        batch_size=datasets.host_batch_size(setup.dataset_cfg),
-        max_decode_length=setup.max_decode_length,
-    )
-    summary.eval_metrics[step] = results
-    log.write_scalars(step, {f"eval/{t}/{k}": v for t, vals in results.items() for k, v in vals.items()})
-    if jax.process_index() == 0:
-        print(f"[eval] step {step}:\n{evaluation.format_metrics(results)}", flush=True)
-    score = _lookup_metric(results, setup.metric)
-    if summary.best is None or score > summary.best[1]:
-        summary.best = (step, score)
-        summary.best_metric = setup.metric
-    best_meta = dict(metadata, eval_metric=setup.metric, eval_score=score,
-                     eval_results=results)
-    ts.save(setup.best_manager, state, best_meta, metrics={"score": score})
-
-
 # ----------------------------------------------------------------------- loop
 
 
@@ -278,6 +134,7 @@ def run_loop(
     log_every: int,
     eval_period: int | None = None,
     evaluate: Callable[[ts.TrainState, int], None] | None = None,
+    guard: preemption.PreemptionGuard | None = None,
 ) -> tuple[ts.TrainState, int]:
     """Runs steps `summary.start_step` .. `total_steps`.
 
@@ -297,9 +154,15 @@ def run_loop(
       log_every: Flush the log every N steps.
       eval_period: Call `evaluate(state, step)` every N steps and at the end.
       evaluate: The evaluation hook.
+      guard: Preemption signals; when the processes agree on a stop after a
+        step (not the last), that step is saved and `Preempted` raised.
 
     Returns:
       (final state, non-padding tokens trained on).
+
+    Raises:
+      Preempted: a stop signal arrived; the checkpoint of the step reached
+        is saved (and complete) when it is raised.
     """
     total_tokens = 0
     for step in range(summary.start_step, total_steps):
@@ -328,18 +191,19 @@ def run_loop(
         if eval_now:
             evaluate(state, done)
         summary.end_step = done
+        if guard is not None and not is_last and guard.stop_agreed(done):
+            log.flush(done)
+            manager.wait_until_finished()  # A periodic save of this step may be running.
+            ts.save(manager, state, metadata)
+            manager.wait_until_finished()
+            raise preemption.preempted_error(
+                done, f"{manager.directory}/{ts.STEP_PREFIX}_{done}", guard.signal_name
+            )
     log.flush(summary.end_step)
     return state, total_tokens
 
 
 # ---------------------------------------------------------------------- train
-
-
-def _eval_task_names(cfg: datasets.DatasetConfig) -> list[str]:
-    task = datasets.get_task_or_mixture(cfg)
-    if isinstance(task, seqio.Mixture):
-        return [t.name for t in task.tasks]
-    return [task.name]
 
 
 def _close(manager: Any) -> None:
@@ -355,7 +219,7 @@ def _finished_run(start: initial_state.StartInfo, model_dir: str) -> TrainSummar
         best_manager = ts.checkpoint_manager(
             best_dir, max_to_keep=1, best_metric="score", async_save=False
         )
-        _previous_best(best_manager, summary)
+        best_checkpoint.previous_best(best_manager, summary)
         _close(best_manager)
     if jax.process_index() == 0:
         print(
@@ -364,6 +228,28 @@ def _finished_run(start: initial_state.StartInfo, model_dir: str) -> TrainSummar
             flush=True,
         )
     return summary
+
+
+def _vocabulary_record(model: models.EncoderDecoderModel) -> dict[str, Any] | None:
+    """The record of the model's SentencePiece vocabulary, stored in each checkpoint."""
+    vocab = model.input_vocabulary
+    path = getattr(vocab, "sentencepiece_model_file", None)
+    if not path:
+        return None
+    return checkpoints.vocabulary.record(path, extra_ids=int(getattr(vocab, "extra_ids", 0)))
+
+
+def _no_space(model_dir: str, model_path: paths.Path) -> space.NoSpaceError:
+    """The error of a run whose checkpoint write found the disk full (partial output removed)."""
+    removed = [ts.remove_partial_checkpoints(d) for d in (model_path, model_path / "best")]
+    failed = ", ".join(n.split(ts.TMP_MARK)[0] for n in sum(removed, [])) or "a checkpoint"
+    kept = ts.complete_steps(model_path)
+    intact = (f"the newest complete checkpoint, {ts.STEP_PREFIX}_{kept[-1]}, is intact and a rerun "
+              "resumes from it" if kept else "no earlier checkpoint existed")
+    return space.NoSpaceError(
+        model_dir, f"{failed} could not be written and its partial output was removed; {intact}. "
+        "Free space (or raise the quota) and rerun the same command."
+    )
 
 
 def train(
@@ -387,6 +273,8 @@ def train(
     random_seed: int = 0,
     log_every: int = 10,
     progress: bool = True,
+    preemption_check_period: int = 10,
+    allow_unusual_values: bool = False,
     on_validated: Callable[[], None] | None = None,
 ) -> TrainSummary:
     """Trains until the global step reaches `total_steps` (see module docstring).
@@ -416,6 +304,12 @@ def train(
       random_seed: RANDOM_SEED: initialisation and dropout.
       log_every: Summaries, console line and NaN check every N steps.
       progress: Print the console progress line.
+      preemption_check_period: With several processes, how often (steps)
+        they agree on a preemption stop (`preemption.PreemptionGuard`); one
+        process checks every step.
+      allow_unusual_values: ALLOW_UNUSUAL_VALUES: start from restored
+        parameters even if they are non-finite or have |x| > 1e4 (refused
+        otherwise, naming the parameter: `checkpoints.value_limits`).
       on_validated: Called once the configuration is checked, the state is
         restored or initialised, and the first batch and the evaluation data
         are read, right before the first step. Not called when the run is
@@ -430,6 +324,8 @@ def train(
       DataError: the training or evaluation data cannot be read.
       train_log.NonFiniteLossError: the loss became NaN/inf (nothing after
         the last good checkpoint is saved).
+      Preempted: SIGTERM or SIGINT arrived during the steps; the step reached
+        is saved and a rerun resumes from it.
     """
     if not model_dir:
         raise ValueError("MODEL_DIR is required (--gin.MODEL_DIR=\"/path/to/model_dir\").")
@@ -439,120 +335,150 @@ def train(
         )
     if eval_period and infer_eval_dataset_cfg is None:
         raise ValueError("eval_period is set but infer_eval_dataset_cfg (the evaluation data) is not.")
+    guard = preemption.PreemptionGuard(check_period=preemption_check_period)
     learning_rate_fn = learning_rate_fn or optimizers.rsqrt_schedule()
     optimizer = optimizer or optimizers.adafactor()
     partitioner = partitioner or partitioning.Partitioner()
     partitioner.check_batch_size(train_dataset_cfg.batch_size)
-    model_path = paths.makedirs(paths.as_path(model_dir, name="MODEL_DIR"))  # Local or gs://.
-    manager = ts.checkpoint_manager(
-        model_path, max_to_keep=keep_checkpoints, async_save=async_checkpointing
-    )
-    managers = [manager]
+    model_path = paths.absolute(paths.as_path(model_dir, name="MODEL_DIR"))  # Local (made absolute) or gs://.
+
+    def make_manager() -> Any:
+        return ts.checkpoint_manager(model_path, max_to_keep=keep_checkpoints, async_save=async_checkpointing)
+
+    # A local MODEL_DIR is created only once the run is validated (a refused
+    # run leaves no trace); gs:// has no directories, only a bucket to reach.
+    remote = paths.is_remote(model_path)
+    if remote:
+        paths.makedirs(model_path)
+    manager = make_manager() if remote or model_path.is_dir() else None
+    managers = [manager] if manager is not None else []
     data: train_data.TrainData | None = None
+    space.quiet_repeated_space_errors()
     try:
-        start = initial_state.find_start(manager.latest_step(), initial_checkpoint_path)
-        if initial_state.check_train_steps(total_steps, start, model_dir, initial_checkpoint_path):
-            return _finished_run(start, model_dir)
-        metric = None
-        if eval_period:
-            metric = eval_metric or default_eval_metric(_eval_task_names(infer_eval_dataset_cfg))
-        rng = jax.random.PRNGKey(random_seed)
-        state, shardings, start = initial_state.restore_or_initialize(
-            start=start, model=model, optimizer=optimizer, partitioner=partitioner,
-            manager=manager, initial_checkpoint_path=initial_checkpoint_path,
-            batch_size=train_dataset_cfg.batch_size, rng=rng,
-        )
-        if jax.process_index() == 0:
-            origin = {
-                "model_dir": f"resumed from {model_dir}/checkpoint_{start.step}",
-                "initial_checkpoint": f"initial_checkpoint {initial_checkpoint_path}",
-                "scratch": "scratch (random initialisation)",
-            }[start.resumed_from]
-            print(
-                f"[train] {origin}: step {start.step} -> {total_steps} "
-                f"({total_steps - start.step} steps), mesh "
-                f"{dict(partitioner.mesh.shape)}, batch {train_dataset_cfg.batch_size}, "
-                f"kv heads {model.config.num_kv_heads}/{model.config.num_heads}",
-                flush=True,
-            )
-        train_step = jax.jit(
-            make_train_step(model, optimizer, learning_rate_fn, jax.random.fold_in(rng, 1)),
-            in_shardings=(shardings, partitioner.data_sharding),
-            out_shardings=(shardings, partitioner.replicated),
-            donate_argnums=(0,),
-        )
-        batch_size = train_dataset_cfg.batch_size
-        data = train_data.open_train_data(
-            train_dataset_cfg, start_row=start.data_row,
-            host_rows=partitioner.host_rows(batch_size),
-            end_row=start.data_row + (total_steps - start.step) * batch_size,
-        )
-        switched = train_data.check_resume(
-            start.restored_metadata, data, train_dataset_cfg, start.data_row
-        )
-        if jax.process_index() == 0:
-            print("\n".join([*data.notes, *([switched] if switched else [])]), flush=True)
-        metadata = ts.metadata_for(
-            model.config, data_start_step=start.step, data_start_row=start.data_row,
-            batch_size=batch_size, task=train_dataset_cfg.mixture_or_task_name,
-            seed=train_dataset_cfg.seed, data_pipeline=data.pipeline,
-            data_cache=data.cache_fingerprint,
-        )
-        first = next(data.batches, None)
-        if first is None:
-            raise RuntimeError(
-                f"The training data ({train_dataset_cfg.mixture_or_task_name}, split "
-                f"{train_dataset_cfg.split!r}) yields no batch of {train_dataset_cfg.batch_size}."
-            )
-        summary = TrainSummary(start.step, start.step, [], {}, {}, None, 0.0, 0.0, start.resumed_from)
-        setup = None
-        if eval_period:
-            # MODEL_DIR/best keeps the checkpoint with the best evaluation metric.
-            best_manager = ts.checkpoint_manager(
-                model_path / "best", max_to_keep=1, best_metric="score",
-                async_save=False,
-            )
-            managers.append(best_manager)
-            setup = EvalSetup(
-                evaluator=evaluation.make_evaluator(
-                    infer_eval_dataset_cfg, str(model_path / "eval"), num_eval_examples
-                ),
-                dataset_cfg=infer_eval_dataset_cfg,
-                metric=metric,
-                best_manager=best_manager,
-                max_decode_length=max_decode_length,
-            )
-            _previous_best(best_manager, summary)  # Resumed: the best evaluation so far.
-        if on_validated is not None:
-            on_validated()
-        log = TrainLog(
-            summary=summary,
-            writer=metric_writers.create_default_writer(
-                str(model_path / "train"),  # TensorBoard (tf.io.gfile)
-                just_logging=jax.process_index() != 0, asynchronous=False,
-            ),
-            manager=manager, model_dir=model_dir, total_steps=total_steps, progress=progress,
-        )
-        loop_start = time.time()
         try:
-            _, tokens = run_loop(
-                state=state, train_step=train_step,
-                batches=itertools.chain([first], data.batches), partitioner=partitioner,
-                batch_size=batch_size, total_steps=total_steps, manager=manager,
-                metadata=metadata, log=log, summary=summary,
-                checkpoint_period=checkpoint_period, log_every=log_every,
-                eval_period=eval_period,
-                evaluate=lambda s, step: evaluate_and_keep_best(
-                    setup, model, s, step, metadata, summary, log
-                ),
+            start = initial_state.find_start(manager.latest_step() if manager else None, initial_checkpoint_path)
+            if initial_state.check_train_steps(total_steps, start, model_dir, initial_checkpoint_path):
+                return _finished_run(start, model_dir)
+            metric = None
+            if eval_period:
+                metric = eval_metric or best_checkpoint.default_eval_metric(
+                    best_checkpoint.eval_task_names(infer_eval_dataset_cfg))
+            rng = jax.random.PRNGKey(random_seed)
+            state, shardings, start = initial_state.restore_or_initialize(
+                start=start, model=model, optimizer=optimizer, partitioner=partitioner,
+                manager=manager, initial_checkpoint_path=initial_checkpoint_path,
+                batch_size=train_dataset_cfg.batch_size, rng=rng,
+                allow_unusual_values=allow_unusual_values,
             )
+            if jax.process_index() == 0:
+                origin = {
+                    "model_dir": f"resumed from {model_dir}/checkpoint_{start.step}",
+                    "initial_checkpoint": f"initial_checkpoint {initial_checkpoint_path}",
+                    "scratch": "scratch (random initialisation)",
+                }[start.resumed_from]
+                print(
+                    f"[train] {origin}: step {start.step} -> {total_steps} "
+                    f"({total_steps - start.step} steps), mesh "
+                    f"{dict(partitioner.mesh.shape)}, batch {train_dataset_cfg.batch_size}, "
+                    f"kv heads {model.config.num_kv_heads}/{model.config.num_heads}",
+                    flush=True,
+                )
+            train_step = jax.jit(
+                make_train_step(model, optimizer, learning_rate_fn, jax.random.fold_in(rng, 1)),
+                in_shardings=(shardings, partitioner.data_sharding),
+                out_shardings=(shardings, partitioner.replicated),
+                donate_argnums=(0,),
+            )
+            batch_size = train_dataset_cfg.batch_size
+            data = train_data.open_train_data(
+                train_dataset_cfg, start_row=start.data_row,
+                host_rows=partitioner.host_rows(batch_size),
+                end_row=start.data_row + (total_steps - start.step) * batch_size,
+            )
+            switched = train_data.check_resume(
+                start.restored_metadata, data, train_dataset_cfg, start.data_row
+            )
+            if jax.process_index() == 0:
+                print("\n".join([*data.notes, *([switched] if switched else [])]), flush=True)
+            # The step this run began at before any resume (progress is counted from it).
+            run_start = (start.step if start.resumed_from != "model_dir"
+                         else (start.restored_metadata or {}).get("run_start_step"))
+            metadata = ts.metadata_for(
+                model.config, data_start_step=start.step, data_start_row=start.data_row,
+                batch_size=batch_size, task=train_dataset_cfg.mixture_or_task_name,
+                seed=train_dataset_cfg.seed, data_pipeline=data.pipeline,
+                data_cache=data.cache_fingerprint, vocabulary=_vocabulary_record(model),
+                run_start_step=run_start,
+            )
+            first = next(data.batches, None)
+            if first is None:
+                raise RuntimeError(
+                    f"The training data ({train_dataset_cfg.mixture_or_task_name}, split "
+                    f"{train_dataset_cfg.split!r}) yields no batch of {train_dataset_cfg.batch_size}."
+                )
+            summary = TrainSummary(start.step, start.step, [], {}, {}, None, 0.0, 0.0, start.resumed_from)
+            setup = None
+            evaluator = None
+            if eval_period:
+                evaluator = evaluation.make_evaluator(
+                    infer_eval_dataset_cfg, str(model_path / "eval"), num_eval_examples
+                )
+            if manager is None:  # Everything is checked: now MODEL_DIR is made.
+                paths.makedirs(model_path)
+                manager = make_manager()
+                managers.append(manager)
+            if eval_period:
+                # MODEL_DIR/best keeps the checkpoint with the best evaluation metric.
+                best_manager = ts.checkpoint_manager(
+                    model_path / "best", max_to_keep=1, best_metric="score",
+                    async_save=False,
+                )
+                managers.append(best_manager)
+                setup = best_checkpoint.EvalSetup(
+                    evaluator=evaluator,
+                    dataset_cfg=infer_eval_dataset_cfg,
+                    metric=metric,
+                    best_manager=best_manager,
+                    max_decode_length=max_decode_length,
+                )
+                best_checkpoint.previous_best(best_manager, summary)  # Resumed: the best evaluation so far.
+            if on_validated is not None:
+                on_validated()
+            log = TrainLog(
+                summary=summary,
+                writer=metric_writers.create_default_writer(
+                    str(model_path / "train"),  # TensorBoard (tf.io.gfile)
+                    just_logging=jax.process_index() != 0, asynchronous=False,
+                ),
+                manager=manager, model_dir=model_dir, total_steps=total_steps, progress=progress,
+                run_start_step=run_start,
+            )
+            loop_start = time.time()
+            try:
+                with guard:
+                    _, tokens = run_loop(
+                        state=state, train_step=train_step,
+                        batches=itertools.chain([first], data.batches), partitioner=partitioner,
+                        batch_size=batch_size, total_steps=total_steps, manager=manager,
+                        metadata=metadata, log=log, summary=summary,
+                        checkpoint_period=checkpoint_period, log_every=log_every,
+                        eval_period=eval_period,
+                        evaluate=lambda s, step: best_checkpoint.evaluate_and_keep_best(
+                            setup, model, s, step, metadata, summary, log
+                        ),
+                        guard=guard,
+                    )
+            finally:
+                log.close()
         finally:
-            log.close()
-    finally:
-        if data is not None:
-            data.close()  # Stops the input pipeline's threads now.
-        for m in managers:
-            _close(m)
+            if data is not None:
+                data.close()  # Stops the input pipeline's threads now.
+            for m in managers:
+                _close(m)
+    except Exception as error:
+        if not space.is_out_of_space(error):
+            raise
+        raise _no_space(model_dir, model_path) from error
     summary.elapsed_s = time.time() - loop_start
     summary.tokens_per_second = tokens / max(summary.elapsed_s, 1e-9)
     if jax.process_index() == 0:

@@ -17,7 +17,7 @@ from gqa_t5x.data import tasks
 from gqa_t5x.data.sources import SourceSpec
 from gqa_t5x.data.task_table import TaskSpec
 from gqa_t5x.training import evaluation
-from gqa_t5x.training import trainer
+from gqa_t5x.training import best_checkpoint
 
 TOY = TaskSpec(
     name="gqa_test_toy_titles",
@@ -95,7 +95,7 @@ def test_a_task_registered_through_the_public_api_runs_to_its_metric(shared_dir,
     assert list(results) == [TOY.name]
     assert results[TOY.name]["rouge1"] == pytest.approx(100.0)
     # The trainer picks the best checkpoint by the table's primary metric.
-    assert trainer.default_eval_metric([TOY.name]) == "gqa_test_toy_titles/rouge1"
+    assert best_checkpoint.default_eval_metric([TOY.name]) == "gqa_test_toy_titles/rouge1"
 
 
 def test_registering_the_same_task_again_replaces_it():

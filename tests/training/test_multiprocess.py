@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,3 +214,33 @@ def test_two_processes_match_one_process_and_resume_after_one_is_killed(job):
     assert sorted(resumed_losses) == list(range(done + 1, STEPS + 1))
     for step, loss in resumed_losses.items():
         assert loss == pytest.approx(reference_losses[step], rel=1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step_and_a_relaunch_finishes(job):
+    root, flags = job
+    mp_dir = root / "preempted"
+    flags = [*flags, "--gin.trainer.train.preemption_check_period=2"]
+    victims = _pair(flags, mp_dir, GQA_TEST_SLOW_BATCH_S="0.5")
+    deadline = time.time() + 400
+    while not (mp_dir / "checkpoint_1004").is_dir():
+        assert all(p.poll() is None for p in victims), _log(victims[0])[-3000:]
+        assert time.time() < deadline, "no checkpoint_1004 within 400 s"
+        time.sleep(0.05)
+    victims[1].send_signal(signal.SIGTERM)  # Only process 1 is told.
+    codes = [p.wait(timeout=300) for p in victims]
+    logs = [_log(p) for p in victims]
+    assert codes == [75, 75], logs[0][-3000:] + logs[1][-3000:]
+    assert "SIGTERM received: finishing this step" in logs[1]
+    stops = [re.search(r"stopped: preempted by (SIGTERM|another process's signal) at step (\d+): saved (\S+);",
+                       log) for log in logs]
+    assert all(stops), logs
+    assert stops[0].group(1) == "another process's signal" and stops[1].group(1) == "SIGTERM"
+    step = int(stops[0].group(2))
+    assert step == int(stops[1].group(2)) and step % 2 == 0 and 1004 <= step < STEPS
+    assert max(_steps(mp_dir)) == step and (mp_dir / f"checkpoint_{step}" / "state").is_dir()
+
+    resumed = _pair(flags, mp_dir)
+    for proc in resumed:
+        assert proc.wait(timeout=600) == 0, _log(proc)[-4000:]
+    assert f"checkpoint_{step}: step {step} -> {STEPS}" in _log(resumed[0])
+    assert max(_steps(mp_dir)) == STEPS

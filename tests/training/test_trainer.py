@@ -31,6 +31,7 @@ from gqa_t5x.model import models
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
+from gqa_t5x.training import best_checkpoint
 from gqa_t5x.training import evaluation
 from gqa_t5x.training import initial_state
 from gqa_t5x.training import optimizers
@@ -201,6 +202,61 @@ def test_rerunning_a_finished_run_is_a_no_op_and_a_lower_train_steps_an_error(fi
     assert sorted(p.name for p in finished_run.glob("checkpoint_*")) == ["checkpoint_3"]
 
 
+# ------------------------------------------------------- values on restore
+def _with_value(params, key: str, value: float):
+    flat = param_tree.flatten(jax.tree_util.tree_map(np.asarray, params))
+    flat[key] = flat[key].copy()
+    flat[key].flat[0] = value
+    return param_tree.unflatten(flat)
+
+
+def _run_at_step_3(model_dir: Path, key: str, value: float) -> Path:
+    config = tiny_config()
+    params = _with_value(_model(config).get_initial_params(jax.random.PRNGKey(0)), key, value)
+    state = ts.TrainState(step=jnp.asarray(3, jnp.int32), params=params,
+                          opt_state=optimizers.adafactor().init(params))
+    manager = ts.checkpoint_manager(model_dir, async_save=False)
+    ts.save(manager, state, ts.metadata_for(config, data_start_step=0, batch_size=8, task=TASK, seed=7))
+    manager.close()
+    return model_dir
+
+
+def test_resuming_from_a_checkpoint_holding_a_nan_is_refused_naming_the_parameter(tmp_path):
+    run = _run_at_step_3(tmp_path / "run", "decoder/layers_0/mlp/wo/kernel", np.nan)
+    with pytest.raises(checkpoints.UnusualValuesError) as raised:
+        _train(run, 5, on_validated=_never_called)
+    assert str(raised.value).startswith(
+        f"{run}/checkpoint_3: parameter 'decoder/layers_0/mlp/wo/kernel' holds 1 non-finite value(s)")
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_3"]
+
+
+def test_the_override_resumes_from_a_checkpoint_with_a_huge_value(tmp_path):
+    run = _run_at_step_3(tmp_path / "run", "encoder/relpos_bias/rel_embedding", 2e4)
+    with pytest.raises(checkpoints.UnusualValuesError, match="implausibly large"):
+        _train(run, 4, on_validated=_never_called)
+    summary = _train(run, 4, allow_unusual_values=True)
+    assert (summary.start_step, summary.end_step) == (3, 4)
+
+
+def test_an_initial_checkpoint_holding_a_nan_is_refused_before_anything_is_written(tmp_path):
+    config = tiny_config()
+    params = _with_value(param_tree.unflatten(
+        {k: np.zeros(s, np.float32) for k, s in param_tree.param_shapes(config).items()}),
+        "token_embedder/embedding", np.inf)
+    initial = tmp_path / "converted" / "checkpoint_1000"
+    checkpoints.save(initial, config, params, step=1000)
+    with pytest.raises(checkpoints.UnusualValuesError, match="parameter 'token_embedder/embedding' holds 1 non-finite"):
+        _train(tmp_path / "run", 1002, initial_checkpoint_path=str(initial), on_validated=_never_called)
+    assert not (tmp_path / "run").exists()  # A refused run leaves no MODEL_DIR behind.
+
+
+def test_a_missing_initial_checkpoint_is_refused_without_creating_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        _train(tmp_path / "run", 1002, initial_checkpoint_path=str(tmp_path / "nowhere"),
+               on_validated=_never_called)
+    assert not (tmp_path / "run").exists()
+
+
 class _Stop(Exception):
     pass
 
@@ -273,16 +329,16 @@ def test_evaluate_calls_on_validated_after_loading_and_before_writing(shared_dir
 
 # ------------------------------------------------------------ initial checks
 def test_best_checkpoint_metric_defaults_to_the_task_tables_primary_metric():
-    assert trainer.default_eval_metric(["gqa_cnn_dailymail"]) == "gqa_cnn_dailymail/rouge1"
-    assert trainer.default_eval_metric(["gqa_wmt14_ende"]) == "gqa_wmt14_ende/bleu"
-    assert trainer.default_eval_metric(["gqa_triviaqa"]) == "gqa_triviaqa/f1"
+    assert best_checkpoint.default_eval_metric(["gqa_cnn_dailymail"]) == "gqa_cnn_dailymail/rouge1"
+    assert best_checkpoint.default_eval_metric(["gqa_wmt14_ende"]) == "gqa_wmt14_ende/bleu"
+    assert best_checkpoint.default_eval_metric(["gqa_triviaqa"]) == "gqa_triviaqa/f1"
     with pytest.raises(ValueError, match="runs 2 tasks.*set EVAL_METRIC='task/metric'"):
-        trainer.default_eval_metric(["gqa_cnn_dailymail", "gqa_triviaqa"])
+        best_checkpoint.default_eval_metric(["gqa_cnn_dailymail", "gqa_triviaqa"])
     with pytest.raises(ValueError, match="register_task"):
-        trainer.default_eval_metric([TASK])
+        best_checkpoint.default_eval_metric([TASK])
     with pytest.raises(ValueError, match="has no primary metric"):
-        trainer.default_eval_metric(["gqa_c4_span_corruption"])
-    lookup = trainer._lookup_metric
+        best_checkpoint.default_eval_metric(["gqa_c4_span_corruption"])
+    lookup = best_checkpoint.lookup_metric
     assert lookup({"gqa_triviaqa": {"em": 1.0, "f1": 2.0}}, "gqa_triviaqa/f1") == 2.0
     assert lookup({"qa": {"em": 1.0, "f1": 2.0}}, "em") == 1.0
     with pytest.raises(KeyError, match="EVAL_METRIC='rougeL'"):
