@@ -41,6 +41,10 @@ sys.path.insert(0, str(REPO))
 MODELS = {
     "small": dict(emb_dim=512, num_heads=6, num_encoder_layers=8, num_decoder_layers=8, head_dim=64, mlp_dim=1024),
     "base": dict(emb_dim=768, num_heads=12, num_encoder_layers=12, num_decoder_layers=12, head_dim=64, mlp_dim=2048),
+    "large": dict(emb_dim=1024, num_heads=16, num_encoder_layers=24, num_decoder_layers=24, head_dim=64,
+                  mlp_dim=2816),
+    # For dry runs of scripts/accelerator_check.py on a CPU.
+    "tiny": dict(emb_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, head_dim=8, mlp_dim=64),
 }
 HUGGINGFACE = 0  # --child value of the HuggingFace run
 
@@ -91,7 +95,7 @@ def child_ours(args: argparse.Namespace) -> dict:
     from gqa_t5x.training import train_state as ts
 
     shape = MODELS[args.model]
-    config = network.T5Config(**shape, dtype="float32", dropout_rate=0.0,
+    config = network.T5Config(**shape, dtype=args.dtype, dropout_rate=0.0,
                               num_kv_heads=args.child if args.child != shape["num_heads"] else None)
     model = models.EncoderDecoderModel(network.Transformer(config))
     optimizer = optimizers.adafactor()
@@ -179,14 +183,18 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def _machine() -> dict:
-    """CPU model, cores and the float32 matmul peak (for MFU)."""
+def _machine(dtype: str = "float32") -> dict:
+    """CPU model, cores, the device, and the matmul peak in the run's dtype (for MFU)."""
+    import jax
+
     from gqa_t5x.experiments import machine
     from gqa_t5x.experiments.bench import roofline
 
     info = machine.describe()
-    return {"cpu": info["cpu"], "cores": info["cores"], "jax": info["jax"],
-            "matmul_peak_gflops": roofline.measure_matmul_peak()}
+    device = jax.devices()[0]
+    return {"cpu": info["cpu"], "cores": info["cores"], "jax": info["jax"], "device": device.device_kind,
+            "matmul_dtype": dtype, "matmul_peak_gflops": roofline.measure_matmul_peak(dtype=dtype),
+            "published": roofline.published_peaks(device.device_kind)}
 
 
 def write_report(results: list[dict], meta: dict, out: Path) -> None:
@@ -235,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="Activation dtype of our step (bfloat16 on accelerators); MFU is against the "
+                        "matmul peak measured in it. Parameters and Adafactor stay float32.")
     parser.add_argument("--out", default=str(REPO / "docs" / "bench_train"), help="Report prefix (.json/.md).")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(error)) from None
     runs = ([] if args.no_huggingface else [HUGGINGFACE]) + kv_heads
     load_start = os.getloadavg()[0]
-    machine = _machine()
+    machine = _machine(args.dtype)
     from gqa_t5x.experiments.bench import roofline
     from gqa_t5x.model.config import T5Config
 
@@ -261,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     for kv in runs:
         cmd = [sys.executable, __file__, f"--child={kv}", f"--model={args.model}", f"--batch={args.batch}",
                f"--inputs={args.inputs}", f"--targets={args.targets}", f"--warmup={args.warmup}",
-               f"--steps={args.steps}"]
-        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+               f"--steps={args.steps}", f"--dtype={args.dtype}"]
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", ""),
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
@@ -279,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "model": f"T5.1.1-{args.model}", "shape": ", ".join(f"{k}={v}" for k, v in MODELS[args.model].items()),
         "batch": args.batch, "inputs": args.inputs, "targets": args.targets, "warmup": args.warmup,
+        "dtype": args.dtype,
         "steps": args.steps, **machine, "platform": platform.machine(),
         "load_average_start": round(load_start, 2), "load_average_end": round(os.getloadavg()[0], 2),
         "train_step_gflop": flops / 1e9, "command": " ".join(["python scripts/bench_train.py", *sys.argv[1:]]),

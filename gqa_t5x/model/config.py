@@ -89,11 +89,12 @@ def check_kv_heads(num_heads: int, num_kv_heads: Any, *, name: str = "num_kv_hea
     return value
 
 
-def resolve_dtype(dtype: Any) -> jnp.dtype:
+def resolve_dtype(dtype: Any, field: str = "dtype") -> jnp.dtype:
     """Returns the jnp dtype named by `dtype` (a string or a dtype).
 
     Args:
       dtype: 'float32', 'bfloat16', 'float16' or a numpy/jax dtype.
+      field: The config field it came from, named in the error.
 
     Returns:
       The corresponding `jnp.dtype`.
@@ -101,7 +102,7 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(
-                f"T5Config.dtype={dtype!r} is not supported; use one of "
+                f"T5Config.{field}={dtype!r} is not supported; use one of "
                 f"{sorted(_DTYPES)}."
             )
         return jnp.dtype(_DTYPES[dtype])
@@ -135,6 +136,18 @@ class T5Config:
         `num_kv_heads` (None = num_heads).
       relative_attention_num_buckets: Relative position buckets (T5: 32).
       relative_attention_max_distance: Maximum distance of the buckets (128).
+      scan_layers: Run each stack's layers as one `flax.linen.scan` over
+        stacked parameters (T5X/Flaxformer `scan_layers`): XLA compiles one
+        layer per stack, so a 24+24-layer model compiles about as fast as a
+        2+2-layer one. The network's parameter tree then holds
+        `encoder/layers/...` with a leading 'layers' axis; checkpoints keep
+        the unscanned names (`layer_stack.stack_layers` / `unstack_layers`
+        convert). The numerics are those of the unscanned network.
+      param_dtype: Dtype the parameters are kept in for inference and
+        benchmarks ('float32' or 'bfloat16'; T5X restores inference
+        parameters in bfloat16). Training keeps float32 master weights
+        whatever this says; `layer_stack.model_params` casts restored
+        parameters to it.
     """
 
     vocab_size: int = 32128
@@ -153,6 +166,8 @@ class T5Config:
     encoder_num_kv_heads: int | None = None
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    scan_layers: bool = False
+    param_dtype: Any = "float32"
 
     def __post_init__(self) -> None:
         # Normalise sequences coming from gin (lists) into tuples so the config
@@ -167,6 +182,8 @@ class T5Config:
                 object.__setattr__(self, name, self.num_heads)
             elif isinstance(value, np.integer):
                 object.__setattr__(self, name, int(value))
+        if isinstance(self.scan_layers, np.bool_):
+            object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -198,6 +215,17 @@ class T5Config:
                 f"T5Config.dropout_rate={self.dropout_rate!r} must be in [0, 1)."
             )
         resolve_dtype(self.dtype)
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise ValueError(
+                f"T5Config.scan_layers={self.scan_layers!r} must be True or False "
+                "(gin: --gin.SCAN_LAYERS=True)."
+            )
+        param_dtype = resolve_dtype(self.param_dtype, field="param_dtype")
+        if param_dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(
+                f"T5Config.param_dtype={self.param_dtype!r} is not supported; use "
+                "'float32' or 'bfloat16' (gin: --gin.PARAM_DTYPE=\"'bfloat16'\")."
+            )
         if not self.mlp_activations:
             raise ValueError("T5Config.mlp_activations must name at least one activation.")
         for act in self.mlp_activations:
@@ -217,6 +245,11 @@ class T5Config:
     def activation_dtype(self) -> jnp.dtype:
         return resolve_dtype(self.dtype)
 
+    @property
+    def parameter_dtype(self) -> jnp.dtype:
+        """`param_dtype` as a jnp dtype."""
+        return resolve_dtype(self.param_dtype, field="param_dtype")
+
     def replace(self, **changes: Any) -> "T5Config":
         """Returns a copy with `changes` applied (and validated).
 
@@ -231,8 +264,10 @@ class T5Config:
         """A JSON-serialisable dict of the fields."""
         out = dataclasses.asdict(self)
         out["mlp_activations"] = list(self.mlp_activations)
-        if not isinstance(self.dtype, str):
-            out["dtype"] = jnp.dtype(self.dtype).name
+        out["scan_layers"] = bool(self.scan_layers)
+        for name in ("dtype", "param_dtype"):
+            if not isinstance(getattr(self, name), str):
+                out[name] = jnp.dtype(getattr(self, name)).name
         return out
 
     @classmethod

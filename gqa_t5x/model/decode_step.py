@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gqa_t5x.model import attention
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import layers
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
@@ -50,14 +51,16 @@ def decode_kernels(params: Any) -> Any:
       params: The model's `params`.
 
     Returns:
-      `{'decoder': {...: {'kernel': [out, in]}}}`.
+      `{'decoder': {...: {'kernel': [out, in]}}}`; a scanned decoder's
+      stacked kernels `[layers, in, out]` become `[layers, out, in]`.
     """
     kernels = {}
     for path, value in param_tree.flatten(params).items():
         once = (param_tree.is_cross_attention(path)
                 and param_tree.attention_projection(path) in param_tree.KEY_VALUE_PROJECTIONS)
-        if path.startswith("decoder/") and path.endswith("/kernel") and value.ndim == 2 and not once:
-            kernels[path] = jnp.transpose(value)  # [out, in]
+        matrix_ndim = 3 if layer_stack.is_stacked_path(path) else 2
+        if path.startswith("decoder/") and path.endswith("/kernel") and value.ndim == matrix_ndim and not once:
+            kernels[path] = jnp.swapaxes(value, -1, -2)  # [(layers,) out, in]
     return param_tree.unflatten(kernels)
 
 
@@ -97,9 +100,10 @@ def resize_self_cache(cache: Any, length: int) -> Any:
     """The cache with its self-attention keys/values cut or zero-padded to `length`.
 
     Keys `[rows, kv_heads, head_dim, L]` along their last axis, values
-    `[rows, kv_heads, L, head_dim]` along their third; `key_positions`
-    (whose shape tells a step the length) becomes `arange(length)`. The
-    encoder-decoder keys/values and the scalars are kept.
+    `[rows, kv_heads, L, head_dim]` along their third (a scanned decoder's
+    caches have a layer axis in front); `key_positions` (whose shape tells a
+    step the length) becomes `arange(length)`. The encoder-decoder
+    keys/values and the scalars are kept.
     """
 
     def resize(keypath, leaf):
@@ -109,7 +113,7 @@ def resize_self_cache(cache: Any, length: int) -> Any:
             return jnp.arange(length, dtype=leaf.dtype)
         if param_tree.is_cross_attention(path) or name not in (attention.CACHED_KEY, attention.CACHED_VALUE):
             return leaf
-        axis = 3 if name == attention.CACHED_KEY else 2
+        axis = leaf.ndim - 1 if name == attention.CACHED_KEY else leaf.ndim - 2
         if leaf.shape[axis] >= length:
             return jax.lax.slice_in_dim(leaf, 0, length, axis=axis)
         pad = [(0, 0)] * leaf.ndim
@@ -144,12 +148,16 @@ def gather_beams(tree: Any, flat_index: Array) -> Any:
     scalars (`cache_index`, `position`) and `key_positions` `[length]` are
     shared by all rows and kept. Encoder-decoder keys/values are stored once
     per example (`[batch, ...]`, read by all its beams), and beams only move
-    within an example, so those (the largest leaves) are not touched.
+    within an example, so those (the largest leaves) are not touched. A
+    scanned decoder's caches `[layers, batch * beams, ...]` (and its
+    per-layer `cache_index` `[layers]`) are gathered along their second axis.
     """
 
     def gather(keypath, leaf):
-        if leaf.ndim < 2 or param_tree.is_cross_attention(param_tree.keypath_str(keypath)):
+        path = param_tree.keypath_str(keypath)
+        rows_axis = 1 if layer_stack.is_stacked_path(path) else 0
+        if leaf.ndim < rows_axis + 2 or param_tree.is_cross_attention(path):
             return leaf
-        return jnp.take(leaf, flat_index, axis=0)
+        return jnp.take(leaf, flat_index, axis=rows_axis)
 
     return jax.tree_util.tree_map_with_path(gather, tree)

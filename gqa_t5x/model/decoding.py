@@ -42,6 +42,7 @@ import numpy as np
 
 from gqa_t5x.model import decode_attention
 from gqa_t5x.model import decode_step
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
 
@@ -189,7 +190,7 @@ def _transposed_kernels(params: Any) -> Any:
     return decode_step.decode_kernels(params)
 
 
-def step_kernels(params: Any) -> Any:
+def step_kernels(params: Any, config: T5Config | None = None) -> Any:
     """The decoder kernels a decode step multiplies by, made once for many batches.
 
     On CPU, `decode_step.decode_kernels(params)` (the kernels transposed to
@@ -199,12 +200,46 @@ def step_kernels(params: Any) -> Any:
     `infer` loop, timing) make them once and pass them in.
 
     Args:
-      params: The model's `params`.
+      params: The model's `params` (either tree, `layer_stack.model_params`).
+      config: The model config; when given, the kernels are made from
+        `model_params(params, config)` (stacked for a scanned decoder, in
+        its parameter dtype). Without it they follow `params`' own tree,
+        and `run` stacks or unstacks them to its config's.
 
     Returns:
       The `decode_kernels` tree, or None where steps read `params` directly.
     """
-    return _transposed_kernels(params) if decode_step.use_decode_kernels() else None
+    if not decode_step.use_decode_kernels():
+        return None
+    if config is not None:
+        params = prepare_params(params, config)
+    return _transposed_kernels(params)
+
+
+def prepare_params(params: Any, config: T5Config) -> Any:
+    """`layer_stack.model_params` once, outside the compiled functions.
+
+    `decode` and the compiled functions accept either tree (stacking or
+    casting inside them copies the weights per call); callers that decode
+    many batches convert once with this and pass the result.
+
+    Args:
+      params: The unstacked (checkpoint) or stacked tree.
+      config: The model config (`scan_layers`, `param_dtype`).
+
+    Returns:
+      The tree and dtype the network of `config` reads.
+    """
+    if layer_stack.is_stacked(params) == config.scan_layers and all(
+        x.dtype == config.parameter_dtype for x in jax.tree_util.tree_leaves(params)
+    ):
+        return params
+    return _prepared(params, config)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _prepared(params: Any, config: T5Config) -> Any:
+    return layer_stack.model_params(params, config)
 
 
 # ----------------------------------------------------------------- helpers
@@ -437,6 +472,8 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
       keys/values stay `batch` rows, shared by the beams);
       `run(params, cache, enc_tokens', rng, kernels=None) -> DecodeResult`,
       where `kernels` is `step_kernels(params)` (made inside `run` when None).
+      Each takes either parameter tree (`layer_stack.model_params` stacks
+      or casts it inside; `prepare_params` does it once, outside).
     """
     spec = spec.normalized()
     spec.validate(config.vocab_size)
@@ -446,7 +483,7 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
     @jax.jit
     def encode(params, encoder_input_tokens):
         return model.apply(
-            {"params": params},
+            {"params": layer_stack.model_params(params, config)},
             encoder_input_tokens,
             enable_dropout=False,
             method=network.Transformer.encode,
@@ -457,7 +494,7 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
         # Cross-attention keys/values are projected from `encoded` once per
         # example; the beams of an example read them in place.
         _, variables = model.apply(
-            {"params": params},
+            {"params": layer_stack.model_params(params, config)},
             encoded,
             spec.max_decode_length,
             beams,
@@ -472,10 +509,14 @@ def compile_decoding(config: T5Config, spec: DecodingSpec) -> CompiledDecoding:
 
     @jax.jit
     def run(params, cache, encoder_input_tokens, rng, kernels=None):
+        # Stacked (scanned) or cast here, once per run, outside the step loop.
+        params = layer_stack.model_params(params, config)
         if not transposed:
             kernels = None
         elif kernels is None:
             kernels = decode_step.decode_kernels(params)
+        else:
+            kernels = layer_stack.model_params(kernels, config)
         step = decode_step.step_fn(model, params, encoder_input_tokens, kernels)
         if spec.method == "beam":
             return _beam_loop(step, cache, encoder_input_tokens, spec)

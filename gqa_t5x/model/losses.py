@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
 
@@ -149,7 +150,7 @@ def _jitted_scorer(config: T5Config, with_log_probs: bool) -> Callable[..., tupl
         # decoder do.
         mask_tokens = (weights > 0).astype(jnp.int32)  # [batch, dec_len]
         logits = model.apply(
-            {"params": params},
+            {"params": layer_stack.model_params(params, config)},
             encoder_input_tokens,
             decoder_input_tokens,
             mask_tokens,

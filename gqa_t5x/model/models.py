@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.model import decoding
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import losses
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
@@ -132,7 +133,12 @@ class EncoderDecoderModel:
 
     # ---------------------------------------------------------------- params
     def get_initial_params(self, rng: Array, batch_size: int = 1, length: int = 8) -> Any:
-        """Randomly initialised parameters (float32, T5X initialisers)."""
+        """Randomly initialised parameters (float32, T5X initialisers).
+
+        The network's own tree: stacked (`encoder/layers/...`) for a scanned
+        config, which a scanned training state keeps (checkpoints unstack it,
+        `TrainState.to_tree`).
+        """
         return network.init_variables(self.config, rng, batch_size, length)["params"]
 
     # ------------------------------------------------------------------ loss
@@ -142,7 +148,10 @@ class EncoderDecoderModel:
         """Teacher-forced logits `[batch, dec_len, vocab]` for a converted batch.
 
         Args:
-          params: Network parameters.
+          params: Network parameters, the unstacked (checkpoint) tree or, for
+            a scanned config, the stacked one (`layer_stack.model_params`
+            stacks the former here, inside the caller's jit: gradients then
+            flow back to the unstacked leaves).
           batch: Features of `seqio.EncDecFeatureConverter` (packed or not).
           dropout_rng: PRNG key enabling dropout; None = deterministic.
 
@@ -151,7 +160,7 @@ class EncoderDecoderModel:
         """
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         return self.module.apply(
-            {"params": params},
+            {"params": layer_stack.model_params(params, self.config, cast=False)},
             batch["encoder_input_tokens"],
             batch["decoder_input_tokens"],
             batch["decoder_target_tokens"],

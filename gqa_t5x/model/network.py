@@ -15,6 +15,16 @@ token per step with `mutable=['cache']`.
 `params` and, under `params_axes`, every parameter's logical axis names
 (`layers.param_with_axes`); `model/param_tree.py` derives the tree's paths,
 shapes and axes from it.
+
+Scanned stacks (`T5Config.scan_layers`, as T5X/Flaxformer's `scan_layers`):
+each stack's layers run as one `flax.linen.scan` over parameters stacked
+along a leading axis named 'layers' (`encoder/layers/attention/query/kernel`
+`[num_encoder_layers, emb, heads * head_dim]`), so XLA compiles one layer
+body per stack whatever the depth. The decoding cache of a scanned decoder is
+stacked the same way (`decoder/layers/self_attention/cached_key`
+`[layers, batch, kv_heads, head_dim, length]`) and a decode step scans over
+the layers too. `layer_stack.py` converts between this tree and the
+unscanned one that checkpoints hold.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import partitioning as nn_partitioning
 
 from gqa_t5x.model import attention
 from gqa_t5x.model import layers
@@ -32,6 +43,41 @@ from gqa_t5x.model.config import T5Config, resolve_dtype
 Array = jax.Array
 
 __all__ = ["T5Config", "Transformer", "Encoder", "Decoder", "init_variables", "init_params"]
+
+# Logical axis name of the stacked layer axis of a scanned stack's parameters
+# (partitioning maps it to no mesh axis), and the module name of a scanned
+# stack: `encoder/layers/...` instead of `encoder/layers_0/...`.
+LAYER_AXIS = "layers"
+SCANNED_LAYERS = "layers"
+
+
+def scanned(layer_cls: type[nn.Module], length: int, methods: list[str] | None = None) -> Any:
+    """`layer_cls` scanned `length` times over stacked parameters (axis 0).
+
+    Parameters, decoding caches and decode-layout kernels are stacked along
+    axis 0; every argument after the carry is broadcast to all layers (Python
+    values such as `deterministic` stay static); each layer draws its own
+    initialisation and dropout randomness. The logical axes of the stacked
+    parameters gain `LAYER_AXIS` in front.
+
+    Args:
+      layer_cls: A layer whose methods return `(carry, None)` when scanned.
+      length: Number of layers (> 0).
+      methods: Methods to scan (default: `__call__`); all take the carry first.
+
+    Returns:
+      The scanned module class (construct it with the layer's attributes).
+    """
+    return nn_partitioning.scan_with_axes(
+        layer_cls,
+        variable_axes={"params": 0, "cache": 0, layers.DECODE_KERNELS: 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=length,
+        axis_name=LAYER_AXIS,
+        axes_collections=("params",),
+        methods=methods,
+    )
 
 
 class EncoderLayer(nn.Module):
@@ -71,7 +117,8 @@ class EncoderLayer(nn.Module):
         y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
             y, deterministic=deterministic
         )
-        return y + x  # [batch, length, emb]
+        y = y + x  # [batch, length, emb]
+        return (y, None) if cfg.scan_layers else y
 
 
 class DecoderLayer(nn.Module):
@@ -111,6 +158,11 @@ class DecoderLayer(nn.Module):
         self.self_attention.init_cache(batch, max_length)
         self.encoder_decoder_attention.init_cache(batch, max_length, encoded)
 
+    def init_scanned_cache(self, carry: Array, encoded: Array, batch: int, max_length: int) -> tuple[Array, None]:
+        """`init_cache` in the scanned calling convention (carry in, carry out)."""
+        self.init_cache(batch, max_length, encoded)
+        return carry, None
+
     def __call__(
         self,
         inputs: Array,
@@ -136,7 +188,8 @@ class DecoderLayer(nn.Module):
         z = self.pre_mlp_layer_norm(y)
         z = self.mlp(z, deterministic=deterministic)
         z = self.dropout(z, deterministic=deterministic)
-        return z + y  # [batch, length, emb]
+        z = z + y  # [batch, length, emb]
+        return (z, None) if self.config.scan_layers else z
 
 
 class Encoder(nn.Module):
@@ -170,10 +223,14 @@ class Encoder(nn.Module):
             x, deterministic=deterministic
         )
         x = x.astype(dtype)
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(config=cfg, name=f"layers_{i}")(
-                x, encoder_mask, bias, deterministic
-            )
+        if cfg.scan_layers and cfg.num_encoder_layers:
+            stack = scanned(EncoderLayer, cfg.num_encoder_layers)(config=cfg, name=SCANNED_LAYERS)
+            x, _ = stack(x, encoder_mask, bias, deterministic)  # [batch, length, emb]
+        else:
+            for i in range(cfg.num_encoder_layers):
+                x = EncoderLayer(config=cfg, name=f"layers_{i}")(
+                    x, encoder_mask, bias, deterministic
+                )
         x = layers.LayerNorm(dtype=dtype, name="encoder_norm")(x)
         return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -193,7 +250,12 @@ class Decoder(nn.Module):
             num_heads=cfg.num_heads,
             dtype=dtype,
         )
-        self.layers = [DecoderLayer(config=cfg) for _ in range(cfg.num_decoder_layers)]
+        if cfg.scan_layers and cfg.num_decoder_layers:
+            # One module named 'layers' whose parameters and cache are stacked.
+            methods = ["__call__", "init_scanned_cache"]
+            self.layers = scanned(DecoderLayer, cfg.num_decoder_layers, methods)(config=cfg)
+        else:
+            self.layers = [DecoderLayer(config=cfg) for _ in range(cfg.num_decoder_layers)]
         self.decoder_norm = layers.LayerNorm(dtype=dtype)
         self.dropout = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))
         self.final_dropout = nn.Dropout(rate=cfg.dropout_rate)
@@ -218,8 +280,11 @@ class Decoder(nn.Module):
         if beam_size < 1:
             raise ValueError(f"beam_size={beam_size} must be >= 1.")
         rows = encoded.shape[0] * beam_size
-        for layer in self.layers:
-            layer.init_cache(rows, max_length, encoded)
+        if isinstance(self.layers, nn.Module):  # scanned: caches stacked per layer
+            self.layers.init_scanned_cache(jnp.zeros((), jnp.int32), encoded, rows, max_length)
+        else:
+            for layer in self.layers:
+                layer.init_cache(rows, max_length, encoded)
         self.put_variable("cache", "position", jnp.array(0, dtype=jnp.int32))
         # Its static shape tells decoding steps the self-attention cache length
         # (the decoding loop resizes both per segment of steps).
@@ -262,10 +327,15 @@ class Decoder(nn.Module):
         y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
         y = self.dropout(y, deterministic=deterministic)
         y = y.astype(dtype)
-        for layer in self.layers:
-            y = layer(
+        if isinstance(self.layers, nn.Module):  # scanned
+            y, _ = self.layers(
                 y, encoded, decoder_mask, encoder_decoder_mask, bias, deterministic, decode
-            )
+            )  # [batch, length, emb]
+        else:
+            for layer in self.layers:
+                y = layer(
+                    y, encoded, decoder_mask, encoder_decoder_mask, bias, deterministic, decode
+                )
         y = self.decoder_norm(y)
         y = self.final_dropout(y, deterministic=deterministic)
         if cfg.logits_via_embedding:
@@ -463,7 +533,8 @@ def init_variables(config: T5Config, rng: Array, batch: int = 1, length: int = 8
       length: Sequence length of the dummy inputs.
 
     Returns:
-      {'params': the T5X tree of float32 arrays, 'params_axes': logical axes}.
+      {'params': the T5X tree of float32 arrays, 'params_axes': logical axes};
+      with `config.scan_layers` the stacked tree (`layer_stack.py`).
     """
     tokens = jnp.ones((batch, length), jnp.int32)
     return Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)

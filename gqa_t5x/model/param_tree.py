@@ -34,8 +34,18 @@ ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
 KEY_VALUE_PROJECTIONS = ("key", "value")
 
 
-@functools.lru_cache(maxsize=64)
 def _tree(config: T5Config) -> tuple[tuple[str, tuple[int, ...], tuple[str, ...]], ...]:
+    """(path, shape, logical axes) of every parameter of the UNSCANNED network.
+
+    The on-disk tree does not depend on how the network runs (`scan_layers`)
+    or on the inference parameter dtype, so those fields are reset before
+    the (cached) trace.
+    """
+    return _unscanned_tree(config.replace(scan_layers=False, param_dtype="float32"))
+
+
+@functools.lru_cache(maxsize=64)
+def _unscanned_tree(config: T5Config) -> tuple[tuple[str, tuple[int, ...], tuple[str, ...]], ...]:
     """(path, shape, logical axes) of every parameter, in the network's order."""
     order: list[str] = []
 
@@ -61,6 +71,9 @@ def _tree(config: T5Config) -> tuple[tuple[str, tuple[int, ...], tuple[str, ...]
 
 def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
     """Every parameter path of the network with its shape, in T5X order.
+
+    Always the unscanned tree that checkpoints hold (`encoder/layers_0/...`),
+    also for a config with `scan_layers` (`layer_stack` converts).
 
     Args:
       config: the model config (num_kv_heads decides key/value kernel widths).

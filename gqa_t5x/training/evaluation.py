@@ -22,7 +22,9 @@ import tensorflow as tf
 from gqa_t5x import checkpoints
 from gqa_t5x.data import datasets
 from gqa_t5x.data import errors
+from gqa_t5x.data import vocabularies
 from gqa_t5x.model import decoding
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import models
 from gqa_t5x.model import param_tree
 from gqa_t5x.storage import paths
@@ -158,12 +160,23 @@ def run_evaluator(
 
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """'task/metric = value' lines."""
-    return "\n".join(
-        f"  {task}/{name} = {value:.4f}"
-        for task, values in sorted(metrics.items())
-        for name, value in sorted(values.items())
-    )
+    """'task/metric = value (scale)' lines, e.g. '  gqa_cnn_dailymail/rouge1 = 44.7012 (percent, 0-100)'.
+
+    Args:
+      metrics: {task: {metric: value}}.
+
+    Returns:
+      One line per metric, sorted; the scale (`data.metrics.scale`) is left
+      out for metrics that module does not compute.
+    """
+    from gqa_t5x.data import metrics as metric_fns
+
+    lines = []
+    for task, values in sorted(metrics.items()):
+        for name, value in sorted(values.items()):
+            unit = metric_fns.scale(name)
+            lines.append(f"  {task}/{name} = {value:.4f}" + (f" ({unit})" if unit else ""))
+    return "\n".join(lines)
 
 
 def evaluate(
@@ -174,6 +187,7 @@ def evaluate(
     output_dir: str,
     num_examples: int | None = None,
     max_decode_length: int | None = None,
+    allow_unusual_values: bool = False,
     on_validated: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluates one checkpoint (`--run_mode=eval`, T5X `eval.evaluate`).
@@ -187,6 +201,8 @@ def evaluate(
         whole or not at all, by process 0) and seqio's logs.
       num_examples: Evaluate only the first N examples.
       max_decode_length: Output length (default: the targets' length).
+      allow_unusual_values: ALLOW_UNUSUAL_VALUES: evaluate a checkpoint with
+        non-finite values or |x| > 1e4 (refused otherwise).
       on_validated: Called once the checkpoint is loaded and the evaluation
         data is read, before anything is decoded or written.
 
@@ -199,15 +215,20 @@ def evaluate(
     if not checkpoint_path:
         raise ValueError("CHECKPOINT_PATH is required for --run_mode=eval.")
     metrics_file = paths.as_path(output_dir, name="EVAL_OUTPUT_DIR") / "metrics.json"
-    reader = checkpoints.open_checkpoint(checkpoint_path)
+    reader = checkpoints.open_checkpoint(checkpoint_path, allow_unusual_values=allow_unusual_values)
     with reader:
+        # VOCAB_PATH = None (eval.gin): the vocabulary the checkpoint records.
+        vocabularies.use_checkpoint_vocabulary(
+            lambda: checkpoints.vocabulary.for_checkpoint(reader, None), str(checkpoint_path))
         config = reader.config
         flat = {k: reader.read(k) for k in reader.keys()}
         step = int(reader.step or 0)
     model = model.with_config(
-        config.replace(dtype=model.config.dtype, dropout_rate=model.config.dropout_rate)
+        config.replace(dtype=model.config.dtype, dropout_rate=model.config.dropout_rate,
+                       scan_layers=model.config.scan_layers, param_dtype=model.config.param_dtype)
     )
-    params = jax.tree_util.tree_map(np.asarray, param_tree.unflatten(flat))
+    # Stacked (SCAN_LAYERS) and cast (PARAM_DTYPE) once, on the host.
+    params = layer_stack.model_params(jax.tree_util.tree_map(np.asarray, param_tree.unflatten(flat)), model.config)
     start = time.time()
     evaluator = make_evaluator(dataset_cfg, output_dir, num_examples)
     if on_validated is not None:
@@ -221,5 +242,6 @@ def evaluate(
         record = {"checkpoint": str(checkpoint_path), "step": step, "metrics": metrics}
         paths.replace_file(metrics_file, json.dumps(record, indent=2))
     logging.info("Evaluated %s in %.1fs", checkpoint_path, time.time() - start)
-    print(f"Evaluation of {checkpoint_path} (step {step}):\n{format_metrics(metrics)}", flush=True)
+    print(f"Evaluation of {checkpoint_path} (step {step}) in {time.time() - start:.1f}s, "
+          f"written to {metrics_file}:\n{format_metrics(metrics)}", flush=True)
     return metrics

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.model import decoding
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import models
 from gqa_t5x.model.config import T5Config
 from gqa_t5x.storage import paths
@@ -131,8 +133,10 @@ def run_inference(
         alpha, temperature, topk, eos_id).
 
     Returns:
-      The path written.
+      The path written. Process 0 prints one summary line: inputs decoded,
+      the file, the time (compilation included) and truncated inputs.
     """
+    started = time.time()
     for name, value in (("input_length", input_length), ("max_decode_length", max_decode_length), ("batch_size", batch_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a positive integer.")
@@ -152,7 +156,10 @@ def run_inference(
         method=method, max_decode_length=max_decode_length, eos_id=eos_id, **decode_kwargs
     )
     truncated = 0
-    kernels = decoding.step_kernels(params)  # once for every batch (CPU: transposed kernels)
+    # Once for every batch: stacked (scanned config) and cast to the
+    # config's param_dtype, and (CPU) the transposed decode kernels.
+    params = decoding.prepare_params(params, config)
+    kernels = decoding.step_kernels(params, config)
     with paths.replacing(output_path) as out:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
@@ -184,15 +191,32 @@ def run_inference(
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length=%d and were truncated.",
                         truncated, len(records), input_length)
-    logging.info("Wrote %d predictions to %s.", len(records), output_path)
+    if jax.process_index() == 0:
+        print(summary_line(len(records), output_path, time.time() - started, method=method,
+                           batch_size=batch_size, max_decode_length=max_decode_length,
+                           truncated=truncated, input_length=input_length), flush=True)
     return output_path
 
 
-def load_params(checkpoint_path: str | os.PathLike) -> tuple[T5Config, Any]:
-    """Reads a checkpoint in any supported format -> (config, params)."""
+def summary_line(num_inputs: int, output_path: str | os.PathLike, seconds: float, *, method: str,
+                 batch_size: int, max_decode_length: int, truncated: int, input_length: int) -> str:
+    """The line `run_inference` ends with, e.g.
+
+    "[infer] 2 inputs -> /tmp/in-predictions.jsonl in 3.2s (0.6 inputs/s; greedy
+    decoding, batch 32, up to 256 output tokens; 0 truncated to input_length=512)".
+    """
+    rate = num_inputs / seconds if seconds > 0 else float("inf")
+    noun = "input" if num_inputs == 1 else "inputs"
+    return (f"[infer] {num_inputs} {noun} -> {output_path} in {seconds:.1f}s ({rate:.1f} inputs/s; "
+            f"{method} decoding, batch {batch_size}, up to {max_decode_length} output tokens; "
+            f"{truncated} truncated to input_length={input_length})")
+
+
+def load_params(checkpoint_path: str | os.PathLike, allow_unusual_values: bool = False) -> tuple[T5Config, Any]:
+    """Reads a checkpoint in any supported format -> (config, params), values checked."""
     from gqa_t5x import checkpoints
 
-    return checkpoints.load(checkpoint_path)
+    return checkpoints.load(checkpoint_path, allow_unusual_values=allow_unusual_values)
 
 
 def infer(
@@ -212,6 +236,9 @@ def infer(
     topk: int = 0,
     seed: int = 0,
     dtype: str | None = None,
+    allow_unusual_values: bool = False,
+    param_dtype: str | None = None,
+    scan_layers: bool | None = None,
 ) -> str:
     """`--run_mode=infer`: checkpoint + input file -> predictions JSONL.
 
@@ -233,6 +260,13 @@ def infer(
       topk: Sampling top-k.
       seed: Sampling seed.
       dtype: Activation dtype override ('float32' / 'bfloat16').
+      allow_unusual_values: ALLOW_UNUSUAL_VALUES: decode with a checkpoint
+        holding non-finite values or |x| > 1e4 (refused otherwise).
+      param_dtype: PARAM_DTYPE, the dtype the parameters are decoded with
+        ('bfloat16', as T5X restores inference parameters, or 'float32');
+        None keeps the checkpoint config's.
+      scan_layers: SCAN_LAYERS, scan the layers (None: the checkpoint
+        config's); the parameters are stacked once after loading.
 
     Returns:
       The predictions file path.
@@ -243,11 +277,24 @@ def infer(
                 f"task_feature_lengths={dict(task_feature_lengths)} lacks {key!r}; "
                 "set TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 256}."
             )
-    config, params = load_params(checkpoint_path)
+    from gqa_t5x import checkpoints
+    from gqa_t5x.data import vocabularies  # seqio and TensorFlow: only when inferring from text
+
+    with checkpoints.open_checkpoint(checkpoint_path, allow_unusual_values=True) as reader:  # metadata only
+        # VOCAB_PATH = None (infer.gin): the vocabulary the checkpoint records.
+        vocabularies.use_checkpoint_vocabulary(
+            lambda: checkpoints.vocabulary.for_checkpoint(reader, None), str(checkpoint_path))
+    config, params = load_params(checkpoint_path, allow_unusual_values)
     if dtype is not None:
         config = config.replace(dtype=dtype)
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+    if scan_layers is not None:
+        config = config.replace(scan_layers=scan_layers)
     config = config.replace(dropout_rate=0.0)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    # On the host, before the device holds them: stacked for a scanned
+    # config and cast to its param_dtype (bfloat16 never lands as float32).
+    params = jax.tree_util.tree_map(jnp.asarray, layer_stack.model_params(params, config))
     path = run_inference(
         config,
         params,

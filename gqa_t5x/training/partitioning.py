@@ -8,6 +8,11 @@ logical names map to mesh axes with T5X's standard rules:
 
     batch -> data      vocab -> model     mlp -> model     heads -> model
     joined_kv -> model kv_joined_kv -> model   embed, relpos_buckets -> None
+    layers -> None
+
+`layers` is the stacked axis of a scanned model's parameters
+(`T5Config.scan_layers`, `model/layer_stack.py`): never split, so each
+device holds its shard of every layer, as it does unscanned.
 
 `kv_joined_kv` is the width of a key/value kernel (`kv_heads * head_dim`).
 It is split over `model` only when the layer's key/value heads divide evenly
@@ -31,6 +36,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
@@ -49,6 +55,7 @@ STANDARD_LOGICAL_AXIS_RULES: LogicalRules = (
     ("embed", None),
     ("relpos_buckets", None),
     ("length", None),
+    ("layers", None),
 )
 
 
@@ -135,15 +142,16 @@ class Partitioner:
         """PartitionSpecs for a params tree (arrays or ShapeDtypeStructs).
 
         Args:
-          params: A parameter tree of the network built from `config`.
+          params: A parameter tree of the network built from `config`:
+            the unscanned tree, or a scanned model's stacked one.
           config: Its config; the network declares each parameter's logical
-            axes (`param_tree.param_axes`).
+            axes (`param_tree.param_axes`; stacked leaves add `layers`).
 
         Returns:
           A tree of `PartitionSpec`s with the structure of `params`.
         """
         self.replicated_params = []
-        logical = param_tree.param_axes(config)
+        logical = layer_stack.model_param_axes(config, stacked=layer_stack.is_stacked(params))
 
         def spec(keypath: Sequence[Any], leaf: Any) -> PartitionSpec:
             path = param_tree.keypath_str(keypath)

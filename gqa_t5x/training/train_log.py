@@ -5,6 +5,14 @@ arrays, fetched in bulk every `LOG_EVERY` steps so the loop never waits on
 the device), writes TensorBoard scalars (clu), prints the progress line and
 stops the run with `NonFiniteLossError` when the loss or the parameters stop
 being finite. `print_summary` prints the end-of-run summary.
+
+The progress line's rate and ETA leave out the first step's compilation:
+the first `add` happens when the first (jitted) step has been compiled and
+dispatched, and the first window is timed from then (its compilation time is
+printed once, on its own). Its percentage runs from the run's own start
+(`run_start_step`: 0 from scratch, the initial checkpoint's step when
+uptraining or fine-tuning) to TRAIN_STEPS, so a resumed run shows the same
+percentage at the same step as the run it continues.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from clu import metric_writers
+
+from gqa_t5x.data import metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +79,7 @@ class TrainLog:
         model_dir: str,
         total_steps: int,
         progress: bool,
+        run_start_step: int | None = None,
     ):
         """Creates the log of a run starting at `summary.start_step`.
 
@@ -79,6 +90,11 @@ class TrainLog:
           model_dir: MODEL_DIR.
           total_steps: TRAIN_STEPS (for the progress percentage and ETA).
           progress: Print the progress line.
+          run_start_step: Global step the run began at before any resume (0
+            from scratch, the initial checkpoint's step when uptraining or
+            fine-tuning): the percentage runs from it to `total_steps`. None:
+            `summary.start_step`, right unless the run resumed from
+            MODEL_DIR, whose percentage then says "since resume".
         """
         self._summary = summary
         self._writer = writer
@@ -87,12 +103,24 @@ class TrainLog:
         self._total_steps = total_steps
         self._progress = progress and jax.process_index() == 0
         self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self._run_start = summary.start_step if run_start_step is None else run_start_step
+        self._start_known = run_start_step is not None or summary.resumed_from != "model_dir"
         self._window_tokens = 0
         self._window_start = time.time()
         self._window_first = summary.start_step
+        self._compile_s: float | None = None  # Set by the first `add`; printed once.
+        self._compile_printed = False
 
     def add(self, step: int, metrics: dict[str, jax.Array], tokens: int) -> None:
-        """Queues the metrics of `step` (not fetched yet) and its token count."""
+        """Queues the metrics of `step` (not fetched yet) and its token count.
+
+        The first call comes once the first step is compiled and dispatched:
+        the time until then is compilation, left out of the rates.
+        """
+        if self._compile_s is None:
+            now = time.time()
+            self._compile_s = now - self._window_start
+            self._window_start = now
         self._pending.append((step, metrics))
         self._window_tokens += tokens
 
@@ -164,16 +192,21 @@ class TrainLog:
         self._window_first = step_done
 
     def _print_progress(self, step_done: int, scalars: dict[str, float]) -> None:
-        done = step_done - self._summary.start_step
-        todo = self._total_steps - self._summary.start_step
+        start = self._run_start if self._start_known else self._summary.start_step
+        share = 100.0 * (step_done - start) / max(self._total_steps - start, 1)
         rate = scalars["timing/steps_per_second"]
         eta = (self._total_steps - step_done) / rate if rate > 0 else float("inf")
+        compiled = ""
+        if self._compile_s is not None and not self._compile_printed:
+            self._compile_printed = True
+            compiled = f" (first step compiled in {self._compile_s:.1f}s, not in the rate)"
         print(
-            f"[train] step {step_done}/{self._total_steps} ({100.0 * done / todo:5.1f}%) "
+            f"[train] step {step_done}/{self._total_steps} ({share:5.1f}%"
+            f"{'' if self._start_known else ' since resume'}) "
             f"loss {scalars['loss']:.4f} acc {scalars['accuracy']:.3f} "
             f"z {scalars['z_loss']:.2e} lr {scalars['learning_rate']:.2e} "
             f"{rate:.2f} steps/s "
-            f"{format_rate(scalars['timing/tokens_per_second'])} tok/s eta {eta:.0f}s",
+            f"{format_rate(scalars['timing/tokens_per_second'])} tok/s eta {eta:.0f}s{compiled}",
             flush=True,
         )
 
@@ -199,8 +232,10 @@ def print_summary(summary: TrainSummary, model_dir: str) -> None:
     if summary.final_metrics:
         lines.append(f"  accuracy     {summary.final_metrics['accuracy']:.4f}")
     if summary.best is not None:
+        unit = metrics.scale(summary.best_metric) if summary.best_metric else None
         lines.append(
-            f"  best         {summary.best_metric} = {summary.best[1]:.4f} at step "
+            f"  best         {summary.best_metric} = {summary.best[1]:.4f}"
+            f"{f' ({unit})' if unit else ''} at step "
             f"{summary.best[0]} ({model_dir}/best/checkpoint_{summary.best[0]})"
         )
     lines.append(f"  checkpoints  {model_dir}/checkpoint_{summary.end_step}")

@@ -119,3 +119,22 @@ def test_infer_run_mode_decodes_a_real_t5x_checkpoint_with_the_t5_vocabulary(sha
     n = int(direct.lengths[0])
     assert lines[0]["aux"]["prediction_ids"] == [int(t) for t in np.asarray(direct.tokens)[0, :n]]
     assert lines[0]["prediction"] == vocab.decode(lines[0]["aux"]["prediction_ids"])
+
+
+def test_run_inference_ends_with_a_summary_line(tmp_path, capsys, monkeypatch):
+    config = _config()
+    params = network.init_params(config, seed=4)
+    text = tmp_path / "inputs.txt"
+    text.write_text("one\ntwo\nthreefourfive\n")
+    out = inference.run_inference(config, params, text, _CharVocabulary(), input_length=4, max_decode_length=3,
+                                  batch_size=2)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"[infer] 3 inputs -> {out} in ") and line.endswith(
+        "inputs/s; greedy decoding, batch 2, up to 3 output tokens; 1 truncated to input_length=4)")
+
+
+def test_the_summary_line_names_count_file_time_rate_and_settings():
+    assert inference.summary_line(1, "/o/p.jsonl", 2.0, method="beam", batch_size=8, max_decode_length=64,
+                                  truncated=0, input_length=512) == (
+        "[infer] 1 input -> /o/p.jsonl in 2.0s (0.5 inputs/s; beam decoding, batch 8, up to 64 output tokens; "
+        "0 truncated to input_length=512)")

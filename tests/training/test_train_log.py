@@ -1,6 +1,9 @@
 """`training.train_log`: per-step losses, TensorBoard scalars, the progress
 line (rate, percentage, ETA) and the NaN guard, with a scripted clock and
-hand-computed numbers."""
+hand-computed numbers.
+
+The clock is read when the log opens, at the first `add` (the first step is
+compiled by then) and at each flush (then again to open the next window)."""
 
 from __future__ import annotations
 
@@ -56,16 +59,17 @@ def _metrics(loss_sum, tokens, *, cross_ent_sum=None, z_loss_sum=0.0, correct=0.
             "loss": np.float32(loss_sum / max(tokens, 1) if loss is None else loss)}
 
 
-def _summary(start=10) -> tl.TrainSummary:
+def _summary(start=10, resumed_from="scratch") -> tl.TrainSummary:
     return tl.TrainSummary(start_step=start, end_step=start, losses=[], final_metrics={}, eval_metrics={},
-                           best=None, elapsed_s=0.0, tokens_per_second=0.0, resumed_from="scratch")
+                           best=None, elapsed_s=0.0, tokens_per_second=0.0, resumed_from=resumed_from)
 
 
-def _log(monkeypatch, clock, *, start=10, total=20, progress=True, latest=None):
+def _log(monkeypatch, clock, *, start=10, total=20, progress=True, latest=None, resumed_from="scratch",
+         run_start_step=None):
     monkeypatch.setattr(tl, "time", clock)
-    summary, writer, manager = _summary(start), _Writer(), _Manager(latest)
+    summary, writer, manager = _summary(start, resumed_from), _Writer(), _Manager(latest)
     log = tl.TrainLog(summary=summary, writer=writer, manager=manager, model_dir="/runs/m",
-                      total_steps=total, progress=progress)
+                      total_steps=total, progress=progress, run_start_step=run_start_step)
     return log, summary, writer, manager
 
 
@@ -76,8 +80,9 @@ def test_format_rate(rate, text):
 
 
 def test_flush_records_every_steps_loss_and_the_last_steps_scalars_and_rates(monkeypatch, capsys):
-    # The window opens at t=100 (start step 10) and is flushed at t=110 after steps 11..15.
-    log, summary, writer, _ = _log(monkeypatch, _Clock(100.0, 110.0, 110.0))
+    # The log opens at t=96, the first step is compiled at t=100 (start step 10), and the
+    # window is flushed at t=110 after steps 11..15.
+    log, summary, writer, _ = _log(monkeypatch, _Clock(96.0, 100.0, 110.0, 110.0))
     losses = [(40.0, 20), (30.0, 20), (27.0, 18), (12.0, 8), (33.0, 30)]
     for i, (loss_sum, tokens) in enumerate(losses):
         log.add(11 + i, _metrics(loss_sum, tokens, correct=tokens / 4, z_loss_sum=0.3, cross_ent_sum=loss_sum - 0.3,
@@ -97,11 +102,11 @@ def test_flush_records_every_steps_loss_and_the_last_steps_scalars_and_rates(mon
     line = capsys.readouterr().out.strip()
     # 5 of the 10 steps from 10 to 20; at 0.5 steps/s the 5 left take 10 s.
     assert line == ("[train] step 15/20 ( 50.0%) loss 1.1000 acc 0.250 z 1.00e-02 lr 1.00e-02 "
-                    "0.50 steps/s 50.0 tok/s eta 10s")
+                    "0.50 steps/s 50.0 tok/s eta 10s (first step compiled in 4.0s, not in the rate)")
 
 
 def test_the_next_window_starts_where_the_last_flush_ended(monkeypatch, capsys):
-    log, summary, writer, _ = _log(monkeypatch, _Clock(0.0, 4.0, 4.0, 6.0, 6.0), start=0, total=1000)
+    log, summary, writer, _ = _log(monkeypatch, _Clock(-3.0, 0.0, 4.0, 4.0, 6.0, 6.0), start=0, total=1000)
     log.add(1, _metrics(10.0, 10), tokens=1500)
     log.add(2, _metrics(10.0, 10), tokens=1500)
     log.flush(2)  # 2 steps, 3000 tokens in 4 s
@@ -123,14 +128,14 @@ def test_flush_without_pending_steps_writes_nothing(monkeypatch, capsys):
 
 
 def test_a_step_without_target_tokens_counts_one_token(monkeypatch):
-    log, summary, writer, _ = _log(monkeypatch, _Clock(0.0, 1.0, 1.0))
+    log, summary, writer, _ = _log(monkeypatch, _Clock(0.0, 0.5, 1.0, 1.0))
     log.add(11, _metrics(0.0, 0, loss=0.0), tokens=0)
     log.flush(11)
     assert summary.losses == [0.0] and writer.scalars[0][1]["loss"] == 0.0
 
 
 def test_no_progress_line_when_progress_is_off_but_scalars_are_still_written(monkeypatch, capsys):
-    log, _, writer, _ = _log(monkeypatch, _Clock(0.0, 2.0, 2.0), progress=False)
+    log, _, writer, _ = _log(monkeypatch, _Clock(0.0, 1.0, 2.0, 2.0), progress=False)
     log.add(11, _metrics(5.0, 5), tokens=5)
     log.flush(11)
     assert capsys.readouterr().out == "" and len(writer.scalars) == 1
@@ -186,7 +191,7 @@ def test_summary_lists_steps_time_loss_accuracy_best_and_paths(capsys):
         "  time         12.3s, 2.3k tokens/s",
         "  loss         first 4.5679 -> last 2.3456",
         "  accuracy     0.6123",
-        "  best         gqa_wmt14_ende/bleu = 0.5124 at step 140 (/runs/m/best/checkpoint_140)",
+        "  best         gqa_wmt14_ende/bleu = 0.5124 (BLEU, 0-100) at step 140 (/runs/m/best/checkpoint_140)",
         "  checkpoints  /runs/m/checkpoint_150",
         "  summaries    /runs/m/train (tensorboard --logdir /runs/m)",
     ]
@@ -198,3 +203,34 @@ def test_summary_of_a_run_that_did_nothing_leaves_out_loss_accuracy_and_best(cap
     assert "3 -> 3 (0 run, started from scratch)" in out
     assert "loss" not in out and "accuracy" not in out and "best" not in out
 
+
+
+def test_the_eta_counts_the_measured_step_time_not_the_compilation(monkeypatch, capsys):
+    # 100 s to compile the first step, then 10 steps in 10 s: 1 step/s, 90 steps left.
+    log, _, writer, _ = _log(monkeypatch, _Clock(0.0, 100.0, 110.0, 110.0, 130.0, 130.0), start=0, total=100)
+    for step in range(10):
+        log.add(step, _metrics(10.0, 10), tokens=100)
+    log.flush(10)
+    for step in range(10, 20):
+        log.add(step, _metrics(10.0, 10), tokens=100)
+    log.flush(20)  # 10 steps in 20 s
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.endswith("1.00 steps/s 100.0 tok/s eta 90s (first step compiled in 100.0s, not in the rate)")
+    assert second.endswith("0.50 steps/s 50.0 tok/s eta 160s")  # said once
+    assert writer.scalars[0][1]["timing/steps_per_second"] == 1.0
+
+
+@pytest.mark.parametrize("start,total,step,resumed_from,run_start_step,shown", [
+    (0, 2000, 120, "scratch", None, "step 120/2000 (  6.0%)"),
+    (100, 2000, 120, "model_dir", 0, "step 120/2000 (  6.0%)"),  # as the run it continues said at step 120
+    (100, 2000, 120, "model_dir", None, "step 120/2000 (  1.1% since resume)"),  # run start unknown: says so
+    (1_000_000, 1_050_000, 1_000_500, "initial_checkpoint", None, "step 1000500/1050000 (  1.0%)"),
+    (1_000_100, 1_050_000, 1_000_600, "model_dir", 1_000_000, "step 1000600/1050000 (  1.2%)"),
+])
+def test_the_percentage_runs_from_the_runs_own_start_to_train_steps(start, total, step, resumed_from,
+                                                                    run_start_step, shown, monkeypatch, capsys):
+    log, *_ = _log(monkeypatch, _Clock(0.0, 1.0, 2.0, 2.0), start=start, total=total,
+                   resumed_from=resumed_from, run_start_step=run_start_step)
+    log.add(start + 1, _metrics(10.0, 10), tokens=100)
+    log.flush(step)
+    assert capsys.readouterr().out.startswith(f"[train] {shown} loss")

@@ -35,7 +35,6 @@ import datetime
 import gc
 import hashlib
 import itertools
-import os
 import time
 from typing import Any
 
@@ -51,6 +50,7 @@ from gqa_t5x.experiments import timing
 from gqa_t5x.model import attention
 from gqa_t5x.model import decode_attention
 from gqa_t5x.model import decoding
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -95,7 +95,7 @@ class BenchSettings:
     memory_fraction: float = 0.5
     seed: int = 0
     label: str = ""
-    bandwidth_mb: int = 256
+    bandwidth_mb: int | None = None
     num_partitions: int = 1
 
 
@@ -124,7 +124,7 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
         for path, shape in param_tree.param_shapes(config).items()
     })
     _, variables = jax.eval_shape(
-        lambda p, e: model.apply({"params": p}, e, output_length,
+        lambda p, e: model.apply({"params": layer_stack.model_params(p, config)}, e, output_length,
                                  method=network.Transformer.init_decode_cache, mutable=["cache"]),
         params, encoded,
     )
@@ -136,23 +136,42 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
     return sizes
 
 
+def weight_bytes(config: T5Config) -> int:
+    """Bytes of one variant's parameters in its `param_dtype`."""
+    return sum(int(np.prod(s)) for s in param_tree.param_shapes(config).values()) * config.parameter_dtype.itemsize
+
+
 def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> int:
-    """Rough peak RAM of one timed run: weights, cache and the encoder's largest
-    activations (attention logits and MLP hidden), with a 2x working margin."""
-    params = sum(int(np.prod(s)) for s in param_tree.param_shapes(config).values()) * 4
+    """Rough peak memory of one timed variant: its weights, its cache, and one layer's
+    largest activations (attention logits in float32, MLP hidden and the logits in
+    the activation dtype) with a 1.5x working margin."""
+    act = jnp.dtype(config.activation_dtype).itemsize
     cache = sum(cache_bytes(config, batch, input_length, output_length).values())
     attention = batch * config.num_heads * input_length * input_length * 4
-    mlp = batch * input_length * config.mlp_dim * 4 * len(config.mlp_activations)
+    mlp = batch * input_length * config.mlp_dim * act * len(config.mlp_activations)
     logits = batch * output_length * config.vocab_size * 4
-    return params + cache + 2 * (attention + mlp + logits)
+    return weight_bytes(config) + cache + int(1.5 * (attention + mlp + logits))
 
 
-def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int, budget: int | None) -> int:
-    """Largest batch <= cap (halving from cap) whose estimated peak fits `budget`."""
+def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int,
+               budget: int | None) -> tuple[int, str]:
+    """The batch asked for (`cap`) when its estimated peak fits `budget`, else the largest
+    halving of it that fits, and why.
+
+    Returns:
+      (batch, reason): the reason says whether the asked batch ran and, if
+      not, the estimate and budget that ruled it out.
+    """
+    if budget is None:
+        return cap, f"batch {cap} as asked (no memory budget known)"
+    need = estimate_peak_bytes(config, cap, input_length, output_length) / 1e9
     batch = cap
-    while batch > 1 and budget is not None and estimate_peak_bytes(config, batch, input_length, output_length) > budget:
+    while batch > 1 and estimate_peak_bytes(config, batch, input_length, output_length) > budget:
         batch //= 2
-    return batch
+    if batch == cap:
+        return cap, f"batch {cap} as asked (estimated peak {need:.1f} GB of a {budget / 1e9:.1f} GB budget)"
+    return batch, (f"batch {batch}, not the {cap} asked: batch {cap} needs an estimated {need:.1f} GB, over the "
+                   f"{budget / 1e9:.1f} GB budget (--memory_fraction of the device's free memory)")
 
 
 # ------------------------------------------------------------------ timing
@@ -235,11 +254,24 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
     import torch
     import transformers
 
-    model = _hf_model(config, mha_params)
-    input_ids = torch.from_numpy(tokens.astype(np.int64))
-    mask = torch.from_numpy((tokens > 0).astype(np.int64))
+    # On a GPU, HuggingFace runs there too, in bfloat16 when our activations are (its usual setting).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = device == "cuda" and jnp.dtype(config.activation_dtype) == jnp.bfloat16
+    model = _hf_model(config, mha_params).to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    input_ids = torch.from_numpy(tokens.astype(np.int64)).to(device)
+    mask = torch.from_numpy((tokens > 0).astype(np.int64)).to(device)
+
+    def synced(fn):
+        def run():
+            out = fn()
+            sync()
+            return out
+        return run
+
     with torch.inference_mode():
-        encoder_s, enc_out = timing.fastest(lambda: model.encoder(input_ids=input_ids, attention_mask=mask), repeats)
+        encoder_s, enc_out = timing.fastest(
+            synced(lambda: model.encoder(input_ids=input_ids, attention_mask=mask)), repeats)
 
         def generate():
             cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
@@ -249,8 +281,9 @@ def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int,
                 decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
             )
 
-        decoder_s, out = timing.fastest(generate, repeats)
-    return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].numpy()}
+        decoder_s, out = timing.fastest(synced(generate), repeats)
+    return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].cpu().numpy(),
+            "device": device, "dtype": "bfloat16" if bf16 else "float32"}
 
 
 def _cold_caches(batch: int, kv_heads: int, head_dim: int, kv_len: int, working_set_mb: int) -> tuple[int, int]:
@@ -355,7 +388,8 @@ def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine, peer: bool = F
         "kv_cache_bytes_per_sample": (cache["self"] + cache["cross"]) // batch,
         "self_kv_bytes_per_sample": cache["self"] // batch,
         "cross_kv_bytes_per_sample": cache["cross"] // batch,
-        "decode_step_s": step_s, "decoder_weight_bytes": 4 * roofline.decode_step_weights(config),
+        "decode_step_s": step_s,
+        "decoder_weight_bytes": config.parameter_dtype.itemsize * roofline.decode_step_weights(config),
         "decode_step_bytes": step.bytes,
         "achieved_bandwidth_gbs": step.bytes / step_s / _GB,
         "bandwidth_efficiency": step.bytes / step_s / _GB / machine["bandwidth_gbs"]["best"],
@@ -381,7 +415,8 @@ class _Placement:
             self.partitioner = partitioning.Partitioner(num_partitions=num_partitions)
 
     def params(self, config: T5Config, params: Any) -> Any:
-        params = jax.tree_util.tree_map(jnp.asarray, params)
+        # Stacked (scan_layers) and cast to config.param_dtype once, here.
+        params = decoding.prepare_params(jax.tree_util.tree_map(jnp.asarray, params), config)
         if self.partitioner is None:
             return params
         return jax.device_put(params, self.partitioner.param_shardings(params, config))
@@ -397,32 +432,76 @@ class _Placement:
         return jax.device_put(tokens, NamedSharding(self.partitioner.mesh, PartitionSpec(partitioning.DATA_AXIS)))
 
 
-def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log):
-    """Rows of every kv-head variant at one shape, and the HuggingFace row."""
+def _variants_fit_together(base: T5Config, kv_heads, batch: int, n_in: int, n_out: int,
+                            budget: int | None) -> bool:
+    """Whether every variant's weights and cache fit the budget at once (for interleaved rounds)."""
+    if budget is None:
+        return True
+    configs = [base.replace(num_kv_heads=g) for g in kv_heads]
+    held = sum(weight_bytes(c) + sum(cache_bytes(c, batch, n_in, n_out).values()) for c in configs)
+    return held + estimate_peak_bytes(base, batch, n_in, n_out) - weight_bytes(base) <= budget
+
+
+def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget=None):
+    """Rows of every kv-head variant at one shape, and the HuggingFace row.
+
+    When every variant fits in memory at once, their timed rounds are
+    interleaved (load from other processes hits all alike); otherwise each
+    variant is converted, placed, timed and freed before the next, so the
+    paper's XXL setting needs one variant's weights and cache at a time.
+    Each phase's wall time is logged as it ends.
+    """
     tokens = np.random.default_rng(settings.seed).integers(2, base.vocab_size, size=(batch, n_in)).astype(np.int32)
     place = _Placement(settings.num_partitions)
     jtokens = place.batch(tokens)
+    clock = time.perf_counter()
     placed_mha = place.params(base, mha_params)
+    log(f"[bench] in={n_in} out={n_out} batch={batch}: MHA weights placed in {time.perf_counter() - clock:.1f} s")
     fns = decoding.compile_decoding(base, decoding.DecodingSpec(max_decode_length=n_out, eos_id=None))
+    clock = time.perf_counter()
     encoder_s, encoded = timing.fastest(lambda: _block(fns.encode(placed_mha, jtokens)), settings.repeats)
-    log(f"[bench] in={n_in} out={n_out} batch={batch}: encoder {encoder_s:.3f} s")
-    variants = []
-    for g in settings.num_kv_heads:
+    log(f"[bench]   encoder {encoder_s:.3f} s (compiled and timed in {time.perf_counter() - clock:.1f} s)")
+    together = _variants_fit_together(base, settings.num_kv_heads, batch, n_in, n_out, budget)
+    log(f"[bench]   timing: {'interleaved rounds of all variants' if together else 'one variant at a time (all would not fit)'}")
+
+    def variant(g: int):
+        clock = time.perf_counter()
         config, params = (base, mha_params) if g == base.num_heads else conversion.convert(base, mha_params, g)
         config = config.replace(dropout_rate=0.0)
-        variants.append((config, place.params(config, params)))
-    timings = time_variants(variants, encoded, jtokens, n_out, settings.repeats)
+        placed = placed_mha if g == base.num_heads else place.params(config, params)
+        log(f"[bench]   kv heads {g}: converted and placed in {time.perf_counter() - clock:.1f} s")
+        return config, placed
+
+    clock = time.perf_counter()
+    if together:
+        variants = [variant(g) for g in settings.num_kv_heads]
+        timings = time_variants(variants, encoded, jtokens, n_out, settings.repeats)
+        configs = [c for c, _ in variants]
+        del variants
+    else:
+        timings, configs = [], []
+        for g in settings.num_kv_heads:
+            config, placed = variant(g)
+            timings += time_variants([(config, placed)], encoded, jtokens, n_out, settings.repeats)
+            configs.append(config)
+            del placed
+            gc.collect()
+    log(f"[bench]   decoders compiled and timed in {time.perf_counter() - clock:.1f} s")
     rows, mha_tokens = [], None
-    for g, (config, _), ours in zip(settings.num_kv_heads, variants, timings):
+    for g, config, ours in zip(settings.num_kv_heads, configs, timings):
         mha_tokens = ours["tokens"] if g == base.num_heads else mha_tokens
         rows.append(_row(g, config, batch, n_in, n_out, encoder_s, ours, machine, settings.huggingface))
         r = rows[-1]
+        r["timing"] = "interleaved" if together else "one at a time"
+        r["roofline_warnings"] = roofline.over_roofline(r)
         log(f"[bench]   {r['variant']:>7}: {r['time_per_sample_s']:.4f} s/sample (decoder "
             f"{r['decoder_per_sample_s']:.4f}), step {1e3 * r['decode_step_s']:.1f} ms "
             f"({100 * r['decode_step_roofline_fraction']:.0f}% of roofline), "
             f"attn core {r['cross_attention_core_gbs']:.1f} GB/s"
             + (f" (PyTorch {r['torch_attention_core_gbs']:.1f})" if "torch_attention_core_gbs" in r else ""))
-    del variants, encoded
+        for warning in r["roofline_warnings"]:
+            log(f"[bench]   WARNING {r['variant']}: {warning}")
+    del encoded
     placed_mha = None  # frees the placed copy before HuggingFace builds its own
     gc.collect()
     if not settings.huggingface:
@@ -434,7 +513,7 @@ def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log):
         "time_per_sample_s": (hf["encoder_s"] + hf["decoder_s"]) / batch,
         "encoder_per_sample_s": hf["encoder_s"] / batch, "decoder_per_sample_s": hf["decoder_s"] / batch,
         "decoder_per_token_s": hf["decoder_s"] / (batch * n_out),
-        "decode_step_s": hf["decoder_s"] / n_out,
+        "decode_step_s": hf["decoder_s"] / n_out, "device": hf["device"], "dtype": hf["dtype"],
     }
     if mha_tokens is not None:
         hf_row["greedy_token_agreement_with_ours_mha"] = float((hf["tokens"] == mha_tokens).mean())
@@ -461,16 +540,24 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
     machine = machine_info.describe()
     log(f"[bench] {settings.label or 'model'}: {machine['cpu']}, {machine['cores']} cores, "
         f"load {machine['load_average']}, {machine['memory_available_gb']} GB available")
-    machine.update(roofline.measure_machine(settings.bandwidth_mb))
-    log(f"[bench] measured bandwidth GB/s: {machine['bandwidth_gbs']}; float32 matmul peak "
-        f"{machine['matmul_peak_gflops']} GFLOP/s")
+    machine.update(roofline.measure_machine(settings.bandwidth_mb, dtype=jnp.dtype(base.activation_dtype).name))
+    log(f"[bench] measured bandwidth GB/s: {machine['bandwidth_gbs']}; {machine['matmul_dtype']} matmul peak "
+        f"{machine['matmul_peak_gflops']} GFLOP/s"
+        + (f"; published for {machine['device_kind']}: {machine['published']}" if machine["published"] else ""))
+    clock = time.perf_counter()
     mha_params = network.init_params(base, settings.seed)  # one copy, shared by the variants
+    log(f"[bench] MHA parameters initialised in {time.perf_counter() - clock:.1f} s")
+    if base.scan_layers:  # conversion reads the unstacked (checkpoint) tree
+        mha_params = layer_stack.unstack_layers(mha_params, base)
     budget = _memory_budget_bytes()
     budget = int(budget * settings.memory_fraction) if budget else None
     rows, hf_rows = [], []
     for n_in, n_out, cap in itertools.product(settings.input_lengths, settings.output_lengths, settings.batch_caps):
-        batch = pick_batch(base, cap, n_in, n_out, budget)
-        shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log)
+        batch, why = pick_batch(base, cap, n_in, n_out, budget)
+        log(f"[bench] {why}")
+        shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget)
+        for row in shape_rows:
+            row["batch_asked"], row["batch_reason"] = cap, why
         rows += shape_rows
         hf_rows += [hf_row] if hf_row else []
     machine["load_average_end"] = machine_info.load_average()

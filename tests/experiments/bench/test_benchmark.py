@@ -216,9 +216,34 @@ def test_batch_is_halved_until_the_memory_estimate_fits():
                       num_encoder_layers=1, num_decoder_layers=1)
     need = {b: benchmark.estimate_peak_bytes(config, b, 256, 32) for b in (1, 2, 4, 8)}
     assert need[1] < need[2] < need[4] < need[8]
-    assert benchmark.pick_batch(config, 8, 256, 32, budget=None) == 8
-    assert benchmark.pick_batch(config, 8, 256, 32, budget=need[4]) == 4
-    assert benchmark.pick_batch(config, 8, 256, 32, budget=need[2] - 1) == 1
+    assert benchmark.pick_batch(config, 8, 256, 32, budget=None) == (8, "batch 8 as asked (no memory budget known)")
+    assert benchmark.pick_batch(config, 8, 256, 32, budget=need[8])[0] == 8
+    batch, why = benchmark.pick_batch(config, 8, 256, 32, budget=need[4])
+    assert batch == 4 and why.startswith("batch 4, not the 8 asked: batch 8 needs an estimated")
+    assert benchmark.pick_batch(config, 8, 256, 32, budget=need[2] - 1)[0] == 1
+
+
+def test_the_paper_preset_batch_32_fits_an_h200_and_an_80_gb_chip_is_told_why_not():
+    """XXL 24+24, in 2048, out 512, batch 32, bfloat16 weights: variants held one at a time.
+
+    On 80 GB the estimate keeps one layer's float32 encoder attention logits
+    ([32, 64, 2048, 2048], 34 GB) beside the weights (22 GB) and the MHA cache
+    (27 GB): batch 16 runs, and the reason is recorded.
+    """
+    from gqa_t5x import gin_config
+
+    xxl = gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin").replace(
+        dtype="bfloat16", param_dtype="bfloat16", num_kv_heads=None)
+    weights = benchmark.weight_bytes(xxl)
+    assert 21e9 < weights < 23e9  # ~22 GB of bfloat16 weights (44.5 GB in float32)
+    cross = benchmark.cache_bytes(xxl, 32, 2048, 512)["cross"]
+    assert 25e9 < cross < 28e9  # the MHA cross-attention cache at batch 32
+    h200 = int(0.9 * 139e9)
+    assert benchmark.pick_batch(xxl, 32, 2048, 512, h200) == (32, benchmark.pick_batch(xxl, 32, 2048, 512, h200)[1])
+    assert not benchmark._variants_fit_together(xxl, (1, 8, 64), 32, 2048, 512, h200)
+    batch, why = benchmark.pick_batch(xxl, 32, 2048, 512, int(0.9 * 80e9))
+    assert batch == 16 and "not the 32 asked" in why and "over the 72.0 GB budget" in why
+    assert benchmark._variants_fit_together(xxl, (1, 8, 64), 32, 2048, 512, None)
 
 
 @pytest.mark.parametrize(
@@ -238,12 +263,12 @@ def test_bad_bench_flags_are_named(flags, message, capsys):
 
 def test_paper_preset_is_the_papers_setting_and_explicit_flags_override_it():
     args = cli.build_parser().parse_args(["bench", "--preset", "paper", "--batch_size", "8"])
-    cli._resolve_bench_flags(args)
+    cli.experiments.resolve_bench_flags(args)
     assert args.gin_file == "gin/models/t5_1_1/xxl.gin" and args.num_encoder_layers is None
     assert (args.input_length, args.output_length, args.dtype) == ((2048,), (512,), "bfloat16")
     assert args.num_kv_heads == (1, 8, 64) and args.no_huggingface is True
     assert args.batch_size == (8,)  # given on the command line
     plain = cli.build_parser().parse_args(["bench"])
-    cli._resolve_bench_flags(plain)
+    cli.experiments.resolve_bench_flags(plain)
     assert (plain.gin_file, plain.input_length, plain.batch_size, plain.dtype, plain.no_huggingface) == (
         "gin/models/t5_1_1/large.gin", (512,), (16,), "float32", False)

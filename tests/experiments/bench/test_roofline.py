@@ -225,11 +225,52 @@ def test_memory_bandwidth_counts_read_and_write_for_copies_and_read_only_for_the
     monkeypatch.setattr(roofline.timing, "fastest", fake)
     got = roofline.measure_memory_bandwidth(megabytes=1, repeats=4)
     # 1 MiB = 1048576 bytes: copied (read + write) in 1 ms = 2.097 GB/s; read in 1 ms = 1.049 GB/s.
-    assert got == {"numpy_copy": 2.1, "jax_scale": 2.1, "jax_read": 1.05, "best": 2.1, "buffer_mb": 1.0}
-    assert [r for r, _ in fake.calls] == [4, 4, 4]
+    assert got == {"numpy_copy": 2.1, "jax_copy": 2.1, "jax_scale": 2.1, "jax_read": 1.05, "best": 2.1,
+                   "buffer_mb": 1.0}
+    assert [r for r, _ in fake.calls] == [4, 4, 4, 4]
 
 
-def test_measure_machine_reports_both_figures(monkeypatch):
+def test_an_accelerator_gets_a_buffer_beyond_its_caches_and_no_host_copy(monkeypatch):
+    assert roofline.default_buffer_mb("cpu") == 256 and roofline.default_buffer_mb("gpu") == 1024
+
+    class _Gpu:
+        platform, device_kind = "gpu", "NVIDIA H200"
+
+    fake = _FakeFastest(1e-3)
+    monkeypatch.setattr(roofline.timing, "fastest", fake)
+    monkeypatch.setattr(roofline.jax, "devices", lambda: [_Gpu()])
+    got = roofline.measure_memory_bandwidth(megabytes=1, repeats=2)
+    assert "numpy_copy" not in got and got["best"] == got["jax_copy"] == 2.1
+
+
+def test_the_matmul_peak_is_measured_in_the_runs_dtype(monkeypatch):
+    fake = _FakeFastest(1e-9)
+    monkeypatch.setattr(roofline.timing, "fastest", fake)
+    assert roofline.measure_matmul_peak(size=4, repeats=1, dtype="bfloat16") == 512.0
+    (_, out), = fake.calls
+    assert out.dtype == "bfloat16"
+
+
+def test_published_peaks_match_device_kinds_and_unknown_ones_are_none():
+    assert roofline.published_peaks("NVIDIA H100 80GB HBM3")["bandwidth_gbs"] == 3350.0
+    assert roofline.published_peaks("NVIDIA H200")["bfloat16"] == 989_000.0
+    assert roofline.published_peaks("TPU v5 lite")["matched"] == "TPU v5 lite"
+    assert roofline.published_peaks("cpu") is None
+
+
+def test_a_phase_above_its_roofline_is_flagged_not_reported():
+    row = {"encoder_roofline_fraction": 3.41, "decode_step_roofline_fraction": 0.38,
+           "cross_attention_core_fraction": 1.81, "label": "x"}
+    warnings = roofline.over_roofline(row)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("cross attention core measured at 181% of its roofline bound")
+    assert warnings[1].startswith("encoder measured at 341% of its roofline bound")
+    assert roofline.over_roofline({"encoder_roofline_fraction": 1.02}) == []
+
+
+def test_measure_machine_reports_the_measured_and_published_figures(monkeypatch):
     monkeypatch.setattr(roofline, "measure_memory_bandwidth", lambda mb: {"best": float(mb)})
-    monkeypatch.setattr(roofline, "measure_matmul_peak", lambda: 12.5)
-    assert roofline.measure_machine(64) == {"bandwidth_gbs": {"best": 64.0}, "matmul_peak_gflops": 12.5}
+    monkeypatch.setattr(roofline, "measure_matmul_peak", lambda dtype: 12.5 if dtype == "bfloat16" else 1.0)
+    got = roofline.measure_machine(64, dtype="bfloat16")
+    assert got["bandwidth_gbs"] == {"best": 64.0} and got["matmul_peak_gflops"] == 12.5
+    assert got["matmul_dtype"] == "bfloat16" and got["published"] is None
