@@ -18,11 +18,13 @@ a macro left at `%gin.REQUIRED` is an error naming it.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import importlib.resources
 import logging
 import re
+import tokenize
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -169,6 +171,56 @@ def check_macro_bindings(bindings: Sequence[str], known: set[str]) -> None:
         )
 
 
+def _is_unquoted_string(value: str) -> bool:
+    """True for a value gin cannot parse that reads as text meant as a string (runs/x, /tmp/x, gs://b)."""
+    value = value.strip()
+    if not value or value[0] in "'\"%@[{(" or value in ("True", "False", "None"):
+        return False
+    try:
+        ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return True
+    return False
+
+
+def describe_binding_error(bindings: Sequence[str], error: Exception) -> str:
+    """What a command-line binding gin could not parse needs to change.
+
+    Finds the binding by parsing the bindings one at a time (so the parsed
+    configuration is left incomplete: the caller raises).
+
+    Args:
+      bindings: The bindings given to gin ('NAME=value', the `--gin.` prefix
+        stripped).
+      error: What gin raised for all of them together.
+
+    Returns:
+      The message: the flag as given and, for an unquoted string, the
+      quoting rule with the corrected flag.
+    """
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except (SyntaxError, tokenize.TokenError) as e:
+            error = e
+            break
+    else:
+        return f"Gin bindings do not parse: {error}"
+    if "=" not in binding:
+        return f"--gin.{binding} is not a binding: write --gin.NAME=VALUE."
+    name, value = (part.strip() for part in binding.split("=", 1))
+    flag = f"--gin.{name}={value}"
+    if _is_unquoted_string(value):
+        return (
+            f"{flag}: a gin value that is a string must be quoted: --gin.{name}=\\\"{value}\\\" "
+            f"(or --gin.{name}=\"'{value}'\"), as the shell removes one level of quotes."
+        )
+    message = error.msg if isinstance(error, SyntaxError) else error.args[0]
+    reason = str(message).strip().splitlines()[-1].strip()
+    return (f"{flag} is not a gin value ({reason}); gin takes numbers, True/False/None, quoted strings, "
+            "lists, tuples, dicts, %MACRO and @configurable() references.")
+
+
 def required_macros_missing(config_str: str) -> list[str]:
     """Macros whose value is still `%gin.REQUIRED` in a gin config string."""
     return sorted(set(_REQUIRED.findall(config_str)))
@@ -212,10 +264,13 @@ def parse_gin(
     try:
         try:
             gin.parse_config_files_and_bindings(resolved, [], finalize_config=False)
-            check_macro_bindings(gin_bindings, _defined_macros(gin.config_str()))
-            gin.parse_config_files_and_bindings([], list(gin_bindings), finalize_config=False)
-        except SyntaxError as e:
+        except (SyntaxError, tokenize.TokenError) as e:
             raise UsageError(f"Gin configuration does not parse: {e}") from e
+        check_macro_bindings(gin_bindings, _defined_macros(gin.config_str()))
+        try:
+            gin.parse_config_files_and_bindings([], list(gin_bindings), finalize_config=False)
+        except (SyntaxError, tokenize.TokenError) as e:
+            raise UsageError(describe_binding_error(gin_bindings, e)) from e
         config_str = gin.config_str()
         missing = required_macros_missing(config_str) if check_required else []
         if missing:

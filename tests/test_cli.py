@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,7 +63,8 @@ def test_cli_convert_then_export_gives_our_gqa_logits_in_huggingface(hf_dir, tmp
     code, _, err = _run(["convert", "--source", source, "--output", gqa, "--num_kv_heads", groups, "--method", method], capsys)
     assert code == 0, err
     assert "param" in err  # the tqdm progress bar
-    code, out, err = _run(["export", "--checkpoint", gqa, "--format", "huggingface", "--output", tmp_path / "hf", "--no_progress"], capsys)
+    code, out, err = _run(["export", "--checkpoint", gqa, "--format", "huggingface", "--output", tmp_path / "hf",
+                           "--no_progress", "--weights_only"], capsys)
     assert code == 0, err
     config, params = checkpoints.load(gqa)
     assert config.num_kv_heads == groups and config.encoder_num_kv_heads == 4
@@ -178,7 +180,8 @@ def test_missing_required_flag_and_export_refusing_to_replace(hf_dir, tmp_path, 
     _assert_user_error(code, err, "--num_kv_heads is required")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x").write_text("x")
-    export = ["export", "--checkpoint", source, "--format", "huggingface", "--no_progress", "--output"]
+    export = ["export", "--checkpoint", source, "--format", "huggingface", "--no_progress", "--weights_only",
+              "--output"]
     code, _, err = _run([*export, tmp_path / "notes", "--overwrite"], capsys)
     _assert_user_error(code, err, "gqa-t5x export: error:", "holds no checkpoint")
     assert [p.name for p in (tmp_path / "notes").iterdir()] == ["x"]
@@ -222,3 +225,158 @@ def test_help_lists_convert_and_export(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "convert" in out and "export" in out
+
+
+# ------------------------------------------------------------------------ help
+def _subparsers(parser):
+    """{name: parser} of `gqa-t5x`'s commands."""
+    return parser.get_default("_parsers")
+
+
+def _help(argv, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal's width
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _shown_default(default) -> str:
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+def _entry(out: str, flag: str) -> str:
+    """The help text of `flag`: its line in the flag list and the indented lines after it."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith("  ") and line.split() and line.split()[0].rstrip(",") == flag)
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("        "):
+            break
+        entry.append(line)
+    return " ".join(" ".join(entry).split())
+
+
+@pytest.mark.parametrize("command", [c.name for c in cli.COMMANDS])
+def test_every_commands_help_has_examples_of_itself_and_shows_defaults(command, capsys, monkeypatch):
+    out = _help([command], capsys, monkeypatch)
+    examples = out.split("\nexamples:\n", 1)[1].splitlines()
+    starts = [line.strip() for line in examples if not line.startswith("      ")]
+    assert starts and all(line.startswith(f"gqa-t5x {command}") for line in starts), examples
+    for action in _subparsers(cli.build_parser())[command]._actions:
+        default = action.default
+        if not action.option_strings or default in (None, False, "", [], ()) or action.dest == "help":
+            continue
+        described = _entry(out, action.option_strings[0])
+        assert "default" in described and _shown_default(default) in described.replace(" ", ""), described
+
+
+def test_convert_help_marks_required_flags_and_shows_method_and_seed_defaults(capsys, monkeypatch):
+    out = _help(["convert"], capsys, monkeypatch)
+    usage = out.split("\n\n", 1)[0]
+    assert usage.startswith("usage: gqa-t5x convert --source SOURCE --output OUTPUT --num_kv_heads NUM_KV_HEADS ")
+    assert "[--source" not in usage and "--gin_file=gin/runs/convert.gin" in usage
+    required = out.split("required (or --gin_file", 1)[1].split("\n\n", 1)[0]
+    assert all(flag in required for flag in ("--source", "--output", "--num_kv_heads"))
+    assert out.index("required (or --gin_file") < out.index("\noptions:")  # required flags first
+    assert _entry(out, "--method").endswith("(default: mean)")
+    assert _entry(out, "--seed").endswith("(default: 0)")
+    assert "--gin.MODEL_DIR=\\\"/runs/x\\\"" in out  # how to quote a string binding
+
+
+def test_top_level_and_launcher_help_point_at_examples(capsys, monkeypatch):
+    out = _help([], capsys, monkeypatch)
+    assert "list " in out and "gqa-t5x COMMAND --help" in out
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        cli.launcher_main(["--help"])
+    out = capsys.readouterr().out
+    assert "examples:\n  python -m gqa_t5x.main --gin_file=" in out and "--run_mode=convert" in out
+
+
+@pytest.mark.parametrize("argv,prefix,flag", [
+    (["convert", "--source", "s", "--output", "o", "--num_kv_head", "2"], "--num_kv_head", "--num_kv_heads"),
+    (["export", "--check", "c", "--format", "huggingface", "--output", "o"], "--check", "--checkpoint"),
+    (["reproduce", "--output", "o", "--seed=1"], "--seed=1", "--seeds"),
+])
+def test_a_flag_prefix_is_refused_naming_the_flag(argv, prefix, flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"gqa-t5x {argv[0]}: error: unrecognized arguments: {prefix} (did you mean {flag}?" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_launcher_refuses_a_flag_prefix_too(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.launcher_main(["--gin_file=gin/runs/convert.gin", "--run_mod=convert"])
+    assert info.value.code == 2
+    assert "did you mean --run_mode?" in capsys.readouterr().err
+
+
+def test_every_parser_refuses_abbreviations():
+    parsers = [cli.build_parser(), cli.build_launcher_parser(), *_subparsers(cli.build_parser()).values()]
+    assert all(parser.allow_abbrev is False for parser in parsers)
+
+
+@pytest.mark.parametrize("command,gin", [("eval", "gin/runs/eval.gin"), ("infer", "gin/runs/infer.gin"),
+                                         ("train", "gin/runs/uptrain.gin")])
+def test_a_run_command_without_gin_files_suggests_its_own_run_gin(command, gin, capsys):
+    assert cli.main([command]) == 2
+    err = capsys.readouterr().err
+    _assert_user_error(2, err, f"gqa-t5x {command}: error: --gin_file is required", f"--gin_file={gin}")
+    if command != "train":
+        assert "uptrain.gin" not in err
+
+
+def test_an_unquoted_string_binding_names_the_flag_and_the_quoting_rule(tmp_path, capsys):
+    code = cli.main(["infer", "--gin_file=gin/runs/infer.gin", f"--gin.CHECKPOINT_PATH={tmp_path}/ckpt",
+                     f'--gin.INPUT_FILE="{tmp_path}/in.txt"'])
+    err = capsys.readouterr().err
+    _assert_user_error(code, err, f"--gin.CHECKPOINT_PATH={tmp_path}/ckpt: a gin value that is a string must be "
+                       f'quoted: --gin.CHECKPOINT_PATH=\\"{tmp_path}/ckpt\\"')
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ list
+@pytest.mark.parametrize("what,names", [
+    ("methods", ("mean", "first", "random", "align", "lsq")),
+    ("formats", ("huggingface", "gqa_t5x", "t5x_orbax", "t5x_legacy", "mesh_tf")),
+    ("presets", ("paper",)),
+    ("tasks", ("gqa_cnn_dailymail", "gqa_c4_span_corruption", "gqa_wmt14_ende", "gqa_eval_mixture")),
+])
+def test_list_names_what_each_registry_holds_one_line_each(what, names, capsys):
+    assert cli.main(["list", what]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].endswith(":") and all(len(line) <= 120 for line in lines)
+    listed = {line.split()[0] for line in lines[1:] if line.startswith("  ") and not line.startswith("   ")}
+    assert set(names) <= listed, listed
+
+
+def test_list_describes_each_entry(capsys):
+    assert cli.main(["list", "methods"]) == 0
+    methods = capsys.readouterr().out
+    assert "mean of the group's key (value) heads (the paper)" in methods
+    assert cli.main(["list"]) == 0
+    everything = capsys.readouterr().out
+    for title in ("seqio tasks", "conversion methods", "checkpoint formats", "bench presets"):
+        assert f"\n{title}" in f"\n{everything}"
+    assert "export --format huggingface" in everything and "Table 1 CNN" in everything
+
+
+# ---------------------------------------------------------- a quiet console
+@pytest.mark.slow
+def test_importing_the_command_line_loads_no_jax_and_its_commands_print_no_tensorflow_notices(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    probe = "import sys, gqa_t5x.cli; print(sorted({'jax', 'tensorflow'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.strip() == "[]", result.stderr
+    # `list tasks` imports TensorFlow (seqio): its C++ start-up notices must not reach the console.
+    result = subprocess.run([sys.executable, "-m", "gqa_t5x.cli", "list", "tasks"], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "gqa_cnn_dailymail" in result.stdout
+    assert result.stderr == "", result.stderr

@@ -72,3 +72,34 @@ def test_a_later_parse_may_import_new_configurables():
         return x
 
     assert probe() == 1
+
+
+@pytest.mark.parametrize("value", ["runs/x", "/tmp/runs/x", "gs://bucket/runs/x", "runs"])
+def test_an_unquoted_string_names_the_binding_and_the_quoting_rule(value):
+    with pytest.raises(UsageError) as info:
+        gin_config.parse_gin([TINY, UPTRAIN], ["TRAIN_STEPS=3", f"MODEL_DIR={value}"], check_required=False)
+    assert str(info.value) == (
+        f"--gin.MODEL_DIR={value}: a gin value that is a string must be quoted: "
+        f"--gin.MODEL_DIR=\\\"{value}\\\" (or --gin.MODEL_DIR=\"'{value}'\"), as the shell removes one "
+        "level of quotes.")
+
+
+def test_the_failing_binding_is_found_among_several():
+    with pytest.raises(UsageError, match=r"^--gin\.INITIAL_CHECKPOINT_PATH=/ckpt/x: a gin value that is a string"):
+        gin_config.parse_gin([TINY, UPTRAIN], ["TRAIN_STEPS=3", "MODEL_DIR='/runs/m'",
+                                              "INITIAL_CHECKPOINT_PATH=/ckpt/x", "NUM_KV_HEADS=2"],
+                             check_required=False)
+
+
+def test_a_malformed_value_that_is_not_a_string_names_the_binding_and_what_gin_accepts():
+    with pytest.raises(UsageError) as info:
+        gin_config.parse_gin([TINY, UPTRAIN], ["TASK_FEATURE_LENGTHS={'inputs': 16,"], check_required=False)
+    message = str(info.value)
+    assert message.startswith("--gin.TASK_FEATURE_LENGTHS={'inputs': 16, is not a gin value (")
+    assert "quoted strings" in message and "must be quoted" not in message and "EOF" in message
+
+
+def test_quoted_strings_still_parse():
+    config = gin_config.parse_gin([TINY, UPTRAIN], ["MODEL_DIR='runs/x'", 'INITIAL_CHECKPOINT_PATH="/c"'],
+                                  check_required=False)
+    assert "MODEL_DIR = 'runs/x'" in config and gin_config.macro_value("INITIAL_CHECKPOINT_PATH") == "/c"

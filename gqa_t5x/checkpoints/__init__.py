@@ -21,6 +21,7 @@ from __future__ import annotations
 # Importing a format module registers it, in import order (the order of
 # `formats()` and of the list in "nothing found" messages).
 from gqa_t5x.checkpoints import huggingface, mesh_tf, native, t5x_legacy, t5x_orbax  # noqa: F401
+from gqa_t5x.checkpoints import steps, vocabulary
 from gqa_t5x.checkpoints.base import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -50,6 +51,7 @@ from gqa_t5x.checkpoints.registry import (
 )
 from gqa_t5x.checkpoints.t5x_legacy import T5XLegacyReader, read_t5x_legacy_tree
 from gqa_t5x.checkpoints.t5x_orbax import OrbaxReader, read_orbax_tree
+from gqa_t5x.checkpoints.value_limits import MAX_ABS_VALUE, UnusualValuesError, check_tree, check_values
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 from gqa_t5x.storage import DestinationExistsError
@@ -63,18 +65,21 @@ def load(
     config: T5Config | None = None,
     head_dim: int | None = None,
     num_heads: int | None = None,
+    allow_unusual_values: bool = False,
 ) -> tuple[T5Config, dict]:
     """Reads a whole checkpoint into memory.
 
     Args:
-      path, format, config, head_dim, num_heads: as for `open_checkpoint`.
+      path, format, config, head_dim, num_heads, allow_unusual_values: as
+        for `open_checkpoint`.
 
     Returns:
       (config, params): params is the nested dict `{'token_embedder': ...,
       'encoder': ..., 'decoder': ...}` of float32 numpy arrays with
       `param_tree.param_shapes(config)`.
     """
-    with open_checkpoint(path, format=format, config=config, head_dim=head_dim, num_heads=num_heads) as reader:
+    with open_checkpoint(path, format=format, config=config, head_dim=head_dim, num_heads=num_heads,
+                         allow_unusual_values=allow_unusual_values) as reader:
         flat = {key: reader.read(key) for key in reader.keys()}
         return reader.config, param_tree.unflatten(flat)
 
@@ -92,6 +97,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointFormat",
     "CheckpointNotFoundError",
+    "MAX_ABS_VALUE",
     "CheckpointReader",
     "CheckpointWriter",
     "CorruptCheckpointError",
@@ -102,7 +108,12 @@ __all__ = [
     "NativeReader",
     "OrbaxReader",
     "T5XLegacyReader",
+    "UnusualValuesError",
+    "steps",
+    "vocabulary",
     "check_shapes",
+    "check_tree",
+    "check_values",
     "describe_existing",
     "detect_format",
     "export_huggingface",

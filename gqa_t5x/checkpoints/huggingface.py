@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from gqa_t5x.checkpoints import registry
+from gqa_t5x.checkpoints import vocabulary
 from gqa_t5x.checkpoints.base import (
     SUBLAYERS,
     CheckpointError,
@@ -421,10 +422,14 @@ def _export(
     overwrite: bool,
     dtype: str,
     progress: bool,
+    tokenizer: dict[str, Any] | None = None,
 ) -> Path:
     from tqdm.auto import tqdm
 
     hf_config = hf_config_dict(config, dtype)  # validates before any writing
+    model = None
+    if tokenizer is not None:  # Read and hash-checked before any writing.
+        model = vocabulary.read_model(tokenizer, source=str(tokenizer.get("source", tokenizer["path"])))
     mha_shapes = param_tree.param_shapes(
         config.replace(num_kv_heads=config.num_heads, encoder_num_kv_heads=config.num_heads)
     )
@@ -450,6 +455,9 @@ def _export(
                     array = repeat_kv_heads(array, config.num_heads, config.head_dim)
                 writer.write(name, array.T if transpose else array)
                 del array
+        if model is not None:
+            vocabulary.write_hf_tokenizer(target.path, model, extra_ids=int(tokenizer["extra_ids"]),
+                                          vocab_size=config.vocab_size)
         generation = {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
         paths.write_file(target.path / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2) + "\n")
         return target.publish(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
@@ -463,6 +471,7 @@ def export_huggingface(
     overwrite: bool = False,
     dtype: str = "float32",
     progress: bool = False,
+    vocab: str | None = None,
 ) -> Path:
     """Writes `params` as a HuggingFace `T5ForConditionalGeneration` directory.
 
@@ -474,10 +483,13 @@ def export_huggingface(
       overwrite: Replace a checkpoint already at `directory`.
       dtype: 'float32' (default) or 'bfloat16' tensors.
       progress: Show a progress bar.
+      vocab: The SentencePiece model the weights were trained with; written
+        with HuggingFace's T5 tokenizer files (`vocabulary.write_hf_tokenizer`)
+        so `AutoTokenizer` loads it. None exports the weights alone.
 
     Returns:
-      The output directory, holding `model.safetensors`, `config.json` and
-      `generation_config.json`.
+      The output directory, holding `model.safetensors`, `config.json`,
+      `generation_config.json` and, with `vocab`, the tokenizer files.
 
     Raises:
       ValueError: params missing or misshapen, activations or dtype HuggingFace
@@ -493,7 +505,9 @@ def export_huggingface(
                 f"params[{path!r}] has shape {tuple(np.shape(flat[path]))}; the "
                 f"config needs {tuple(shape)}."
             )
-    return _export(directory, config, lambda p: flat[p], overwrite=overwrite, dtype=dtype, progress=progress)
+    tokenizer = vocabulary.record(vocab) if vocab else None
+    return _export(directory, config, lambda p: flat[p], overwrite=overwrite, dtype=dtype, progress=progress,
+                   tokenizer=tokenizer)
 
 
 def export_huggingface_checkpoint(
@@ -504,6 +518,9 @@ def export_huggingface_checkpoint(
     dtype: str = "float32",
     progress: bool = True,
     format: str | None = None,
+    allow_unusual_values: bool = False,
+    vocab: str | None = None,
+    weights_only: bool = False,
 ) -> Path:
     """Streams a checkpoint on disk (any readable format) to a HuggingFace directory.
 
@@ -514,16 +531,36 @@ def export_huggingface_checkpoint(
       dtype: 'float32' or 'bfloat16' tensors.
       progress: Show a progress bar over parameters.
       format: Format of `checkpoint` when its directory holds several.
+      allow_unusual_values: Export even if values are non-finite or |x| > 1e4
+        (refused otherwise, leaving nothing at `directory`).
+      vocab: The SentencePiece model to export with the weights; None takes
+        the one the checkpoint records (every checkpoint we write records
+        it: `vocabulary`).
+      weights_only: Export without a tokenizer when neither is known.
 
     Returns:
       The output directory.
+
+    Raises:
+      CheckpointError: no vocabulary is known and not `weights_only`, or the
+        recorded file changed (nothing is written).
     """
     source = paths.as_path(checkpoint, name="--checkpoint")
     target = paths.as_path(directory, name="--output")
     if paths.is_same_or_inside(target, source):
         raise ValueError(f"--output {target} must not be (inside) the checkpoint {source}.")
-    with registry.open_checkpoint(source, format=format) as reader:
-        return _export(target, reader.config, reader.read, overwrite=overwrite, dtype=dtype, progress=progress)
+    with registry.open_checkpoint(source, format=format, allow_unusual_values=allow_unusual_values) as reader:
+        tokenizer = None if weights_only and not vocab else vocabulary.for_checkpoint(reader, vocab)
+        if tokenizer is None and not weights_only:
+            raise CheckpointError(
+                f"{source} records no vocabulary, so the export would hold no tokenizer and HuggingFace would "
+                "tokenise with a wrong one: pass the SentencePiece model the checkpoint was trained with, "
+                "--vocab /path/to/spiece.model (T5.1.1: cc_all.32000 sentencepiece.model), or --weights_only."
+            )
+        if tokenizer is not None:
+            tokenizer["source"] = str(source)
+        return _export(target, reader.config, reader.read, overwrite=overwrite, dtype=dtype, progress=progress,
+                       tokenizer=tokenizer)
 
 
 registry.register_format(

@@ -298,6 +298,17 @@ def read_orbax_tree(path: PathLike | Path, *, template: Mapping[str, Any] | None
     return _nest(out)
 
 
+def _training_metadata(state_dir: Path) -> dict[str, Any]:
+    """The JSON item our trainer saves beside `state/` (`checkpoint_<step>/metadata/metadata`), or {}."""
+    if state_dir.name != "state":
+        return {}
+    file = state_dir.parent / "metadata" / "metadata"
+    try:
+        return dict(json.loads(file.read_text())) if file.is_file() else {}
+    except (OSError, ValueError, TypeError) as e:
+        raise CorruptCheckpointError(f"{file}: unreadable training metadata: {e}") from e
+
+
 class OrbaxReader(CheckpointReader):
     """Reads T5 parameters from an Orbax PyTree checkpoint, one leaf per restore."""
 
@@ -343,6 +354,7 @@ class OrbaxReader(CheckpointReader):
         if step_key is not None:
             self.step = int(self._tree.restore([step_key])[step_key])
         self._setup(shapes, config=config, num_heads=num_heads, head_dim=head_dim, overrides=overrides)
+        self.metadata = _training_metadata(directory)
 
     def _load(self, key: str) -> np.ndarray:
         source = self._source[key]

@@ -13,6 +13,9 @@ form seqio's evaluator calls, and return percentages (0-100).
   T5's TriviaQA answer normalisation.
 * `token_loss`: the one score metric, `fn(targets, scores)`: held-out
   cross-entropy per target token of the pre-training tasks.
+
+`scale(name)` says what each reported number is measured in, for consoles
+and reports ("rouge1 = 44.70 (percent, 0-100)").
 """
 
 from __future__ import annotations
@@ -27,6 +30,33 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 _DEFAULT_ROUGE_KEYS = ("rouge1", "rouge2", "rougeLsum")
+
+# What each metric's number is measured in (see `scale`).
+_PERCENT = "percent, 0-100"
+_SCALES: dict[str, str] = {
+    "bleu": "BLEU, 0-100",
+    "em": _PERCENT,
+    "f1": _PERCENT,
+    "cross_ent_loss": "nats per target token",
+    "perplexity": "per target token, >= 1",
+}
+
+
+def scale(name: str) -> str | None:
+    """What the value of metric `name` ('rouge1' or 'task/rouge1') is measured in.
+
+    Args:
+      name: A metric these functions return, with or without its task.
+
+    Returns:
+      E.g. 'percent, 0-100' for ROUGE, exact match and F1, 'BLEU, 0-100',
+      'nats per target token' for `cross_ent_loss`; None for a metric this
+      module does not compute.
+    """
+    metric = name.rsplit("/", 1)[-1]
+    if metric.startswith("rouge"):
+        return _PERCENT
+    return _SCALES.get(metric)
 
 
 def _check_pairs(targets: Sequence, predictions: Sequence, metric: str) -> None:

@@ -15,8 +15,10 @@ rows. Each host yields only its rows of each global batch
   the stream is row r of a one-shard cache (up to the end of the first
   pass), so a run can switch from one to the other when resumed.
 
-Without a cache the trainer says so once, with the command that writes one
-(`stream_notice`): a documented choice, not a fallback.
+Without a cache the trainer says so, with the command that writes one
+(`stream_notice`): a documented choice, not a fallback. The advice is given
+once per process (`advise_once`); the runs after it (a sweep's points, the
+study's stages) get a one-line note.
 """
 
 from __future__ import annotations
@@ -34,6 +36,29 @@ from gqa_t5x.data import datasets
 
 STREAM = "stream"
 CACHE = "cache"
+
+# Keys of the advice already given in this process (`advise_once`).
+_advised: set[str] = set()
+
+
+def advise_once(key: str, advice: str, reminder: str | None = None) -> str | None:
+    """`advice` the first time `key` is advised in this process, then `reminder`.
+
+    A process that trains many runs (a sweep, the study) would otherwise
+    print the same paragraph before every one of them.
+
+    Args:
+      key: What the advice is about (one key per kind of advice).
+      advice: The full text.
+      reminder: What later runs get instead (None: nothing).
+
+    Returns:
+      The text to print, or None.
+    """
+    if key in _advised:
+        return reminder
+    _advised.add(key)
+    return advice
 
 
 @dataclasses.dataclass
@@ -93,10 +118,15 @@ def _stream(
             "set DATA_CACHE_DIR (docs/data.md)."
         )
     ds = datasets.get_dataset(cfg, skip_rows=start_row // hosts)
+    resumed = f"; re-reading the {start_row} rows consumed before" if start_row else ""
+    note = advise_once(
+        "stream", stream_notice(cfg, start_row),
+        reminder=f"[data] streaming {cfg.mixture_or_task_name} from seqio (no DATA_CACHE_DIR){resumed}.",
+    )
     return TrainData(
         batches=datasets.numpy_batches(ds),
         pipeline=STREAM,
-        notes=[stream_notice(cfg, start_row)],
+        notes=[note] if note else [],
     )
 
 

@@ -24,6 +24,8 @@ used, so gin files parsed after `import gqa_t5x.data.tasks` still take effect.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gin
 import seqio
 import tensorflow as tf
@@ -143,6 +145,46 @@ def get_vocabulary(
       A `T5Vocabulary` (a `seqio.SentencePieceVocabulary`).
     """
     return T5Vocabulary(sentencepiece_model_file, extra_ids=extra_ids)
+
+
+def use_checkpoint_vocabulary(recorded: Callable[[], dict | None], checkpoint: str) -> str | None:
+    """Chooses the vocabulary of eval / infer: VOCAB_PATH, else the checkpoint's record.
+
+    `gin/runs/eval.gin` and `infer.gin` set `VOCAB_PATH = None`, which means
+    "the checkpoint's": a checkpoint written by gqa_t5x records its vocabulary
+    (`checkpoints.vocabulary`), which is then bound as `vocabulary_path.path`,
+    so the tasks' and the model's vocabularies follow it. Nothing falls back
+    to the network. Without any gin binding (library use) nothing changes.
+
+    Args:
+      recorded: Returns the checkpoint's vocabulary record (path, sha256,
+        extra_ids; hash checked) or None; called only when VOCAB_PATH is None.
+      checkpoint: CHECKPOINT_PATH, named in the error.
+
+    Returns:
+      The SentencePiece model path in use; None when gin binds none.
+
+    Raises:
+      ValueError: VOCAB_PATH is None and the checkpoint records none.
+    """
+    try:
+        value = gin.query_parameter(PATH_BINDING)
+    except ValueError:
+        return None  # Unbound: `vocabulary_path()`'s default applies, as before.
+    if hasattr(value, "scoped_configurable_fn"):  # %VOCAB_PATH: evaluate the macro
+        value = value.scoped_configurable_fn()
+    if value:
+        return value
+    entry = recorded()
+    if not entry:
+        raise ValueError(
+            f"CHECKPOINT_PATH={checkpoint} records no vocabulary (checkpoints written by T5X, or converted "
+            f"without --vocab, do not) and {VOCAB_PATH_MACRO} is None; set it, e.g. "
+            f"--gin.{VOCAB_PATH_MACRO}=\"'/path/to/sentencepiece.model'\" (T5.1.1: {DEFAULT_VOCAB_PATH})."
+        )
+    with gin.unlock_config():
+        gin.bind_parameter(PATH_BINDING, entry["path"])
+    return entry["path"]
 
 
 def sentinel_id(vocabulary: seqio.Vocabulary, index: int = 0) -> int:

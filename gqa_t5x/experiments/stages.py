@@ -19,9 +19,9 @@ and ends with `mark(...)`; see `convert` for the pattern.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 from gqa_t5x import launcher
 from gqa_t5x.data import task_table
 from gqa_t5x.storage import paths
-from gqa_t5x.storage.paths import Path
 
 MODES = ("local", "print")
 CONVERT_GIN = "gin/runs/convert.gin"
@@ -44,20 +43,34 @@ def gin_str(value: Any) -> str:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> str:
-    """The `checkpoint_<step>` with the largest step under `directory` (local or gs://)."""
-    directory = paths.as_path(directory, name="model directory")
-    found = []
-    for name in paths.listdir(directory):
-        m = re.fullmatch(r"checkpoint_(\d+)", name)
-        if m and (directory / name).is_dir():
-            found.append((int(m.group(1)), name))
-    if not found:
-        raise FileNotFoundError(f"No checkpoint_<step> directory in {str(directory)!r}.")
-    return str(directory / max(found)[1])
+    """The newest `checkpoint_<step>` under `directory` (`checkpoints.steps.latest_checkpoint`)."""
+    from gqa_t5x import checkpoints
+
+    return checkpoints.steps.latest_checkpoint(directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewestIn:
+    """The newest checkpoint of a run that has not run yet (printed commands).
+
+    Rendered as gin that resolves it when the printed job runs
+    (`checkpoints.steps.latest_checkpoint`), never as a placeholder path.
+    """
+
+    model_dir: str
+
+
+def checkpoint_bindings(macro: str, checkpoint: str | NewestIn | None) -> tuple[str, ...]:
+    """Gin bindings setting `macro` (INITIAL_CHECKPOINT_PATH, CHECKPOINT_PATH) to `checkpoint`."""
+    if isinstance(checkpoint, NewestIn):
+        function = "gqa_t5x.checkpoints.steps.latest_checkpoint"
+        return f"{macro}=@{function}()", f"{function}.model_dir={gin_str(checkpoint.model_dir)}"
+    return (f"{macro}={gin_str(checkpoint) if checkpoint else None}",)
 
 
 def train_launch(model_gin: str, run_gin: str, gin_files: Sequence[str], num_kv_heads: int,
-                 model_dir: str | os.PathLike, initial: str | None, bindings: Sequence[str] = ()) -> launcher.Launch:
+                 model_dir: str | os.PathLike, initial: str | NewestIn | None,
+                 bindings: Sequence[str] = ()) -> launcher.Launch:
     """A `--run_mode=train` launch in T5X's gin layering.
 
     Args:
@@ -66,7 +79,8 @@ def train_launch(model_gin: str, run_gin: str, gin_files: Sequence[str], num_kv_
       gin_files: Experiment gins after the run gin (task, data locations, sizes).
       num_kv_heads: NUM_KV_HEADS (num_heads itself = multi-head).
       model_dir: MODEL_DIR.
-      initial: INITIAL_CHECKPOINT_PATH, or None to train from scratch.
+      initial: INITIAL_CHECKPOINT_PATH (`NewestIn` a run's newest), or None
+        to train from scratch.
       bindings: Further `MACRO=value` bindings, last (they win).
 
     Returns:
@@ -76,7 +90,7 @@ def train_launch(model_gin: str, run_gin: str, gin_files: Sequence[str], num_kv_
         run_mode="train",
         gin_files=(model_gin, run_gin, *gin_files),
         gin_bindings=(f"NUM_KV_HEADS={int(num_kv_heads)}", f"MODEL_DIR={gin_str(model_dir)}",
-                      f"INITIAL_CHECKPOINT_PATH={gin_str(initial) if initial else None}", *bindings),
+                      *checkpoint_bindings("INITIAL_CHECKPOINT_PATH", initial), *bindings),
     )
 
 
@@ -162,7 +176,7 @@ class StageRunner:
         return self.mark(directory, stage, {"checkpoint": str(output)}, started)["checkpoint"]
 
     def finetune_and_eval(self, directory: str | os.PathLike, *, task: str, model_gin: str,
-                          gin_files: Sequence[str], num_kv_heads: int, initial: str, steps: int,
+                          gin_files: Sequence[str], num_kv_heads: int, initial: str | NewestIn, steps: int,
                           finetune_bindings: Sequence[str] = (), eval_bindings: Sequence[str] = (),
                           final_eval: bool = True) -> float | None:
         """Fine-tunes `initial` on `task` for `steps` more steps, then scores the best checkpoint.
@@ -207,12 +221,12 @@ class StageRunner:
                 "score": float(values[metric]), "all": values, "source": "fine-tuning evaluation"})["score"]
         best = model_dir / "best"
         eval_dir = directory / f"eval_{task}"
-        checkpoint = str(best / "checkpoint_<best>") if self.printing else (
+        checkpoint = NewestIn(str(best)) if self.printing else (
             latest_checkpoint(best) if best.is_dir() else latest_checkpoint(model_dir))
         metrics = self.launch(launcher.Launch(
             run_mode="eval",
             gin_files=(model_gin, EVAL_GIN, task_gin, *gin_files),
-            gin_bindings=(f"CHECKPOINT_PATH={gin_str(checkpoint)}", f"EVAL_OUTPUT_DIR={gin_str(eval_dir)}",
+            gin_bindings=(*checkpoint_bindings("CHECKPOINT_PATH", checkpoint), f"EVAL_OUTPUT_DIR={gin_str(eval_dir)}",
                           *eval_bindings),
         ))
         if self.printing:

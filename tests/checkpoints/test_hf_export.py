@@ -124,7 +124,7 @@ def test_streaming_export_from_checkpoint_equals_in_memory_export(hf_source, tmp
     _, config, params = hf_source
     gqa_config, gqa_params = conversion.convert(config, params, 2)
     checkpoints.save(tmp_path / "ckpt", gqa_config, gqa_params, step=7)
-    huggingface.export_huggingface_checkpoint(tmp_path / "ckpt", tmp_path / "a", progress=False)
+    huggingface.export_huggingface_checkpoint(tmp_path / "ckpt", tmp_path / "a", progress=False, weights_only=True)
     huggingface.export_huggingface(tmp_path / "b", gqa_config, gqa_params)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert sorted(a) == sorted(b)

@@ -159,8 +159,9 @@ def test_shards_written_apart_interleave_row_by_row(written, tmp_path, capsys):
     reader.close()
 
 
-def test_training_input_opens_the_cache_when_set_and_says_so_when_streaming(written):
+def test_training_input_opens_the_cache_when_set_and_says_so_when_streaming(written, monkeypatch):
     path, rows = written
+    monkeypatch.setattr(train_data, "_advised", set())  # the streaming advice is given once per process
     data = train_data.open_train_data(dataset_config(cache_dir=path), start_row=16,
                                       host_rows=np.arange(4, 8), end_row=200)
     assert data.pipeline == "cache" and data.cache_fingerprint

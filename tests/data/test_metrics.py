@@ -171,3 +171,19 @@ def test_token_loss_is_the_negative_log_likelihood_per_target_token():
 def test_token_loss_rejects_malformed_inputs(targets, scores, message):
     with pytest.raises(ValueError, match=message):
         metrics.token_loss(targets, scores)
+
+
+@pytest.mark.parametrize("name,unit", [
+    ("rouge1", "percent, 0-100"), ("gqa_cnn_dailymail/rougeLsum", "percent, 0-100"), ("bleu", "BLEU, 0-100"),
+    ("gqa_triviaqa/f1", "percent, 0-100"), ("em", "percent, 0-100"),
+    ("cross_ent_loss", "nats per target token"), ("accuracy", None),
+])
+def test_every_metric_says_its_scale(name, unit):
+    assert metrics.scale(name) == unit
+
+
+def test_the_scale_matches_what_the_metrics_return():
+    # ROUGE of a perfect prediction is 100 (percent), not 1.
+    assert metrics.rouge(["a b c"], ["a b c"], bootstrap=False)["rouge1"] == pytest.approx(100.0)
+    assert metrics.scale("rouge1").startswith("percent")
+    assert metrics.trivia_qa([["x"]], ["x"])["f1"] == pytest.approx(100.0)

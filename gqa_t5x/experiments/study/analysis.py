@@ -24,6 +24,12 @@ Claims (each difference is oriented so that the paper predicts it > 0 or < 0):
 * B-<method>: a method beyond the paper against mean, at alpha 0 and the
   ablation alpha, for MQA and GQA. It is called better (worse) only where its
   interval and mean's do not overlap; the paired difference is shown too.
+
+A reduced run (`StudySettings.is_reduced`: `reproduce --reduced`,
+`quickstart --reduced`) computes all of this from models pre-trained for a
+few dozen steps: `reduced_run` is true and `banner` says that the verdicts
+are not meaningful (the report prints it; the verdicts are kept as computed,
+so that the tests can check the machinery).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from gqa_t5x.experiments.study import statistics as st
 from gqa_t5x.experiments.study.settings import SEEDED_METHODS, StudySettings, eval_key, uptrain_run, variant
 
 PAPER_METHODS = ("mean", "first", "random")
+# What a reduced run's report, figures and console say first, and beside each verdict.
+REDUCED_BANNER = "reduced run: checks the machinery, verdicts not meaningful"
+REDUCED_VERDICT_NOTE = "not meaningful: reduced run"
 _NUMERATOR = {"loss": "loss", "accuracy": "correct"}
 
 
@@ -405,6 +414,8 @@ def analyse(output: Path, settings: StudySettings, seeds: Sequence[int], *, comm
     data_info = output / "data" / "data.json"
     return {
         "command": command,
+        "reduced_run": settings.is_reduced,
+        "banner": REDUCED_BANNER if settings.is_reduced else None,
         "machine": machine_info.describe(),
         "sessions": sessions,
         "wall_time_s": round(sum(x.get("wall_s", 0.0) for x in sessions), 1),

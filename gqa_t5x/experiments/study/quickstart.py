@@ -34,7 +34,7 @@ DEFAULT_SEEDS = tuple(range(8))  # seeds of `random`: 8 resolve its spread at al
 
 
 def reduced_settings() -> StudySettings:
-    """A seconds-scale quickstart for the tests."""
+    """A minutes-scale quickstart for the tests; it checks the machinery only (`StudySettings.is_reduced`)."""
     return dataclasses.replace(
         StudySettings.quickstart(), emb_dim=32, head_dim=4, mlp_dim=64, num_layers=1, vocab_pieces=400,
         input_length=32, target_length=8, batch_size=8, pretrain_steps=20, curve_points=2,
@@ -65,6 +65,8 @@ def run_quickstart(output_dir: str | os.PathLike, settings: StudySettings | None
     settings.validate()
     # SentencePiece trains from and writes local files: the quickstart runs on local disk.
     out = Path(paths.local_file(output_dir, purpose="gqa-t5x quickstart (SentencePiece, local corpora)")).resolve()
+    # Refuse an OUTPUT the run cannot use before writing the corpus into it.
+    reproduction.check_output(out, settings, reproduction.DEFAULT_PRETRAIN_SEED, own=("corpus",))
     corpus_dir = out / "corpus"
     if not (corpus_dir / "spm.model").exists():
         log("[quickstart] collecting docstrings of the Python standard library, training a vocabulary")

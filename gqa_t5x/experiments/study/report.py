@@ -5,15 +5,21 @@ results; the fixed text only explains the design and how to read it.
 Figures put this study's numbers and the paper's in separate panels (as
 `gqa-t5x report` does): the paper reports downstream scores of T5-Large/XXL,
 we report held-out loss of a small model, so the axes are not comparable.
+
+A reduced run (`results["reduced_run"]`, `StudySettings.is_reduced`) checks
+the machinery only: its report, figures and console lines carry
+`analysis.REDUCED_BANNER`, and each verdict says it is not meaningful.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
-from gqa_t5x.experiments import paper
+from gqa_t5x.experiments import paper, tables
 from gqa_t5x.experiments import figures as report_figures
+from gqa_t5x.experiments.study.analysis import REDUCED_BANNER, REDUCED_VERDICT_NOTE
 
 
 def _fmt(interval: dict | None, digits: int = 3) -> str:
@@ -34,13 +40,26 @@ def _prob(value: float | None) -> str:
 
 
 # ------------------------------------------------------------------ figures
-def _errorbar(ax, xs, intervals, **kw) -> None:
+def _reduced(results: dict) -> bool:
+    return bool(results.get("reduced_run"))
+
+
+def _errorbar(ax, xs, intervals, fmt: str = "{:.3f}", offset: tuple[float, float] = (4, 4), **kw) -> list[float]:
+    """Means with their intervals (never below 0: losses, times and BLEU are
+    not negative), each labelled with its value at `offset` points; returns
+    the means drawn."""
     pts = [(x, i) for x, i in zip(xs, intervals) if i]
     if not pts:
-        return
-    ax.errorbar([x for x, _ in pts], [i["mean"] for _, i in pts],
-                yerr=[[i["mean"] - i["low"] for _, i in pts], [i["high"] - i["mean"] for _, i in pts]],
-                marker="o", capsize=3, **kw)
+        return []
+    means, yerr = report_figures.error_bars([i for _, i in pts], floor=0.0)
+    line = ax.errorbar([x for x, _ in pts], means, yerr=yerr, marker="o", capsize=3, **kw)
+    report_figures.label_values(ax, [x for x, _ in pts], means, fmt, offset, color=line[0].get_color())
+    return means
+
+
+def _save(fig, results: dict, path: Path) -> None:
+    report_figures.banner(fig, REDUCED_BANNER if _reduced(results) else None)
+    report_figures.save_figure(fig, path)
 
 
 def plot_pretraining(results: dict, path: Path) -> None:
@@ -50,13 +69,19 @@ def plot_pretraining(results: dict, path: Path) -> None:
     if section["train_loss"]:
         ax.plot([p[0] for p in section["train_loss"]], [p[1] for p in section["train_loss"]],
                 color="lightgray", label="training loss (batch)")
-    for name in [n for n, _ in results["settings"]["heldout_examples"]]:
+    for index, name in enumerate(n for n, _ in results["settings"]["heldout_examples"]):
         pts = [(p["step"], p[f"{name}_loss"]) for p in section["curve"]]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"held-out {name}")
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"held-out {name}")
+        ends = [pts[0], pts[-1]] if pts else []  # the first and last checkpoints: the drop
+        report_figures.label_values(ax, [p[0] for p in ends], [p[1] for p in ends], "{:.2f}",
+                                    (4, -10) if index == 0 else (4, 4), color=line.get_color())
     ax.set(xlabel="pre-training step", ylabel="loss per target token",
            title=f"MHA pre-training (span corruption, {results['settings']['heldout_examples'][0][0]})")
-    ax.legend(fontsize=8)
-    report_figures.save_figure(fig, path)
+    if section["curve"] or section["train_loss"]:
+        ax.legend(fontsize=8)
+    else:
+        report_figures.no_data(ax, "no pre-training checkpoint evaluated")
+    _save(fig, results, path)
 
 
 def _primary(results: dict) -> str:
@@ -78,19 +103,25 @@ def plot_methods(results: dict, path: Path) -> None:
     alphas = (0.0,) if s["conversion_only"] else (0.0, s["ablation_alpha"])
     fig, axes = report_figures.panels(len(alphas) + 1, 4.6)
     for ax, alpha in zip(axes, alphas):
+        drawn = []
         for offset, name in enumerate(variants):
             rows = [_config(results, name, m, alpha) for m in s["methods"]]  # absent methods: no point
             xs = [i + 0.15 * (offset * 2 - 1) for i in range(len(s["methods"]))]
-            _errorbar(ax, xs, [r[_primary(results)] if r else None for r in rows], linestyle="none", label=name)
+            drawn += _errorbar(ax, xs, [r[_primary(results)] if r else None for r in rows], linestyle="none",
+                               label=name)
+        if not drawn:
+            report_figures.no_data(ax, f"no converted model evaluated at alpha {alpha:g}")
+            continue
         mha = _config(results, "MHA", None, 0.0)
         if mha:
-            ax.axhline(mha[_primary(results)]["mean"], color="gray", linestyle="--", label="MHA (alpha 0)")
+            mha_loss = mha[_primary(results)]["mean"]
+            ax.axhline(mha_loss, color="gray", linestyle="--", label=f"MHA (alpha 0): {mha_loss:.3f}")
         ax.set_xticks(range(len(s["methods"])), s["methods"])
         ax.set(ylabel="held-out loss (lower is better)", title=f"this study, alpha = {alpha:g}")
         ax.legend(fontsize=8)
     report_figures.paper_methods_panel(axes[-1], "paper: T5-Large -> MQA, alpha 0.05",
                                        "average score (higher is better)")
-    report_figures.save_figure(fig, path)
+    _save(fig, results, path)
 
 
 def plot_alpha(results: dict, path: Path) -> None:
@@ -98,17 +129,24 @@ def plot_alpha(results: dict, path: Path) -> None:
     s = results["settings"]
     alphas = [0.0, *sorted(set(s["alphas"]) | {s["ablation_alpha"]})]
     fig, (ours, ref) = report_figures.panels(2)
-    for name in (f"GQA-{s['gqa_kv_heads']}", "MQA"):
+    drawn = []
+    # Labels: MQA's above its points, GQA's and MHA's below theirs (the curves meet after uptraining).
+    for name, offset in ((f"GQA-{s['gqa_kv_heads']}", (4, -10)), ("MQA", (4, 4))):
         rows = [_config(results, name, "mean", a) for a in alphas]
-        _errorbar(ours, alphas, [r[_primary(results)] if r else None for r in rows], label=f"{name} (mean)")
+        drawn += _errorbar(ours, alphas, [r[_primary(results)] if r else None for r in rows], offset=offset,
+                           label=f"{name} (mean)")
     mha = [_config(results, "MHA", None, a) for a in alphas]
-    _errorbar(ours, alphas, [r[_primary(results)] if r else None for r in mha], label="MHA continued", color="gray")
+    drawn += _errorbar(ours, alphas, [r[_primary(results)] if r else None for r in mha], offset=(-28, -11),
+                       label="MHA continued", color="gray")
     if mha[0]:
         ours.axhline(mha[0][_primary(results)]["mean"], color="gray", linestyle="--", label="MHA (alpha 0)")
     ours.set(xlabel="uptraining proportion alpha", ylabel="held-out loss (lower is better)", title="this study")
-    ours.legend(fontsize=8)
+    if drawn:
+        ours.legend(fontsize=8)
+    else:
+        report_figures.no_data(ours, "no uptrained model evaluated")
     report_figures.paper_alpha_panel(ref)
-    report_figures.save_figure(fig, path)
+    _save(fig, results, path)
 
 
 def plot_timing(results: dict, path: Path) -> None:
@@ -116,53 +154,98 @@ def plot_timing(results: dict, path: Path) -> None:
     s = results["settings"]
     kv = {"MHA": s["num_heads"], f"GQA-{s['gqa_kv_heads']}": s["gqa_kv_heads"], "MQA": 1}
     fig, (ours, ref) = report_figures.panels(2)
+    drawn = []
     for row in results["timing"]:
         names = list(row["time_per_sample"])
-        _errorbar(ours, [kv[n] for n in names], [row["time_per_sample"][n] for n in names],
-                  label=f"in {row['input_length']} / out {row['output_length']}")
-    ours.set_xscale("log", base=2)
-    ours.set(xlabel="key/value heads", ylabel="time per sample (s)", title="this study (CPU, greedy)")
-    if results["timing"]:
+        drawn += _errorbar(ours, [kv[n] for n in names], [row["time_per_sample"][n] for n in names], "{:.3g}",
+                           label=f"in {row['input_length']} / out {row['output_length']}")
+    if drawn:
+        ours.set_xscale("log", base=2)
+        ours.set_xticks(sorted(set(kv.values())), [str(g) for g in sorted(set(kv.values()))])
+        scale = report_figures.choose_scale(ours, drawn)
+        ours.set(xlabel="key/value heads", ylabel="time per sample (s)" + (", log scale" if scale == "log" else ""),
+                 title="this study (CPU, greedy; 95% interval over rounds)")
         ours.legend(fontsize=8)
+    else:
+        report_figures.no_data(ours, "timing not run")
     groups = sorted(paper.TIME_VS_GROUPS)
     ref.plot(groups, [paper.TIME_VS_GROUPS[g] for g in groups], marker="o", color="gray")
+    report_figures.label_values(ref, groups, [paper.TIME_VS_GROUPS[g] for g in groups], "{:.2f}")
     ref.set_xscale("log", base=2)
+    ref.set_xticks(groups, [str(g) for g in groups])
     ref.set(xlabel="groups", ylabel="time per sample (s)", title="paper (T5-XXL, in 2048 / out 512)")
-    report_figures.save_figure(fig, path)
+    _save(fig, results, path)
 
 
 def plot_bleu(results: dict, path: Path) -> None:
-    """BLEU per variant (paper's Table 1 WMT column beside)."""
+    """BLEU per variant (paper's Table 1 WMT column beside).
+
+    A variant fine-tuned with two or more seeds is drawn with its interval;
+    one fine-tuned with a single seed (as the reduced setting does) has no
+    interval and is drawn as that seed's point; with none, the panel says so.
+    """
     fig, (ours, ref) = report_figures.panels(2)
     rows = results["downstream"]
-    _errorbar(ours, list(range(len(rows))), [r["bleu"] for r in rows], linestyle="none")
-    ours.set_xticks(range(len(rows)), [r["variant"] for r in rows])
-    ours.set(ylabel="BLEU (greedy)", title="this study: WMT En-De sample")
+    drawn = _errorbar(ours, list(range(len(rows))), [r["bleu"] for r in rows], "{:.3g}", linestyle="none",
+                      label="mean, 95% interval over seeds")
+    single = [(i, r["bleu_per_seed"][0]) for i, r in enumerate(rows) if not r["bleu"] and r["bleu_per_seed"]]
+    if single:
+        ours.plot([i for i, _ in single], [b for _, b in single], "D", color="gray", label="one seed (no interval)")
+        report_figures.label_values(ours, [i for i, _ in single], [b for _, b in single], "{:.3g}")
+    if drawn or single:
+        ours.set_xticks(range(len(rows)), [r["variant"] for r in rows])
+        ours.set_xlim(-0.5, len(rows) - 0.5)
+        ours.set_ylim(bottom=0)
+        ours.set(ylabel="BLEU (greedy)", title="this study: WMT En-De sample")
+        ours.legend(fontsize=8)
+    else:
+        report_figures.no_data(ours, "no fine-tuned model was scored")
+        ours.set(title="this study: WMT En-De sample")
     names = ["MHA-XXL", "GQA-8-XXL", "MQA-XXL"]
-    ref.bar(range(3), [paper.TABLE1[n]["scores"]["wmt14_ende"] for n in names], color="gray")
+    scores = [paper.TABLE1[n]["scores"]["wmt14_ende"] for n in names]
+    bars = ref.bar(range(3), scores, color="gray")  # bars from 0: their lengths are the scores
+    ref.bar_label(bars, [f"{v:.1f}" for v in scores], fontsize=7)
     ref.set_xticks(range(3), names)
     ref.set(ylabel="BLEU", title="paper: WMT14 En-De (Table 1)")
-    report_figures.save_figure(fig, path)
+    _save(fig, results, path)
 
 
 # ------------------------------------------------------------------ markdown
+def _verdict(results: dict, verdict: str) -> str:
+    """A verdict as the report prints it ('not meaningful' in a reduced run)."""
+    return f"{verdict} ({REDUCED_VERDICT_NOTE})" if _reduced(results) and verdict != "not run" else verdict
+
+
 def _verdict_table(results: dict) -> list[str]:
     lines = ["| id | claim | verdict | same verdict on a re-run (est.) | the paper |", "|---|---|---|---|---|"]
     for c in results["claims"]:
-        lines.append(f"| {c['id']} | {c['claim']} | **{c['verdict']}** | {_prob(c['same_verdict_probability'])} | {c['paper']} |")
+        p = "- (reduced run)" if _reduced(results) else _prob(c["same_verdict_probability"])
+        lines.append(f"| {c['id']} | {c['claim']} | **{_verdict(results, c['verdict'])}** | {p} | {c['paper']} |")
     for b in results["beyond_paper"]:
-        lines.append(f"| {b['id']} | {b['claim']} | **{b['verdict']}** | see below | (beyond the paper) |")
+        lines.append(f"| {b['id']} | {b['claim']} | **{_verdict(results, b['verdict'])}** | see below | "
+                     "(beyond the paper) |")
     return lines
 
 
-def _comparison_rows(claim: dict) -> list[str]:
+def _banner_lines(results: dict) -> list[str]:
+    """The reduced run's banner as a markdown quote and why (nothing for a full run)."""
+    if not _reduced(results):
+        return []
+    s = results["settings"]
+    return [f"> **{REDUCED_BANNER}.** This run used the reduced sizes (`--reduced`: {s['pretrain_steps']} "
+            f"pre-training steps of a {s['num_layers']}+{s['num_layers']}-layer model with d_model "
+            f"{s['emb_dim']}): it shows that every stage runs and the report is written. Its numbers, "
+            "verdicts and re-run estimates say nothing about GQA; run without `--reduced` for the study.", ""]
+
+
+def _comparison_rows(results: dict, claim: dict) -> list[str]:
     lines = []
     for role, items in (("primary", claim["primary"]), ("supporting", claim["supporting"])):
         for c in items:
             note = f" ({c['note']})" if c.get("note") else ""
             lines.append(f"| {claim['id']} | {role} | {c['comparison']}{note} | {c['expected']} | "
-                         f"{_fmt(c['interval'], 4)} | {_kind(c['interval'])} | {c['verdict']} | "
-                         f"{_prob(c['same_verdict_probability'])} |")
+                         f"{_fmt(c['interval'], 4)} | {_kind(c['interval'])} | {_verdict(results, c['verdict'])} | "
+                         f"{'-' if _reduced(results) else _prob(c['same_verdict_probability'])} |")
     return lines
 
 
@@ -232,6 +315,8 @@ def _pretraining_text(results: dict) -> list[str]:
 
 
 def _rerun_text(results: dict) -> list[str]:
+    if _reduced(results):
+        return ["Not estimated: the verdicts of a reduced run are not meaningful, so neither is their stability."]
     lines = []
     for c in results["claims"]:
         p = c["same_verdict_probability"]
@@ -308,7 +393,7 @@ def markdown(results: dict, figure_dir: str) -> str:
     pretrain_seed = results["sessions"][-1].get("pretrain_seed") if results["sessions"] else "-"
     title = "GQA's conversion ablation at alpha = 0 (quickstart)" if s["conversion_only"] else (
         "Reproducing GQA's findings at small scale")
-    out = [f"# {title}", "",
+    out = [f"# {title}", "", *_banner_lines(results),
            "Generated by `gqa-t5x` from one run of the command below; every number is a mean with "
            "its 95% interval. Interval kinds: **seeds** = Student-t over the seeds (runs that differ in "
            "uptraining/fine-tuning data order and, for `random`, initialisation; differences paired by seed); "
@@ -316,7 +401,8 @@ def markdown(results: dict, figure_dir: str) -> str:
            "differences paired by example); **rounds** = Student-t over interleaved timing rounds. The quality "
            "metric is held-out span-corruption loss per target token (lower is better). All results are "
            "conditional on one pre-trained model.", "",
-           "## Verdicts", "", *_verdict_table(results), "",
+           "## Verdicts", "", *([f"> **{REDUCED_BANNER}.**", ""] if _reduced(results) else []),
+           *_verdict_table(results), "",
            "## Run", "", f"    {results['command']}", "",
            f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, JAX {m['jax']} on {m['backend']}.",
            f"- Wall time: {minutes:.1f} minutes over {len(results['sessions'])} recorded session(s) (a killed "
@@ -339,7 +425,7 @@ def markdown(results: dict, figure_dir: str) -> str:
             "| claim | role | difference | paper predicts | estimate ± 95% | interval | verdict | same on re-run |",
             "|---|---|---|---|---|---|---|---|"]
     for c in results["claims"]:
-        out += _comparison_rows(c)
+        out += _comparison_rows(results, c)
     out += ["", "A claim is reproduced when every primary difference excludes 0 in the paper's direction, not "
             "reproduced when one excludes 0 in the other direction, else inconclusive. Supporting rows are "
             "reported but do not enter the verdict.", "",
@@ -380,8 +466,23 @@ def write_report(results: dict, report_dir: str | Path) -> dict[str, Path]:
     return files
 
 
-def summary_lines(results: dict) -> list[str]:
-    """One line per verdict, for the console."""
-    lines = [f"{c['id']}: {c['verdict']} - {c['claim']}" for c in results["claims"]]
-    lines += [f"{b['id']}: {b['verdict']} - {b['claim']}" for b in results["beyond_paper"]]
+def summary_lines(results: dict, width: int = tables.CONSOLE_WIDTH) -> list[str]:
+    """The verdicts for the console, each at most `width` characters wide.
+
+    Args:
+      results: `analysis.analyse`'s output.
+      width: Most characters per line (a long verdict continues, indented,
+        on the next line).
+
+    Returns:
+      A reduced run's banner first (if it is one), then one verdict per
+      claim, 'ID: verdict - claim' (a reduced run's verdicts say they are
+      not meaningful).
+    """
+    lines = []
+    if _reduced(results):
+        lines.append(f"*** {REDUCED_BANNER} ***")
+    for item in [*results["claims"], *results["beyond_paper"]]:
+        text = f"{item['id']}: {_verdict(results, item['verdict'])} - {item['claim']}"
+        lines += textwrap.wrap(text, width, subsequent_indent="    ", break_on_hyphens=False)
     return lines

@@ -59,8 +59,25 @@ def default_shared_dir() -> Path:
     return (gin_config.source_checkout() or Path.cwd()).parent / "shared"
 
 
-def _study_record(output: Path, settings: StudySettings, pretrain_seed: int) -> dict:
-    """Reads or creates OUTPUT/study.json; refuses other settings."""
+def check_output(output: Path, settings: StudySettings, pretrain_seed: int,
+                 own: Sequence[str] = ()) -> dict | None:
+    """The study record in OUTPUT, read only; refuses an OUTPUT the study cannot use.
+
+    Called before anything is written, so a refused run leaves no trace.
+
+    Args:
+      output: The study's directory.
+      settings: The settings of this run.
+      pretrain_seed: Its pre-training seed.
+      own: Entries a new OUTPUT may already hold (the quickstart's `corpus`).
+
+    Returns:
+      OUTPUT/study.json's record, or None for a new (absent or empty) OUTPUT.
+
+    Raises:
+      UsageError: OUTPUT holds a study with other settings, or other files
+        and no study.
+    """
     path = output / "study.json"
     wanted = {"settings": settings.to_json(), "pretrain_seed": pretrain_seed}
     if path.exists():
@@ -72,9 +89,28 @@ def _study_record(output: Path, settings: StudySettings, pretrain_seed: int) -> 
                 "comparable with these. Use another --output, or the settings it was made with."
             )
         return record
-    record = dict(wanted, sessions=[])
-    write_json(path, record)
-    return record
+    own = {*own, ".jax_cache"}  # The command line's compilation cache (made before this check).
+    others = sorted(p.name for p in output.iterdir() if p.name not in own) if output.is_dir() else []
+    if others:
+        raise UsageError(
+            f"--output {output} is not empty ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}) and "
+            "holds no study (study.json): a new run needs a new or empty directory; to continue a run, pass "
+            "its directory."
+        )
+    return None
+
+
+def _check_shared(shared: Path | None, corpus: rdata.Corpus | None) -> None:
+    """Refuses a shared data folder that lacks what the study reads (before anything is written)."""
+    if shared is None:
+        return
+    needed = ["data/c4", "data/wmt_ende"] + ([] if corpus is not None else ["data/wikipedia_en"])
+    missing = [name for name in needed if not (shared / name).is_dir()]
+    if missing:
+        raise UsageError(
+            f"The shared data folder {shared} lacks {', '.join(missing)}: pass --shared_dir (or set "
+            "GQA_T5X_SHARED) to the folder holding data/wikipedia_en, data/c4 and data/wmt_ende."
+        )
 
 
 def run_study(output: str | os.PathLike, *, settings: StudySettings | None = None,
@@ -111,9 +147,12 @@ def run_study(output: str | os.PathLike, *, settings: StudySettings | None = Non
     # Checkpoints go through the storage layer, but SentencePiece, numpy and
     # matplotlib write local files: the study runs on local disk.
     out = Path(paths.local_file(output, purpose="gqa-t5x reproduce (local runs and evaluations)")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     shared = Path(shared_dir) if shared_dir else (None if corpus is not None else default_shared_dir())
-    record = _study_record(out, settings, pretrain_seed)
+    record = check_output(out, settings, pretrain_seed, own=("corpus",) if corpus is not None else ())
+    _check_shared(shared, corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    if record is None:
+        record = {"settings": settings.to_json(), "pretrain_seed": pretrain_seed, "sessions": []}
     start = time.time()
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seeds": list(seeds), "pretrain_seed": pretrain_seed,
                "wall_s": 0.0}
@@ -125,6 +164,8 @@ def run_study(output: str | os.PathLike, *, settings: StudySettings | None = Non
         write_json(out / "study.json", record)
 
     record_wall_time()
+    if settings.is_reduced:
+        log(f"*** {analysis.REDUCED_BANNER} ***")
     try:
         study_stages.run_stages(out, settings, seeds, pretrain_seed, shared, corpus, log, record_wall_time)
     finally:

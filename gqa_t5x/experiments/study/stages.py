@@ -241,7 +241,9 @@ def run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pr
     started = time.time()
     data = rdata.StudyData(output / "data")
     stages = Stages(output, settings, data, pretrain_seed, log, on_mark)
-    if not data.info.exists():
+    if data.info.exists():
+        log("[1/8] data: prepared by an earlier session")
+    else:
         log("[1/8] data")
         rdata.prepare_data(output, settings, shared, log, corpus=corpus)
         stages.mark("data", {"root": str(data.root)}, started)
@@ -260,6 +262,8 @@ def run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pr
                 converted[(kv, method, seed)] = path = stages.convert(mha, kv, method, seed, statistics)
                 stages.evaluate(eval_key(kv, h, method, 0.0, seed), path)
     if s.conversion_only:
+        for line in skipped_stages():
+            log(line)
         return
     log("[5/8] uptraining")
     for seed in seeds:
@@ -280,6 +284,12 @@ def run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pr
         initial = converted[(kv, method, None)] if kv != h else mha
         timed[variant(kv, h)] = stages.uptrain(initial, kv, method, first)[s.ablation_alpha]
     stages.time_decoding(timed)
+
+
+def skipped_stages() -> list[str]:
+    """The lines naming stages 5-7, which conversion-only settings (the quickstart) skip."""
+    why = "skipped: conversion only (alpha = 0), as the quickstart's settings ask"
+    return [f"[5/8] uptraining: {why}", f"[6/8] WMT fine-tuning: {why}", f"[7/8] time per sample: {why}"]
 
 
 def seeded(method: str) -> bool:

@@ -16,9 +16,11 @@ in its directory:
 `gqa-t5x report RUN_DIRS... --output OUT` (each local or gs://) writes
 `table1.md`, `table1.csv`,
 `report.json` and four figures: quality vs time per sample, the alpha
-curves, conversion-method bars, time vs number of groups. The paper's own
-numbers (`gqa_t5x.paper`) are drawn beside ours as a reference series, in
-their own panels because the scales differ.
+curves, conversion-method bars (from 0), time vs number of groups. The
+paper's own numbers (`gqa_t5x.paper`) are drawn beside ours as a reference
+series, in their own panels because the scales differ. Points and bars carry
+their values, a panel without data says so, and an axis whose values span
+decades is logarithmic (`figures`).
 """
 
 from __future__ import annotations
@@ -202,18 +204,27 @@ def _panels():
 
 
 def plot_quality_vs_time(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Average score against time per sample (the paper's Figure 3 style)."""
+    """Average score against time per sample (the paper's Figure 3 style), values labelled."""
     fig, ours, ref = _panels()
+    times = []
     for r in results:
         avg, t = average(r["scores"]), r.get("time_per_sample")
         if avg is None or t is None:
             continue
         ours.scatter([t], [avg], s=40)
-        ours.annotate(r["name"], (t, avg), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ours.annotate(f"{r['name']}: {avg:.1f}, {t:.3g} s", (t, avg), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)
+        times.append(t)
     ours.set(xlabel="time per sample (s)", ylabel="average score", title="this run")
+    if times:
+        if figures.choose_scale(ours, times, axis="x", zero_based=False) == "log":
+            ours.set_xlabel("time per sample (s), log scale")
+    else:
+        figures.no_data(ours, "no run has both a score and a time")
     for name, entry in paper.TABLE1.items():
         ref.scatter([entry["time"]], [entry["avg"]], s=40, color="gray")
-        ref.annotate(name, (entry["time"], entry["avg"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ref.annotate(f"{name}: {entry['avg']:.1f}, {entry['time']:.2f} s", (entry["time"], entry["avg"]),
+                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ref.set(xlabel="time per sample (s)", ylabel="average score", title="paper (T5.1.1, TPUv4)")
     figures.save_figure(fig, path)
 
@@ -226,7 +237,7 @@ def _series_label(r: dict[str, Any]) -> str:
 
 
 def plot_alpha(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Ablation-task average against the uptraining proportion alpha."""
+    """Ablation-task average against the uptraining proportion alpha, values labelled."""
     fig, ours, ref = _panels()
     series: dict[str, list[tuple[float, float]]] = {}
     for r in results:
@@ -234,23 +245,27 @@ def plot_alpha(results: Sequence[dict[str, Any]], path: Path) -> None:
         if avg is None:
             continue
         if r["num_kv_heads"] == r["num_heads"] and not r.get("method"):
-            ours.axhline(avg, color="gray", linestyle="--", label=f"{r['name']} (MHA)")
+            ours.axhline(avg, color="gray", linestyle="--", label=f"{r['name']} (MHA): {avg:.1f}")
             continue
         if r.get("alpha") is None:
             continue
         series.setdefault(_series_label(r), []).append((float(r["alpha"]), avg))
     for label, points in sorted(series.items()):
         points.sort()
-        ours.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        line, = ours.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        figures.label_values(ours, [p[0] for p in points], [p[1] for p in points], "{:.1f}",
+                             color=line.get_color())
     ours.set(xlabel="uptraining proportion alpha", ylabel="average score", title="this run")
-    if ours.get_legend_handles_labels()[0]:
+    if series:
         ours.legend(fontsize=8)
+    else:
+        figures.no_data(ours, "no converted run with an alpha")
     figures.paper_alpha_panel(ref, "CNN/MultiNews/TriviaQA avg")
     figures.save_figure(fig, path)
 
 
 def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Bars of the average score per conversion method (and kv heads)."""
+    """Bars from 0 of the average score per conversion method (and kv heads), values labelled."""
     fig, ours, ref = _panels()
     bars: dict[str, list[float]] = {}
     for r in results:
@@ -259,28 +274,46 @@ def plot_methods(results: Sequence[dict[str, Any]], path: Path) -> None:
             continue
         bars.setdefault(_series_label(r), []).append(avg)
     labels = sorted(bars)
-    ours.bar(range(len(labels)), [_mean(bars[k]) for k in labels])
-    ours.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    if labels:
+        values = [_mean(bars[k]) for k in labels]
+        drawn = ours.bar(range(len(labels)), values)
+        ours.bar_label(drawn, [f"{v:.1f}" for v in values], fontsize=7)
+        ours.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        if min(values) >= 0:
+            ours.set_ylim(bottom=0)  # a bar's length is its value
+    else:
+        figures.no_data(ours, "no converted run")
     ours.set(ylabel="average score", title="this run")
     figures.paper_methods_panel(ref)
     figures.save_figure(fig, path)
 
 
 def plot_time_vs_groups(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Time per sample against the number of kv heads."""
+    """Time per sample against the number of kv heads, values labelled."""
     fig, ours, ref = _panels()
     by_g: dict[int, list[float]] = {}
     for r in results:
         if r.get("time_per_sample") is not None:
             by_g.setdefault(int(r["num_kv_heads"]), []).append(float(r["time_per_sample"]))
     gs = sorted(by_g)
-    ours.plot(gs, [_mean(by_g[g]) for g in gs], marker="o")
-    ours.set(xlabel="key/value heads (groups)", ylabel="time per sample (s)", title="this run")
     if gs:
+        times = [_mean(by_g[g]) for g in gs]
+        ours.plot(gs, times, marker="o")
+        figures.label_values(ours, gs, times)
         ours.set_xscale("log", base=2)
+        ours.set_xticks(gs, [str(g) for g in gs])
+        scale = figures.choose_scale(ours, times)
+        ours.set(xlabel="key/value heads (groups)",
+                 ylabel="time per sample (s)" + (", log scale" if scale == "log" else ""), title="this run")
+    else:
+        figures.no_data(ours, "no run measured its time per sample")
+        ours.set(title="this run")
     ref_g = sorted(paper.TIME_VS_GROUPS)
-    ref.plot(ref_g, [paper.TIME_VS_GROUPS[g] for g in ref_g], marker="o", color="gray")
+    ref_t = [paper.TIME_VS_GROUPS[g] for g in ref_g]
+    ref.plot(ref_g, ref_t, marker="o", color="gray")
+    figures.label_values(ref, ref_g, ref_t, "{:.2f}")
     ref.set_xscale("log", base=2)
+    ref.set_xticks(ref_g, [str(g) for g in ref_g])
     ref.set(xlabel="groups", ylabel="time per sample (s)", title="paper (T5-XXL, in 2048 / out 512)")
     figures.save_figure(fig, path)
 

@@ -174,7 +174,7 @@ class Runner:
         return self.stages.convert(run_dir, "convert", source=self.spec.base_checkpoint, output=run_dir / "converted",
                                    num_kv_heads=point.num_kv_heads, method=point.method, seed=self.spec.seed)
 
-    def uptrain(self, point: Point, run_dir: Path, initial: str) -> str:
+    def uptrain(self, point: Point, run_dir: Path, initial: str) -> str | stages.NewestIn:
         if point.alpha <= 0:
             return initial
         done = self.stages.done(run_dir, "uptrain")
@@ -186,11 +186,11 @@ class Runner:
             self.spec.model_gin, stages.UPTRAIN_GIN, self.spec.gin_files, point.num_kv_heads, model_dir, initial,
             [f"UPTRAIN_ALPHA={point.alpha}", *self.spec.uptrain_bindings]))
         if self.stages.printing:
-            return str(model_dir / "checkpoint_<final>")
+            return stages.NewestIn(str(model_dir))  # Resolved when the printed fine-tuning job runs.
         return self.stages.mark(run_dir, "uptrain", {"checkpoint": stages.latest_checkpoint(model_dir)},
                                 started)["checkpoint"]
 
-    def finetune_and_eval(self, point: Point, run_dir: Path, initial: str, task: str) -> float | None:
+    def finetune_and_eval(self, point: Point, run_dir: Path, initial: str | stages.NewestIn, task: str) -> float | None:
         spec = self.spec
         return self.stages.finetune_and_eval(
             run_dir, task=task, model_gin=spec.model_gin, gin_files=spec.gin_files,
@@ -217,7 +217,8 @@ class Runner:
         if results_path.exists():
             self.log(f"[{point.name}] finished earlier; skipped")
             return json.loads(results_path.read_text())
-        paths.makedirs(run_dir)
+        if self.mode != "print":  # Printing writes nothing.
+            paths.makedirs(run_dir)
         self.log(f"[{point.name}] {point.label}")
         start = time.time()
         converted = self.convert(point, run_dir)

@@ -117,4 +117,27 @@ def test_quickstart_analysis_of_hand_made_scores_gives_the_known_verdicts(tmp_pa
     c3_rows = [c["interval"]["mean"] for c in claims["C3"]["primary"]]
     assert c3_rows == pytest.approx([mqa_gap - gqa_gap, gqa_gap - mqa_gap / 2], abs=1e-9)
     assert next(b for b in results["beyond_paper"] if b["id"] == "B-lsq")["verdict"] == lsq
-    assert f"C1: {c1} - " in "\n".join(study_report.summary_lines(results))
+    # The reduced quickstart's settings: each console verdict says it is not meaningful.
+    assert f"C1: {c1} (not meaningful: reduced run) - " in "\n".join(study_report.summary_lines(results))
+
+
+def test_a_refused_quickstart_writes_nothing_into_a_foreign_or_other_settings_folder(tmp_path, capsys):
+    from gqa_t5x import cli
+    from gqa_t5x.experiments.study import reproduction
+    from gqa_t5x.experiments.study.settings import StudySettings
+
+    foreign = tmp_path / "other_run"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's run")
+    assert cli.main(["quickstart", "--reduced", "--output", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (notes.txt) and holds no study" in err, err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # No corpus/ was written.
+
+    other = tmp_path / "other_settings"
+    other.mkdir()
+    (other / "study.json").write_text(json.dumps({"settings": {"steps": 1}, "pretrain_seed": 100, "sessions": []}))
+    with pytest.raises(cli.UsageError, match="holds a study with other settings"):
+        reproduction.check_output(other, StudySettings.quickstart(), 100, own=("corpus",))
+    assert sorted(p.name for p in other.iterdir()) == ["study.json"]
+    assert reproduction.check_output(tmp_path / "new", StudySettings.quickstart(), 100) is None

@@ -85,3 +85,45 @@ def test_extra_tasks_get_their_own_columns_after_the_papers(tmp_path):
     lines = files["table_md"].read_text().splitlines()
     assert lines[0].endswith("| TriviaQA | docstring_summary |")
     assert lines[2] == "| q | 0.0200 | 21.5 | - | - | - | - | - | - | - | 21.5 |"
+
+
+def test_figures_label_values_start_bars_at_zero_use_log_where_times_span_decades_and_mark_empty_panels(
+        tmp_path, monkeypatch):
+    import figure_checks
+
+    _write(tmp_path / "runs" / "mha", scores={"cnn_dailymail": 10.0}, time_per_sample=0.4)
+    _write(tmp_path / "runs" / "mqa", num_kv_heads=1, method="mean", alpha=0.05,
+           scores={"cnn_dailymail": 55.5}, time_per_sample=0.01)
+    _write(tmp_path / "runs" / "gqa", num_kv_heads=2, method="mean", alpha=0.05,
+           scores={"cnn_dailymail": 55.2}, time_per_sample=0.015)
+    saved = figure_checks.capture(monkeypatch)
+    report.write_report([tmp_path / "runs"], tmp_path / "out")
+    quality, alpha, methods, groups = saved
+    for fig in saved:
+        assert not any(figure_checks.truncated_bars(ax) for ax in fig.axes)
+    ours = methods.axes[0]
+    assert ours.get_ylim()[0] == 0 and {"55.2", "55.5"} <= set(figure_checks.texts(ours))  # 0.3 apart, from 0
+    assert groups.axes[0].get_yscale() == "log"  # 0.01 s to 0.4 s
+    assert {"0.01", "0.015", "0.4"} <= set(figure_checks.texts(groups.axes[0]))
+    assert any("55.5" in t for t in figure_checks.texts(alpha.axes[0]))
+    assert any(t.startswith("mqa: 55.5, 0.01 s") for t in figure_checks.texts(quality.axes[0]))
+    figure_checks.close(saved)
+    # Runs without a conversion or a time: those panels say so instead of staying empty.
+    _write(tmp_path / "only_mha" / "mha", scores={"cnn_dailymail": 10.0}, time_per_sample=None)
+    saved = figure_checks.capture(monkeypatch)
+    report.write_report([tmp_path / "only_mha"], tmp_path / "out2")
+    quality, alpha, methods, groups = saved
+    assert figure_checks.texts(methods.axes[0]) == ["no converted run"]
+    assert figure_checks.texts(groups.axes[0]) == ["no run measured its time per sample"]
+    assert figure_checks.texts(quality.axes[0]) == ["no run has both a score and a time"]
+    assert figure_checks.texts(alpha.axes[0]) == ["no converted run with an alpha"]
+    figure_checks.close(saved)
+
+
+def test_table1_that_report_and_sweep_print_fits_120_columns(tmp_path):
+    # Every paper task scored, plus the quickstart's extra task, under a sweep point's label.
+    scores = {task: 43.21 for task in report.paper_task_columns()} | {"docstring_summary": 21.5}
+    _write(tmp_path / "runs" / "g8", name="GQA-8 mean a=0.05", num_heads=64, num_kv_heads=8, method="mean",
+           alpha=0.05, time_per_sample=0.0123, scores=scores)
+    files = report.write_report([tmp_path / "runs"], tmp_path / "out")
+    assert max(len(line) for line in files["table_md"].read_text().splitlines()) <= 120

@@ -75,7 +75,13 @@ def test_print_mode_prints_one_launch_command_per_stage(tmp_path, capsys, monkey
     assert len(finetunes) == len(evals) == 5 * 3  # 5 points x 3 tasks
     assert all(l.startswith("scripts/tpu_pod_run.sh my-v4-128 us-central2-b -- python -m gqa_t5x.main") for l in uptrains + finetunes)
     assert "--gin.NUM_KV_HEADS=1" in uptrains[0] and "--gin.UPTRAIN_ALPHA=0.05" in uptrains[0]
-    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("results.json"))
+    assert not (tmp_path / "s").exists()  # Printing writes nothing.
+    # Every command runs as printed: later stages find their input when they run, no placeholders.
+    assert not [l for l in lines if "checkpoint_<" in l]
+    newest = "@gqa_t5x.checkpoints.steps.latest_checkpoint()"
+    uptrained = [l for l in finetunes if "/uptrain" in l]
+    assert len(uptrained) == 4 * 3 and all(f"--gin.INITIAL_CHECKPOINT_PATH={newest}" in l for l in uptrained)
+    assert all(f"--gin.CHECKPOINT_PATH={newest}" in l and "/best" in l for l in evals)
 
 
 class _FakeStages(sweep.Runner):

@@ -1,0 +1,228 @@
+"""The experiments' subcommands: bench, sweep, quickstart, reproduce, report.
+
+Each is a pair of functions: `*_arguments(parser)` adds its flags and
+`run_*(args)` calls the application's Python API (imported when it runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from gqa_t5x import errors
+from gqa_t5x.cli.command import PROG, int_list, ints
+from gqa_t5x.errors import UsageError
+
+
+# -------------------------------------------------------------------- bench
+def bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from gqa_t5x.experiments.bench import presets
+
+    parser.add_argument("--preset", choices=sorted(presets.PRESETS),
+                        help="A named setting; 'paper' = XXL, 24+24 layers, input 2048, output 512, batch 32, "
+                             "bfloat16, kv heads 1,8,64, no HuggingFace (for an accelerator). Flags given "
+                             "explicitly override it.")
+    parser.add_argument("--gin_file", help="Model gin (sizes); default gin/models/t5_1_1/large.gin.")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="Activation dtype (default float32; XLA:CPU runs bfloat16 products slowly).")
+    parser.add_argument("--param_dtype", choices=("float32", "bfloat16"),
+                        help="Dtype of the weights (default float32; 'paper': bfloat16, T5X's inference "
+                             "dtype, half the bytes a decode step reads).")
+    parser.add_argument("--scan_layers", action="store_true", default=None,
+                        help="Scan the layers (one compiled layer per stack: XXL compiles like 2+2 layers).")
+    parser.add_argument("--num_encoder_layers", type=int, help="Override the gin's encoder depth (fit a CPU).")
+    parser.add_argument("--num_decoder_layers", type=int, help="Override the gin's decoder depth.")
+    parser.add_argument("--num_kv_heads", type=ints, help="kv heads to sweep, e.g. 1,8,64 (default: powers of 2 up to num_heads).")
+    parser.add_argument("--input_length", type=ints, help="Encoder length(s) (default 512).")
+    parser.add_argument("--output_length", type=ints, help="Decoded tokens per sample (default 128).")
+    parser.add_argument("--batch_size", type=ints, help="Batch cap(s): the largest batch that fits up to it is used (default 16).")
+    parser.add_argument("--repeats", type=int, default=2, help="Timed runs after the warm-up (fastest reported).")
+    parser.add_argument("--no_huggingface", action="store_true", default=None,
+                        help="Skip the HuggingFace transformers comparison.")
+    parser.add_argument("--huggingface_repeats", type=int, default=1, help="Timed HuggingFace runs after its warm-up.")
+    parser.add_argument("--memory_fraction", type=float, default=0.5, help="Share of available RAM a run may use.")
+    parser.add_argument("--label", help="Name of the shape in the reports.")
+    parser.add_argument("--output", default="bench_decode", help="Report prefix: writes PREFIX.json/.md/.png.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of weights and inputs.")
+    parser.add_argument("--bandwidth_mb", type=int, default=None,
+                        help="Buffer of the bandwidth measurement in MB (default: 256 on a CPU, 1024 on an "
+                        "accelerator, beyond its caches).")
+    parser.add_argument("--num_partitions", type=int, default=1,
+                        help="Model-parallel shards (T5X's num_partitions): heads and MLP split over a 'model' "
+                             "mesh axis, the batch over 'data' (default 1; with one device, no mesh).")
+    parser.add_argument("--cpu_devices", type=int, default=None,
+                        help="Split the host CPU into N XLA devices (jax_num_cpu_devices), e.g. "
+                             "--cpu_devices 2 --num_partitions 2 to run the model split over two cores.")
+
+
+def resolve_bench_flags(args: argparse.Namespace) -> None:
+    """Fills unset flags from `--preset`, then from `presets.DEFAULTS`."""
+    from gqa_t5x.experiments.bench import presets
+
+    for name, value in presets.resolve(args.preset, {k: getattr(args, k) for k in presets.DEFAULTS}).items():
+        setattr(args, name, value)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gqa_t5x import gin_config
+    from gqa_t5x.experiments.bench import benchmark
+    from gqa_t5x.experiments.bench import report as bench_report
+    from gqa_t5x.model.config import check_kv_heads
+
+    resolve_bench_flags(args)
+    if args.cpu_devices is not None:
+        from gqa_t5x import runtime
+
+        if args.cpu_devices < 1:
+            raise UsageError(f"--cpu_devices={args.cpu_devices} must be >= 1.")
+        try:
+            runtime.use_cpu_devices(args.cpu_devices)
+        except RuntimeError as error:
+            raise UsageError(f"--cpu_devices={args.cpu_devices}: {error}") from None
+    config = gin_config.model_config_from_gin(args.gin_file, args.gin_bindings)
+    overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers")
+                 if getattr(args, k) is not None}
+    config = config.replace(dtype=args.dtype, param_dtype=args.param_dtype, dropout_rate=0.0, num_kv_heads=None,
+                            scan_layers=bool(args.scan_layers or config.scan_layers), **overrides)
+    powers = {2**i for i in range(config.num_heads.bit_length()) if config.num_heads % 2**i == 0}
+    kv = args.num_kv_heads or tuple(sorted(powers | {config.num_heads}))
+    for g in kv:
+        try:
+            check_kv_heads(config.num_heads, g, name="--num_kv_heads")
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    for flag in ("repeats", "huggingface_repeats"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag}={getattr(args, flag)} must be >= 1.")
+    if not 0 < args.memory_fraction <= 1:
+        raise UsageError(f"--memory_fraction={args.memory_fraction} must be in (0, 1].")
+    import jax
+
+    if args.num_partitions < 1 or jax.device_count() % args.num_partitions:
+        raise UsageError(f"--num_partitions={args.num_partitions} must divide the number of devices "
+                         f"({jax.device_count()}: {jax.devices()[0].platform}); on CPU add --cpu_devices N.")
+    settings = benchmark.BenchSettings(
+        config=config, num_kv_heads=kv, input_lengths=args.input_length, output_lengths=args.output_length,
+        batch_caps=args.batch_size, repeats=args.repeats, huggingface=not args.no_huggingface,
+        huggingface_repeats=args.huggingface_repeats, memory_fraction=args.memory_fraction,
+        seed=args.seed, label=args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
+        bandwidth_mb=args.bandwidth_mb, num_partitions=args.num_partitions,
+    )
+    results = benchmark.run_benchmark(settings)
+    print(bench_report.format_table(results))
+    paths = bench_report.write_reports(results, args.output)
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# -------------------------------------------------------------------- sweep
+def sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_gin", help="Sweep gin file (configs/sweeps/*.gin).")
+    parser.add_argument_group("required").add_argument("--output", required=True, help="Directory of the sweep's runs.")
+    parser.add_argument("--mode", default="local", choices=("local", "print"),
+                        help="local: run the points here, one after another; print: print one command per run.")
+    parser.add_argument("--launcher", default="", help="Prefix of printed commands (e.g. 'bash scripts/tpu_pod_run.sh ... --').")
+    parser.add_argument("--report", action="store_true", help="Write the Table 1 report into OUTPUT/report afterwards.")
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from gqa_t5x import gin_config
+    from gqa_t5x.experiments.sweeps import report, sweep
+
+    spec = sweep.load_spec(args.sweep_gin, args.gin_bindings)
+    num_heads = gin_config.model_config_from_gin(spec.model_gin).num_heads
+    spec.validate(num_heads)
+    points = sweep.expand(spec, num_heads)
+    print(f"Sweep {spec.name!r}: {len(points)} points -> {args.output}")
+    if args.mode == "local":
+        compilation_cache(args.output)
+    runner = sweep.Runner(spec, args.output, mode=args.mode, launcher=args.launcher)
+    results, failed = runner.run(points)
+    if args.mode == "local":
+        print(f"{len(results)} of {len(points)} points finished" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        if args.report and results:
+            from gqa_t5x.storage import paths
+
+            files = report.write_report([args.output], paths.as_path(args.output, name="--output") / "report")
+            print(files["table_md"].read_text())
+    return errors.EXIT_FAILURE if failed else 0
+
+
+def compilation_cache(output: str) -> None:
+    """Runs of one model shape (a sweep's points, the study's stages) compile once: OUTPUT/.jax_cache."""
+    from gqa_t5x import runtime
+    from gqa_t5x.storage import paths
+
+    runtime.enable_compilation_cache(paths.as_path(output, name="--output") / ".jax_cache")
+
+
+# --------------------------------------------------------------- quickstart
+def quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="quickstart_out", help="Output directory (default: ./quickstart_out).")
+    parser.add_argument("--reduced", action="store_true",
+                        help="A reduced run that checks the machinery (1-2 minutes on 2 CPU cores; what the "
+                             "tests use; its verdicts are not meaningful).")
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments.study import quickstart
+
+    settings = quickstart.reduced_settings() if args.reduced else None
+    command = f"{PROG} quickstart --output {args.output}" + (" --reduced" if args.reduced else "")
+    compilation_cache(args.output)
+    quickstart.run_quickstart(args.output, settings, command=command)
+    return 0
+
+
+# ---------------------------------------------------------------- reproduce
+def reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument_group("required").add_argument(
+        "--output", required=True,
+        help="Directory of the study's runs; rerun the same command to continue a stopped study.")
+    parser.add_argument("--seeds", type=int_list(0), default=(0, 1, 2),
+                        help="Seeds of uptraining/fine-tuning data order and random conversion (default 0,1,2).")
+    parser.add_argument("--pretrain_seed", type=int, default=100, help="Seed of pre-training (default 100).")
+    parser.add_argument("--report_dir", default=None,
+                        help="Where reproduction.md, reproduction.json and reproduction/*.png go (default: "
+                             "OUTPUT/report; pass docs to refresh a checkout's committed report).")
+    parser.add_argument("--shared_dir", default=None,
+                        help="The shared data folder with data/wikipedia_en, data/c4, data/wmt_ende "
+                             "(default: $GQA_T5X_SHARED, else ../shared beside the source checkout when "
+                             "gqa_t5x runs from one (editable install), else ../shared of the working "
+                             "directory).")
+    parser.add_argument("--reduced", action="store_true",
+                        help="Reduced sizes that check the machinery (a few minutes on 2 CPU cores; what the tests "
+                             "use; its verdicts are not meaningful).")
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments.study import reproduction
+    from gqa_t5x.experiments.study import settings as reproduction_settings
+
+    settings = reproduction_settings.StudySettings.reduced() if args.reduced else None
+    command = " ".join([PROG, "reproduce", "--output", args.output, "--seeds", ",".join(map(str, args.seeds)),
+                        *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
+                        *(["--report_dir", args.report_dir] if args.report_dir else []),
+                        *(["--reduced"] if args.reduced else [])])
+    compilation_cache(args.output)
+    reproduction.run_study(args.output, settings=settings, seeds=args.seeds, pretrain_seed=args.pretrain_seed,
+                           shared_dir=args.shared_dir, report_dir=args.report_dir, command=command)
+    return 0
+
+
+# ------------------------------------------------------------------- report
+def report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", help="Run directories (or folders of them).")
+    parser.add_argument_group("required").add_argument("--output", required=True,
+                                                       help="Directory for the table and figures.")
+    parser.add_argument("--no_paper", action="store_true", help="Leave out the paper's reference numbers.")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments.sweeps import report
+
+    files = report.write_report(args.run_dirs, args.output, include_paper=not args.no_paper)
+    print(files["table_md"].read_text())
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
