@@ -193,6 +193,7 @@ def _train_in_process(model_dir: Path, initial: Path, shared: Path, *flags: str)
     ])
 
 
+@pytest.mark.slow
 def test_train_refuses_an_initial_checkpoint_with_a_huge_value_in_one_line_and_the_flag_accepts_it(
         converted, shared_dir, tmp_path, capsys):
     from gqa_t5x import checkpoints

@@ -56,6 +56,7 @@ def test_convert_records_the_vocabulary_and_a_second_conversion_keeps_it(spm, tm
         assert reader.metadata["vocabulary"]["path"] == str(spm)
 
 
+@pytest.mark.slow
 def test_a_training_checkpoint_records_the_vocabulary_and_readers_see_it(spm, tmp_path):
     import jax
     import jax.numpy as jnp

@@ -128,6 +128,7 @@ def test_scanned_logits_equal_unscanned_logits(unscanned):
         losses.score_examples(config, params, batch).log_likelihood, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_network_matches_huggingface_t5():
     hf_reference = pytest.importorskip("hf_reference")
     hf_model = hf_reference.make_hf_t5(seed=3, vocab_size=97, d_model=32, num_heads=4, d_kv=8, d_ff=64,
@@ -145,7 +146,8 @@ def test_scanned_network_matches_huggingface_t5():
 
 
 @pytest.mark.parametrize("spec", [
-    decoding.DecodingSpec(method="greedy", max_decode_length=64, eos_id=None),  # two segments
+    pytest.param(decoding.DecodingSpec(method="greedy", max_decode_length=64, eos_id=None),  # two segments
+                 marks=pytest.mark.slow),
     pytest.param(decoding.DecodingSpec(method="beam", max_decode_length=10, beam_size=3), marks=pytest.mark.slow),
 ], ids=["greedy_segments", "beam"])
 def test_scanned_decoding_gives_the_unscanned_tokens(unscanned, spec):
@@ -178,6 +180,7 @@ def test_scanned_decode_cache_is_stacked_per_layer(unscanned):
 
 
 # --------------------------------------------------------- parameter dtype
+@pytest.mark.slow
 def test_bfloat16_parameters_stay_within_bfloat16_precision_of_float32(unscanned):
     config, params = unscanned
     enc = _tokens(6, 4, 12, 64, [12, 9, 5, 3])

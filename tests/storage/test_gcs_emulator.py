@@ -82,7 +82,7 @@ def test_convert_gs_to_gs_reads_back_and_exports_from_gs(gcs_emulator, gcs_dir, 
         key = "decoder/layers_0/self_attention/key/kernel"  # a converted one, read (and checked) from gs://
         np.testing.assert_array_equal(remote.read(key), reference.read(key))
 
-    export = ["export", "--checkpoint", output, "--format", "huggingface", "--no_progress"]
+    export = ["export", "--checkpoint", output, "--format", "huggingface", "--no_progress", "--weights_only"]
     assert cli.main([*export, "--output", hf]) == 0
     assert cli.main([*export, "--output", str(tmp_path / "local_hf")]) == 0
     files = sorted(objects(gcs_emulator, hf))

@@ -105,6 +105,7 @@ def _tiny_checkpoint(path: Path) -> None:
     checkpoints.save(path, config, network.init_params(config, seed=0), step=10)
 
 
+@pytest.mark.slow
 def test_convert_overwriting_onto_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
     _tiny_checkpoint(tmp_path / "source")
     report = tmp_path / "report.json"

@@ -365,6 +365,7 @@ def _assert_stall_reported(result: subprocess.CompletedProcess, elapsed: float, 
     assert result.stderr.rstrip().splitlines()[-1] == lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["convert", "export"])
 def test_convert_and_export_from_a_silent_endpoint_fail_in_one_line_within_the_bound(silent, tmp_path, command):
     source = "gs://bucket/mha/checkpoint_1000"

@@ -195,6 +195,7 @@ def _complete_steps(model_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_runs_stopped_by_signals_keep_their_step_and_resume_bit_identically(tmp_path):
     cache = tmp_path / "jax_cache"
     reference = _start(tmp_path / "ref", tmp_path / "ref.json", cache)

@@ -72,6 +72,7 @@ def params():
     return network.init_params(_config(), seed=5)
 
 
+@pytest.mark.slow
 def test_a_scanned_train_step_equals_the_unscanned_one(params):
     config = _config()
     scanned = config.replace(scan_layers=True)
@@ -185,6 +186,7 @@ class _Letters:
         return "".join(chr(i - 3 + ord("a")) if 3 <= i < 29 else "?" for i in ids)
 
 
+@pytest.mark.slow
 def test_infer_decodes_a_checkpoint_scanned_with_bfloat16_parameters(tmp_path, params):
     from gqa_t5x.training import inference
 

@@ -8,6 +8,8 @@ model, and must print the same loss and tokens as this process does.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -67,6 +69,7 @@ def run_step_and_decode() -> dict:
     return {"loss": float(metrics["loss"]), "tokens": np.asarray(decoded.tokens).tolist()}
 
 
+@pytest.mark.slow
 def test_the_train_step_and_decoding_need_neither_tensorflow_nor_seqio():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

@@ -230,6 +230,7 @@ def test_resuming_from_a_checkpoint_holding_a_nan_is_refused_naming_the_paramete
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_3"]
 
 
+@pytest.mark.slow
 def test_the_override_resumes_from_a_checkpoint_with_a_huge_value(tmp_path):
     run = _run_at_step_3(tmp_path / "run", "encoder/relpos_bias/rel_embedding", 2e4)
     with pytest.raises(checkpoints.UnusualValuesError, match="implausibly large"):

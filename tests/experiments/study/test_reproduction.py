@@ -136,6 +136,8 @@ def test_a_killed_session_has_recorded_its_wall_time_up_to_its_last_finished_sta
         raise RuntimeError("killed")
 
     monkeypatch.setattr(study_stages, "run_stages", stages_killed_after_one)
+    for folder in ("data/c4", "data/wmt_ende", "data/wikipedia_en"):  # what the study checks before writing
+        (tmp_path / folder).mkdir(parents=True)
     with pytest.raises(RuntimeError, match="killed"):
         reproduction.run_study(tmp_path / "study", settings=StudySettings.reduced(), seeds=(0, 1),
                                shared_dir=tmp_path, log=lambda line: None)
