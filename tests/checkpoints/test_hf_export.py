@@ -63,7 +63,8 @@ def test_export_of_unconverted_hf_model_reproduces_hf_logits(hf_source, tmp_path
 
 
 @pytest.mark.parametrize("groups,method", [pytest.param(1, "mean", marks=pytest.mark.slow),
-                                           pytest.param(2, "mean", marks=pytest.mark.slow), (2, "align")])
+                                           pytest.param(2, "mean", marks=pytest.mark.slow),
+                                           pytest.param(2, "align", marks=pytest.mark.slow)])
 def test_exported_gqa_model_gives_our_gqa_logits_in_huggingface(hf_source, tmp_path, groups, method):
     _, config, params = hf_source
     gqa_config, gqa_params = conversion.convert(config, params, groups, method=method)

@@ -43,6 +43,7 @@ def test_a_record_names_the_file_and_its_hash_and_a_changed_file_is_refused(spm)
         checkpoints.vocabulary.read_model(entry, source="ckpt")
 
 
+@pytest.mark.slow
 def test_convert_records_the_vocabulary_and_a_second_conversion_keeps_it(spm, tmp_path):
     checkpoints.save(tmp_path / "mha", CONFIG.replace(num_kv_heads=4), network.init_params(
         CONFIG.replace(num_kv_heads=4), seed=0), step=5)

@@ -297,6 +297,7 @@ def scratch_registry(monkeypatch):
     monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
 
 
+@pytest.mark.slow
 def test_a_method_registered_through_the_public_registry_converts_a_checkpoint(scratch_registry, tmp_path):
     from gqa_t5x import checkpoints
 

@@ -156,6 +156,7 @@ def _cache_bytes(cache) -> dict[str, int]:
     return sizes
 
 
+@pytest.mark.slow
 def test_decoding_cache_holds_kv_heads_and_cross_attention_kv_once():
     rng = np.random.default_rng(2)
     enc = _tokens(rng, 2, 9, 64)
