@@ -423,13 +423,14 @@ def _export(
     dtype: str,
     progress: bool,
     tokenizer: dict[str, Any] | None = None,
+    source: str = "",
 ) -> Path:
     from tqdm.auto import tqdm
 
     hf_config = hf_config_dict(config, dtype)  # validates before any writing
     model = None
     if tokenizer is not None:  # Read and hash-checked before any writing.
-        model = vocabulary.read_model(tokenizer, source=str(tokenizer.get("source", tokenizer["path"])))
+        model = vocabulary.read_model(tokenizer, source=source or tokenizer["path"])
     mha_shapes = param_tree.param_shapes(
         config.replace(num_kv_heads=config.num_heads, encoder_num_kv_heads=config.num_heads)
     )
@@ -557,10 +558,8 @@ def export_huggingface_checkpoint(
                 "tokenise with a wrong one: pass the SentencePiece model the checkpoint was trained with, "
                 "--vocab /path/to/spiece.model (T5.1.1: cc_all.32000 sentencepiece.model), or --weights_only."
             )
-        if tokenizer is not None:
-            tokenizer["source"] = str(source)
         return _export(target, reader.config, reader.read, overwrite=overwrite, dtype=dtype, progress=progress,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, source=str(source))
 
 
 registry.register_format(

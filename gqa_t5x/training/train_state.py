@@ -37,7 +37,6 @@ from gqa_t5x.storage import paths
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 STEP_PREFIX = steps.STEP_PREFIX
-complete_steps = steps.complete_steps
 
 
 @flax.struct.dataclass

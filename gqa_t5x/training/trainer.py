@@ -243,7 +243,7 @@ def _no_space(model_dir: str, model_path: paths.Path) -> space.NoSpaceError:
     """The error of a run whose checkpoint write found the disk full (partial output removed)."""
     removed = [ts.remove_partial_checkpoints(d) for d in (model_path, model_path / "best")]
     failed = ", ".join(n.split(ts.TMP_MARK)[0] for n in sum(removed, [])) or "a checkpoint"
-    kept = ts.complete_steps(model_path)
+    kept = checkpoints.steps.complete_steps(model_path)
     intact = (f"the newest complete checkpoint, {ts.STEP_PREFIX}_{kept[-1]}, is intact and a rerun "
               "resumes from it" if kept else "no earlier checkpoint existed")
     return space.NoSpaceError(

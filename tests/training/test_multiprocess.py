@@ -123,6 +123,15 @@ def _pair(flags, model_dir, **env) -> list[subprocess.Popen]:
     return [_launch(flags, model_dir, 4, (port, i), **env) for i in (0, 1)]
 
 
+def _wait_for_checkpoint(victims: list[subprocess.Popen], model_dir: Path, name: str) -> None:
+    """Waits (up to 400 s) until `model_dir/name` exists while both processes run."""
+    deadline = time.time() + 400
+    while not (model_dir / name).is_dir():
+        assert all(p.poll() is None for p in victims), _log(victims[0])[-3000:]
+        assert time.time() < deadline, f"no {name} within 400 s"
+        time.sleep(0.05)
+
+
 def _steps(model_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in model_dir.glob("checkpoint_*")
                   if p.name.split("_")[1].isdigit())
@@ -158,11 +167,7 @@ def test_two_processes_match_one_process_and_resume_after_one_is_killed(job):
     ref_dir, mp_dir = root / "one_process", root / "two_processes"
     reference = _launch(flags, ref_dir, 8)
     victims = _pair(flags, mp_dir, GQA_TEST_SLOW_BATCH_S="0.5")
-    deadline = time.time() + 400
-    while not (mp_dir / "checkpoint_1004").is_dir():
-        assert all(p.poll() is None for p in victims), _log(victims[0])[-3000:]
-        assert time.time() < deadline, "no checkpoint_1004 within 400 s"
-        time.sleep(0.05)
+    _wait_for_checkpoint(victims, mp_dir, "checkpoint_1004")
     victims[1].send_signal(signal.SIGKILL)
     assert victims[1].wait() == -signal.SIGKILL
     try:  # Process 0 loses its peer mid-step; a slice restart kills it too.
@@ -221,11 +226,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step_and_a_relaunch
     mp_dir = root / "preempted"
     flags = [*flags, "--gin.trainer.train.preemption_check_period=2"]
     victims = _pair(flags, mp_dir, GQA_TEST_SLOW_BATCH_S="0.5")
-    deadline = time.time() + 400
-    while not (mp_dir / "checkpoint_1004").is_dir():
-        assert all(p.poll() is None for p in victims), _log(victims[0])[-3000:]
-        assert time.time() < deadline, "no checkpoint_1004 within 400 s"
-        time.sleep(0.05)
+    _wait_for_checkpoint(victims, mp_dir, "checkpoint_1004")
     victims[1].send_signal(signal.SIGTERM)  # Only process 1 is told.
     codes = [p.wait(timeout=300) for p in victims]
     logs = [_log(p) for p in victims]
