@@ -46,7 +46,7 @@ def compare(before: dict, after: dict, longer: dict | None = None) -> str:
         f"Roofline of this machine (measured by the after run): bandwidth {bw} GB/s "
         f"(numpy copy {machine['bandwidth_gbs']['numpy_copy']}, JAX read {machine['bandwidth_gbs']['jax_read']}), "
         f"float32 matmul peak {machine['matmul_peak_gflops']} GFLOP/s; both columns use it and the same "
-        "byte/FLOP counts (gqa_t5x/experiments/bench/roofline.py). 'attn core' is each version's own decode "
+        "byte/FLOP counts (gqa_t5x/experiments/roofline.py). 'attn core' is each version's own decode "
         "cross-attention core (before: the training layout, timed over one cache again and again as that "
         "version's benchmark did, so partly from the last-level cache; after: the decode layout, timed "
         "over 1 GiB of distinct caches so that they come from memory as in a decode step); 'PyTorch' "

@@ -188,7 +188,7 @@ def _machine(dtype: str = "float32") -> dict:
     import jax
 
     from gqa_t5x.experiments import machine
-    from gqa_t5x.experiments.bench import roofline
+    from gqa_t5x.experiments import roofline
 
     info = machine.describe()
     device = jax.devices()[0]
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = ([] if args.no_huggingface else [HUGGINGFACE]) + kv_heads
     load_start = os.getloadavg()[0]
     machine = _machine(args.dtype)
-    from gqa_t5x.experiments.bench import roofline
+    from gqa_t5x.experiments import roofline
     from gqa_t5x.model.config import T5Config
 
     flops = roofline.train_step_flops(T5Config(**MODELS[args.model]), args.batch, args.inputs, args.targets)

@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gqa_t5x.experiments.bench import benchmark  # noqa: E402
-from gqa_t5x.experiments.bench import roofline  # noqa: E402
+from gqa_t5x.experiments import roofline  # noqa: E402
 from gqa_t5x.experiments import machine as machine_info  # noqa: E402
 from gqa_t5x.experiments import timing  # noqa: E402
 from gqa_t5x.model import attention  # noqa: E402

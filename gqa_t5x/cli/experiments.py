@@ -179,8 +179,10 @@ def reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument_group("required").add_argument(
         "--output", required=True,
         help="Directory of the study's runs; rerun the same command to continue a stopped study.")
-    parser.add_argument("--seeds", type=int_list(0), default=(0, 1, 2),
-                        help="Seeds of uptraining/fine-tuning data order and random conversion (default 0,1,2).")
+    parser.add_argument("--seeds", type=int_list(0), default=(0, 1, 2, 3, 4),
+                        help="Seeds of uptraining and fine-tuning: seed s reads its own rows of data after "
+                        "pre-training's (default 0,1,2,3,4; `random` conversion uses these and the next "
+                        "integers, 10 in all).")
     parser.add_argument("--pretrain_seed", type=int, default=100, help="Seed of pre-training (default 100).")
     parser.add_argument("--report_dir", default=None,
                         help="Where reproduction.md, reproduction.json and reproduction/*.png go (default: "

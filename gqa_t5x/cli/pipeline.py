@@ -177,8 +177,6 @@ def cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    import gin
-
     from gqa_t5x import gin_config
     from gqa_t5x.data import cache
 
@@ -195,14 +193,9 @@ def run_cache(args: argparse.Namespace) -> int:
                          [p for entry in args.gin_search_paths for p in entry.split(",") if p],
                          check_required=False)
     try:
-        reference = gin.query_parameter("gqa_t5x.training.trainer.train.train_dataset_cfg")
-    except ValueError:
-        raise UsageError("The gin files configure no training run: include gin/runs/uptrain.gin "
-                         "or gin/runs/finetune.gin, as the training command does.") from None
-    cfg = reference.scoped_configurable_fn()
-    if not cfg.cache_dir:
-        raise UsageError('DATA_CACHE_DIR is not set: pass --gin.DATA_CACHE_DIR=\\"/path/or/gs/url\\" '
-                         "(and the same flag to training).")
+        cfg = cache.configured_dataset()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     extra = {"rows_per_file": args.rows_per_file} if args.rows_per_file else {}
     shards = cache.write_cache(cfg, cfg.cache_dir, num_shards=args.num_shards,
                                shard_index=args.shard_index, max_rows=args.max_rows, **extra)

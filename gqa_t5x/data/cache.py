@@ -440,6 +440,26 @@ def write_shard(
     return record
 
 
+def configured_dataset() -> datasets.DatasetConfig:
+    """The training `DatasetConfig` the parsed gin configures (`trainer.train.train_dataset_cfg`).
+
+    Raises:
+      ValueError: the gin configures no training run, or no DATA_CACHE_DIR.
+    """
+    import gin
+
+    try:
+        reference = gin.query_parameter("gqa_t5x.training.trainer.train.train_dataset_cfg")
+    except ValueError:
+        raise ValueError("The gin files configure no training run: include gin/runs/uptrain.gin "
+                         "or gin/runs/finetune.gin, as the training command does.") from None
+    cfg = reference.scoped_configurable_fn()
+    if not cfg.cache_dir:
+        raise ValueError('DATA_CACHE_DIR is not set: pass --gin.DATA_CACHE_DIR=\\"/path/or/gs/url\\" '
+                         "(and the same flag to training).")
+    return cfg
+
+
 def write_cache(
     cfg: datasets.DatasetConfig,
     cache_dir: str,

@@ -13,7 +13,14 @@ built-in ones are module-level names of `tasks.py`) taking:
 * `file_format`: 'jsonl', 'tfrecord' or 'text_pair' (default: from the name);
 * `compression`: 'gzip' or 'none' (default: gzip for names ending in '.gz');
 * `field_map`: {task field: field name in the files} (dotted paths such as
-  'answers.text' reach into JSON objects).
+  'answers.text' reach into JSON objects);
+* `shuffle_buffer_size`: records (documents) shuffled with the split's seed
+  when the split is read shuffled (training), before any preprocessing
+  (default 16384; 0 shuffles only the order of the files). Files are read
+  round-robin, one record at a time, so a different seed starts the stream
+  with different documents; without it every seed would begin with the
+  first documents of each file (seqio's own buffer of 1,000 preprocessed
+  examples holds only a few long documents).
 
 `ConfigurableDataSource` resolves the location each time a dataset is built,
 so bindings parsed after the tasks were registered apply. The file formats
@@ -44,6 +51,7 @@ class DataLocation:
     file_format: str | None = None
     compression: str | None = None
     field_map: Mapping[str, str] | None = None
+    shuffle_buffer_size: int = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +157,11 @@ class ConfigurableDataSource(seqio.DataSource):
             raise ValueError(
                 f"{self._where('file_format')}={loc.file_format!r}; use one of "
                 f"{readers.FORMATS}."
+            )
+        if not isinstance(loc.shuffle_buffer_size, int) or loc.shuffle_buffer_size < 0:
+            raise ValueError(
+                f"{self._where('shuffle_buffer_size')}={loc.shuffle_buffer_size!r} must be "
+                "a non-negative integer (records; 0 shuffles only the files)."
             )
         if loc.compression is not None and loc.compression not in readers.COMPRESSIONS:
             raise ValueError(
@@ -313,4 +326,8 @@ class ConfigurableDataSource(seqio.DataSource):
             ds = ds.shard(shard_info.num_shards, shard_info.index)
         if shuffle:
             ds = ds.shuffle(len(files), seed=seed)
-        return ds.interleave(reader, cycle_length=16, block_length=16)
+        # Round-robin over every file, one record at a time (deterministic).
+        ds = ds.interleave(reader, cycle_length=max(1, len(files)), block_length=1)
+        if shuffle and loc.shuffle_buffer_size:
+            ds = ds.shuffle(loc.shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
+        return ds

@@ -55,7 +55,8 @@ def define_location(location: str) -> Callable[..., DataLocation]:
     Returns:
       The configurable: called with no arguments it returns the `DataLocation`
       the gin configuration binds (`tfds_data_dir`, `tfds_builder_dir`,
-      `files`, `file_format`, `compression`, `field_map`; see `sources.py`).
+      `files`, `file_format`, `compression`, `field_map`,
+      `shuffle_buffer_size`; see `sources.py`).
       Defining a location twice returns the first configurable.
     """
     if location in _LOCATIONS:
@@ -69,9 +70,11 @@ def define_location(location: str) -> Callable[..., DataLocation]:
         file_format: str | None = None,
         compression: str | None = None,
         field_map: Mapping[str, str] | None = None,
+        shuffle_buffer_size: int = 16384,
     ) -> DataLocation:
         return DataLocation(
-            tfds_data_dir, tfds_builder_dir, files, file_format, compression, field_map
+            tfds_data_dir, tfds_builder_dir, files, file_format, compression, field_map,
+            shuffle_buffer_size,
         )
 
     where.__name__ = where.__qualname__ = location

@@ -3,7 +3,7 @@
 `describe()` is what the benchmark, the study and the scripts record: the
 CPU model, cores, memory, load, the JAX backend and its devices, and the
 library versions; the roofline's measured ceilings are added by
-`bench.roofline.measure_machine`.
+`roofline.measure_machine`.
 """
 
 from __future__ import annotations

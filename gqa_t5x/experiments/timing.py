@@ -22,31 +22,64 @@ from gqa_t5x import checkpoints
 from gqa_t5x.model import decoding
 
 
-def interleaved(fns: Sequence[Callable[[], Any]], rounds: int) -> list[list[tuple[float, Any]]]:
+def round_orders(count: int, rounds: int, seed: int) -> list[list[int]]:
+    """Seeded random orders of `count` functions, one per round, for `interleaved`.
+
+    Each round's order is a random permutation, redrawn while it equals the
+    previous round's (when `count` > 1), so no position effect (the first
+    call after another variant's, caches left warm by the one before) falls
+    on one function round after round.
+
+    Returns:
+      Per round, the function indices in calling order.
+    """
+    if count < 1 or rounds < 1:
+        raise ValueError(f"count={count} and rounds={rounds} must be >= 1.")
+    rng = np.random.default_rng(seed)
+    orders: list[list[int]] = []
+    for _ in range(rounds):
+        order = rng.permutation(count).tolist()
+        while count > 1 and orders and order == orders[-1]:
+            order = rng.permutation(count).tolist()
+        orders.append(order)
+    return orders
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], rounds: int, *,
+                orders: Sequence[Sequence[int]] | None = None) -> list[list[tuple[float, Any]]]:
     """The one timing loop: a warm-up round, then `rounds` timed rounds of every function.
 
-    Each round calls every function once, in order, so load from other
-    processes falls on all of them alike and round `r` of two functions is a
-    paired comparison. Every function must block until its work is done
+    Each round calls every function once, so load from other processes falls
+    on all of them alike and round `r` of two functions is a paired
+    comparison. Every function must block until its work is done
     (`block_until_ready`).
 
     Args:
       fns: The functions to time (e.g. one decoder per variant).
       rounds: Timed rounds after the warm-up round (compilation).
+      orders: Per timed round, the indices of `fns` in the order to call them
+        (`round_orders` draws seeded random ones). Default: the given order
+        every round. The warm-up round always calls them in the given order.
 
     Returns:
-      Per function, per timed round: (seconds, what the call returned).
+      Per function (in the given order), per timed round: (seconds, what the
+      call returned).
     """
     if rounds < 1:
         raise ValueError(f"repeats={rounds}: time at least one run after the warm-up.")
+    if orders is None:
+        orders = [range(len(fns))] * rounds
+    orders = [list(order) for order in orders]
+    if len(orders) != rounds or any(sorted(order) != list(range(len(fns))) for order in orders):
+        raise ValueError(f"orders={orders} must hold {rounds} permutations of 0..{len(fns) - 1}.")
     for fn in fns:  # compile + warm-up
         fn()
     runs: list[list[tuple[float, Any]]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, runs):
+    for order in orders:
+        for index in order:
             start = time.perf_counter()
-            value = fn()
-            out.append((time.perf_counter() - start, value))
+            value = fns[index]()
+            runs[index].append((time.perf_counter() - start, value))
     return runs
 
 

@@ -14,7 +14,10 @@
    the start step; a run whose MODEL_DIR already holds
    checkpoint_<TRAIN_STEPS> is finished and a rerun returns at once;
 3. restores or initialises the state (`initial_state.restore_or_initialize`),
-   comparing the initial checkpoint's parameter shapes with the model's;
+   comparing the initial checkpoint's parameter shapes with the model's; a
+   run from the initial checkpoint may continue another run exactly: its
+   data from INITIAL_DATA_ROW, its optimizer state from the trainer
+   checkpoint INITIAL_OPTIMIZER_STATE (for parameters whose shape it keeps);
 4. opens the training input at the global data row the run continues at
    (`train_data.py`): the cache in DATA_CACHE_DIR, read by row index (each
    host reads only its rows of each global batch; nothing before the row is
@@ -275,6 +278,8 @@ def train(
     progress: bool = True,
     preemption_check_period: int = 10,
     allow_unusual_values: bool = False,
+    initial_data_row: int | None = None,
+    initial_optimizer_state: str | None = None,
     on_validated: Callable[[], None] | None = None,
 ) -> TrainSummary:
     """Trains until the global step reaches `total_steps` (see module docstring).
@@ -310,6 +315,15 @@ def train(
       allow_unusual_values: ALLOW_UNUSUAL_VALUES: start from restored
         parameters even if they are non-finite or have |x| > 1e4 (refused
         otherwise, naming the parameter: `checkpoints.value_limits`).
+      initial_data_row: INITIAL_DATA_ROW: the global row of the training
+        data a run not resumed from MODEL_DIR reads first (None: row 0), e.g.
+        step * BATCH_SIZE of the pre-training run it continues; recorded as
+        the checkpoints' `data_start_row`, so a resume continues from it.
+      initial_optimizer_state: INITIAL_OPTIMIZER_STATE: a trainer checkpoint
+        (`MODEL_DIR/checkpoint_<step>` of another run) whose optimizer state a
+        run from INITIAL_CHECKPOINT_PATH continues with, for every parameter
+        whose shape is unchanged (others start fresh); None: fresh state.
+        A MODEL_DIR resume ignores both.
       on_validated: Called once the configuration is checked, the state is
         restored or initialised, and the first batch and the evaluation data
         are read, right before the first step. Not called when the run is
@@ -340,6 +354,7 @@ def train(
     optimizer = optimizer or optimizers.adafactor()
     partitioner = partitioner or partitioning.Partitioner()
     partitioner.check_batch_size(train_dataset_cfg.batch_size)
+    initial_state.check_initial_options(initial_data_row, initial_optimizer_state, initial_checkpoint_path)
     model_path = paths.absolute(paths.as_path(model_dir, name="MODEL_DIR"))  # Local (made absolute) or gs://.
 
     def make_manager() -> Any:
@@ -368,7 +383,8 @@ def train(
                 start=start, model=model, optimizer=optimizer, partitioner=partitioner,
                 manager=manager, initial_checkpoint_path=initial_checkpoint_path,
                 batch_size=train_dataset_cfg.batch_size, rng=rng,
-                allow_unusual_values=allow_unusual_values,
+                allow_unusual_values=allow_unusual_values, initial_data_row=initial_data_row,
+                initial_optimizer_state=initial_optimizer_state,
             )
             if jax.process_index() == 0:
                 origin = {
@@ -381,7 +397,7 @@ def train(
                     f"({total_steps - start.step} steps), mesh "
                     f"{dict(partitioner.mesh.shape)}, batch {train_dataset_cfg.batch_size}, "
                     f"kv heads {model.config.num_kv_heads}/{model.config.num_heads}",
-                    flush=True,
+                    *start.notes, sep="\n", flush=True,
                 )
             train_step = jax.jit(
                 make_train_step(model, optimizer, learning_rate_fn, jax.random.fold_in(rng, 1)),

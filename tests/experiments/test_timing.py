@@ -154,3 +154,38 @@ def test_time_checkpoint_times_a_saved_model_in_the_requested_dtype(tiny_params,
     assert result["seconds"] == pytest.approx(0.25) and result["time_per_sample"] == pytest.approx(0.25 / 3)
     assert result["checkpoint"] == str(tmp_path / "ckpt")
     assert seen["config"].dtype == "float32" and seen["config"].dropout_rate == 0.0
+
+
+def test_round_orders_are_seeded_permutations_that_change_every_round():
+    orders = timing.round_orders(3, 20, seed=7)
+    assert len(orders) == 20 and all(sorted(order) == [0, 1, 2] for order in orders)
+    assert all(a != b for a, b in zip(orders, orders[1:]))  # never the same order twice in a row
+    assert timing.round_orders(3, 20, seed=7) == orders  # reproducible
+    assert timing.round_orders(3, 20, seed=8) != orders
+    assert timing.round_orders(1, 3, seed=0) == [[0], [0], [0]]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        timing.round_orders(0, 3, seed=0)
+
+
+def test_interleaved_calls_each_round_in_its_order_and_returns_runs_in_the_given_order(monkeypatch):
+    monkeypatch.setattr(timing, "time", _intervals(1.0, 2.0, 3.0, 4.0, 5.0, 6.0))
+    log = []
+
+    def make(name):
+        def fn():
+            log.append(name)
+            return len(log)
+        return fn
+
+    runs = timing.interleaved([make("a"), make("b"), make("c")], 2, orders=[[2, 0, 1], [1, 2, 0]])
+    assert log == ["a", "b", "c", "c", "a", "b", "b", "c", "a"]  # warm-up in the given order
+    assert runs == [[(2.0, 5), (6.0, 9)], [(3.0, 6), (4.0, 7)], [(1.0, 4), (5.0, 8)]]
+
+
+@pytest.mark.parametrize("orders", [[[0, 1]], [[0, 1], [0, 0]], [[0, 1], [1, 2]]])
+def test_interleaved_refuses_orders_that_are_not_one_permutation_per_round(orders, monkeypatch):
+    monkeypatch.setattr(timing, "time", _Clock())  # never read
+    fn, calls = _counter()
+    with pytest.raises(ValueError, match="permutations"):
+        timing.interleaved([fn, fn], 2, orders=orders)
+    assert calls == []  # refused before the warm-up

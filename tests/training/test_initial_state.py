@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gqa_t5x import checkpoints
+from gqa_t5x.model import layer_stack
 from gqa_t5x.model import models
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
@@ -165,15 +166,16 @@ def _small(**changes) -> T5Config:
     return _config(num_decoder_layers=1, **changes)
 
 
-def _restore_or_initialize(tmp_path, start, initial=None, batch_size=8, config=None):
+def _restore_or_initialize(tmp_path, start, initial=None, batch_size=8, config=None, optimizer=None, **kw):
     config = config or _small()
     model = models.EncoderDecoderModel(network.Transformer(config))
-    optimizer = optimizers.adafactor()
+    optimizer = optimizer or optimizers.adafactor()
     manager = ts.checkpoint_manager(tmp_path / "model", async_save=False)
     try:
         return ist.restore_or_initialize(
             start=start, model=model, optimizer=optimizer, partitioner=partitioning.Partitioner(num_partitions=1),
-            manager=manager, initial_checkpoint_path=initial, batch_size=batch_size, rng=jax.random.PRNGKey(3))
+            manager=manager, initial_checkpoint_path=initial, batch_size=batch_size, rng=jax.random.PRNGKey(3),
+            **kw)
     finally:
         manager.close()
 
@@ -269,3 +271,125 @@ def test_a_changed_batch_size_warns_and_resumes_by_example(tmp_path, caplog):
         _, _, start = _restore_or_initialize(tmp_path, ist.StartInfo(7, "model_dir"), batch_size=16)
     assert start.data_row == 124  # rows already read, whatever the new batch
     assert "BATCH_SIZE changed from 8 to 16" in caplog.text and "global row 124" in caplog.text
+
+
+# ------------------------------------- INITIAL_DATA_ROW, INITIAL_OPTIMIZER_STATE
+def test_a_start_from_the_initial_checkpoint_reads_from_initial_data_row(tmp_path):
+    _save(tmp_path / "init", _small(), step=1000)
+    start = ist.find_start(None, str(tmp_path / "init"))
+    _, _, start = _restore_or_initialize(tmp_path, start, initial=str(tmp_path / "init"), initial_data_row=8000)
+    assert start.data_row == 8000 and start.notes == ()
+
+
+def test_a_resume_from_model_dir_ignores_initial_data_row_and_optimizer_state_and_says_so(tmp_path):
+    _write_model_dir(tmp_path, _small(), step=7)
+    _, _, start = _restore_or_initialize(tmp_path, ist.StartInfo(7, "model_dir"), initial="/unused",
+                                         initial_data_row=5, initial_optimizer_state="/nowhere")
+    assert start.data_row == 124  # the checkpoint's row, as without the options
+    assert start.notes == ("[train] INITIAL_DATA_ROW and INITIAL_OPTIMIZER_STATE ignored: resumed from "
+                           "MODEL_DIR, whose checkpoint holds the data row (124) and the optimizer state.",)
+
+
+@pytest.mark.parametrize("row", [-1, 2.5, True, "8"])
+def test_initial_data_row_must_be_a_non_negative_integer(row):
+    with pytest.raises(ValueError, match=r"INITIAL_DATA_ROW \(gqa_t5x\.training\.trainer\.train\."
+                                         r"initial_data_row\)=.* must be a non-negative integer"):
+        ist.check_initial_options(row, None, "/ckpt")
+    ist.check_initial_options(0, None, None)  # row 0 from scratch is fine
+
+
+def test_an_optimizer_state_without_an_initial_checkpoint_is_refused():
+    with pytest.raises(ValueError, match=r"INITIAL_OPTIMIZER_STATE .*='/runs/a/checkpoint_5' needs "
+                                         r"INITIAL_CHECKPOINT_PATH.*starts from scratch"):
+        ist.check_initial_options(None, "/runs/a/checkpoint_5", None)
+
+
+def _write_trainer_checkpoint(directory, config: T5Config, step: int, optimizer, count: int):
+    """A trainer checkpoint whose optimizer state is not fresh: floats + 0.25, counters = `count`."""
+    params = param_tree.unflatten({k: jnp.asarray(v) for k, v in _numbered_params(config, seed=9).items()})
+    opt_state = jax.tree_util.tree_map(
+        lambda x: x + 0.25 if jnp.issubdtype(x.dtype, jnp.floating) else jnp.full_like(x, count),
+        optimizer.init(params))
+    state = ts.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
+    manager = ts.checkpoint_manager(directory, async_save=False)
+    ts.save(manager, state, ts.metadata_for(config, data_start_step=0, batch_size=8, task="t", seed=1))
+    manager.close()
+    return str(directory / f"checkpoint_{step}"), opt_state
+
+
+def _flat_opt(opt_state, params) -> dict[str, np.ndarray]:
+    """{'0/v_row/decoder/...': array} of an optimizer state, unstacked when scanned."""
+    counts = layer_stack.layer_counts(params)
+    tree = layer_stack.unstack_tree(opt_state, counts) if counts else opt_state
+    return {param_tree.keypath_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_without_initial_optimizer_state_the_state_is_fresh_and_with_it_restored_with_its_count(tmp_path):
+    config, optimizer = _small(), optimizers.adafactor()
+    _save(tmp_path / "init", config, step=7)
+    opt_path, saved = _write_trainer_checkpoint(tmp_path / "pretrain", config, 7, optimizer, count=7)
+    start = ist.find_start(None, str(tmp_path / "init"))
+    fresh, _, _ = _restore_or_initialize(tmp_path, start, initial=str(tmp_path / "init"))
+    restored, _, start = _restore_or_initialize(tmp_path, start, initial=str(tmp_path / "init"),
+                                                initial_optimizer_state=opt_path)
+    assert int(fresh.opt_state[0].count) == 0 and int(restored.opt_state[0].count) == 7
+    want = _flat_opt(saved, saved)
+    got = _flat_opt(restored.opt_state, restored.params)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert start.notes == (f"[train] optimizer state from {opt_path} (step 7): restored for "
+                           f"{len(param_tree.param_shapes(config))} of {len(param_tree.param_shapes(config))} "
+                           "parameters and the optimizer's step counters; none reinitialised.",)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_after_a_kv_head_conversion_only_the_reshaped_kernels_get_a_fresh_optimizer_state(tmp_path, scan):
+    # Factor the tiny kernels' statistics, so the converted key kernel's v_row keeps
+    # the original's shape (16,): matching by shape would wrongly restore it.
+    optimizer = optimizers.adafactor(min_dim_size_to_factor=4)
+    mha, gqa = _small(), _small(num_kv_heads=2)
+    opt_path, saved = _write_trainer_checkpoint(tmp_path / "pretrain", mha, 5, optimizer, count=5)
+    _save(tmp_path / "converted", gqa, step=5)
+    start = ist.find_start(None, str(tmp_path / "converted"))
+    state, _, start = _restore_or_initialize(
+        tmp_path, start, initial=str(tmp_path / "converted"), config=gqa.replace(scan_layers=scan),
+        optimizer=optimizer, initial_optimizer_state=opt_path)
+    assert bool(layer_stack.layer_counts(state.params)) is scan  # a scanned run's state is stacked
+    old, new = param_tree.param_shapes(mha), param_tree.param_shapes(gqa)
+    reshaped = sorted(k for k in new if new[k] != old[k])
+    assert reshaped == [f"decoder/layers_0/{a}/{p}/kernel" for a in ("encoder_decoder_attention", "self_attention")
+                        for p in ("key", "value")]
+    got, want = _flat_opt(state.opt_state, state.params), _flat_opt(saved, saved)
+    assert got["0/count"] == 5
+    trap = "0/v_col/decoder/layers_0/self_attention/key/kernel"  # (16, 4 heads x 4) -> (16, 2 x 4)
+    assert got[trap].shape == want[trap].shape == (16,)
+    for key, value in got.items():
+        param = next((p for p in new if key.endswith("/" + p)), None)
+        if param in reshaped:
+            assert not np.any(value), f"{key}: not fresh"
+        else:
+            np.testing.assert_array_equal(value, want[key], err_msg=key)
+    assert len(start.notes) == 1 and f"restored for {len(new) - 4} of {len(new)} parameters" in start.notes[0]
+    assert "reinitialised for 4 whose shape differs from that checkpoint's model: " in start.notes[0]
+    assert all(name in start.notes[0] for name in reshaped)
+
+
+def test_an_optimizer_state_of_another_optimizer_is_refused_naming_the_leaves(tmp_path):
+    opt_path, _ = _write_trainer_checkpoint(tmp_path / "pretrain", _small(), 5, optimizers.adafactor(), count=5)
+    with pytest.raises(ValueError) as raised:
+        ist.open_optimizer_state(opt_path, optimizers.adafactor(momentum=0.9))
+    message = str(raised.value)
+    assert message.startswith(f"INITIAL_OPTIMIZER_STATE (gqa_t5x.training.trainer.train.initial_optimizer_state)="
+                              f"{opt_path!r} holds the state of another optimizer")
+    assert "3/ema/decoder/decoder_norm/scale: checkpoint absent vs this optimizer (16,)" in message
+
+
+def test_a_missing_or_converted_optimizer_state_is_refused_naming_the_option_and_path(tmp_path):
+    with pytest.raises(checkpoints.CheckpointNotFoundError,
+                       match=r"INITIAL_OPTIMIZER_STATE .*nowhere' does not exist"):
+        ist.open_optimizer_state(str(tmp_path / "nowhere"), optimizers.adafactor())
+    _save(tmp_path / "converted", _small(), step=5)
+    with pytest.raises(checkpoints.CheckpointError, match=r"converted'.* is not a training checkpoint written by "
+                                                          r"this trainer.*carry no optimizer state"):
+        ist.open_optimizer_state(str(tmp_path / "converted"), optimizers.adafactor())

@@ -328,6 +328,76 @@ def test_evaluate_calls_on_validated_after_loading_and_before_writing(shared_dir
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+# ------------------------------------------- continuing a run exactly
+def _saved_state(path: Path) -> dict:
+    """The whole saved tree of a training checkpoint (`{'target', 'state'}`) and its metadata."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    stored = checkpointer.metadata(path / ts.STATE_ITEM).item_metadata.tree
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+    tree = checkpointer.restore(path / ts.STATE_ITEM, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    return {**tree, "metadata": json.loads((path / ts.METADATA_ITEM / "metadata").read_text())}
+
+
+@pytest.mark.slow  # five short training runs (40-55 s on 2 CPUs)
+def test_a_new_run_with_the_optimizer_state_and_data_row_of_a_checkpoint_continues_it_bit_for_bit(tmp_path):
+    k, batch = 2, dataset_config().batch_size
+    _train(tmp_path / "a", 2 * k, progress=False)  # the uninterrupted run
+    _train(tmp_path / "b", k, progress=False)  # its first half
+    middle = str(tmp_path / "b" / f"checkpoint_{k}")
+    options = dict(initial_checkpoint_path=middle, initial_optimizer_state=middle,
+                   initial_data_row=k * batch, progress=False)
+    # A new MODEL_DIR from that checkpoint, interrupted after one step and
+    # relaunched with the same options, which the resume ignores.
+    _train(tmp_path / "c", k + 1, **options)
+    _train(tmp_path / "c", 2 * k, **options)
+    want = read_checkpoint_params(str(tmp_path / "a" / f"checkpoint_{2 * k}"))
+    got = read_checkpoint_params(str(tmp_path / "c" / f"checkpoint_{2 * k}"))
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    first, last = (_saved_state(tmp_path / "c" / f"checkpoint_{s}") for s in (k + 1, 2 * k))
+    # The optimizer's counter went on from the restored k; the data from row k * batch.
+    assert int(first["state"]["param_states"][0]["count"]) == k + 1
+    assert int(last["state"]["param_states"][0]["count"]) == 2 * k
+    assert (first["metadata"]["data_start_step"], first["metadata"]["data_start_row"]) == (k, k * batch)
+    assert (last["metadata"]["data_start_step"], last["metadata"]["data_start_row"]) == (k + 1, (k + 1) * batch)
+    # Without INITIAL_OPTIMIZER_STATE the state starts fresh: its counter is the steps trained.
+    _train(tmp_path / "d", k + 1, initial_checkpoint_path=middle, progress=False)
+    assert int(_saved_state(tmp_path / "d" / f"checkpoint_{k + 1}")["state"]["param_states"][0]["count"]) == 1
+
+
+def test_a_negative_initial_data_row_is_refused_before_model_dir_is_made(tmp_path):
+    with pytest.raises(ValueError, match=r"INITIAL_DATA_ROW \(gqa_t5x\.training\.trainer\.train\."
+                                         r"initial_data_row\)=-8 must be a non-negative integer"):
+        _train(tmp_path / "run", 3, initial_data_row=-8, on_validated=_never_called)
+    assert not (tmp_path / "run").exists()
+
+
+def test_initial_optimizer_state_without_an_initial_checkpoint_is_refused(tmp_path):
+    state = str(tmp_path / "pretrain" / "checkpoint_3")
+    with pytest.raises(ValueError,
+                       match=r"INITIAL_OPTIMIZER_STATE \(.*\)='.*checkpoint_3' needs INITIAL_CHECKPOINT_PATH"):
+        _train(tmp_path / "run", 3, initial_optimizer_state=state, on_validated=_never_called)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_initial_optimizer_state_is_refused_naming_the_option_and_path(tmp_path):
+    initial = _save_checkpoint(tmp_path / "converted" / "checkpoint_10", tiny_config(), 10)
+    missing = str(tmp_path / "pretrain" / "checkpoint_10")
+    with pytest.raises(checkpoints.CheckpointNotFoundError) as raised:
+        _train(tmp_path / "run", 12, initial_checkpoint_path=initial, initial_optimizer_state=missing,
+               on_validated=_never_called)
+    assert str(raised.value).startswith(
+        "INITIAL_OPTIMIZER_STATE (gqa_t5x.training.trainer.train.initial_optimizer_state)="
+        f"{missing!r} does not exist")
+    with pytest.raises(checkpoints.CheckpointError, match="is not a training checkpoint written by this trainer"):
+        _train(tmp_path / "run", 12, initial_checkpoint_path=initial, initial_optimizer_state=initial,
+               on_validated=_never_called)
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------ initial checks
 def test_best_checkpoint_metric_defaults_to_the_task_tables_primary_metric():
     assert best_checkpoint.default_eval_metric(["gqa_cnn_dailymail"]) == "gqa_cnn_dailymail/rouge1"

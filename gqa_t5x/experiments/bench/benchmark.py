@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5x import conversion
-from gqa_t5x.experiments.bench import roofline
+from gqa_t5x.experiments import roofline
 from gqa_t5x.experiments import machine as machine_info
 from gqa_t5x.experiments import timing
 from gqa_t5x.model import attention

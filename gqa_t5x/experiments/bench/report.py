@@ -110,7 +110,7 @@ def _markdown(results: dict[str, Any]) -> str:
         + (f"; published for {machine['device_kind']}: {machine['published']}" if machine.get("published") else "")
         + f". Each phase's bound is max(bytes / "
         f"{bw['best']} GB/s, FLOPs / peak) with the minimum bytes and FLOPs of the phase "
-        "(gqa_t5x/experiments/bench/roofline.py); '% roofline' = bound / measured time. A decode step's "
+        "(gqa_t5x/experiments/roofline.py); '% roofline' = bound / measured time. A decode step's "
         "bytes: the decoder weights it uses, the whole cross-attention cache and the self-attention "
         "positions written so far (averaged over the steps). 'attn core GB/s': the decoder's "
         "cross-attention core alone (decode_attention.cached_attention) for one query over the "

@@ -10,7 +10,9 @@ Everything is derived once into `OUTPUT/data` (a marker makes it resumable):
   and `wmt.gin` (fine-tuning lengths and batch);
 * fixed held-out span-corruption examples (`heldout_<set>.npz`): evenly spaced
   over the whole validation split of Wikipedia and of the C4 sample, the same
-  examples for every evaluation, so comparisons are paired;
+  examples for every evaluation, so comparisons are paired; each with the
+  index of the article it was cut from (`article`, `article_ids`), so the
+  bootstrap resamples articles, not examples;
 * calibration examples for `lsq` (`calibration.npz`) from the TRAIN split;
 * the WMT validation pairs as token ids (`heldout_wmt.npz`), for the
   teacher-forced loss of the fine-tuned models.
@@ -91,6 +93,11 @@ class StudyData:
 
     def heldout(self, name: str) -> Path:
         return self.root / f"heldout_{name}.npz"
+
+    @property
+    def cache(self) -> Path:
+        """The training data cache (`Stages.write_cache`)."""
+        return self.root / "cache"
 
     @property
     def calibration(self) -> Path:
@@ -289,7 +296,8 @@ def build_examples(task: str, split: str, settings: StudySettings, count: int, *
 
     Returns:
       {'encoder_input_tokens': [n, in], 'decoder_target_tokens': [n, out]}
-      int32 and 'available': the examples the split has.
+      int32, 'available': the examples the split has, and 'kept': the
+      indices of the kept ones among them.
 
     Raises:
       ValueError: the split has fewer than 2 examples.
@@ -310,7 +318,58 @@ def build_examples(task: str, split: str, settings: StudySettings, count: int, *
         raise ValueError(f"{task} ({split}) has only {total} examples; the study needs at least 2.")
     count = min(count, total)
     keep = np.linspace(0, total - 1, count).round().astype(int) if every else np.arange(count)
-    return {k: np.stack(rows[k])[keep].astype(np.int32) for k in _FEATURES} | {"available": np.asarray(total)}
+    return ({k: np.stack(rows[k])[keep].astype(np.int32) for k in _FEATURES}
+            | {"available": np.asarray(total), "kept": keep})
+
+
+def article_ids(task: str, split: str, settings: StudySettings, examples: int,
+                max_document_tokens: int = 65536, merge_batch_size: int = 128) -> np.ndarray:
+    """The article each unshuffled span-corruption example of a split starts in.
+
+    Follows `preprocessors.span_corruption` (defaults: no window of a document
+    below 65,536 tokens, 128 documents concatenated, segments of
+    `span_corruption_lengths(inputs)[0]` tokens): document lengths come from
+    the task's own vocabulary, in the order the source reads the split
+    unshuffled. An example spanning two articles counts for the first.
+
+    Args:
+      task: A registered span-corruption task.
+      split: Its split.
+      settings: The input length.
+      examples: The examples the pipeline produced (`build_examples`' 'available').
+
+    Returns:
+      [examples] int32 article indices (in the split's reading order).
+
+    Raises:
+      ValueError: a document is longer than `max_document_tokens` (its window
+        is random), or the count differs from `examples` (the pipeline is not
+        the one followed here).
+    """
+    import seqio
+
+    from gqa_t5x.data import preprocessors
+
+    task_obj = seqio.get_mixture_or_task(task)
+    vocabulary = task_obj.output_features["targets"].vocabulary
+    segment, _ = preprocessors.span_corruption_lengths(settings.input_length)
+    texts = [x["text"].decode("utf-8") for x in task_obj.source.get_dataset(split, shuffle=False).as_numpy_iterator()]
+    lengths = [(i, len(vocabulary.encode(t))) for i, t in enumerate(texts)]
+    lengths = [(i, n) for i, n in lengths if n > 0]
+    too_long = [i for i, n in lengths if n > max_document_tokens]
+    if too_long:
+        raise ValueError(f"{task} ({split}): article(s) {too_long[:5]} exceed {max_document_tokens} tokens; "
+                         "their span-corruption window is random, so examples cannot be traced to articles.")
+    ids: list[int] = []
+    for g in range(0, len(lengths), merge_batch_size):
+        group = lengths[g:g + merge_batch_size]
+        ends = np.cumsum([n for _, n in group])
+        starts = np.arange(0, int(ends[-1]), segment)
+        ids.extend(group[k][0] for k in np.searchsorted(ends, starts, side="right"))
+    if len(ids) != examples:
+        raise ValueError(f"{task} ({split}): {len(ids)} segments traced to articles, but the pipeline made "
+                         f"{examples} examples; the article clusters would be wrong.")
+    return np.asarray(ids, np.int32)
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -371,15 +430,19 @@ def prepare_data(output: Path, settings: StudySettings, shared: Path | None, log
     for name, count in settings.heldout_examples:
         log(f"[data] held-out {name}: {count} span-corruption examples spread over the validation split")
         arrays = build_examples(heldout_task(name), "validation", settings, count)
-        sizes[name] = {"examples": int(arrays[_FEATURES[0]].shape[0]), "available": int(arrays.pop("available"))}
+        available = int(arrays.pop("available"))
+        every = article_ids(heldout_task(name), "validation", settings, available)
+        arrays["article"] = every[arrays.pop("kept")]
+        sizes[name] = {"examples": int(arrays[_FEATURES[0]].shape[0]), "available": available,
+                       "articles": int(len(np.unique(arrays["article"])))}
         save_arrays(data.heldout(name), arrays)
     arrays = build_examples(CORPUS_TASK, "train", settings, settings.calibration_examples, every=False)
-    arrays.pop("available")
+    arrays.pop("available"), arrays.pop("kept")
     save_arrays(data.calibration, arrays)
     if wmt is not None:
         arrays = build_examples(WMT_TASK, "validation", settings, settings.bleu_examples,
                                 lengths=(settings.wmt_length, settings.wmt_length))
-        arrays.pop("available")
+        arrays.pop("available"), arrays.pop("kept")
         save_arrays(data.heldout(WMT_SET), arrays)
     info = {"corpus": files, "vocab": str(vocab), "wmt": wmt, "heldout": sizes, "vocab_size": settings.vocab_size}
     tmp = data.info.with_suffix(".tmp")

@@ -41,7 +41,7 @@ from gqa_t5x.experiments.study import stages as study_stages
 from gqa_t5x.experiments.study.settings import StudySettings, check_seeds
 from gqa_t5x.experiments.study.stages import write_json
 
-DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 DEFAULT_PRETRAIN_SEED = 100
 
 

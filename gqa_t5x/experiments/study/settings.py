@@ -43,7 +43,8 @@ class StudySettings:
 
     Attributes:
       emb_dim: d_model.
-      num_heads: Query heads H (8: G = 1, 2, 4, 8 all exist).
+      num_heads: Query heads H (16: GQA-2 keeps 8 query heads per kv head,
+        as the paper's GQA-8 of 64 heads does).
       head_dim: d_kv.
       mlp_dim: d_ff of the gated-GELU MLP.
       num_layers: Encoder and decoder layers (each).
@@ -64,35 +65,60 @@ class StudySettings:
         1/sqrt(step) decay (continued, by global step, during uptraining).
       peak_learning_rate: T5's 0.01.
       curve_points: Pre-training checkpoints evaluated for the loss curve.
-      gqa_kv_heads: G of the GQA variant.
+      gqa_kv_heads: G of the GQA variant of every comparison.
+      group_kv_heads: Further GQA variants, converted with mean pooling and
+        uptrained to `ablation_alpha` (the quality side of the groups curve).
       methods: Conversion methods of the ablation (MQA, and GQA unless
         `gqa_methods` is given).
       gqa_methods: Methods of the GQA variant (None: `methods`).
+      curve_methods: Methods with an alpha curve: mean pooling over `alphas`
+        (the paper's Fig. 5), the others over `saving_alphas` (where they
+        reach mean pooling's loss at `ablation_alpha`: the uptraining they
+        save); the methods not named here run to `ablation_alpha` only.
+      saving_alphas: The alphas of the curve of a non-mean `curve_methods`
+        method (up to `ablation_alpha`: beyond it there is no saving).
+      keep_state_methods: Methods uptrained a second time keeping the
+        pre-training optimizer state of every parameter the conversion
+        leaves unchanged (beyond the paper; the paper's recipe starts the
+        optimizer afresh).
+      mha_recipes: Run the 2x2 of the multi-head continuation at
+        `ablation_alpha` (optimizer state restored / fresh x data continued /
+        replayed from row 0) that decides the uptraining recipe.
+      random_seeds: Seeds of the `random` method (the first uptraining
+        seeds, then the next integers).
       ablation_alpha: alpha of the conversion ablation and of the downstream
         comparison (paper: 0.05).
-      alphas: Uptraining proportions of the alpha curve (mean pooling; 0 is
-        always evaluated).
+      alphas: Uptraining proportions of the alpha curve (0 is always evaluated).
       heldout_examples: Held-out span-corruption examples per set, as
         ((name, n), ...): 'c4' is the C4 validation sample, any other name
         the corpus's validation split; the first set is the primary metric.
       conversion_only: Stop after the conversions at alpha = 0 (no
         uptraining, fine-tuning or timing): the quickstart's study.
       calibration_examples: Training examples whose activations calibrate `lsq`.
-      bootstrap_resamples: Resamples of the bootstrap over examples.
+      bootstrap_resamples: Resamples of the article bootstrap.
+      c4_finetune_steps: Steps of the short fine-tune on the C4 sample (a new
+        domain) of the alpha-0 conversions (claim C3b; 0 skips it).
+      c4_finetune_batch: Its batch.
       finetune_steps: WMT En-De fine-tuning steps.
       finetune_seeds: Fine-tune with the first N seeds only (None: all).
-      finetune_variants: Variants fine-tuned: 'MHA', 'GQA' and/or 'MQA'.
-      finetune_batch: Fine-tuning batch.
+      finetune_variants: Variants fine-tuned on WMT: 'MHA', 'GQA' and/or 'MQA'
+        (none by default: at this scale no model learns to translate, BLEU
+        < 0.01 in the 2026-12-06 run; see docs/reproduction.md).
+      finetune_batch: WMT fine-tuning batch.
       wmt_length: Input and target length of WMT (longer pairs are left out).
       bleu_examples: WMT validation pairs scored with BLEU (greedy) and
         with the teacher-forced loss.
       timing_batch: Batch of the time-per-sample measurement.
-      timing_rounds: Interleaved timing rounds per shape.
+      timing_rounds: Interleaved timing rounds per shape (order randomised).
       timing_shapes: (input, output) lengths timed; the first is the study's.
+      timing_model: Shape of the randomly initialised model timed for C4
+        ((emb_dim, head_dim, mlp_dim, layers): T5-Large's attention, 16
+        heads of 64, at a shape where the KV cache matters); None times the
+        study's own uptrained checkpoints.
     """
 
     emb_dim: int = 128
-    num_heads: int = 8
+    num_heads: int = 16
     head_dim: int = 16
     mlp_dim: int = 384
     num_layers: int = 2
@@ -101,46 +127,58 @@ class StudySettings:
     corpus_articles: int | None = None
     input_length: int = 64
     target_length: int = 16
-    batch_size: int = 32
-    pretrain_steps: int = 2000
+    batch_size: int = 16
+    pretrain_steps: int = 4000
     warmup_fraction: float = 0.1
     peak_learning_rate: float = 0.01
     curve_points: int = 10
     gqa_kv_heads: int = 2
+    group_kv_heads: tuple[int, ...] = (4,)
     methods: tuple[str, ...] = ("mean", "first", "random", "align", "lsq")
-    gqa_methods: tuple[str, ...] | None = None
+    gqa_methods: tuple[str, ...] | None = ("mean", "align")
+    curve_methods: tuple[str, ...] = ("mean", "align")
+    saving_alphas: tuple[float, ...] = (0.0125, 0.025, 0.05)
+    keep_state_methods: tuple[str, ...] = ("align",)
+    mha_recipes: bool = True
+    random_seeds: int = 10
     ablation_alpha: float = 0.05
     alphas: tuple[float, ...] = (0.025, 0.05, 0.1)
-    heldout_examples: tuple[tuple[str, int], ...] = (("wikipedia", 1024), ("c4", 256))
+    heldout_examples: tuple[tuple[str, int], ...] = (("wikipedia", 2048), ("c4", 512))
     conversion_only: bool = False
     calibration_examples: int = 256
     bootstrap_resamples: int = 2000
+    c4_finetune_steps: int = 100
+    c4_finetune_batch: int = 16
     finetune_steps: int = 150
     finetune_seeds: int | None = None
-    finetune_variants: tuple[str, ...] = ("MHA", "GQA", "MQA")
+    finetune_variants: tuple[str, ...] = ()
     finetune_batch: int = 16
     wmt_length: int = 48
     bleu_examples: int = 500
     timing_batch: int = 16
-    timing_rounds: int = 5
-    timing_shapes: tuple[tuple[int, int], ...] = ((64, 16), (512, 128))
+    timing_rounds: int = 7
+    timing_shapes: tuple[tuple[int, int], ...] = ((512, 128),)
+    timing_model: tuple[int, int, int, int] | None = (1024, 64, 2816, 2)
 
     @classmethod
     def reduced(cls) -> StudySettings:
         """Minutes-scale settings for the tests: every stage, tiny sizes (`is_reduced`)."""
         return cls(emb_dim=32, head_dim=4, mlp_dim=64, num_layers=1, vocab_pieces=400, vocab_sentences=2000,
                    corpus_articles=120, input_length=32, target_length=8, batch_size=8, pretrain_steps=40,
-                   alphas=(0.05, 0.1),
-                   curve_points=2, methods=("mean", "lsq"), gqa_methods=("mean",), finetune_variants=("MQA",),
+                   alphas=(0.05, 0.1), curve_points=2, methods=("mean", "lsq"), gqa_methods=("mean",),
+                   curve_methods=("mean", "lsq"), saving_alphas=(0.025, 0.05), keep_state_methods=("lsq",),
+                   random_seeds=2,
                    heldout_examples=(("wikipedia", 32), ("c4", 16)), calibration_examples=16,
-                   bootstrap_resamples=200, finetune_steps=2, finetune_seeds=1, finetune_batch=8,
-                   wmt_length=32, bleu_examples=8, timing_batch=2, timing_rounds=2, timing_shapes=((32, 8),))
+                   bootstrap_resamples=200, c4_finetune_steps=2, c4_finetune_batch=8, finetune_variants=(),
+                   timing_batch=2, timing_rounds=2, timing_shapes=((32, 8),), timing_model=(32, 8, 64, 1))
 
     @classmethod
     def quickstart(cls) -> StudySettings:
         """`gqa-t5x quickstart`: pre-training on stdlib docstrings, every method at alpha = 0."""
-        return cls(vocab_pieces=2000, pretrain_steps=600, curve_points=3,
-                   heldout_examples=(("docstrings", 512),), calibration_examples=128, conversion_only=True)
+        return cls(num_heads=8, batch_size=32, group_kv_heads=(), gqa_methods=None, random_seeds=8,
+                   vocab_pieces=2000, pretrain_steps=600,
+                   curve_points=3, heldout_examples=(("docstrings", 512),), calibration_examples=128,
+                   conversion_only=True)
 
     @property
     def is_reduced(self) -> bool:
@@ -167,19 +205,26 @@ class StudySettings:
 
     @property
     def all_alphas(self) -> tuple[float, ...]:
-        """Every uptraining proportion any run reaches, ascending."""
+        """The alphas of the multi-head continuation and mean pooling (`alphas` and the ablation alpha)."""
         return tuple(sorted({*self.alphas, self.ablation_alpha}))
 
     def finetuned(self) -> tuple[tuple[int, str | None], ...]:
-        """(kv heads, method) of each fine-tuned variant (GQA and MQA from mean)."""
+        """(kv heads, method) of each WMT-fine-tuned variant (GQA and MQA from mean)."""
         kinds = {"MHA": (self.num_heads, None), "GQA": (self.gqa_kv_heads, "mean"), "MQA": (1, "mean")}
         return tuple(kinds[v] for v in self.finetune_variants)
 
     def methods_for(self, kv_heads: int) -> tuple[str, ...]:
-        """The conversion methods run for a variant (MQA: `methods`; GQA: `gqa_methods`)."""
+        """The conversion methods run for a variant (MQA: `methods`; GQA:
+        `gqa_methods`; the `group_kv_heads` variants: mean pooling)."""
+        if kv_heads in self.group_kv_heads:
+            return ("mean",)
         if kv_heads == 1 or self.gqa_methods is None:
             return self.methods
         return self.gqa_methods
+
+    def converted_variants(self) -> tuple[int, ...]:
+        """kv-head counts converted: MQA, GQA-G, then the groups curve's."""
+        return (1, self.gqa_kv_heads, *self.group_kv_heads)
 
     def alpha_steps(self, alpha: float) -> int:
         """Uptraining steps of `alpha` (alpha * P)."""
@@ -190,23 +235,100 @@ class StudySettings:
         return math.gcd(*(self.alpha_steps(a) for a in alphas))
 
     def uptrain_alphas(self, method: str | None) -> tuple[float, ...]:
-        """The alphas a run is evaluated at: every alpha for mean and the MHA
-        continuation (the alpha curve), the ablation alpha for the others."""
-        return self.all_alphas if method in (None, "mean") else (self.ablation_alpha,)
+        """The alphas a run (its method label, `label`) is evaluated at: every
+        alpha for the multi-head continuation and the `curve_methods`, the
+        ablation alpha for the others."""
+        base = None if method is None else split_label(method)[0]
+        if method is None or base == "mean":
+            return self.all_alphas if base in (None, *self.curve_methods) else (self.ablation_alpha,)
+        if base in self.curve_methods:
+            return self.saving_alphas
+        return (self.ablation_alpha,)
+
+    def seeds_of(self, method: str, seeds: Sequence[int]) -> tuple[int, ...]:
+        """The seeds a conversion method runs with: `random` with
+        `random_seeds` seeds (the given ones, then the next integers), the
+        others with `seeds`."""
+        seeds = tuple(seeds)
+        if split_label(method)[0] not in SEEDED_METHODS:
+            return seeds
+        extra = [s for s in range(max(seeds) + 1, max(seeds) + 1 + self.random_seeds)]
+        return (seeds + tuple(extra))[:max(self.random_seeds, len(seeds))]
+
+    def uptrain_runs(self, seeds: Sequence[int]) -> tuple[UptrainRun, ...]:
+        """Every uptraining run of the study, in the order it runs."""
+        h, runs = self.num_heads, []
+        for seed in seeds:
+            runs.append(UptrainRun(h, None, seed, self.uptrain_alphas(None)))
+        if self.mha_recipes:
+            for recipe in MHA_RECIPES:
+                for seed in (seeds if recipe == FRESH else seeds[:1]):  # replays are the same for every seed
+                    runs.append(UptrainRun(h, recipe, seed, (self.ablation_alpha,)))
+        for kv in self.converted_variants():
+            for method in self.methods_for(kv):
+                labels = [method] + ([label(method, KEEP)] if method in self.keep_state_methods
+                                     and kv not in self.group_kv_heads else [])
+                alphas = {name: (self.ablation_alpha,) if kv in self.group_kv_heads else self.uptrain_alphas(name)
+                          for name in labels}
+                for name in labels:
+                    for seed in self.seeds_of(name, seeds):
+                        runs.append(UptrainRun(kv, name, seed, alphas[name]))
+        return tuple(runs)
+
+    @property
+    def pretrain_rows(self) -> int:
+        """Rows of the training data pre-training reads (P * batch)."""
+        return self.pretrain_steps * self.batch_size
+
+    @property
+    def uptrain_rows(self) -> int:
+        """Rows of the longest uptraining run (max alpha * P * batch): one seed's stretch."""
+        return self.alpha_steps(max(self.all_alphas)) * self.batch_size
+
+    def data_row(self, seed: int, replay: bool = False) -> int:
+        """The training data row an uptraining run of `seed` starts at.
+
+        The data continues where pre-training stopped (T5X: the data position
+        follows the step), each seed with its own stretch of rows nobody read
+        before: seed s reads from row P * batch + s * `uptrain_rows`. A
+        replayed run starts at row 0 (the first rows pre-training read).
+        """
+        if replay:
+            return 0
+        if seed < 0:
+            raise ValueError(f"seed {seed}: the study's seeds must be non-negative (seed s reads its own rows).")
+        return self.pretrain_rows + seed * self.uptrain_rows
+
+    def cache_rows(self, seeds: Sequence[int]) -> int:
+        """Rows the study's data cache holds: pre-training plus every seed's stretch."""
+        if self.conversion_only:
+            return self.pretrain_rows
+        every = {run.seed for run in self.uptrain_runs(seeds)}
+        return self.pretrain_rows + (max(every) + 1) * self.uptrain_rows
 
     def validate(self) -> None:
         """Checks the settings; raises ValueError naming the field."""
         check_kv_heads(self.num_heads, self.gqa_kv_heads, name="gqa_kv_heads")
-        if not 1 < self.gqa_kv_heads < self.num_heads:
-            raise ValueError(f"gqa_kv_heads={self.gqa_kv_heads} must lie strictly between 1 (MQA) and "
-                             f"num_heads={self.num_heads} (MHA).")
+        for name, kv in [("gqa_kv_heads", self.gqa_kv_heads), *(("group_kv_heads", g) for g in self.group_kv_heads)]:
+            check_kv_heads(self.num_heads, kv, name=name)
+            if not 1 < kv < self.num_heads:
+                raise ValueError(f"{name}={kv} must lie strictly between 1 (MQA) and num_heads={self.num_heads} (MHA).")
+        if self.gqa_kv_heads in self.group_kv_heads:
+            raise ValueError(f"group_kv_heads={self.group_kv_heads} repeats gqa_kv_heads={self.gqa_kv_heads}.")
+        for field in () if self.conversion_only else ("curve_methods", "keep_state_methods"):
+            unknown = sorted(set(getattr(self, field)) - set(self.methods))
+            if unknown:
+                raise ValueError(f"{field} names method(s) {unknown} that are not among methods={self.methods}.")
         for field in ("methods", "gqa_methods"):
             value = getattr(self, field)
             if value is not None and "mean" not in value:
                 raise ValueError(f"{field}={value} must include 'mean' (the paper's method and the reference).")
         if not self.conversion_only and self.ablation_alpha not in self.alphas:
             raise ValueError(f"ablation_alpha={self.ablation_alpha} must be one of alphas={self.alphas}.")
-        for alpha in () if self.conversion_only else self.all_alphas:
+        if not self.conversion_only and max(self.saving_alphas) > self.ablation_alpha:
+            raise ValueError(f"saving_alphas={self.saving_alphas} must not exceed ablation_alpha={self.ablation_alpha} "
+                             "(the saving is measured against mean pooling at it).")
+        for alpha in () if self.conversion_only else {*self.all_alphas, *self.saving_alphas}:
             steps = alpha * self.pretrain_steps
             if not 0 < alpha <= 1 or abs(steps - round(steps)) > 1e-9:
                 raise ValueError(f"alpha={alpha} must be in (0, 1] with alpha * pretrain_steps "
@@ -257,6 +379,63 @@ def check_seeds(seeds: Sequence[int], pretrain_seed: int) -> tuple[int, ...]:
     return seeds
 
 
+# ------------------------------------------------------------------- runs
+# Uptraining recipes. A converted model is uptrained with the paper's recipe
+# (a fresh optimizer state, the data continued) or, for `keep_state_methods`,
+# with KEEP: the pre-training optimizer state of every parameter the
+# conversion leaves unchanged. The multi-head continuation (the reference)
+# restores the whole optimizer state and continues the data; the 2x2 that
+# decides this recipe adds FRESH (fresh state), REPLAY (data from row 0) and
+# REPLAY_FRESH (both).
+KEEP = "keep"
+FRESH = "fresh"
+REPLAY = "replay"
+REPLAY_FRESH = "replay-fresh"
+MHA_RECIPES: tuple[str, ...] = (FRESH, REPLAY, REPLAY_FRESH)
+
+
+def label(method: str, recipe: str | None = None) -> str:
+    """A run's method label: the method, plus '-keep' for the KEEP recipe."""
+    return method if recipe is None else f"{method}-{recipe}"
+
+
+def split_label(method_label: str) -> tuple[str, str | None]:
+    """'align-keep' -> ('align', 'keep'); 'mean' -> ('mean', None)."""
+    if method_label.endswith(f"-{KEEP}"):
+        return method_label[: -len(KEEP) - 1], KEEP
+    return method_label, None
+
+
+@dataclasses.dataclass(frozen=True)
+class UptrainRun:
+    """One uptraining run: it trains to max(alphas) and is evaluated at each.
+
+    Attributes:
+      kv_heads: Its kv heads (num_heads: the multi-head continuation).
+      method: Its method label (`label`; for the multi-head model None, or
+        one of `MHA_RECIPES`).
+      seed: Its seed (its rows of data, `StudySettings.data_row`).
+      alphas: The alphas it is evaluated at.
+    """
+
+    kv_heads: int
+    method: str | None
+    seed: int
+    alphas: tuple[float, ...]
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether it starts from the pre-training optimizer state (all or the unchanged parameters')."""
+        if self.method is None or self.method == REPLAY:
+            return True
+        return self.method not in MHA_RECIPES and split_label(self.method)[1] == KEEP
+
+    @property
+    def replays(self) -> bool:
+        """Whether its data restarts at row 0 instead of continuing."""
+        return self.method in (REPLAY, REPLAY_FRESH)
+
+
 # ------------------------------------------------------------------- names
 def variant(kv_heads: int, num_heads: int) -> str:
     """'MHA', 'MQA' or 'GQA-G'."""
@@ -275,9 +454,12 @@ def eval_key(kv_heads: int, num_heads: int, method: str | None, alpha: float, se
     if kv_heads == num_heads:
         if alpha == 0:
             return "mha_a0"
-        return f"mha_a{alpha_tag(alpha)}_s{seed}"
+        prefix = "mha" if method is None else f"mha-{method}"
+        return f"{prefix}_a{alpha_tag(alpha)}_s{seed}"
     if method is None:
         raise ValueError("A converted model needs its method.")
+    if alpha == 0:  # converted, not uptrained: the recipe does not matter yet
+        method = split_label(method)[0]
     base = f"g{kv_heads}_{method}_a{alpha_tag(alpha)}"
     if alpha == 0 and method not in SEEDED_METHODS:
         return base
@@ -287,10 +469,11 @@ def eval_key(kv_heads: int, num_heads: int, method: str | None, alpha: float, se
 def uptrain_run(kv_heads: int, num_heads: int, method: str | None, seed: int) -> str:
     """The directory name of one uptraining run (all its alphas)."""
     if kv_heads == num_heads:
-        return f"mha_s{seed}"
+        return f"mha_s{seed}" if method is None else f"mha-{method}_s{seed}"
     return f"g{kv_heads}_{method}_s{seed}"
 
 
 def conversion_name(kv_heads: int, method: str, seed: int | None) -> str:
     """The directory name of one converted checkpoint."""
+    method = split_label(method)[0]
     return f"g{kv_heads}_{method}" + (f"_s{seed}" if method in SEEDED_METHODS else "")

@@ -9,10 +9,18 @@ rerun, and an interrupted training stage resumes from its MODEL_DIR (the
 trainer restores the newest checkpoint). Evaluations are files
 (`OUTPUT/evals/<key>.npz` + `.json`), written atomically.
 
-Uptraining runs once per (variant, method, seed) to the largest alpha it
-needs and keeps a checkpoint at each alpha it is evaluated at: T5's
+Uptraining runs once per (variant, method, recipe, seed) to the largest
+alpha it needs and keeps a checkpoint at each alpha it is evaluated at: T5's
 inverse-square-root schedule depends only on the global step, so the
 checkpoint at step P + alpha * P of a longer run is the run of length alpha.
+
+Every training run reads the study's data cache (`OUTPUT/data/cache`, one
+pass of the pre-training stream, written once): pre-training reads rows
+[0, P * batch); an uptraining run of seed s continues after them, at row
+P * batch + s * (max alpha * P * batch) (`StudySettings.data_row`), so it
+sees rows nobody trained on and each seed its own; the multi-head
+continuation also restores the optimizer state, so it is exactly the
+pre-training run carried on (`tests/training`: bit for bit).
 
 How to add a stage (one module, this one): a `Stages` method that returns
 early on `self.done(name)`, runs its work (a `stages.train_launch` through
@@ -37,8 +45,10 @@ from gqa_t5x.experiments.study import evaluation as reval
 from gqa_t5x.experiments.study.settings import (
     SEEDED_METHODS,
     StudySettings,
+    UptrainRun,
     conversion_name,
     eval_key,
+    split_label,
     uptrain_run,
     variant,
 )
@@ -93,10 +103,40 @@ class Stages:
     def _gin_files(self, *extra: Path) -> tuple[str, ...]:
         return (str(self.data.study_gin), *(str(p) for p in extra))
 
-    def _train(self, model_dir: Path, initial: str | None, kv_heads: int, bindings: tuple[str, ...]) -> Any:
+    def _cache_bindings(self) -> tuple[str, ...]:
+        """Training reads the study's cache, in the pre-training seed's order."""
+        return (f"DATA_CACHE_DIR={stages.gin_str(self.data.cache)}",
+                f"train/datasets.DatasetConfig.seed={self.pretrain_seed}")
+
+    def _train(self, model_dir: Path, initial: str | None, kv_heads: int, bindings: tuple[str, ...],
+               extra_gins: tuple[Path, ...] | None = None, cached: bool = True) -> Any:
+        gins = self._gin_files(self.data.pretrain_gin, *(extra_gins or ()))
         return self.runner.launch(stages.train_launch(
-            MODEL_GIN, stages.UPTRAIN_GIN, self._gin_files(self.data.pretrain_gin), kv_heads, model_dir, initial,
-            bindings))
+            MODEL_GIN, stages.UPTRAIN_GIN, gins, kv_heads, model_dir, initial,
+            (*(self._cache_bindings() if cached else ()), *bindings)))
+
+    def write_cache(self, seeds: tuple[int, ...]) -> None:
+        """Writes the training data cache: pre-training's rows and every seed's stretch after them."""
+        done = self.done("cache")
+        rows = self.s.cache_rows(seeds)
+        if done and done["rows"] >= rows:
+            return
+        if done:
+            raise ValueError(f"{self.data.cache} holds {done['rows']} rows, but seeds {list(seeds)} need {rows} "
+                             "(each seed reads its own rows after pre-training's); use a new --output "
+                             "or seeds no larger than before.")
+        from gqa_t5x import gin_config
+        from gqa_t5x.data import cache
+
+        start = time.time()
+        self.log(f"[data] cache: {rows} rows of span corruption (pre-training {self.s.pretrain_rows} + "
+                 f"{self.s.uptrain_rows} per seed) in {self.data.cache}")
+        launch = stages.train_launch(MODEL_GIN, stages.UPTRAIN_GIN, self._gin_files(self.data.pretrain_gin),
+                                     self.s.num_heads, self.out / "pretrain", None, self._cache_bindings())
+        gin_config.parse_gin(list(launch.gin_files), list(launch.gin_bindings), check_required=False)
+        cfg = cache.configured_dataset()
+        cache.write_cache(cfg, str(self.data.cache), max_rows=rows, progress=False)
+        self.mark("cache", {"rows": rows, "root": str(self.data.cache)}, start)
 
     # ------------------------------------------------------------ stages
     def pretrain(self) -> str:
@@ -171,32 +211,58 @@ class Stages:
                                    output=self.out / "convert" / name, num_kv_heads=kv_heads, method=method,
                                    seed=seed or 0, calibration=statistics if needs_statistics else None)
 
-    def uptrain(self, initial: str, kv_heads: int, method: str | None, seed: int) -> dict[float, str]:
-        """Uptrains to the largest of `settings.uptrain_alphas(method)`, keeping a
-        checkpoint at each; returns {alpha: checkpoint}."""
+    def uptrain(self, initial: str, run: UptrainRun) -> dict[float, str]:
+        """Uptrains `run` to the largest of its alphas, keeping a checkpoint at
+        each; returns {alpha: checkpoint}."""
         s = self.s
-        name = uptrain_run(kv_heads, s.num_heads, method, seed)
+        name = uptrain_run(run.kv_heads, s.num_heads, run.method, run.seed)
         model_dir = self.out / "uptrain" / name
-        alphas = s.uptrain_alphas(method)
-        alpha_max = max(alphas)
-        checkpoints_at = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in alphas}
+        alpha_max = max(run.alphas)
+        checkpoints_at = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in run.alphas}
         if self.done(f"uptrain_{name}"):
             return checkpoints_at
         start = time.time()
-        self.log(f"[uptrain] {name}: alpha up to {alpha_max:g} ({s.alpha_steps(alpha_max)} steps)")
-        self._train(model_dir, initial, kv_heads, (
-            f"TRAIN_STEPS={s.pretrain_steps + s.alpha_steps(alpha_max)}", f"RANDOM_SEED={seed}",
-            f"CHECKPOINT_PERIOD={s.checkpoint_period(alphas)}", "KEEP_CHECKPOINTS=None"))
+        row = s.data_row(run.seed, replay=run.replays)
+        state = "pre-training's optimizer state" if run.keeps_state else "a fresh optimizer state"
+        self.log(f"[uptrain] {name}: alpha up to {alpha_max:g} ({s.alpha_steps(alpha_max)} steps) from data row "
+                 f"{row}, {state}")
+        optimizer_state = stages.gin_str(self.pretrain_checkpoint) if run.keeps_state else None
+        self._train(model_dir, initial, run.kv_heads, (
+            f"TRAIN_STEPS={s.pretrain_steps + s.alpha_steps(alpha_max)}", f"RANDOM_SEED={run.seed}",
+            f"CHECKPOINT_PERIOD={s.checkpoint_period(run.alphas)}", "KEEP_CHECKPOINTS=None",
+            f"INITIAL_DATA_ROW={row}", f"INITIAL_OPTIMIZER_STATE={optimizer_state}"))
         missing = [p for p in checkpoints_at.values() if not Path(p).is_dir()]
         if missing:
             raise RuntimeError(f"Uptraining {name} did not leave the checkpoints {missing}.")
-        self.mark(f"uptrain_{name}", {"checkpoints": {str(a): p for a, p in checkpoints_at.items()}}, start)
+        self.mark(f"uptrain_{name}", {"checkpoints": {str(a): p for a, p in checkpoints_at.items()},
+                                      "data_row": row, "optimizer_state": optimizer_state}, start)
         return checkpoints_at
 
-    def uptrain_and_evaluate(self, initial: str, kv_heads: int, method: str | None, seed: int) -> None:
+    @property
+    def pretrain_checkpoint(self) -> str:
+        """The pre-training's last checkpoint (parameters and optimizer state)."""
+        return str(self.out / "pretrain" / f"checkpoint_{self.s.pretrain_steps}")
+
+    def uptrain_and_evaluate(self, initial: str, run: UptrainRun) -> None:
         """`uptrain`, then `evaluate` at each of its alphas."""
-        for alpha, checkpoint in self.uptrain(initial, kv_heads, method, seed).items():
-            self.evaluate(eval_key(kv_heads, self.s.num_heads, method, alpha, seed), checkpoint)
+        for alpha, checkpoint in self.uptrain(initial, run).items():
+            self.evaluate(eval_key(run.kv_heads, self.s.num_heads, run.method, alpha, run.seed), checkpoint)
+
+    def finetune_c4(self, initial: str, kv_heads: int, method: str | None, seed: int) -> dict:
+        """The short fine-tune on the C4 sample (a new domain) of an alpha-0
+        model, scored on the C4 held-out set (claim C3b)."""
+        s = self.s
+        key = f"ft_{eval_key(kv_heads, s.num_heads, method, 0.0, None)}_s{seed}"
+        if (self.evals / f"{key}.json").exists():
+            return self.evaluate(key, "", {})
+        model_dir = self.out / "finetune_c4" / key
+        self.log(f"[finetune] {key}: {s.c4_finetune_steps} steps on C4 span corruption")
+        self._train(model_dir, initial, kv_heads, (
+            f"MIXTURE_OR_TASK_NAME={stages.gin_str(rdata.C4_TASK)}", f"BATCH_SIZE={s.c4_finetune_batch}",
+            f"TRAIN_STEPS={s.pretrain_steps + s.c4_finetune_steps}", f"RANDOM_SEED={seed}",
+            f"CHECKPOINT_PERIOD={s.c4_finetune_steps}", "KEEP_CHECKPOINTS=1"), cached=False)
+        final = str(model_dir / f"checkpoint_{s.pretrain_steps + s.c4_finetune_steps}")
+        return self.evaluate(key, final, {rdata.C4: self.heldout[rdata.C4]})
 
     def finetune(self, kv_heads: int, method: str | None, seed: int, initial: str) -> float:
         """Fine-tunes on WMT En-De, scores BLEU (the runner's fine-tune stage) and the
@@ -228,9 +294,18 @@ class Stages:
             return done
         start = time.time()
         s = self.s
-        self.log(f"[timing] {', '.join(checkpoints_by_name)} at (input, output) {list(s.timing_shapes)}")
-        result = reval.time_variants(checkpoints_by_name, s.timing_shapes, batch=s.timing_batch, rounds=s.timing_rounds)
-        result["checkpoints"] = checkpoints_by_name
+        what = ", ".join(checkpoints_by_name) or f"random-weight models of shape {s.timing_model}"
+        self.log(f"[timing] {what} at (input, output) {list(s.timing_shapes)}")
+        if s.timing_model is None:
+            result = reval.time_variants(checkpoints_by_name, s.timing_shapes, batch=s.timing_batch,
+                                         rounds=s.timing_rounds)
+            result["checkpoints"] = checkpoints_by_name
+        else:
+            emb, head_dim, mlp, layers = s.timing_model
+            kv_heads = [s.num_heads, s.gqa_kv_heads, *s.group_kv_heads, 1]
+            result = reval.time_random_variants(
+                s.num_heads, kv_heads, emb_dim=emb, head_dim=head_dim, mlp_dim=mlp, num_layers=layers,
+                vocab_size=s.vocab_size, shapes=s.timing_shapes, batch=s.timing_batch, rounds=s.timing_rounds)
         return self.mark("timing", result, start)
 
 
@@ -247,7 +322,8 @@ def run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pr
         log("[1/8] data")
         rdata.prepare_data(output, settings, shared, log, corpus=corpus)
         stages.mark("data", {"root": str(data.root)}, started)
-    s, h, g = settings, settings.num_heads, settings.gqa_kv_heads
+    stages.write_cache(seeds)
+    s, h = settings, settings.num_heads
     log("[2/8] pre-training")
     mha = stages.pretrain()
     stages.pretrain_curve()
@@ -256,40 +332,51 @@ def run_stages(output: Path, settings: StudySettings, seeds: tuple[int, ...], pr
     statistics = stages.calibrate(mha)
     log("[4/8] conversions at alpha = 0")
     converted: dict[tuple[int, str, int | None], str] = {}
-    for kv in (1, g):
+    for kv in s.converted_variants():
         for method in s.methods_for(kv):
-            for seed in (seeds if seeded(method) else (None,)):
+            for seed in (s.seeds_of(method, seeds) if seeded(method) else (None,)):
                 converted[(kv, method, seed)] = path = stages.convert(mha, kv, method, seed, statistics)
                 stages.evaluate(eval_key(kv, h, method, 0.0, seed), path)
     if s.conversion_only:
         for line in skipped_stages():
             log(line)
         return
-    log("[5/8] uptraining")
-    for seed in seeds:
-        stages.uptrain_and_evaluate(mha, h, None, seed)
-        for kv in (1, g):
-            for method in s.methods_for(kv):
-                stages.uptrain_and_evaluate(converted[(kv, method, seed if seeded(method) else None)], kv, method, seed)
-    log("[6/8] WMT fine-tuning")
+
+    def initial(kv: int, method: str | None, seed: int) -> str:
+        if kv == h:
+            return mha
+        base = split_label(method)[0]
+        return converted[(kv, base, seed if seeded(base) else None)]
+
+    log("[5/8] uptraining (multi-head continuation and its 2x2 first)")
+    runs = s.uptrain_runs(seeds)
+    for run in runs:
+        stages.uptrain_and_evaluate(initial(run.kv_heads, run.method, run.seed), run)
+    log("[6/8] fine-tuning: the alpha-0 models on C4 (a new domain)" + (", WMT En-De" if s.finetune_variants else "")
+        if s.c4_finetune_steps or s.finetune_variants else "[6/8] fine-tuning: none in these settings")
+    if s.c4_finetune_steps:
+        for seed in seeds:
+            for kv in (h, s.gqa_kv_heads, 1):
+                stages.finetune_c4(initial(kv, "mean", seed), kv, None if kv == h else "mean", seed)
+    by_key = {(r.kv_heads, r.method, r.seed): r for r in runs}
     for seed in seeds[:s.finetune_seeds]:
         for kv, method in s.finetuned():
-            initial = converted[(kv, method, None)] if kv != h else mha
-            checkpoint = stages.uptrain(initial, kv, method, seed)[s.ablation_alpha]
+            checkpoint = stages.uptrain(initial(kv, method, seed), by_key[(kv, method, seed)])[s.ablation_alpha]
             stages.finetune(kv, method, seed, checkpoint)
     log("[7/8] time per sample")
-    first = seeds[0]
     timed = {}
-    for kv, method in ((h, None), (g, "mean"), (1, "mean")):
-        initial = converted[(kv, method, None)] if kv != h else mha
-        timed[variant(kv, h)] = stages.uptrain(initial, kv, method, first)[s.ablation_alpha]
+    if s.timing_model is None:
+        for kv in (h, s.gqa_kv_heads, 1):
+            method = None if kv == h else "mean"
+            timed[variant(kv, h)] = stages.uptrain(initial(kv, method, seeds[0]),
+                                                   by_key[(kv, method, seeds[0])])[s.ablation_alpha]
     stages.time_decoding(timed)
 
 
 def skipped_stages() -> list[str]:
     """The lines naming stages 5-7, which conversion-only settings (the quickstart) skip."""
     why = "skipped: conversion only (alpha = 0), as the quickstart's settings ask"
-    return [f"[5/8] uptraining: {why}", f"[6/8] WMT fine-tuning: {why}", f"[7/8] time per sample: {why}"]
+    return [f"[5/8] uptraining: {why}", f"[6/8] fine-tuning: {why}", f"[7/8] time per sample: {why}"]
 
 
 def seeded(method: str) -> bool:

@@ -94,29 +94,32 @@ def _quickstart_scores(out, scenario: str):
 
 
 @pytest.mark.parametrize("scenario,c1,c3,lsq", [
-    ("paper", "reproduced", "reproduced", "better at alpha 0"),
-    ("tied", "inconclusive", "inconclusive", "no difference resolved at alpha 0"),
-    ("reversed", "not reproduced", "not reproduced", "worse at alpha 0"),
+    ("paper", "reproduced", "reproduced", "better"),
+    ("tied", "inconclusive", "inconclusive", "no difference resolved"),
+    ("reversed", "not reproduced", "not reproduced", "worse"),
 ])
 def test_quickstart_analysis_of_hand_made_scores_gives_the_known_verdicts(tmp_path, scenario, c1, c3, lsq):
     settings, seeds = _quickstart_scores(tmp_path, scenario)
     results = analysis.analyse(tmp_path, settings, seeds, command="gqa-t5x quickstart", sessions=[])
     claims = {c["id"]: c for c in results["claims"]}
-    assert {k: c["verdict"] for k, c in claims.items()} == {"C1": c1, "C2": "not run", "C3": c3, "C4": "not run"}
+    assert {k: c["verdict"] for k, c in claims.items()} == {
+        "C1": c1, "C2": "not run", "C3a": c3, "C3b": "not run", "C4": "not run"}
     first_gap, random_sign, mqa_gap, gqa_gap, lsq_gap = _SCENARIOS[scenario]
-    # C1 at alpha 0 for MQA: first - mean holds on every example, so the paired bootstrap is a point ...
-    first_minus_mean, random_minus_first = (c["interval"] for c in claims["C1"]["primary"])
+    # C1 at alpha 0 for MQA: first - mean holds on every example, so the paired article bootstrap is a point ...
+    first_minus_mean = claims["C1"]["primary"]["interval"]
     assert (first_minus_mean["mean"], first_minus_mean["low"], first_minus_mean["high"]) == pytest.approx(
         (first_gap,) * 3, abs=1e-9)
-    # ... and random - first is a t interval over the 8 seeds: 0.9 +- 2.3646 x 0.1852 / sqrt(8).
+    # ... and random - first (supporting) is a t interval over the 8 seeds (the articles add nothing: the
+    # difference is the same on every example): 0.9 +- 2.3646 x 0.1852 / sqrt(8).
+    random_minus_first = claims["C1"]["supporting"][0]["interval"]
     mean, low, high = study_evals.t_interval(random_sign * _RANDOM_GAPS)
     assert (random_minus_first["mean"], random_minus_first["low"], random_minus_first["high"]) == pytest.approx(
         (mean, low, high), abs=1e-6)  # the tabulated quantile has 8 digits
-    assert random_minus_first["kind"] == "t over seeds" and random_minus_first["n"] == 8
-    # C3 at alpha 0: MQA - GQA, and GQA - (MQA + MHA) / 2, both exact on every example.
-    c3_rows = [c["interval"]["mean"] for c in claims["C3"]["primary"]]
-    assert c3_rows == pytest.approx([mqa_gap - gqa_gap, gqa_gap - mqa_gap / 2], abs=1e-9)
-    assert next(b for b in results["beyond_paper"] if b["id"] == "B-lsq")["verdict"] == lsq
+    assert random_minus_first["kind"] == "t over seeds + bootstrap over articles" and random_minus_first["n"] == 8
+    # C3a at alpha 0: 0.5 gap(MQA) - gap(GQA), exact on every example.
+    assert claims["C3a"]["primary"]["interval"]["mean"] == pytest.approx(0.5 * mqa_gap - gqa_gap, abs=1e-9)
+    lsq_row = next(b for b in results["beyond_paper"] if b["id"] == "B-lsq")
+    assert lsq_row["verdict"] == lsq and {c["alpha"] for c in lsq_row["cells"]} == {0.0}
     # The reduced quickstart's settings: each console verdict says it is not meaningful.
     assert f"C1: {c1} (not meaningful: reduced run) - " in "\n".join(study_report.summary_lines(results))
 

@@ -41,6 +41,6 @@ def test_a_conversion_only_run_names_the_stages_it_skips(tmp_path, monkeypatch):
         "[3/8] calibration statistics",
         "[4/8] conversions at alpha = 0",
         "[5/8] uptraining: skipped: conversion only (alpha = 0), as the quickstart's settings ask",
-        "[6/8] WMT fine-tuning: skipped: conversion only (alpha = 0), as the quickstart's settings ask",
+        "[6/8] fine-tuning: skipped: conversion only (alpha = 0), as the quickstart's settings ask",
         "[7/8] time per sample: skipped: conversion only (alpha = 0), as the quickstart's settings ask",
     ]

@@ -231,6 +231,20 @@ def cache_build_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int
     return PhaseCost(bytes=itemsize * (kernels + encoded + cache), flops=flops)
 
 
+def cache_numbers(cfg: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
+    """Numbers in the decoding cache once `output_length` tokens are decoded.
+
+    Returns:
+      {'self': decoder self-attention keys and values, 'cross':
+      encoder-decoder keys and values} for the whole batch (times the
+      activation itemsize for bytes; `bench.benchmark.cache_bytes` counts the
+      same from the cache's abstract shapes).
+    """
+    kv_width = cfg.num_kv_heads * cfg.head_dim
+    per_position = cfg.num_decoder_layers * 2 * batch * kv_width
+    return {"self": per_position * output_length, "cross": per_position * input_length}
+
+
 def decode_step_weights(cfg: T5Config) -> int:
     """Numbers of the weights every decode step reads.
 

@@ -1,4 +1,4 @@
-"""`bench.roofline`: bytes and FLOPs of each phase against an independent count.
+"""`experiments/roofline.py`: bytes and FLOPs of each phase against an independent count.
 
 Weight numbers are summed from the network's real parameter tree
 (`param_tree.param_shapes`), cache numbers from the decoding cache the network
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gqa_t5x.experiments.bench import benchmark
-from gqa_t5x.experiments.bench import roofline
+from gqa_t5x.experiments import roofline
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
@@ -274,3 +274,12 @@ def test_measure_machine_reports_the_measured_and_published_figures(monkeypatch)
     got = roofline.measure_machine(64, dtype="bfloat16")
     assert got["bandwidth_gbs"] == {"best": 64.0} and got["matmul_peak_gflops"] == 12.5
     assert got["matmul_dtype"] == "bfloat16" and got["published"] is None
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_cache_numbers_equal_the_bytes_of_the_cache_the_model_allocates(kv_heads):
+    cfg = T5Config(vocab_size=64, emb_dim=16, num_heads=4, num_kv_heads=kv_heads, head_dim=4, mlp_dim=32,
+                   num_encoder_layers=1, num_decoder_layers=2, dtype="float32")
+    numbers = roofline.cache_numbers(cfg, 3, 10, 5)
+    allocated = benchmark.cache_bytes(cfg, 3, 10, 5)
+    assert {k: 4 * v for k, v in numbers.items()} == allocated
