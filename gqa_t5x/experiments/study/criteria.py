@@ -161,6 +161,23 @@ def _supporting(name: str, value: Quantity, sign: int | None, paper_value: float
             "verdict": result, "paper": _paper(paper_value), "note": note}
 
 
+def supporting(name: str, value: Quantity, sign: int | None, paper_value: float | None = None,
+               note: str = "") -> dict:
+    """A supporting row for a claim's `supporting` list (unadjusted p; never part of the verdict).
+
+    Args:
+      name: The contrast.
+      value: Its interval (with p-value), a number (exact), or None (not run).
+      sign: The paper's sign (1 or -1), or None: reported without a sign.
+      paper_value: The paper's value of the same quantity, if it has one.
+      note: What the row shows.
+
+    Returns:
+      The row dict (see the module docstring).
+    """
+    return _supporting(name, value, sign, paper_value, note)
+
+
 def _sign(primary: dict) -> int:
     return 1 if primary["expected"] == "> 0" else -1
 

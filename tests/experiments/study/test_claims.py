@@ -478,3 +478,13 @@ def test_rerun_views_split_five_seeds_into_three_and_two(tmp_path):
     c4, _ = claims.timing_claim(None, settings)
     views = [v["view"] for v in claims.rerun_views(a, c4)]
     assert views[-2:] == ["seeds [0, 1, 2]", "seeds [3, 4]"]
+
+
+def test_c2_also_reports_the_contrast_against_mha_continued_with_a_fresh_optimizer_state(tmp_path):
+    scores, finetuned = paper_shaped()
+    scores[(H, "fresh", 0.05)] = [3.05, 3.06, 3.04]  # the fresh state costs MHA 0.1 on every seed
+    got = found(write(tmp_path, scores, finetuned), PAPER_TIMES)["C2"]
+    row = next(r for r in got["supporting"] if r["name"].startswith("0.5 gap(MQA) - gap(GQA-2) against MHA continued"))
+    # Against the fresh MHA both gaps shrink by 0.1 per seed: 0.5 (gap_MQA - 0.1) - (gap_GQA - 0.1) = D + 0.05.
+    main = got["primary"]["estimate"]
+    assert row["estimate"] == pytest.approx(main + 0.05, abs=1e-9) and row["verdict"] == st.REPRODUCED
