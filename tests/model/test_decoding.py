@@ -218,6 +218,7 @@ def _reference_beam_search(config, params, enc_row, k, alpha, max_len):
     return sorted(finished, key=lambda f: -f[1])[:k]
 
 
+@pytest.mark.slow  # compile-heavy: full suite only (fast tier under 5 minutes)
 def test_beam_search_equals_plain_python_beam_search_and_log_probs_equal_score_batch(model):
     config, params, enc = model
     k, alpha = 3, 0.6

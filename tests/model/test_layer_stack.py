@@ -113,6 +113,7 @@ def test_model_params_accepts_either_tree_and_casts_to_param_dtype(unscanned):
 
 
 # ------------------------------------------------------------------- numerics
+@pytest.mark.slow  # compile-heavy: full suite only (fast tier under 5 minutes)
 def test_scanned_logits_equal_unscanned_logits(unscanned):
     config, params = unscanned
     enc = _tokens(0, 3, 11, 64, [11, 7, 2])

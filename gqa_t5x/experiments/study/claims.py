@@ -186,11 +186,18 @@ def recipe_2x2(a: Any) -> dict | None:
                      "minus_restored_continued": vs_main.to_json() if vs_main else None})
     main_vs_p = rows[0]["minus_loss_at_P"]
     improves = bool(main_vs_p is not None and main_vs_p["high"] < 0)
+    # The continuation's whole alpha curve against the loss at P (the pre-training trend goes on).
+    curve = []
+    for alpha in s.all_alphas:
+        diff = a.contrast([(1, a.keys(h, None, alpha)), (-1, at_p)])
+        curve.append({"alpha": alpha, "steps": s.alpha_steps(alpha), "minus_loss_at_P": diff.to_json() if diff else None})
+    falls = [c for c in curve if c["minus_loss_at_P"] and c["minus_loss_at_P"]["high"] < 0]
+    verdict = ("not run" if main_vs_p is None else
+               f"the restored + continued recipe improves on the loss at P at alpha {up:g}" if improves else
+               f"the restored + continued recipe does not resolve an improvement on the loss at P at alpha {up:g}"
+               + ("; it does at alpha " + ", ".join(f"{c['alpha']:g}" for c in falls) if falls else ""))
     return {"alpha": up, "steps": s.alpha_steps(up), "recipes": list(MHA_RECIPES), "cells": rows,
-            "continuation_improves": improves,
-            "verdict": ("the restored + continued recipe improves on the loss at P" if improves else
-                        "the restored + continued recipe does not resolve an improvement on the loss at P"
-                        if main_vs_p else "not run")}
+            "continuation_improves": improves, "continuation_curve": curve, "verdict": verdict}
 
 
 def _reach_alpha(curve: Sequence[tuple[float, float]], target: float) -> float | None:

@@ -276,7 +276,17 @@ def _recipe(results: dict) -> list[str]:
             "or replayed from row 0 (a replay is the same for every seed: one run). Each cell against the loss at P "
             "(the pre-trained model) and against restored + continued (the recipe used).", "",
             *_table(["optimizer state", "data", "runs", "loss [95% interval]", "minus loss at P",
-                     "minus restored + continued"], rows), "", f"**Verdict:** {r['verdict']}."]
+                     "minus restored + continued"], rows), "", f"**Verdict:** {r['verdict']}.",
+            *_continuation(r)]
+
+
+def _continuation(r: dict) -> list[str]:
+    curve = [c for c in r.get("continuation_curve") or [] if c.get("minus_loss_at_P")]
+    if not curve:
+        return []
+    return ["", "The restored + continued multi-head model against the loss at P along the alpha curve: "
+            + "; ".join(f"alpha {c['alpha']:g} ({c['steps']} steps) {_ivp(c['minus_loss_at_P'])}" for c in curve)
+            + "."]
 
 
 def _claim_detail(results: dict, c: dict) -> list[str]:

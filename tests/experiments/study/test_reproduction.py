@@ -102,6 +102,7 @@ def test_heldout_examples_are_fixed_and_scores_pair_example_by_example(reduced_s
     assert a["wikipedia/tokens"].sum() == (heldout["decoder_target_tokens"] > 0).sum()
 
 
+@pytest.mark.slow  # compile-heavy: full suite only (fast tier under 5 minutes)
 def test_heldout_scores_equal_huggingface_per_example(monkeypatch):
     """`score_params`' loss, correct and token counts against HuggingFace's T5,
     in batches of 2 rows so the last batch is padded."""
