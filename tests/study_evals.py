@@ -141,7 +141,8 @@ def write_study(output: Path, settings: StudySettings, seeds: Sequence[int], sco
       output: OUTPUT.
       settings: The study's settings.
       seeds: The study's seeds.
-      scores: {(kv, method, alpha): loss per token}: for a single-run
+      scores: {(kv, method, alpha): loss per token} (the MHA 'fresh' recipe at
+        the ablation alpha defaults to the restored continuation's): for a single-run
         configuration a number or [n] array; for a seeded one a list with one
         number or [n] array per seed of `config_seeds` (a number or an array
         alone: the same for every seed).
@@ -150,6 +151,12 @@ def write_study(output: Path, settings: StudySettings, seeds: Sequence[int], sco
       articles: Examples per article of OUTPUT/data/heldout_<set>.npz (None: no such file).
     """
     root = output / "evals"
+    scores = dict(scores)
+    reference = (settings.num_heads, None, settings.ablation_alpha)
+    if settings.mha_recipes and reference in scores:
+        # Unless given, the multi-head continuation with a fresh optimizer state (C2's reference, the
+        # converted models' recipe) scores as the restored one, so hand-computed gaps hold for both.
+        scores.setdefault((settings.num_heads, "fresh", settings.ablation_alpha), scores[reference])
     for (kv, method, alpha), values in scores.items():
         run_seeds = config_seeds(settings, kv, method, seeds)
         single = alpha == 0 and (kv == settings.num_heads or split_label(method)[0] not in SEEDED_METHODS)

@@ -330,7 +330,7 @@ def analyse(output: Path, settings: StudySettings, seeds: Sequence[int], *, comm
         "pretraining": pretraining_section(a, output),
         "configurations": table_rows(a),
         "claims": found,
-        "rerun": claims.rerun_views(a, c4),
+        "rerun": claims.rerun_views(a, c4, found),
         "paper_through_criteria": cr.paper_claims(),
         "beyond_paper": claims.beyond_paper(a),
         "kept_optimizer_state": claims.kept_state(a),

@@ -23,6 +23,7 @@ beyond-paper differences (paired, like everything here) are their own family.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,25 @@ def _gap_parts(weight: float, model: list[str], reference: list[str]) -> list[tu
     return [(weight, model), (-weight, reference)]
 
 
+# Which multi-head model the uptrained gaps are measured against. Decided after
+# the recipe's 2x2 (a fresh optimizer state alone costs the multi-head
+# continuation about 0.09 nats at alpha 5%) and before any uptrained GQA-2
+# evaluation existed: the converted models are uptrained with a fresh state
+# (the paper's recipe), so the reference is the multi-head model continued with
+# the same recipe; the exact continuation (restored state) is reported beside.
+REFERENCE_NOTE = "MHA continued with the same recipe (fresh optimizer state)"
+
+
+def mha_reference(a: Any, alpha: float | None = None) -> list[str]:
+    """The keys of the multi-head reference of uptrained gaps at `alpha` (default the ablation alpha):
+    MHA continued with a fresh optimizer state where the 2x2 ran it, else the exact continuation."""
+    s, h = a.s, a.s.num_heads
+    alpha = s.ablation_alpha if alpha is None else alpha
+    if s.mha_recipes and alpha == s.ablation_alpha:
+        return a.keys(h, FRESH, alpha)
+    return a.keys(h, None, alpha)
+
+
 def paper_claims(a: Any) -> list[dict]:
     """C1, C2, C3a, C3b from the held-out evaluations (C4 is `timing_claim`'s)."""
     s, h, g = a.s, a.s.num_heads, a.s.gqa_kv_heads
@@ -71,25 +91,26 @@ def paper_claims(a: Any) -> list[dict]:
                     ratio=a.ratio(_gap_parts(1, gqa_keys, mha), _gap_parts(1, mqa, mha), heldout))
 
     if not s.conversion_only:
-        mha_up = a.keys(h, None, up)
-        claims.append(cr.c2_gqa_recovers(**half_gap_inputs(a.keys(1, "mean", up), a.keys(g, "mean", up), mha_up),
-                                         gqa=gqa, where=f"alpha={up:g}"))
-        if s.mha_recipes:  # the same contrast against MHA continued with the converted models' recipe
-            fresh = a.keys(h, FRESH, up)
-            same = half_gap_inputs(a.keys(1, "mean", up), a.keys(g, "mean", up), fresh)
+        mqa_up, gqa_up = a.keys(1, "mean", up), a.keys(g, "mean", up)
+        reference, restored = mha_reference(a), a.keys(h, None, up)
+        claims.append(cr.c2_gqa_recovers(**half_gap_inputs(mqa_up, gqa_up, reference), gqa=gqa,
+                                         where=f"alpha={up:g}, {REFERENCE_NOTE if reference != restored else 'MHA continued'}"))
+        if reference != restored:  # the same contrast against the exact continuation (restored state)
+            other = half_gap_inputs(mqa_up, gqa_up, restored)
             claims[-1]["supporting"] += [
-                cr.supporting(f"{cr.HALF_GAP:g} gap(MQA) - gap({gqa}) against MHA continued with a fresh optimizer "
-                              f"state [alpha={up:g}]", same["half_gap"], 1,
-                              note="the converted models' own recipe (fresh state) for the reference too"),
-                cr.supporting(f"gap({gqa}) / gap(MQA) against MHA with a fresh state [alpha={up:g}]",
-                              same["ratio"], None)]
+                cr.supporting(f"{cr.HALF_GAP:g} gap(MQA) - gap({gqa}) against MHA continued with its restored "
+                              f"optimizer state [alpha={up:g}]", other["half_gap"], 1,
+                              note="the reference carries on pre-training exactly; the converted models' fresh "
+                                   "state costs them what the 2x2 measures for MHA"),
+                cr.supporting(f"gap({gqa}) / gap(MQA) against MHA with its restored state [alpha={up:g}]",
+                              other["ratio"], None)]
     else:
         claims.append(cr.c2_gqa_recovers(None, gqa=gqa, where="no uptraining in this study"))
     claims.append(cr.c3a_zero_shot(**half_gap_inputs(a.keys(1, "mean", 0.0), a.keys(g, "mean", 0.0), mha0), gqa=gqa))
     if s.c4_finetune_steps and not s.conversion_only and "c4" in dict(s.heldout_examples):
         inputs = half_gap_inputs(a.finetuned_keys(1), a.finetuned_keys(g), a.finetuned_keys(h), "c4")
         closing = a.contrast([*_gap_parts(cr.CLOSING, a.keys(1, "mean", 0.0), mha0),
-                              *_gap_parts(-1, a.keys(1, "mean", up), a.keys(h, None, up))])
+                              *_gap_parts(-1, a.keys(1, "mean", up), mha_reference(a))])
         claims.append(cr.c3b_after_finetune(closing=closing, gqa=gqa, alpha=up, **inputs))
     else:
         claims.append(cr.c3b_after_finetune(None, gqa=gqa, alpha=up))
@@ -251,8 +272,16 @@ def uptraining_saving(a: Any, num_resamples: int = 2000, seed: int = 0) -> list[
             draws = [reach(rng.integers(0, n, n)) for _ in range(num_resamples)]
             reached = [d for d in draws if d is not None]
             low, high = (np.quantile(reached, [0.025, 0.975]) if len(reached) == len(draws) else (None, None))
+            means = values[:, :n].mean(axis=1)
+            reaching = [x for x, v in zip(alphas, means) if v <= target_runs[:n].mean()]
+            first = min(reaching) if reaching else None
+            # Below the first evaluated alpha the curve is not measured: linear interpolation from alpha 0
+            # places the crossing, but only "at most the first alpha that reaches it" is observed.
             out.append({"variant": variant(kv, h), "method": name, "target_alpha": up,
                         "target_loss": float(target_runs.mean()), "alpha": estimate,
+                        "first_alpha_reaching": first, "alphas_evaluated": list(alphas),
+                        "saving_at_least": None if first is None else up / first,
+                        "interpolated_below_first_alpha": bool(estimate is not None and estimate < min(alphas)),
                         "interval": None if low is None else [float(low), float(high)],
                         "resamples_not_reaching": len(draws) - len(reached),
                         "reached_at_alpha_0": estimate == 0.0,
@@ -269,17 +298,22 @@ def groups_curve(a: Any) -> list[dict]:
     for kv in sorted({1, s.gqa_kv_heads, *s.group_kv_heads, h}):
         method = None if kv == h else "mean"
         cell = a.cell(kv, method, up)
-        gap = None if kv == h else a.contrast(_gap_parts(1, a.keys(kv, method, up), a.keys(h, None, up)))
+        gap = None if kv == h else a.contrast(_gap_parts(1, a.keys(kv, method, up), mha_reference(a)))
         rows.append({"kv_heads": kv, "variant": variant(kv, h), "loss": cell.to_json() if cell else None,
                      "gap_to_mha": gap.to_json() if gap else None})
     return rows
 
 
-def rerun_views(a: Any, c4: dict) -> list[dict]:
+def rerun_views(a: Any, c4: dict, found: Sequence[dict] = ()) -> list[dict]:
     """C1-C3 seen as re-runs on other data: each half of the held-out articles
     (even / odd article index) with every seed, and each half of the seeds
     with every article; Holm within each view (C4, timing, is the same in all).
-    A finding that holds only on one view is not a finding."""
+    A view *agrees* when its estimate has the whole study's sign and its
+    interval holds the whole study's estimate; with half the data a view has
+    less power, so its verdict may be inconclusive where the whole study's is
+    not (two seeds give t_0.975,1 = 12.7), which is why agreement, not the
+    verdict, is the test. These are subsets of one run, not new runs."""
+    main = {c["id"]: c for c in found}
     seeds = tuple(a.seeds)
     views = [("articles with even index", a.restricted(articles=lambda ids: ids % 2 == 0)),
              ("articles with odd index", a.restricted(articles=lambda ids: ids % 2 == 1))]
@@ -291,9 +325,18 @@ def rerun_views(a: Any, c4: dict) -> list[dict]:
     for name, view in views:
         if all(view.clusters(h) is None for h, _ in a.s.heldout_examples) and "articles" in name:
             continue  # a study prepared before articles were recorded
-        found = cr.apply_holm([*paper_claims(view), dict(c4)])
-        out.append({"view": name, "claims": [
-            {"id": c["id"], "verdict": c["verdict"],
-             "estimate": c["primary"]["estimate"] if c["primary"] else None,
-             "interval": c["primary"]["interval"] if c["primary"] else None} for c in found]})
+        found = cr.apply_holm([*paper_claims(view), copy.deepcopy(c4)])
+        out.append({"view": name, "claims": [_agreement(c, main.get(c["id"])) for c in found]})
     return out
+
+
+def _agreement(c: dict, main: dict | None) -> dict:
+    """A view's claim: its verdict and estimate, and whether it agrees with the whole study's
+    (the same sign, and the whole study's estimate inside the view's interval)."""
+    row = {"id": c["id"], "verdict": c["verdict"], "estimate": c["primary"]["estimate"] if c["primary"] else None,
+           "interval": c["primary"]["interval"] if c["primary"] else None, "agrees": None}
+    whole = None if not main or not main.get("primary") else main["primary"]["estimate"]
+    if row["estimate"] is not None and whole is not None and row["interval"]:
+        same_sign = (row["estimate"] > 0) == (whole > 0)
+        row["agrees"] = bool(same_sign and row["interval"]["low"] <= whole <= row["interval"]["high"])
+    return row

@@ -405,7 +405,7 @@ def test_recipe_2x2_that_does_not_improve_on_p_says_so_and_not_run_without_evalu
     scores = {(H, None, 0.0): 3.00, (H, None, 0.05): [3.01, 2.99, 3.00]}
     r = claims.recipe_2x2(write(tmp_path / "flat", scores))
     assert r["continuation_improves"] is False and "does not resolve an improvement" in r["verdict"]
-    assert r["cells"][1]["loss"] is None and r["cells"][1]["minus_loss_at_P"] is None  # no fresh-state runs
+    assert r["cells"][2]["loss"] is None and r["cells"][2]["minus_loss_at_P"] is None  # no replayed runs
     assert claims.recipe_2x2(write(tmp_path / "none", {}))["verdict"] == "not run"
     assert claims.recipe_2x2(analysis.Analysis(tmp_path, dataclasses.replace(SETTINGS, mha_recipes=False),
                                                SEEDS)) is None
@@ -439,6 +439,21 @@ def test_uptraining_saving_interpolates_where_align_reaches_means_loss_at_the_ab
     never = got[("GQA-2", "align")]
     assert never["alpha"] is None and never["saving"] is None and never["interval"] is None
     assert never["resamples_not_reaching"] == 50
+    assert (align["first_alpha_reaching"], align["saving_at_least"]) == (0.025, 2.0)
+    assert not align["interpolated_below_first_alpha"] and never["first_alpha_reaching"] is None
+
+
+def test_a_curve_already_below_the_target_at_the_first_alpha_gives_a_measured_lower_bound(tmp_path):
+    mean_up = [3.15, 3.17, 3.14]
+    scores = {(1, "mean", 0.05): mean_up, (1, "align", 0.0): 3.45,
+              # 0.1 below the target already at 0.0125: interpolation from alpha 0 puts the crossing at
+              # 0.0125 x 0.2966667 / 0.3966667 = 0.0093487, which nothing measured; 0.0125 is what is.
+              **{(1, "align", x): [v - 0.1 for v in mean_up] for x in SETTINGS.saving_alphas}}
+    (row,) = [r for r in claims.uptraining_saving(write(tmp_path, scores), num_resamples=20)
+              if (r["variant"], r["method"]) == ("MQA", "align")]
+    assert row["interpolated_below_first_alpha"] and row["first_alpha_reaching"] == 0.0125
+    assert row["saving_at_least"] == pytest.approx(4.0)
+    assert row["alpha"] == pytest.approx(0.0125 * (3.45 - np.mean(mean_up)) / (3.45 - np.mean(mean_up) + 0.1))
 
 
 # ------------------------------------------------------------------ groups curve
@@ -485,6 +500,8 @@ def test_c2_also_reports_the_contrast_against_mha_continued_with_a_fresh_optimiz
     scores[(H, "fresh", 0.05)] = [3.05, 3.06, 3.04]  # the fresh state costs MHA 0.1 on every seed
     got = found(write(tmp_path, scores, finetuned), PAPER_TIMES)["C2"]
     row = next(r for r in got["supporting"] if r["name"].startswith("0.5 gap(MQA) - gap(GQA-2) against MHA continued"))
-    # Against the fresh MHA both gaps shrink by 0.1 per seed: 0.5 (gap_MQA - 0.1) - (gap_GQA - 0.1) = D + 0.05.
+    # The primary is against the fresh MHA (the converted models' recipe): both gaps are 0.1 smaller per seed
+    # than against the restored MHA, so the restored row = 0.5 (gap_MQA + 0.1) - (gap_GQA + 0.1) = D - 0.05.
     main = got["primary"]["estimate"]
-    assert row["estimate"] == pytest.approx(main + 0.05, abs=1e-9) and row["verdict"] == st.REPRODUCED
+    assert "same recipe" in got["primary"]["name"] and "restored" in row["name"]
+    assert row["estimate"] == pytest.approx(main - 0.05, abs=1e-9)

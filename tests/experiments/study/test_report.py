@@ -178,7 +178,7 @@ def test_a_full_report_has_every_section_in_order_with_numbers_intervals_and_kin
     kept = "| align | MQA | 0.05 | -0.0234 [-0.03, -0.017] | seeds+articles | 0.003 | 0.003 | kept state better |"
     assert kept in beyond
     assert "| MQA | align | 0.008 | [0.006, 0.01] | 0 of 2000 | 6.25x |" in beyond
-    assert "align (MQA) saves 6.25x [5.00, 8.33]: consistent with the published 5-12x" in beyond
+    assert "align (MQA) saves 6.25x [5.00, 8.33]: consistent with the 5-12x less uptraining" in beyond
     assert "align-keep (MQA) saves 2.00x [1.25, 12.50]: the interval is too wide" in beyond
     assert "align (GQA-2) does not reach mean pooling's loss at alpha 0.05" in beyond
     timing = _section(text, "Time per sample (C4)")
