@@ -256,12 +256,14 @@ class Stages:
         if (self.evals / f"{key}.json").exists():
             return self.evaluate(key, "", {})
         model_dir = self.out / "finetune_c4" / key
+        start = time.time()
         self.log(f"[finetune] {key}: {s.c4_finetune_steps} steps on C4 span corruption")
         self._train(model_dir, initial, kv_heads, (
             f"MIXTURE_OR_TASK_NAME={stages.gin_str(rdata.C4_TASK)}", f"BATCH_SIZE={s.c4_finetune_batch}",
             f"TRAIN_STEPS={s.pretrain_steps + s.c4_finetune_steps}", f"RANDOM_SEED={seed}",
             f"CHECKPOINT_PERIOD={s.c4_finetune_steps}", "KEEP_CHECKPOINTS=1"), cached=False)
         final = str(model_dir / f"checkpoint_{s.pretrain_steps + s.c4_finetune_steps}")
+        self.mark(f"finetune_{key}", {"checkpoint": final}, start)  # its wall time in the report's stage list
         return self.evaluate(key, final, {rdata.C4: self.heldout[rdata.C4]})
 
     def finetune(self, kv_heads: int, method: str | None, seed: int, initial: str) -> float:

@@ -40,7 +40,8 @@ def test_reduced_study_runs_every_stage_and_writes_the_report(reduced_study):
             "uptrain_mha_s1", "uptrain_mha-fresh_s1", "uptrain_mha-replay_s0", "uptrain_mha-replay-fresh_s0",
             "uptrain_g1_mean_s0", "uptrain_g1_lsq_s1", "uptrain_g1_lsq-keep_s0", "uptrain_g2_mean_s1",
             "uptrain_g4_mean_s0"} <= markers
-    assert not any(m.startswith("finetune_") for m in markers)  # WMT is not run
+    assert {"finetune_ft_mha_a0_s0", "finetune_ft_g1_mean_a0_s1"} <= markers  # the C4 fine-tunes
+    assert not any(m.startswith("finetune_") and m.endswith("_a0.05") for m in markers)  # WMT is not run
     # Mean is uptrained to the largest alpha with a checkpoint at every alpha on the way.
     p = settings.pretrain_steps
     assert sorted(x.name for x in (out / "uptrain" / "g1_mean_s0").glob("checkpoint_*")) == [
