@@ -412,13 +412,16 @@ def _beyond(results: dict) -> list[str]:
     resamples = s.get("bootstrap_resamples", 0)
     rows = [[r["variant"], r["method"], _n(r.get("alpha")),
              "-" if not r.get("interval") else f"[{_n(r['interval'][0])}, {_n(r['interval'][1])}]",
-             f"{r['resamples_not_reaching']} of {resamples}", "-" if r.get("saving") is None else f"{r['saving']:.2f}x"]
+             f"{r['resamples_not_reaching']} of {resamples}", "-" if r.get("saving") is None else f"{r['saving']:.2f}x",
+             _n(r.get("first_alpha_reaching")),
+             "-" if r.get("saving_at_least") is None else f"at least {r['saving_at_least']:.2f}x"]
             for r in saving]
     return out + [f"The alpha at which each curve reaches mean pooling's loss at alpha {saving[0]['target_alpha']:g} "
                   "(linear between evaluated alphas; 95% bootstrap over seeds); saving = that alpha's ratio to "
                   f"{saving[0]['target_alpha']:g}.", "",
-                  *_table(["model", "method", "alpha reaching mean's loss", "95% interval", "resamples not reaching",
-                           "saving factor"], rows), "",
+                  *_table(["model", "method", "alpha reaching mean's loss (interpolated)", "95% interval",
+                           "resamples not reaching", "saving factor (interpolated)", "first evaluated alpha reaching it",
+                           "saving measured"], rows), "",
                   *(f"- {_saving_sentence(r, resamples)}" for r in saving)]
 
 
