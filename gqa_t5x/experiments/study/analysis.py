@@ -157,10 +157,6 @@ class Analysis:
             return pairs[0]
         return np.stack([n for n, _ in pairs]), np.stack([d for _, d in pairs])
 
-    def config(self, kv: int, method: str | None, alpha: float, seeds: Sequence[int] | None = None) -> list[str]:
-        """Alias of `keys` (a configuration's keys) for contrast terms."""
-        return self.keys(kv, method, alpha, seeds)
-
     def cell(self, kv: int, method: str | None, alpha: float, heldout: str | None = None,
              metric: str = "loss", keys: Sequence[str] | None = None) -> st.Interval | None:
         """Interval of one configuration's metric (None if not evaluated)."""
@@ -170,7 +166,7 @@ class Analysis:
             return None
         return st.clustered_mean_interval(*sums, self.kept_clusters(heldout), num_resamples=self.s.bootstrap_resamples)
 
-    def _paired_keys(self, configs: Sequence[Sequence[str]]) -> list[list[str]] | None:
+    def _paired_keys(self, configs: Sequence[Sequence[str]]) -> list[list[str]]:
         """Keys of each configuration restricted to the runs all seeded ones share (by position of seed)."""
         seeded = [c for c in configs if len(c) > 1]
         if not seeded:
@@ -184,7 +180,7 @@ class Analysis:
         heldout = heldout or self.s.primary_set
         paired = self._paired_keys([keys for _, keys in parts])
         out = []
-        for (weight, _), keys in zip(parts, paired or []):
+        for (weight, _), keys in zip(parts, paired):
             sums = self.sums(keys, heldout, metric)
             if sums is None:
                 return None

@@ -19,7 +19,8 @@ Stages (each resumable, in the order of `stages.run_stages`):
 
 `OUTPUT/study.json` records the settings and the pre-training seed; a rerun
 with other settings is refused (the runs would not be comparable), a rerun
-with other seeds adds those seeds' runs and reports on the seeds it was given.
+with other seeds adds those seeds' runs and reports on the seeds it was given
+(seeds no larger than the first session's: the data cache holds their rows).
 On an accelerator JAX uses it without any setting here.
 """
 

@@ -5,8 +5,10 @@ docs/experiments.md); `StudySettings.reduced()` the minutes-scale setting the
 tests run, which checks the machinery only (`is_reduced`: its report says its
 verdicts are not meaningful); `StudySettings.quickstart()` the conversion
 ablation at alpha = 0 that `gqa-t5x quickstart` runs. The seeds are not part of the settings: they
-are a command-line option, and a run of seed s is named by it, so a later
-invocation with other seeds adds runs to the same output directory.
+are a command-line option, and a run of seed s is named by it (and reads the
+rows `data_row(s)`), so a later invocation with other seeds adds runs to the
+same output directory as long as its data cache holds their rows
+(`cache_rows`; seeds larger than the first session's need a new directory).
 
 Names of evaluated models (`evaluation keys`), used for files and in
 `reproduction.json`:
