@@ -51,6 +51,7 @@ from gqa_t5x.model import models
 from gqa_t5x.storage import paths
 from gqa_t5x.storage import space
 from gqa_t5x.training import best_checkpoint
+from gqa_t5x.training import continuation
 from gqa_t5x.training import evaluation
 from gqa_t5x.training import initial_state
 from gqa_t5x.training import optimizers
@@ -354,7 +355,7 @@ def train(
     optimizer = optimizer or optimizers.adafactor()
     partitioner = partitioner or partitioning.Partitioner()
     partitioner.check_batch_size(train_dataset_cfg.batch_size)
-    initial_state.check_initial_options(initial_data_row, initial_optimizer_state, initial_checkpoint_path)
+    continuation.check_initial_options(initial_data_row, initial_optimizer_state, initial_checkpoint_path)
     model_path = paths.absolute(paths.as_path(model_dir, name="MODEL_DIR"))  # Local (made absolute) or gs://.
 
     def make_manager() -> Any:

@@ -17,6 +17,7 @@ from gqa_t5x.model import models
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
+from gqa_t5x.training import continuation
 from gqa_t5x.training import initial_state as ist
 from gqa_t5x.training import optimizers
 from gqa_t5x.training import partitioning
@@ -294,19 +295,20 @@ def test_a_resume_from_model_dir_ignores_initial_data_row_and_optimizer_state_an
 def test_initial_data_row_must_be_a_non_negative_integer(row):
     with pytest.raises(ValueError, match=r"INITIAL_DATA_ROW \(gqa_t5x\.training\.trainer\.train\."
                                          r"initial_data_row\)=.* must be a non-negative integer"):
-        ist.check_initial_options(row, None, "/ckpt")
-    ist.check_initial_options(0, None, None)  # row 0 from scratch is fine
+        continuation.check_initial_options(row, None, "/ckpt")
+    continuation.check_initial_options(0, None, None)  # row 0 from scratch is fine
 
 
 def test_an_optimizer_state_without_an_initial_checkpoint_is_refused():
     with pytest.raises(ValueError, match=r"INITIAL_OPTIMIZER_STATE .*='/runs/a/checkpoint_5' needs "
                                          r"INITIAL_CHECKPOINT_PATH.*starts from scratch"):
-        ist.check_initial_options(None, "/runs/a/checkpoint_5", None)
+        continuation.check_initial_options(None, "/runs/a/checkpoint_5", None)
 
 
-def _write_trainer_checkpoint(directory, config: T5Config, step: int, optimizer, count: int):
-    """A trainer checkpoint whose optimizer state is not fresh: floats + 0.25, counters = `count`."""
-    params = param_tree.unflatten({k: jnp.asarray(v) for k, v in _numbered_params(config, seed=9).items()})
+def _write_trainer_checkpoint(directory, config: T5Config, step: int, optimizer, count: int, seed: int = 0):
+    """A trainer checkpoint whose optimizer state is not fresh: floats + 0.25, counters = `count`
+    (its parameters are `_save`'s of the same seed)."""
+    params = param_tree.unflatten({k: jnp.asarray(v) for k, v in _numbered_params(config, seed=seed).items()})
     opt_state = jax.tree_util.tree_map(
         lambda x: x + 0.25 if jnp.issubdtype(x.dtype, jnp.floating) else jnp.full_like(x, count),
         optimizer.init(params))
@@ -344,41 +346,48 @@ def test_without_initial_optimizer_state_the_state_is_fresh_and_with_it_restored
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_after_a_kv_head_conversion_only_the_reshaped_kernels_get_a_fresh_optimizer_state(tmp_path, scan):
+def test_after_a_conversion_only_the_reshaped_and_rewritten_kernels_get_a_fresh_optimizer_state(tmp_path, scan):
     # Factor the tiny kernels' statistics, so the converted key kernel's v_row keeps
     # the original's shape (16,): matching by shape would wrongly restore it.
     optimizer = optimizers.adafactor(min_dim_size_to_factor=4)
     mha, gqa = _small(), _small(num_kv_heads=2)
     opt_path, saved = _write_trainer_checkpoint(tmp_path / "pretrain", mha, 5, optimizer, count=5)
-    _save(tmp_path / "converted", gqa, step=5)
+    old, new = param_tree.param_shapes(mha), param_tree.param_shapes(gqa)
+    reshaped = sorted(k for k in new if new[k] != old[k])
+    assert reshaped == [f"decoder/layers_0/{a}/{p}/kernel" for a in ("encoder_decoder_attention", "self_attention")
+                        for p in ("key", "value")]
+    # The converted model: the checkpoint's parameters, new key/value kernels, and
+    # one query kernel rewritten in place (as `align` rotates queries and outputs).
+    rewritten = "decoder/layers_0/self_attention/query/kernel"
+    flat = {k: v for k, v in _numbered_params(mha).items() if k not in reshaped}
+    flat.update({k: v for k, v in _numbered_params(gqa, seed=4).items() if k in reshaped})
+    flat[rewritten] = -flat[rewritten]
+    checkpoints.save(tmp_path / "converted", gqa, param_tree.unflatten(flat), step=5)
     start = ist.find_start(None, str(tmp_path / "converted"))
     state, _, start = _restore_or_initialize(
         tmp_path, start, initial=str(tmp_path / "converted"), config=gqa.replace(scan_layers=scan),
         optimizer=optimizer, initial_optimizer_state=opt_path)
     assert bool(layer_stack.layer_counts(state.params)) is scan  # a scanned run's state is stacked
-    old, new = param_tree.param_shapes(mha), param_tree.param_shapes(gqa)
-    reshaped = sorted(k for k in new if new[k] != old[k])
-    assert reshaped == [f"decoder/layers_0/{a}/{p}/kernel" for a in ("encoder_decoder_attention", "self_attention")
-                        for p in ("key", "value")]
     got, want = _flat_opt(state.opt_state, state.params), _flat_opt(saved, saved)
     assert got["0/count"] == 5
     trap = "0/v_col/decoder/layers_0/self_attention/key/kernel"  # (16, 4 heads x 4) -> (16, 2 x 4)
     assert got[trap].shape == want[trap].shape == (16,)
     for key, value in got.items():
         param = next((p for p in new if key.endswith("/" + p)), None)
-        if param in reshaped:
+        if param in reshaped or param == rewritten:
             assert not np.any(value), f"{key}: not fresh"
         else:
             np.testing.assert_array_equal(value, want[key], err_msg=key)
-    assert len(start.notes) == 1 and f"restored for {len(new) - 4} of {len(new)} parameters" in start.notes[0]
+    assert len(start.notes) == 1 and f"restored for {len(new) - 5} of {len(new)} parameters" in start.notes[0]
     assert "reinitialised for 4 whose shape differs from that checkpoint's model: " in start.notes[0]
+    assert f"and 1 whose values differ from that checkpoint's: {rewritten}." in start.notes[0]
     assert all(name in start.notes[0] for name in reshaped)
 
 
 def test_an_optimizer_state_of_another_optimizer_is_refused_naming_the_leaves(tmp_path):
     opt_path, _ = _write_trainer_checkpoint(tmp_path / "pretrain", _small(), 5, optimizers.adafactor(), count=5)
     with pytest.raises(ValueError) as raised:
-        ist.open_optimizer_state(opt_path, optimizers.adafactor(momentum=0.9))
+        continuation.open_optimizer_state(opt_path, optimizers.adafactor(momentum=0.9))
     message = str(raised.value)
     assert message.startswith(f"INITIAL_OPTIMIZER_STATE (gqa_t5x.training.trainer.train.initial_optimizer_state)="
                               f"{opt_path!r} holds the state of another optimizer")
@@ -388,8 +397,8 @@ def test_an_optimizer_state_of_another_optimizer_is_refused_naming_the_leaves(tm
 def test_a_missing_or_converted_optimizer_state_is_refused_naming_the_option_and_path(tmp_path):
     with pytest.raises(checkpoints.CheckpointNotFoundError,
                        match=r"INITIAL_OPTIMIZER_STATE .*nowhere' does not exist"):
-        ist.open_optimizer_state(str(tmp_path / "nowhere"), optimizers.adafactor())
+        continuation.open_optimizer_state(str(tmp_path / "nowhere"), optimizers.adafactor())
     _save(tmp_path / "converted", _small(), step=5)
     with pytest.raises(checkpoints.CheckpointError, match=r"converted'.* is not a training checkpoint written by "
                                                           r"this trainer.*carry no optimizer state"):
-        ist.open_optimizer_state(str(tmp_path / "converted"), optimizers.adafactor())
+        continuation.open_optimizer_state(str(tmp_path / "converted"), optimizers.adafactor())

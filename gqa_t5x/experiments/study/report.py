@@ -341,8 +341,8 @@ def _configurations(results: dict, figure_dir: str) -> list[str]:
     body = [[r["variant"], _method(r), f"{r['alpha']:g}", str(r["runs"]),
              *(_iv(r.get(f"{n}_{m}")) for n in sets for m in ("loss", "accuracy")),
              _kind(next((r[k] for k in r if k.endswith("_loss") and r[k]), None))] for r in rows]
-    out = ["Method labels: `align-keep` = `align` uptrained keeping the pre-training optimizer state of the unchanged "
-           "parameters; MHA rows `continued` / `fresh` / `replay` / `replay-fresh` are the cells of the 2x2 above; "
+    out = ["Method labels: `mean-keep` / `align-keep` = the method uptrained keeping the pre-training optimizer "
+           "state of the parameters it leaves unchanged; MHA rows `continued` / `fresh` / `replay` / `replay-fresh` are the cells of the 2x2 above; "
            "rows fine-tuned on C4 are the alpha-0 models of C3b (scored on C4 only).", "",
            *_table(["model", "method", "alpha", "runs", *(f"{n} {m}" for n in sets for m in ("loss", "accuracy")),
                     "interval"], body), ""]
@@ -469,10 +469,11 @@ def _scope(results: dict) -> list[str]:
         "- Time per sample is measured on this machine's CPU with a random-weight model of T5-Large's attention "
         "shape, not on TPUv4 at XXL; the paper's speed-up comes from memory bandwidth at large shapes, where the "
         "cache / weight ratio is large.",
-        "- Recipes: `-keep` restores optax's single step counter with the kept state, so the reinitialised "
-        "key/value kernels start their second-moment average at decay 1 - P^-0.8 instead of 0, and `align` rotates "
-        "the query and output kernels without changing their shapes, so their kept statistics are in the old "
-        "coordinates: `align-keep` measures that recipe, not a clean 'state kept'.",
+        "- Recipes: a `-keep` run keeps the pre-training optimizer state of every parameter whose shape and "
+        "values the conversion left unchanged (mean: all but the key/value kernels; align: also the query and "
+        "output kernels it rotates), and optax's single step counter with it, so the reset kernels' second-moment "
+        "decay is 1 - (P + t)^-0.8 (as in T5X's Adafactor, which takes it from the global step), not a fresh "
+        "run's 1 - t^-0.8.",
         "- Pairing: a contrast pairs runs by seed, so `random`'s extra seeds enter its level but not its paired "
         "contrasts. The re-run views are subsets of this run (article halves, seed halves), not new runs."]
 

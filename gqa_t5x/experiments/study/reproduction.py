@@ -18,7 +18,9 @@ Stages (each resumable, in the order of `stages.run_stages`):
 8. analysis and report: `reproduction.md`, `reproduction.json`, figures.
 
 `OUTPUT/study.json` records the settings and the pre-training seed; a rerun
-with other settings is refused (the runs would not be comparable), a rerun
+with other settings is refused (the runs would not be comparable), except
+that `ADDITIVE_SETTINGS` may grow (more alphas of the saving curve, more
+kept-state methods: recorded under 'extended'), a rerun
 with other seeds adds those seeds' runs and reports on the seeds it was given
 (seeds no larger than the first session's: the data cache holds their rows).
 On an accelerator JAX uses it without any setting here.
@@ -30,6 +32,7 @@ import json
 import os
 import shlex
 import time
+from typing import Any
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -60,6 +63,16 @@ def default_shared_dir() -> Path:
     return (gin_config.source_checkout() or Path.cwd()).parent / "shared"
 
 
+# Settings a rerun may extend (a superset of the recorded values): they add
+# runs or evaluated alphas and change none of the runs already made.
+ADDITIVE_SETTINGS: tuple[str, ...] = ("saving_alphas", "keep_state_methods")
+
+
+def _extends(field: str, found: Any, wanted: Any) -> bool:
+    """Whether `wanted` only adds to `found` for an `ADDITIVE_SETTINGS` field."""
+    return field in ADDITIVE_SETTINGS and isinstance(found, list) and set(found) <= set(wanted)
+
+
 def check_output(output: Path, settings: StudySettings, pretrain_seed: int,
                  own: Sequence[str] = ()) -> dict | None:
     """The study record in OUTPUT, read only; refuses an OUTPUT the study cannot use.
@@ -76,19 +89,26 @@ def check_output(output: Path, settings: StudySettings, pretrain_seed: int,
       OUTPUT/study.json's record, or None for a new (absent or empty) OUTPUT.
 
     Raises:
-      UsageError: OUTPUT holds a study with other settings, or other files
-        and no study.
+      UsageError: OUTPUT holds a study with other settings (beyond the
+        growth of `ADDITIVE_SETTINGS`), or other files and no study.
     """
     path = output / "study.json"
     wanted = {"settings": settings.to_json(), "pretrain_seed": pretrain_seed}
     if path.exists():
         record = json.loads(path.read_text())
-        if {k: record.get(k) for k in wanted} != wanted:
-            changed = sorted(k for k in wanted["settings"] if record.get("settings", {}).get(k) != wanted["settings"][k])
+        found = record.get("settings", {})
+        changed = sorted(k for k in wanted["settings"] if found.get(k) != wanted["settings"][k])
+        refused = [k for k in changed if not _extends(k, found.get(k), wanted["settings"][k])]
+        if record.get("pretrain_seed") != pretrain_seed or refused:
             raise UsageError(
-                f"{output} holds a study with other settings ({changed or ['pretrain_seed']}); its runs are not "
-                "comparable with these. Use another --output, or the settings it was made with."
+                f"{output} holds a study with other settings ({refused or ['pretrain_seed']}); its runs are not "
+                "comparable with these. Use another --output, or the settings it was made with (only "
+                f"{', '.join(ADDITIVE_SETTINGS)} may grow: they add runs)."
             )
+        if changed:
+            record["extended"] = [*record.get("extended", []),
+                                  {k: {"from": found.get(k), "to": wanted["settings"][k]} for k in changed}]
+            record["settings"] = wanted["settings"]
         return record
     own = {*own, ".jax_cache"}  # The command line's compilation cache (made before this check).
     others = sorted(p.name for p in output.iterdir() if p.name not in own) if output.is_dir() else []

@@ -81,8 +81,9 @@ class StudySettings:
         method (up to `ablation_alpha`: beyond it there is no saving).
       keep_state_methods: Methods uptrained a second time keeping the
         pre-training optimizer state of every parameter the conversion
-        leaves unchanged (beyond the paper; the paper's recipe starts the
-        optimizer afresh).
+        leaves unchanged in shape and value (beyond the paper; the paper's
+        recipe starts the optimizer afresh): mean pooling to
+        `ablation_alpha`, a `curve_methods` method over `saving_alphas`.
       mha_recipes: Run the 2x2 of the multi-head continuation at
         `ablation_alpha` (optimizer state restored / fresh x data continued /
         replayed from row 0) that decides the uptraining recipe.
@@ -139,8 +140,8 @@ class StudySettings:
     methods: tuple[str, ...] = ("mean", "first", "random", "align", "lsq")
     gqa_methods: tuple[str, ...] | None = ("mean", "align")
     curve_methods: tuple[str, ...] = ("mean", "align")
-    saving_alphas: tuple[float, ...] = (0.0125, 0.025, 0.05)
-    keep_state_methods: tuple[str, ...] = ("align",)
+    saving_alphas: tuple[float, ...] = (0.00625, 0.0125, 0.025, 0.05)
+    keep_state_methods: tuple[str, ...] = ("mean", "align")
     mha_recipes: bool = True
     random_seeds: int = 10
     ablation_alpha: float = 0.05
@@ -238,9 +239,12 @@ class StudySettings:
 
     def uptrain_alphas(self, method: str | None) -> tuple[float, ...]:
         """The alphas a run (its method label, `label`) is evaluated at: every
-        alpha for the multi-head continuation and the `curve_methods`, the
-        ablation alpha for the others."""
-        base = None if method is None else split_label(method)[0]
+        alpha for the multi-head continuation and the `curve_methods` (mean
+        pooling with the kept state: the ablation alpha only), the ablation
+        alpha for the others."""
+        base, recipe = (None, None) if method is None else split_label(method)
+        if base == "mean" and recipe == KEEP:
+            return (self.ablation_alpha,)
         if method is None or base == "mean":
             return self.all_alphas if base in (None, *self.curve_methods) else (self.ablation_alpha,)
         if base in self.curve_methods:

@@ -34,6 +34,7 @@ business (`analysis.py`).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -219,8 +220,18 @@ class Stages:
         model_dir = self.out / "uptrain" / name
         alpha_max = max(run.alphas)
         checkpoints_at = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in run.alphas}
-        if self.done(f"uptrain_{name}"):
+        done = self.done(f"uptrain_{name}")
+        if done and all(str(a) in done["checkpoints"] for a in run.alphas):
             return checkpoints_at
+        if done:  # Made before the settings gained an alpha (ADDITIVE_SETTINGS): train it again.
+            old = model_dir.with_name(f"{name}.superseded")
+            missing = sorted(a for a in run.alphas if str(a) not in done["checkpoints"])
+            self.log(f"[uptrain] {name} has no checkpoint at alpha {', '.join(f'{a:g}' for a in missing)}: training "
+                     f"it again (the earlier run moves to {old})")
+            if old.exists():
+                shutil.rmtree(old)
+            model_dir.rename(old)
+            (self.markers / f"uptrain_{name}.done.json").unlink()
         start = time.time()
         row = s.data_row(run.seed, replay=run.replays)
         state = "pre-training's optimizer state" if run.keeps_state else "a fresh optimizer state"

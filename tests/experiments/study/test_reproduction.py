@@ -334,3 +334,47 @@ def test_reduced_study_analysis_of_identical_scores_is_inconclusive(tmp_path, _n
     assert results["beyond_paper"][0]["verdict"] == "no difference resolved"
     assert results["beyond_paper"][0]["summary"] == (
         "no difference resolved for MQA at alpha 0; no difference resolved for MQA at alpha 0.05")
+
+
+def test_a_rerun_may_only_grow_the_additive_settings_and_records_the_extension(tmp_path):
+    import dataclasses
+
+    out = tmp_path / "run"
+    out.mkdir()
+    base = StudySettings.reduced()
+    (out / "study.json").write_text(json.dumps({"settings": base.to_json(), "pretrain_seed": 100, "sessions": []}))
+    grown = dataclasses.replace(base, keep_state_methods=("mean", "lsq"), saving_alphas=(0.025, 0.05))
+    record = reproduction.check_output(out, grown, 100)
+    assert record["settings"] == grown.to_json()
+    assert record["extended"] == [{"keep_state_methods": {"from": ["lsq"], "to": ["mean", "lsq"]}}]
+    for changes in ({"keep_state_methods": ()}, {"saving_alphas": (0.05,)}, {"alphas": (0.05, 0.1, 0.2)}):
+        with pytest.raises(UsageError, match=rf"other settings \(\['{next(iter(changes))}'\]\).*only "
+                                             r"saving_alphas, keep_state_methods may grow"):
+            reproduction.check_output(out, dataclasses.replace(base, **changes), 100)
+    with pytest.raises(UsageError, match=r"other settings \(\['pretrain_seed'\]\)"):
+        reproduction.check_output(out, base, 7)
+
+
+@pytest.mark.slow
+def test_an_extended_rerun_adds_the_new_runs_and_retrains_a_run_missing_an_alpha(reduced_study, shared_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reduced_study, out)
+    # A finished run that lacks one of its alphas (as after saving_alphas grew).
+    marker = out / "markers" / "uptrain_g1_lsq_s0.done.json"
+    info = json.loads(marker.read_text())
+    del info["checkpoints"]["0.025"]
+    marker.write_text(json.dumps(info))
+    logs: list[str] = []
+    grown = dataclasses.replace(StudySettings.reduced(), keep_state_methods=("mean", "lsq"))
+    reproduction.run_study(out, settings=grown, seeds=(0, 1), shared_dir=shared_dir, log=logs.append)
+    trained = sorted(line.split(":")[0] for line in logs if line.startswith("[uptrain]"))
+    assert trained == ["[uptrain] g1_lsq_s0", "[uptrain] g1_lsq_s0", "[uptrain] g1_mean-keep_s0",
+                       "[uptrain] g1_mean-keep_s1", "[uptrain] g2_mean-keep_s0", "[uptrain] g2_mean-keep_s1"]
+    assert any("g1_lsq_s0 has no checkpoint at alpha 0.025: training it again" in line for line in logs)
+    assert (out / "uptrain" / "g1_lsq_s0.superseded").is_dir()
+    assert (out / "uptrain" / "g1_lsq_s0" / "checkpoint_41").is_dir()
+    record = json.loads((out / "study.json").read_text())
+    assert record["extended"] == [{"keep_state_methods": {"from": ["lsq"], "to": ["mean", "lsq"]}}]
