@@ -380,3 +380,9 @@ def test_importing_the_command_line_loads_no_jax_and_its_commands_print_no_tenso
                             text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0 and "gqa_cnn_dailymail" in result.stdout
     assert result.stderr == "", result.stderr
+
+
+def test_reproduce_refuses_reduced_together_with_another_preset_before_writing(tmp_path, capsys):
+    code, _, err = _run(["reproduce", "--output", tmp_path / "study", "--reduced", "--preset", "gpu"], capsys)
+    assert code != 0 and "--reduced and --preset gpu contradict each other" in err
+    assert not (tmp_path / "study").exists()

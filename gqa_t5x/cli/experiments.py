@@ -192,20 +192,25 @@ def reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $GQA_T5X_SHARED, else ../shared beside the source checkout when "
                              "gqa_t5x runs from one (editable install), else ../shared of the working "
                              "directory).")
-    parser.add_argument("--reduced", action="store_true",
-                        help="Reduced sizes that check the machinery (a few minutes on 2 CPU cores; what the tests "
+    parser.add_argument("--preset", choices=("cpu", "gpu", "reduced"), default=None,
+                        help="Study sizes: cpu (default; about 2 hours on 2 CPU cores), gpu (a larger model for one "
+                             "GPU, see docs/experiments.md), reduced (minutes; checks the machinery, what the tests "
                              "use; its verdicts are not meaningful).")
+    parser.add_argument("--reduced", action="store_true", help="Same as --preset reduced.")
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
     from gqa_t5x.experiments.study import reproduction
     from gqa_t5x.experiments.study import settings as reproduction_settings
 
-    settings = reproduction_settings.StudySettings.reduced() if args.reduced else None
+    if args.reduced and args.preset not in (None, "reduced"):
+        raise errors.UsageError(f"--reduced and --preset {args.preset} contradict each other; give one of them.")
+    preset = "reduced" if args.reduced else args.preset or "cpu"
+    settings = reproduction_settings.StudySettings.preset(preset)
     command = " ".join([PROG, "reproduce", "--output", args.output, "--seeds", ",".join(map(str, args.seeds)),
                         *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
                         *(["--report_dir", args.report_dir] if args.report_dir else []),
-                        *(["--reduced"] if args.reduced else [])])
+                        *(["--reduced"] if preset == "reduced" else ["--preset", preset] if preset != "cpu" else [])])
     compilation_cache(args.output)
     reproduction.run_study(args.output, settings=settings, seeds=args.seeds, pretrain_seed=args.pretrain_seed,
                            shared_dir=args.shared_dir, report_dir=args.report_dir, command=command)

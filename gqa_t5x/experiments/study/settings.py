@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from gqa_t5x.model.config import check_kv_heads
 
@@ -174,6 +174,33 @@ class StudySettings:
                    heldout_examples=(("wikipedia", 32), ("c4", 16)), calibration_examples=16,
                    bootstrap_resamples=200, c4_finetune_steps=2, c4_finetune_batch=8, finetune_variants=(),
                    timing_batch=2, timing_rounds=2, timing_shapes=((32, 8),), timing_model=(32, 8, 64, 1))
+
+    @classmethod
+    def gpu(cls) -> StudySettings:
+        """`--preset gpu`: the study's design at a larger width for one GPU.
+
+        16 heads of 32 in d_model 512 (GQA-2 still keeps 8 query heads per kv
+        head), 4+4 layers, a 16k-piece vocabulary and batch 32 at P = 4,000:
+        about 30x the CPU study's training FLOPs per step, and twice its rows
+        (256,000: pre-training plus ten seeds' stretches, about three
+        quarters of the shared Wikipedia corpus, so no row is read twice). C4
+        is timed at T5-Large's full depth (24+24 layers) at batch 32. Not run
+        yet (no GPU was lent to the sessions that wrote it): its wall time is
+        not known.
+        """
+        return cls(emb_dim=512, head_dim=32, mlp_dim=1408, num_layers=4, vocab_pieces=15_900,
+                   vocab_sentences=120_000, batch_size=32, calibration_examples=512,
+                   c4_finetune_batch=32, timing_batch=32, timing_model=(1024, 64, 2816, 24))
+
+    PRESETS: ClassVar[tuple[str, ...]] = ("cpu", "gpu", "reduced")
+
+    @classmethod
+    def preset(cls, name: str) -> StudySettings:
+        """The settings of `gqa-t5x reproduce --preset NAME`: 'cpu' (the default,
+        about 2 hours on 2 CPU cores), 'gpu' (`gpu`) or 'reduced' (`reduced`)."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"--preset {name!r} is not a study preset; choose one of {', '.join(cls.PRESETS)}.")
+        return cls() if name == "cpu" else getattr(cls, name)()
 
     @classmethod
     def quickstart(cls) -> StudySettings:

@@ -90,3 +90,15 @@ def test_the_default_reduced_and_quickstart_settings_are_valid():
     for settings in (StudySettings(), StudySettings.reduced(), StudySettings.quickstart()):
         settings.validate()
     assert StudySettings().num_heads // StudySettings().gqa_kv_heads == 8  # the paper's GQA-8 of 64 heads
+
+
+def test_presets_name_the_cpu_gpu_and_reduced_settings_and_the_gpu_one_keeps_the_papers_head_ratio():
+    assert StudySettings.preset("cpu") == StudySettings()
+    assert StudySettings.preset("reduced") == StudySettings.reduced()
+    gpu = StudySettings.preset("gpu")
+    gpu.validate()
+    assert gpu.num_heads // gpu.gqa_kv_heads == 8 and gpu.emb_dim == gpu.num_heads * gpu.head_dim == 512
+    assert gpu.cache_rows(SEEDS) == 2 * StudySettings().cache_rows(SEEDS) == 256_000
+    assert gpu.timing_model == (1024, 64, 2816, 24) and not gpu.is_reduced
+    with pytest.raises(ValueError, match="--preset 'tpu' is not a study preset; choose one of cpu, gpu, reduced"):
+        StudySettings.preset("tpu")
