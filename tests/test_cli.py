@@ -386,3 +386,41 @@ def test_reproduce_refuses_reduced_together_with_another_preset_before_writing(t
     code, _, err = _run(["reproduce", "--output", tmp_path / "study", "--reduced", "--preset", "gpu"], capsys)
     assert code != 0 and "--reduced and --preset gpu contradict each other" in err
     assert not (tmp_path / "study").exists()
+
+
+def test_per_kind_flags_and_gin_macros_convert_alike_and_each_layer_gets_its_count(tmp_path, capsys):
+    if not T5X_TINY.exists():
+        pytest.skip(f"T5X fixture not found at {T5X_TINY}")
+    from gqa_t5x import checkpoints
+
+    code, out, err = _run(["convert", "--source", T5X_TINY, "--output", tmp_path / "flags", "--method", "first",
+                           "--decoder_self_kv_heads", "1,2", "--decoder_cross_kv_heads", "4", "--no_progress"], capsys)
+    assert code == 0, err
+    assert "decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 4)" in out
+    code, _, err = _run([
+        "convert", "--gin_file=gin/runs/convert.gin", f'--gin.SOURCE="{T5X_TINY}"', f'--gin.OUTPUT="{tmp_path / "gin"}"',
+        "--gin.NUM_KV_HEADS=None", "--gin.DECODER_SELF_KV_HEADS=(1, 2)", "--gin.DECODER_CROSS_KV_HEADS=4",
+        "--gin.METHOD='first'"], capsys)
+    assert code == 0, err
+    config_a, a = checkpoints.load(tmp_path / "flags")
+    config_b, b = checkpoints.load(tmp_path / "gin")
+    assert config_a == config_b
+    assert [config_a.kv_heads("self", i) for i in (0, 1)] == [1, 2] and config_a.layer_kv_heads("cross") == (4, 4)
+    assert flat(a)["decoder/layers_0/self_attention/key/kernel"].shape == (8, 3)
+    assert flat(a)["decoder/layers_1/self_attention/key/kernel"].shape == (8, 6)
+    for path, value in flat(b).items():
+        np.testing.assert_array_equal(flat(a)[path], value, err_msg=path)
+
+
+def test_per_kind_flags_and_macros_refuse_text_that_is_not_counts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        _run(["convert", "--source", tmp_path, "--output", tmp_path / "o", "--decoder_self_kv_heads", "1,x"], capsys)
+    assert exit_info.value.code == 2
+    assert "'1,x' is not a key/value head count or a comma-separated list" in capsys.readouterr().err
+    if not T5X_TINY.exists():
+        pytest.skip(f"T5X fixture not found at {T5X_TINY}")
+    code, _, err = _run(["convert", "--gin_file=gin/runs/convert.gin", f'--gin.SOURCE="{T5X_TINY}"',
+                         f'--gin.OUTPUT="{tmp_path / "o"}"', "--gin.NUM_KV_HEADS=None",
+                         '--gin.DECODER_SELF_KV_HEADS="(1, 2)"'], capsys)
+    assert code != 0 and "decoder_self_kv_heads='(1, 2)' is not a key/value head count or a sequence" in err
+    assert not (tmp_path / "o").exists()

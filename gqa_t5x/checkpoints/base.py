@@ -12,8 +12,9 @@ silently:
 * `vocab_size`, `emb_dim`       <- `token_embedder/embedding` [vocab, emb]
 * `num_heads`, buckets          <- `encoder/relpos_bias/rel_embedding` [heads, buckets]
 * `head_dim`                    <- query kernel width / num_heads
-* `num_kv_heads`                <- decoder self-attention key width / head_dim
-* `encoder_num_kv_heads`        <- encoder attention key width / head_dim
+* key/value heads               <- every attention layer's key width / head_dim:
+  `num_kv_heads` / `encoder_num_kv_heads` when a stack's counts agree, else
+  the per-layer fields (`decoder_self_kv_heads`, ...; `canonical_kv_fields`)
 * layers                        <- counting `layers_{i}`
 * `mlp_dim`                     <- `mlp/wi_0/kernel` [emb, mlp] (or `mlp/wi`)
 * `logits_via_embedding`        <- absence of `decoder/logits_dense/kernel`
@@ -33,7 +34,7 @@ import numpy as np
 
 from gqa_t5x.checkpoints import value_limits
 from gqa_t5x.model import param_tree
-from gqa_t5x.model.config import KV_HEAD_FIELDS, T5Config
+from gqa_t5x.model.config import KV_HEAD_FIELDS, T5Config, canonical_kv_fields
 
 # Sub-layers of a T5 block in the order Mesh TensorFlow (`layer_000`, ...) and
 # HuggingFace (`layer.0`, ...) number them: (T5X module, its pre-norm). Both
@@ -179,18 +180,23 @@ def infer_config(
         )
     head_dim = inferred_head_dim
 
-    kv = {}
-    for field, key in (
-        ("num_kv_heads", "decoder/layers_0/self_attention/key/kernel"),
-        ("encoder_num_kv_heads", "encoder/layers_0/attention/key/kernel"),
-    ):
-        # A side without layers has no kernel to tell: as many as num_heads.
-        kv[field] = (
-            _heads_from_width(shapes[key][-1], head_dim, key, source) if key in shapes else num_heads
-        )
-
     n_enc = _count_layers(shapes, "encoder")
     n_dec = _count_layers(shapes, "decoder")
+
+    def kv_heads(side: str, module: str, layers: int) -> tuple[int, ...]:
+        # Each layer's key kernel width / head_dim; a missing kernel (named
+        # later by `check_shapes`) counts as num_heads.
+        keys = [f"{side}/layers_{i}/{module}/key/kernel" for i in range(layers)]
+        return tuple(_heads_from_width(shapes[k][-1], head_dim, k, source) if k in shapes else num_heads
+                     for k in keys)
+
+    # Canonical: per-layer tuples only where counts differ.
+    kv = canonical_kv_fields(
+        num_heads,
+        encoder=kv_heads("encoder", param_tree.ENCODER_ATTENTION, n_enc),
+        decoder_self=kv_heads("decoder", param_tree.DECODER_SELF_ATTENTION, n_dec),
+        decoder_cross=kv_heads("decoder", param_tree.DECODER_CROSS_ATTENTION, n_dec),
+    )
     mlp_side = "encoder" if n_enc else "decoder"
     wi = sorted(
         k for k in shapes if re.fullmatch(rf"{mlp_side}/layers_0/mlp/wi(_\d+)?/kernel", k)
@@ -225,8 +231,7 @@ def infer_config(
         mlp_dim=mlp_dim,
         mlp_activations=activations,
         logits_via_embedding="decoder/logits_dense/kernel" not in shapes,
-        num_kv_heads=kv["num_kv_heads"],
-        encoder_num_kv_heads=kv["encoder_num_kv_heads"],
+        **kv,
     )
     if buckets is not None:
         fields["relative_attention_num_buckets"] = buckets

@@ -249,9 +249,15 @@ def hf_config_dict(config: T5Config, dtype: str = "float32") -> dict[str, Any]:
       A JSON-serialisable dict for `transformers.T5Config`.
 
     Raises:
-      ValueError: the MLP activations have no HuggingFace T5 equivalent, or
-        an unknown dtype.
+      ValueError: the MLP activations have no HuggingFace T5 equivalent, an
+        unknown dtype, or key/value heads that differ per layer or kind.
     """
+    if not config.uniform_kv_heads:
+        raise ValueError(
+            "the HuggingFace T5 config holds one kv-head count; this model has "
+            f"{config.describe_kv_heads()} (counts per layer or attention kind), which the export cannot "
+            "record: export a model with uniform num_kv_heads / encoder_num_kv_heads."
+        )
     if dtype not in WRITE_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(WRITE_DTYPES)}.")
     return {

@@ -15,6 +15,22 @@ from gqa_t5x.errors import UsageError
 
 
 # ------------------------------------------------------------------ convert
+_PER_KIND_FLAGS = ("decoder_self_kv_heads", "decoder_cross_kv_heads", "encoder_layer_kv_heads")
+
+
+def kv_counts(text: str) -> int | tuple[int, ...]:
+    """'4' -> 4 (every layer); '1,1,2,2' -> (1, 1, 2, 2) (one per layer)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        counts = tuple(int(p) for p in parts)
+    except ValueError:
+        counts = ()
+    if not counts:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a key/value head count or a comma-separated list of one per layer (e.g. 1,1,2,2)")
+    return counts[0] if len(counts) == 1 and "," not in text else counts
+
+
 CONVERT_USAGE = (
     "%(prog)s --source SOURCE --output OUTPUT --num_kv_heads NUM_KV_HEADS [--method METHOD] [options]\n"
     "       %(prog)s --gin_file=gin/runs/convert.gin --gin.SOURCE=... --gin.OUTPUT=... [--gin.X=v ...]"
@@ -40,6 +56,15 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the source's record, if it has one).")
     parser.add_argument("--convert_encoder", action="store_true", help="Also convert encoder self-attention.")
     parser.add_argument("--encoder_num_kv_heads", type=int, help="Encoder target with --convert_encoder (default: --num_kv_heads).")
+    per_kind = parser.add_argument_group(
+        "per layer and attention kind (override --num_kv_heads / --encoder_num_kv_heads for their kind)")
+    per_kind.add_argument("--decoder_self_kv_heads", type=kv_counts, metavar="G[,G...]",
+                          help="Decoder self-attention targets: one count for every layer or one per decoder "
+                          "layer, e.g. 1,1,2,2.")
+    per_kind.add_argument("--decoder_cross_kv_heads", type=kv_counts, metavar="G[,G...]",
+                          help="Encoder-decoder attention targets, as --decoder_self_kv_heads.")
+    per_kind.add_argument("--encoder_layer_kv_heads", type=kv_counts, metavar="G[,G...]",
+                          help="Encoder self-attention targets per layer, with --convert_encoder.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of methods that draw random numbers.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing checkpoint at --output.")
     parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
@@ -48,7 +73,8 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     if args.gin_file or args.gin_bindings:
-        given = [f"--{k}" for k in ("source", "output", "num_kv_heads", "source_format", "calibration", "vocab")
+        given = [f"--{k}" for k in ("source", "output", "num_kv_heads", "source_format", "calibration", "vocab",
+                                    *_PER_KIND_FLAGS)
                  if getattr(args, k) is not None]
         if given:
             raise UsageError(
@@ -61,9 +87,12 @@ def run_convert(args: argparse.Namespace) -> int:
         return 0
     from gqa_t5x import conversion
 
-    for flag in ("source", "output", "num_kv_heads"):
+    for flag in ("source", "output"):
         if getattr(args, flag) is None:
             raise UsageError(f"--{flag} is required (or use --gin_file).")
+    if args.num_kv_heads is None and all(getattr(args, k) is None for k in _PER_KIND_FLAGS):
+        raise UsageError("--num_kv_heads is required (or per kind: --decoder_self_kv_heads / "
+                         "--decoder_cross_kv_heads / --encoder_layer_kv_heads; or use --gin_file).")
     config = conversion.convert_checkpoint(
         args.source,
         args.output,
@@ -71,6 +100,9 @@ def run_convert(args: argparse.Namespace) -> int:
         method=args.method,
         convert_encoder=args.convert_encoder,
         encoder_num_kv_heads=args.encoder_num_kv_heads,
+        decoder_self_kv_heads=args.decoder_self_kv_heads,
+        decoder_cross_kv_heads=args.decoder_cross_kv_heads,
+        encoder_layer_kv_heads=args.encoder_layer_kv_heads,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         seed=args.seed,
@@ -79,11 +111,7 @@ def run_convert(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         vocab=args.vocab,
     )
-    print(
-        f"Wrote {args.output}: num_heads={config.num_heads}, "
-        f"num_kv_heads={config.num_kv_heads}, "
-        f"encoder_num_kv_heads={config.encoder_num_kv_heads}, method={args.method}."
-    )
+    print(f"Wrote {args.output}: num_heads={config.num_heads}, {config.describe_kv_heads()}, method={args.method}.")
     return 0
 
 

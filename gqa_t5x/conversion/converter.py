@@ -15,7 +15,7 @@ Gin: `gin/runs/convert.gin` binds `converter.convert_checkpoint` directly
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from gqa_t5x.conversion import calibration as calibration_stats
 from gqa_t5x.conversion.methods import convert_attention, get_method
 from gqa_t5x.conversion.plan import plan_conversion, split_attention_path
 from gqa_t5x.model import param_tree
-from gqa_t5x.model.config import T5Config
+from gqa_t5x.model.config import LAYER_KV_HEAD_FIELDS, T5Config
 from gqa_t5x.storage import paths
 from gqa_t5x.storage.paths import Path, PathLike
 
@@ -33,12 +33,15 @@ from gqa_t5x.storage.paths import Path, PathLike
 def convert(
     config: T5Config,
     params: Mapping[str, Any],
-    num_kv_heads: int,
+    num_kv_heads: int | None = None,
     method: str = "mean",
     convert_encoder: bool = False,
     seed: int = 0,
     *,
     encoder_num_kv_heads: int | None = None,
+    decoder_self_kv_heads: int | Sequence[int] | None = None,
+    decoder_cross_kv_heads: int | Sequence[int] | None = None,
+    encoder_layer_kv_heads: int | Sequence[int] | None = None,
     calibration: str | calibration_stats.Statistics | None = None,
 ) -> tuple[T5Config, dict[str, Any]]:
     """Converts in-memory parameters to grouped-query attention.
@@ -53,6 +56,9 @@ def convert(
       seed: Seed of methods that draw random numbers.
       encoder_num_kv_heads: Encoder target when `convert_encoder` (default:
         `num_kv_heads`).
+      decoder_self_kv_heads, decoder_cross_kv_heads, encoder_layer_kv_heads:
+        Targets per attention kind, one int or one count per layer; they
+        override the uniform targets of their kind (`plan_conversion`).
       calibration: Calibration statistics (a `.npz` path or the mapping
         `calibration.collect_statistics` returns), required by data-aware
         methods such as `lsq`.
@@ -67,6 +73,9 @@ def convert(
         method=method,
         convert_encoder=convert_encoder,
         encoder_num_kv_heads=encoder_num_kv_heads,
+        decoder_self_kv_heads=decoder_self_kv_heads,
+        decoder_cross_kv_heads=decoder_cross_kv_heads,
+        encoder_layer_kv_heads=encoder_layer_kv_heads,
         seed=seed,
     )
     statistics = _layer_statistics(plan, calibration)
@@ -91,6 +100,11 @@ def convert(
         for p, kernel in converted.items():
             out[f"{prefix}/{p}/kernel"] = kernel
     return plan.target, param_tree.unflatten(out)
+
+
+def _listed(counts: tuple[int, ...] | None) -> list[int] | None:
+    """A per-layer field as JSON writes it."""
+    return None if counts is None else list(counts)
 
 
 def _layer_statistics(plan: Any, calibration: Any) -> dict[str, Any]:
@@ -119,7 +133,7 @@ def _layer_statistics(plan: Any, calibration: Any) -> dict[str, Any]:
 def convert_checkpoint(
     source: PathLike | Path,
     output: PathLike | Path,
-    num_kv_heads: int,
+    num_kv_heads: int | None = None,
     method: str = "mean",
     convert_encoder: bool = False,
     overwrite: bool = False,
@@ -127,6 +141,9 @@ def convert_checkpoint(
     seed: int = 0,
     *,
     encoder_num_kv_heads: int | None = None,
+    decoder_self_kv_heads: int | Sequence[int] | None = None,
+    decoder_cross_kv_heads: int | Sequence[int] | None = None,
+    encoder_layer_kv_heads: int | Sequence[int] | None = None,
     on_param: Callable[[str], None] | None = None,
     allow_unusual_values: bool = False,
     source_format: str | None = None,
@@ -155,6 +172,9 @@ def convert_checkpoint(
       progress: Show a tqdm progress bar over parameters.
       seed: Seed of methods that draw random numbers.
       encoder_num_kv_heads: Encoder target when `convert_encoder`.
+      decoder_self_kv_heads, decoder_cross_kv_heads, encoder_layer_kv_heads:
+        Targets per attention kind, as in `convert` (gin: the macros
+        DECODER_SELF_KV_HEADS, DECODER_CROSS_KV_HEADS, ENCODER_LAYER_KV_HEADS).
       on_param: Called with each parameter path after it is written.
       allow_unusual_values: Convert even if source values are non-finite or
         |x| > `checkpoints.MAX_ABS_VALUE` (otherwise an error naming the
@@ -193,6 +213,9 @@ def convert_checkpoint(
             method=method,
             convert_encoder=convert_encoder,
             encoder_num_kv_heads=encoder_num_kv_heads,
+            decoder_self_kv_heads=decoder_self_kv_heads,
+            decoder_cross_kv_heads=decoder_cross_kv_heads,
+            encoder_layer_kv_heads=encoder_layer_kv_heads,
             seed=seed,
         )
         statistics = _layer_statistics(plan, calibration)
@@ -211,6 +234,9 @@ def convert_checkpoint(
                 "num_kv_heads": plan.target.num_kv_heads,
                 "source_encoder_num_kv_heads": plan.source.encoder_num_kv_heads,
                 "encoder_num_kv_heads": plan.target.encoder_num_kv_heads,
+                **{f"{side}{field}": _listed(getattr(cfg, field))
+                   for side, cfg in (("source_", plan.source), ("", plan.target))
+                   for field in LAYER_KV_HEAD_FIELDS},
                 "optimizer_state": "fresh (not carried over)",
                 "calibration": str(calibration) if isinstance(calibration, (str, os.PathLike)) else (
                     "in memory" if calibration is not None else None),
@@ -224,7 +250,8 @@ def convert_checkpoint(
             bar = tqdm(
                 target_shapes.items(),
                 total=len(target_shapes),
-                desc=f"convert ({method}, G={plan.target.num_kv_heads})",
+                desc=f"convert ({method}, " + (f"G={plan.target.num_kv_heads})" if plan.target.uniform_kv_heads
+                                               else f"{plan.target.describe_kv_heads()})"),
                 unit="param",
                 disable=not progress,
             )

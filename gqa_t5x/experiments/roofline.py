@@ -19,6 +19,9 @@ work are not counted):
   logits kernel), the whole cross-attention cache, and the self-attention
   cache positions written so far (`i + 1` at step `i`, so `(n + 1) / 2` on
   average); FLOPs are those weights times the batch plus both attentions.
+
+Key/value widths are summed layer by layer (`T5Config.kv_heads`), so configs
+whose counts differ per layer or attention kind are counted exactly.
 """
 
 from __future__ import annotations
@@ -200,6 +203,12 @@ def _attention_weights(cfg: T5Config, kv_heads: int) -> int:
     return 2 * cfg.emb_dim * cfg.num_heads * cfg.head_dim + 2 * cfg.emb_dim * kv_heads * cfg.head_dim
 
 
+def _kv_width(cfg: T5Config, kind: str) -> int:
+    """Key (or value) projection width summed over a stack's layers of one attention
+    kind ('encoder', 'self', 'cross'): each layer's kv heads times head_dim."""
+    return sum(cfg.layer_kv_heads(kind)) * cfg.head_dim
+
+
 def _mlp_weights(cfg: T5Config) -> int:
     return (len(cfg.mlp_activations) + 1) * cfg.emb_dim * cfg.mlp_dim
 
@@ -211,22 +220,22 @@ def _logits_weights(cfg: T5Config) -> int:
 def encoder_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int = _F32) -> PhaseCost:
     """Bytes and FLOPs of encoding `batch` inputs of `input_length` tokens."""
     tokens = batch * input_length
-    per_layer = _attention_weights(cfg, cfg.encoder_num_kv_heads) + _mlp_weights(cfg)
+    layer_weights = sum(_attention_weights(cfg, g) + _mlp_weights(cfg) for g in cfg.layer_kv_heads("encoder"))
     norms = (2 * cfg.num_encoder_layers + 1) * cfg.emb_dim
     relpos = cfg.num_heads * cfg.relative_attention_num_buckets
-    weights = cfg.num_encoder_layers * per_layer + norms + relpos
+    weights = layer_weights + norms + relpos
     activations = 2 * tokens * cfg.emb_dim  # embedding rows in, encoded out
     attention_flops = 4 * batch * cfg.num_heads * input_length**2 * cfg.head_dim
-    flops = cfg.num_encoder_layers * (2 * tokens * per_layer + attention_flops)
+    flops = 2 * tokens * layer_weights + cfg.num_encoder_layers * attention_flops
     return PhaseCost(bytes=itemsize * (weights + activations), flops=flops)
 
 
 def cache_build_cost(cfg: T5Config, batch: int, input_length: int, itemsize: int = _F32) -> PhaseCost:
     """Bytes and FLOPs of projecting the cross-attention keys/values once."""
-    kv_width = cfg.num_kv_heads * cfg.head_dim
-    kernels = cfg.num_decoder_layers * 2 * cfg.emb_dim * kv_width
+    kv_width = _kv_width(cfg, "cross")  # summed over the decoder layers
+    kernels = 2 * cfg.emb_dim * kv_width
     encoded = batch * input_length * cfg.emb_dim
-    cache = cfg.num_decoder_layers * 2 * batch * input_length * kv_width
+    cache = 2 * batch * input_length * kv_width
     flops = 2 * batch * input_length * kernels
     return PhaseCost(bytes=itemsize * (kernels + encoded + cache), flops=flops)
 
@@ -238,11 +247,11 @@ def cache_numbers(cfg: T5Config, batch: int, input_length: int, output_length: i
       {'self': decoder self-attention keys and values, 'cross':
       encoder-decoder keys and values} for the whole batch (times the
       activation itemsize for bytes; `bench.benchmark.cache_bytes` counts the
-      same from the cache's abstract shapes).
+      same from the cache's abstract shapes). Each layer counts with its own
+      kv heads of that kind.
     """
-    kv_width = cfg.num_kv_heads * cfg.head_dim
-    per_position = cfg.num_decoder_layers * 2 * batch * kv_width
-    return {"self": per_position * output_length, "cross": per_position * input_length}
+    return {"self": 2 * batch * _kv_width(cfg, "self") * output_length,
+            "cross": 2 * batch * _kv_width(cfg, "cross") * input_length}
 
 
 def decode_step_weights(cfg: T5Config) -> int:
@@ -255,9 +264,10 @@ def decode_step_weights(cfg: T5Config) -> int:
     gathers are counted with the activations.
     """
     e, hd = cfg.emb_dim, cfg.num_heads * cfg.head_dim
-    per_layer = 3 * e + _attention_weights(cfg, cfg.num_kv_heads) + 2 * e * hd + _mlp_weights(cfg)
+    layer_weights = sum(3 * e + _attention_weights(cfg, g) + 2 * e * hd + _mlp_weights(cfg)
+                        for g in cfg.layer_kv_heads("self"))
     relpos = cfg.num_heads * cfg.relative_attention_num_buckets
-    return cfg.num_decoder_layers * per_layer + relpos + e + _logits_weights(cfg)
+    return layer_weights + relpos + e + _logits_weights(cfg)
 
 
 def decode_step_cost(cfg: T5Config, batch: int, input_length: int, output_length: int,
@@ -276,11 +286,11 @@ def decode_step_cost(cfg: T5Config, batch: int, input_length: int, output_length
       The average step's cost.
     """
     rows = batch * beam_size
-    kv_width = cfg.num_kv_heads * cfg.head_dim
     layers = cfg.num_decoder_layers
     mean_self = (output_length + 1) / 2
-    self_cache = layers * 2 * rows * kv_width * (mean_self + 1)  # read the prefix, write one position
-    cross_cache = layers * 2 * batch * kv_width * input_length
+    # Each layer's caches with its own kv heads (widths summed over the layers).
+    self_cache = 2 * rows * _kv_width(cfg, "self") * (mean_self + 1)  # read the prefix, write one position
+    cross_cache = 2 * batch * _kv_width(cfg, "cross") * input_length
     activations = rows * cfg.emb_dim + rows * cfg.vocab_size  # embedding rows in, logits out
     weights = decode_step_weights(cfg)
     matmul_weights = weights - cfg.num_heads * cfg.relative_attention_num_buckets - (3 * layers + 1) * cfg.emb_dim
@@ -309,13 +319,15 @@ def forward_flops(cfg: T5Config, batch: int, input_length: int, target_length: i
     """
     enc_tokens, dec_tokens = batch * input_length, batch * target_length
     q_o = 2 * cfg.emb_dim * cfg.num_heads * cfg.head_dim
-    kv = 2 * cfg.emb_dim * cfg.num_kv_heads * cfg.head_dim
+    self_kv = 2 * cfg.emb_dim * _kv_width(cfg, "self")  # summed over the decoder layers
+    cross_kv = 2 * cfg.emb_dim * _kv_width(cfg, "cross")
     encoder = encoder_cost(cfg, batch, input_length).flops
-    per_layer = (2 * dec_tokens * (q_o + kv + q_o + _mlp_weights(cfg))  # self q/k/v/o, cross q/o, MLP
-                 + 2 * enc_tokens * kv  # cross k/v from the encoder output
-                 + 4 * batch * cfg.num_heads * cfg.head_dim * target_length * (target_length + input_length))
+    layers = cfg.num_decoder_layers
+    decoder = (2 * dec_tokens * (layers * (2 * q_o + _mlp_weights(cfg)) + self_kv)  # self q/k/v/o, cross q/o, MLP
+               + 2 * enc_tokens * cross_kv  # cross k/v from the encoder output
+               + layers * 4 * batch * cfg.num_heads * cfg.head_dim * target_length * (target_length + input_length))
     logits = 2 * dec_tokens * _logits_weights(cfg)
-    return encoder + cfg.num_decoder_layers * per_layer + logits
+    return encoder + decoder + logits
 
 
 def train_step_flops(cfg: T5Config, batch: int, input_length: int, target_length: int) -> float:

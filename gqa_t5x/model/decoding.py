@@ -1,8 +1,8 @@
 """Cached incremental decoding: greedy, temperature / top-k sampling, beam search.
 
 Every method drives the decoder one token per step through the cache built by
-`Transformer.init_decode_cache`: decoder self-attention keys/values with
-`num_kv_heads` heads, and encoder-decoder keys/values projected ONCE from the
+`Transformer.init_decode_cache`: decoder self-attention keys/values with each
+layer's kv heads (`T5Config.kv_heads`), and encoder-decoder keys/values projected ONCE from the
 encoder output. The work is split into three jit-compiled functions, compiled
 once per (config, decoding spec, shapes):
 

@@ -3,10 +3,11 @@
 A drop-in for T5X's `t5x/examples/t5/network.py`: same `T5Config` fields, the
 same `Transformer.__call__/encode/decode` signatures and exactly the same
 parameter tree (names and shapes), plus configurable key/value heads
-(`T5Config.num_kv_heads`, `T5Config.encoder_num_kv_heads`).
+(`T5Config.num_kv_heads`, `T5Config.encoder_num_kv_heads`, and per layer and
+attention kind: each attention module gets `T5Config.kv_heads(kind, layer)`).
 
 Decoding: `Transformer.init_decode_cache` builds the cache (decoder
-self-attention zeros with `num_kv_heads` heads; encoder-decoder keys/values
+self-attention zeros with each layer's self-attention kv heads; encoder-decoder keys/values
 projected once from the encoder output and shared by an example's beams; the
 layout is `decode_attention`'s), then `decode(..., decode=True)` is fed one
 token per step with `mutable=['cache']`.
@@ -81,9 +82,16 @@ def scanned(layer_cls: type[nn.Module], length: int, methods: list[str] | None =
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm encoder layer: self-attention then gated MLP, with residuals."""
+    """Pre-norm encoder layer: self-attention then gated MLP, with residuals.
+
+    Attributes:
+      config: Model hyper-parameters.
+      layer: Index in the stack; picks the layer's key/value heads (a scanned
+        stack builds layer 0: its layers have equal counts, `T5Config.validate`).
+    """
 
     config: T5Config
+    layer: int = 0
 
     @nn.compact
     def __call__(
@@ -94,7 +102,7 @@ class EncoderLayer(nn.Module):
         x = layers.LayerNorm(dtype=dtype, name="pre_attention_layer_norm")(inputs)
         x = attention.MultiHeadDotProductAttention(
             num_heads=cfg.num_heads,
-            num_kv_heads=cfg.encoder_num_kv_heads,
+            num_kv_heads=cfg.kv_heads("encoder", self.layer),
             head_dim=cfg.head_dim,
             out_features=cfg.emb_dim,
             dtype=dtype,
@@ -122,16 +130,22 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer: self-attention, encoder-decoder attention, MLP."""
+    """Pre-norm decoder layer: self-attention, encoder-decoder attention, MLP.
+
+    Attributes:
+      config: Model hyper-parameters.
+      layer: Index in the stack; picks the key/value heads of both attentions
+        (a scanned stack builds layer 0, as `EncoderLayer`).
+    """
 
     config: T5Config
+    layer: int = 0
 
     def setup(self) -> None:
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype)
         common = dict(
             num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
             out_features=cfg.emb_dim,
             dtype=dtype,
@@ -139,10 +153,12 @@ class DecoderLayer(nn.Module):
             float32_logits=cfg.float32_attention_logits,
         )
         self.pre_self_attention_layer_norm = layers.LayerNorm(dtype=dtype)
-        self.self_attention = attention.MultiHeadDotProductAttention(**common)
+        self.self_attention = attention.MultiHeadDotProductAttention(
+            num_kv_heads=cfg.kv_heads("self", self.layer), **common
+        )
         self.pre_cross_attention_layer_norm = layers.LayerNorm(dtype=dtype)
         self.encoder_decoder_attention = attention.MultiHeadDotProductAttention(
-            is_cross_attention=True, **common
+            num_kv_heads=cfg.kv_heads("cross", self.layer), is_cross_attention=True, **common
         )
         self.pre_mlp_layer_norm = layers.LayerNorm(dtype=dtype)
         self.mlp = layers.MlpBlock(
@@ -228,7 +244,7 @@ class Encoder(nn.Module):
             x, _ = stack(x, encoder_mask, bias, deterministic)  # [batch, length, emb]
         else:
             for i in range(cfg.num_encoder_layers):
-                x = EncoderLayer(config=cfg, name=f"layers_{i}")(
+                x = EncoderLayer(config=cfg, layer=i, name=f"layers_{i}")(
                     x, encoder_mask, bias, deterministic
                 )
         x = layers.LayerNorm(dtype=dtype, name="encoder_norm")(x)
@@ -255,7 +271,7 @@ class Decoder(nn.Module):
             methods = ["__call__", "init_scanned_cache"]
             self.layers = scanned(DecoderLayer, cfg.num_decoder_layers, methods)(config=cfg)
         else:
-            self.layers = [DecoderLayer(config=cfg) for _ in range(cfg.num_decoder_layers)]
+            self.layers = [DecoderLayer(config=cfg, layer=i) for i in range(cfg.num_decoder_layers)]
         self.decoder_norm = layers.LayerNorm(dtype=dtype)
         self.dropout = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))
         self.final_dropout = nn.Dropout(rate=cfg.dropout_rate)
@@ -479,6 +495,8 @@ class Transformer(nn.Module):
         max_decode_length, head_dim]`) start at zero; encoder-decoder keys/values (`[batch, kv_heads,
         head_dim, enc_len]` / `[batch, kv_heads, enc_len, head_dim]`) are
         projected here, once, from `encoded`, and shared by an example's beams.
+        `kv_heads` is each layer's count of that attention kind
+        (`T5Config.kv_heads`).
 
         Args:
           encoded: `[batch, enc_len, emb]`, one row per example.

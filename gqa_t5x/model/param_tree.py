@@ -76,7 +76,8 @@ def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
     also for a config with `scan_layers` (`layer_stack` converts).
 
     Args:
-      config: the model config (num_kv_heads decides key/value kernel widths).
+      config: the model config (each layer's `config.kv_heads(kind, layer)`
+        decides its key/value kernel widths).
 
     Returns:
       An insertion-ordered dict `path -> shape` (a new dict per call).

@@ -63,9 +63,15 @@ from gqa_t5x.training.train_log import TrainLog
 from gqa_t5x.training.train_log import TrainSummary
 from gqa_t5x.training.train_log import print_summary
 
+
+def _kv_heads_text(config: Any) -> str:
+    """'2/8' (kv heads / heads), or each layer's counts where they differ."""
+    if config.uniform_kv_heads:
+        return f"{config.num_kv_heads}/{config.num_heads}"
+    return f"of {config.num_heads} heads: {config.describe_kv_heads()}"
+
+
 # ----------------------------------------------------------------- step budget
-
-
 def uptrain_total_steps(
     initial_checkpoint_path: str | None, alpha: float = 0.05, pretrain_steps: int = 1_000_000
 ) -> int:
@@ -397,7 +403,7 @@ def train(
                     f"[train] {origin}: step {start.step} -> {total_steps} "
                     f"({total_steps - start.step} steps), mesh "
                     f"{dict(partitioner.mesh.shape)}, batch {train_dataset_cfg.batch_size}, "
-                    f"kv heads {model.config.num_kv_heads}/{model.config.num_heads}",
+                    f"kv heads {_kv_heads_text(model.config)}",
                     *start.notes, sep="\n", flush=True,
                 )
             train_step = jax.jit(

@@ -639,3 +639,30 @@ def test_ours_beside_a_huggingface_export_is_ambiguous_and_each_reads_by_format(
         np.testing.assert_array_equal(reader.read("token_embedder/embedding"), flat["token_embedder/embedding"])
     with checkpoints.open_checkpoint(ours, format="huggingface") as reader:
         np.testing.assert_array_equal(reader.read("token_embedder/embedding"), hf["token_embedder/embedding"])
+
+
+PER_LAYER = SMALL.replace(decoder_self_kv_heads=(1, 4), decoder_cross_kv_heads=(2, 2), encoder_layer_kv_heads=(4, 2))
+
+
+def test_per_layer_kv_heads_round_trip_through_our_format_bit_exact(tmp_path):
+    flat = random_params(PER_LAYER, 6)
+    out = tmp_path / "checkpoint_3"
+    checkpoints.save(out, PER_LAYER, {"params": param_tree.unflatten(flat)}, step=3)
+    record = json.loads((out / "config.json").read_text())
+    assert record["decoder_self_kv_heads"] == [1, 4] and record["encoder_layer_kv_heads"] == [4, 2]
+    assert record["decoder_cross_kv_heads"] is None and record["num_kv_heads"] == 2  # canonical: cross uniform
+    with checkpoints.open_checkpoint(out) as reader:
+        assert reader.config == PER_LAYER
+        assert reader.shape("decoder/layers_0/self_attention/key/kernel") == (8, 3)
+        assert reader.shape("encoder/layers_1/attention/value/kernel") == (8, 6)
+        for key in reader.keys():
+            assert reader.read(key).tobytes() == flat[key].tobytes(), key
+
+
+def test_a_t5x_checkpoint_with_per_layer_widths_infers_the_per_layer_config(tmp_path):
+    ckpt = write_t5x_legacy(tmp_path / "checkpoint_0", random_params(PER_LAYER, 7))
+    with checkpoints.open_checkpoint(ckpt) as reader:
+        assert reader.config.replace(vocab_size=SMALL.vocab_size) == PER_LAYER
+        assert reader.config.layer_kv_heads("self") == (1, 4)
+        assert reader.config.layer_kv_heads("cross") == (2, 2)
+        assert reader.config.layer_kv_heads("encoder") == (4, 2)

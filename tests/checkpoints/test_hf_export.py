@@ -166,3 +166,12 @@ def test_every_activation_round_trips_through_a_huggingface_export(tmp_path, act
         assert reader.config == config.replace(mlp_activations=canonical), proj
         for key, value in flat(params).items():
             np.testing.assert_array_equal(reader.read(key), value, err_msg=key)
+
+
+def test_export_refuses_per_layer_kv_heads_naming_them_and_writes_nothing(tmp_path):
+    config = tiny_config(vocab_size=32, num_encoder_layers=1, num_decoder_layers=2).replace(
+        decoder_self_kv_heads=(1, 2))
+    params = random_params(config)
+    with pytest.raises(ValueError, match=r"decoder_self_kv_heads=\(1, 2\).*export a model with uniform"):
+        huggingface.export_huggingface(tmp_path / "hf", config, params)
+    assert not (tmp_path / "hf").exists()

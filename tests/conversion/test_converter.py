@@ -372,3 +372,83 @@ def test_convert_gin_binds_convert_checkpoint_like_the_python_call(tmp_path):
         np.testing.assert_array_equal(flat(by_gin)[path], value, err_msg=path)
     with pytest.raises(ValueError, match="SOURCE"):
         gin_config.parse_gin(["gin/runs/convert.gin"], ["NUM_KV_HEADS=2"])
+
+
+# ------------------------------------------------- targets per layer and attention kind
+PER_LAYER_TARGETS = dict(decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1), encoder_layer_kv_heads=(2, 1))
+
+
+def _synthetic_statistics(config, seed: int = 0) -> dict:
+    """Deterministic calibration statistics (SPD second moments) for every attention layer."""
+    rng = np.random.default_rng(seed)
+    stats = {}
+    for i in range(config.num_encoder_layers):
+        stats[f"encoder/layers_{i}/attention"] = None
+    for i in range(config.num_decoder_layers):
+        for module in ATTN_DEC:
+            stats[f"decoder/layers_{i}/{module}"] = None
+    for prefix in stats:
+        a = rng.standard_normal((config.emb_dim, config.emb_dim))
+        stats[prefix] = {"query_second_moment": a @ a.T / config.emb_dim + np.eye(config.emb_dim),
+                         "tokens": np.asarray(100)}
+    return stats
+
+
+@pytest.mark.parametrize("method", conversion.METHODS)
+def test_per_layer_targets_convert_each_layer_as_a_uniform_conversion_to_its_count(method):
+    config = tiny_config()
+    params = random_params(config, seed=2)
+    stats = _synthetic_statistics(config)
+    target, out = conversion.convert(config, params, method=method, seed=5, convert_encoder=True,
+                                     calibration=stats, **PER_LAYER_TARGETS)
+    assert target == config.replace(**PER_LAYER_TARGETS) and not target.uniform_kv_heads
+    out = flat(out)
+    assert {p: v.shape for p, v in out.items()} == param_tree.param_shapes(target)
+    uniform = {g: flat(conversion.convert(config, params, g, method=method, seed=5, convert_encoder=True,
+                                          calibration=stats)[1]) for g in (1, 2)}
+    kinds = {"encoder": ("encoder", "attention"), "self": ("decoder", "self_attention"),
+             "cross": ("decoder", "encoder_decoder_attention")}
+    for kind, (stack, module) in kinds.items():
+        for i in range(2):
+            g = target.kv_heads(kind, i)
+            expected = flat(params) if g == 4 else uniform[g]  # 4 = the source's: copied as is
+            for proj in ("query", "key", "value", "out"):
+                path = f"{stack}/layers_{i}/{module}/{proj}/kernel"
+                np.testing.assert_array_equal(out[path], expected[path], err_msg=f"{method} {path}")
+    for path, value in out.items():  # everything else is the source's
+        if not conversion.split_attention_path(path):
+            np.testing.assert_array_equal(value, flat(params)[path], err_msg=path)
+
+
+def test_per_layer_streaming_conversion_records_the_per_layer_config_and_equals_in_memory(tmp_path):
+    from gqa_t5x import checkpoints
+
+    config = tiny_config()
+    params = random_params(config, seed=3)
+    checkpoints.save(tmp_path / "mha", config, params)
+    written = conversion.convert_checkpoint(tmp_path / "mha", tmp_path / "gqa", 2, method="mean", progress=False,
+                                            decoder_self_kv_heads=[1, 2])
+    expected_config, expected = conversion.convert(config, params, 2, decoder_self_kv_heads=(1, 2))
+    got_config, got = checkpoints.load(tmp_path / "gqa")
+    assert written == got_config == expected_config
+    assert got_config.layer_kv_heads("self") == (1, 2) and got_config.layer_kv_heads("cross") == (2, 2)
+    for path, value in flat(expected).items():
+        np.testing.assert_array_equal(flat(got)[path], value, err_msg=path)
+    with checkpoints.open_checkpoint(tmp_path / "gqa") as reader:
+        record = reader.metadata["conversion"]
+    assert record["decoder_self_kv_heads"] == [1, 2] and record["source_decoder_self_kv_heads"] is None
+    assert record["num_kv_heads"] == 2
+
+
+def test_a_per_layer_source_is_converted_further_layer_by_layer():
+    config = tiny_config(decoder_self_kv_heads=(2, 4), decoder_cross_kv_heads=(4, 2))
+    params = random_params(config, seed=4)
+    target, out = conversion.convert(config, params, 1, decoder_cross_kv_heads=(2, 2))
+    assert target.layer_kv_heads("self") == (1, 1) and target.layer_kv_heads("cross") == (2, 2)
+    key = "decoder/layers_1/self_attention/key/kernel"
+    np.testing.assert_allclose(flat(out)[key], _group_mean(flat(params)[key], 8, 1), rtol=1e-6, atol=1e-7)
+    unchanged = "decoder/layers_1/encoder_decoder_attention/key/kernel"  # 2 -> 2: copied
+    np.testing.assert_array_equal(flat(out)[unchanged], flat(params)[unchanged])
+    with pytest.raises(ValueError, match=r"decoder_self_kv_heads\[0\]=4 is more key/value heads than the source "
+                                         r"has \(2 in decoder/layers_0/self_attention"):
+        conversion.convert(config, params, decoder_self_kv_heads=(4, 4))

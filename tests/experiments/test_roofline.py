@@ -35,6 +35,9 @@ CONFIGS = {
     # H * d (18) != emb (16), one MLP branch, logits tied to the embedding, 3 + 1 layers.
     "odd": _config(head_dim=6, num_heads=3, mlp_activations=("relu",), logits_via_embedding=True,
                    num_encoder_layers=3, num_decoder_layers=1, relative_attention_num_buckets=8),
+    # Counts per layer and attention kind (issue #24): every sum is taken layer by layer.
+    "per_layer": _config(num_encoder_layers=2, num_decoder_layers=3, encoder_layer_kv_heads=(2, 4),
+                         decoder_self_kv_heads=(1, 2, 4), decoder_cross_kv_heads=(4, 1, 2)),
 }
 
 
@@ -282,4 +285,14 @@ def test_cache_numbers_equal_the_bytes_of_the_cache_the_model_allocates(kv_heads
                    num_encoder_layers=1, num_decoder_layers=2, dtype="float32")
     numbers = roofline.cache_numbers(cfg, 3, 10, 5)
     allocated = benchmark.cache_bytes(cfg, 3, 10, 5)
+    assert {k: 4 * v for k, v in numbers.items()} == allocated
+
+
+def test_cache_numbers_of_per_layer_counts_equal_the_allocated_cache_and_a_hand_count():
+    cfg = _config(num_decoder_layers=3, decoder_self_kv_heads=(1, 2, 4), decoder_cross_kv_heads=(4, 1, 1))
+    batch, input_length, output_length = 3, 10, 5
+    numbers = roofline.cache_numbers(cfg, batch, input_length, output_length)
+    # keys + values, head_dim 4: self 7 kv heads over the layers, cross 6.
+    assert numbers == {"self": 2 * batch * 7 * 4 * output_length, "cross": 2 * batch * 6 * 4 * input_length}
+    allocated = benchmark.cache_bytes(cfg, batch, input_length, output_length)
     assert {k: 4 * v for k, v in numbers.items()} == allocated

@@ -157,3 +157,107 @@ def test_gin_none_and_num_heads_build_the_same_config(macro):
     config = gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin", [f"NUM_KV_HEADS={macro}"])
     assert config == gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin")
     assert config.num_kv_heads == 64 and config.encoder_num_kv_heads == 64
+
+
+# -------------------------------------- key/value heads per layer and attention kind
+def _layered(**kv_heads) -> T5Config:
+    """The 4-head small config (2 + 2 layers) with the given key/value head fields."""
+    return _small_config(kv_heads.pop("num_kv_heads", None), **kv_heads)
+
+
+@pytest.mark.parametrize("per_layer,uniform", [
+    (dict(decoder_self_kv_heads=(2, 2), decoder_cross_kv_heads=2), dict(num_kv_heads=2)),
+    (dict(decoder_self_kv_heads=[1, 1], decoder_cross_kv_heads=(1, 1), num_kv_heads=4), dict(num_kv_heads=1)),
+    (dict(num_kv_heads=2, decoder_cross_kv_heads=[2, 2]), dict(num_kv_heads=2)),
+    (dict(encoder_layer_kv_heads=(1, 1)), dict(encoder_num_kv_heads=1)),
+    (dict(encoder_layer_kv_heads=np.array([2, 2]), encoder_num_kv_heads=4), dict(encoder_num_kv_heads=2)),
+])
+def test_per_layer_counts_that_are_all_equal_equal_and_hash_as_the_uniform_config(per_layer, uniform):
+    layered, plain = _layered(**per_layer), _layered(**uniform)
+    assert layered == plain and hash(layered) == hash(plain) and layered.to_json() == plain.to_json()
+    assert layered.uniform_kv_heads and layered.decoder_self_kv_heads is None
+    assert layered.encoder_layer_kv_heads is None and layered.decoder_cross_kv_heads is None
+
+
+def test_per_layer_counts_are_canonical_whichever_way_they_are_written():
+    # Self 1 everywhere, cross 4 everywhere: an int per kind, tuples, or num_kv_heads for one kind.
+    writings = [dict(decoder_self_kv_heads=1, decoder_cross_kv_heads=4),
+                dict(decoder_self_kv_heads=[1, 1], decoder_cross_kv_heads=(4, 4), num_kv_heads=2),
+                dict(num_kv_heads=4, decoder_self_kv_heads=(1, 1)),
+                dict(num_kv_heads=1, decoder_cross_kv_heads=4)]
+    configs = [_layered(**w) for w in writings]
+    assert all(c == configs[0] and hash(c) == hash(configs[0]) for c in configs)
+    assert (configs[0].num_kv_heads, configs[0].decoder_self_kv_heads, configs[0].decoder_cross_kv_heads) == (
+        1, None, (4, 4))  # self's count is num_kv_heads; cross keeps its tuple
+    both = _layered(decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1), num_kv_heads=2)
+    assert both == _layered(decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1))
+    assert both.num_kv_heads == 4  # unused when both kinds have tuples: num_heads
+    assert not both.uniform_kv_heads
+
+
+def test_kv_heads_accessor_gives_every_layers_count_of_every_kind():
+    config = _layered(decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1), encoder_layer_kv_heads=[2, 1])
+    assert [config.kv_heads("self", i) for i in range(2)] == [1, 2]
+    assert [config.kv_heads("cross", i) for i in range(2)] == [4, 1]
+    assert [config.kv_heads("encoder", i) for i in range(2)] == [2, 1]
+    assert config.layer_kv_heads("cross") == (4, 1)
+    uniform = _layered(num_kv_heads=2, encoder_num_kv_heads=1)
+    assert uniform.layer_kv_heads("self") == uniform.layer_kv_heads("cross") == (2, 2)
+    assert uniform.kv_heads("encoder", 1) == 1 and type(uniform.kv_heads("self", 0)) is int
+    with pytest.raises(IndexError, match=r"layer=2 is not a layer of the self attention \(num_decoder_layers=2\)"):
+        config.kv_heads("self", 2)
+    with pytest.raises(ValueError, match="kind='decoder' is not an attention kind"):
+        config.kv_heads("decoder", 0)
+    assert config.describe_kv_heads() == (
+        "decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1), encoder_layer_kv_heads=(2, 1)")
+
+
+def test_per_layer_counts_round_trip_through_json_dict_and_gin():
+    config = _layered(decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=4, encoder_layer_kv_heads=(2, 1))
+    record = json.loads(config.to_json())
+    assert record["decoder_self_kv_heads"] == [1, 2] and record["encoder_layer_kv_heads"] == [2, 1]
+    assert record["decoder_cross_kv_heads"] is None and record["num_kv_heads"] == 4
+    assert T5Config.from_json(config.to_json()) == config
+    assert T5Config.from_dict(config.to_dict()) == config
+    try:
+        gin.clear_config()
+        gin.parse_config(config.to_gin())
+        assert gin_config.model_config() == config
+    finally:
+        gin.clear_config()
+
+
+def test_gin_macros_set_per_layer_counts():
+    config = gin_config.model_config_from_gin(
+        "gin/models/t5_1_1/small.gin", ["DECODER_SELF_KV_HEADS=(1,1,2,2,3,3,6,6)", "DECODER_CROSS_KV_HEADS=2",
+                                        "ENCODER_LAYER_KV_HEADS=[6, 6, 6, 6, 6, 6, 6, 1]"])  # 6 heads, 8 layers
+    assert config.layer_kv_heads("self") == (1, 1, 2, 2, 3, 3, 6, 6)
+    assert config.layer_kv_heads("cross") == (2,) * 8 and config.num_kv_heads == 2
+    assert config.layer_kv_heads("encoder") == (6,) * 7 + (1,)
+    assert gin_config.model_config_from_gin("gin/models/t5_1_1/small.gin").uniform_kv_heads  # default None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(decoder_self_kv_heads=(1, 3)),
+     "num_heads=4 is not divisible by decoder_self_kv_heads[1]=3; choose a divisor of 4: [1, 2, 4] "
+     "(gin: --gin.DECODER_SELF_KV_HEADS=...)."),
+    (dict(decoder_cross_kv_heads=(8, 1)), "decoder_cross_kv_heads[0]=8 exceeds num_heads=4"),
+    (dict(encoder_layer_kv_heads=(2, 0)), "encoder_layer_kv_heads[1]=0 must be a positive integer"),
+    (dict(encoder_layer_kv_heads=(2, "1")), "encoder_layer_kv_heads[1]='1' must be a positive integer"),
+    (dict(decoder_self_kv_heads=(1, 2, 2)),
+     "T5Config.decoder_self_kv_heads=(1, 2, 2) has 3 counts but num_decoder_layers=2: give one count per layer"),
+    (dict(decoder_cross_kv_heads="1,2"), "T5Config.decoder_cross_kv_heads='1,2' must be None, one key/value"),
+    (dict(decoder_self_kv_heads=(1, 2), scan_layers=True),
+     "scan_layers stacks every layer's parameters, so every layer of a stack needs the same kv heads; "
+     "decoder_self_kv_heads=(1, 2) differ: set SCAN_LAYERS=False or equal counts."),
+    (dict(encoder_layer_kv_heads=(4, 1), scan_layers=True), "encoder_layer_kv_heads=(4, 1) differ"),
+])
+def test_invalid_per_layer_counts_name_the_field_and_index(kwargs, message):
+    with pytest.raises(ValueError) as raised:
+        _layered(**kwargs)
+    assert message in str(raised.value)
+
+
+def test_scan_layers_accepts_different_self_and_cross_counts():
+    config = _layered(decoder_self_kv_heads=1, decoder_cross_kv_heads=4, scan_layers=True)
+    assert (config.kv_heads("self", 1), config.kv_heads("cross", 1)) == (1, 4)

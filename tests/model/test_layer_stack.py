@@ -215,3 +215,17 @@ def test_bfloat16_parameters_decode_mostly_the_float32_tokens():
     # all 128; seeds 12 and 13 on 92% and 95%).
     np.testing.assert_array_equal(got[:, 0], want[:, 0])
     assert (got == want).mean() >= 0.75, (got == want).mean()
+
+
+def test_scanned_stack_with_different_self_and_cross_kv_heads_equals_the_unscanned_one():
+    # Every decoder layer: self-attention MQA, cross-attention multi-head (different modules, so scan allows it).
+    config = _config(num_kv_heads=None, decoder_self_kv_heads=1, decoder_cross_kv_heads=4)
+    params = jax.tree_util.tree_map(np.asarray, network.init_params(config, seed=2))
+    assert params["decoder"]["layers_1"]["self_attention"]["key"]["kernel"].shape == (32, 8)
+    assert params["decoder"]["layers_1"]["encoder_decoder_attention"]["key"]["kernel"].shape == (32, 32)
+    scanned = config.replace(scan_layers=True)
+    stacked = layer_stack.stack_layers(params, config)
+    assert stacked["decoder"]["layers"]["self_attention"]["key"]["kernel"].shape == (2, 32, 8)
+    enc, tgt = _tokens(6, 2, 8, 64, [8, 5]), _tokens(7, 2, 5, 64)
+    np.testing.assert_allclose(_logits(scanned, stacked, enc, tgt), _logits(config, params, enc, tgt),
+                               atol=1e-5, rtol=1e-5)

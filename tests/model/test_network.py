@@ -260,3 +260,83 @@ def test_dropout_changes_outputs_only_when_enabled():
     c = model.apply({"params": params}, enc, _shift_right(tgt), tgt, enable_dropout=True, rngs={"dropout": jax.random.PRNGKey(0)})
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+# ------------------------------------------- key/value heads per layer and attention kind
+_KINDS = {"attention": "encoder", "self_attention": "self", "encoder_decoder_attention": "cross"}
+
+
+def _repeat_each_layers_kv_to_mha(config: T5Config, params) -> dict:
+    """MHA params whose key/value kernels repeat each layer's kv heads per group of that layer."""
+    out = {}
+    for path, value in param_tree.flatten(jax.tree_util.tree_map(np.asarray, params)).items():
+        parts = path.split("/")
+        if parts[-2] in ("key", "value") and parts[-3] in _KINDS:
+            g = config.kv_heads(_KINDS[parts[-3]], int(parts[1].removeprefix("layers_")))
+            heads = value.reshape(value.shape[0], g, config.head_dim)
+            value = np.repeat(heads, config.num_heads // g, axis=1).reshape(value.shape[0], -1)
+        out[path] = value
+    return param_tree.unflatten(out)
+
+
+def test_per_layer_counts_that_are_all_equal_give_the_uniform_models_logits():
+    uniform = _small_config(2, encoder_num_kv_heads=1)
+    layered = _small_config(None, decoder_self_kv_heads=[2, 2], decoder_cross_kv_heads=2,
+                            encoder_layer_kv_heads=(1, 1))
+    assert layered == uniform and hash(layered) == hash(uniform)
+    assert param_tree.param_shapes(layered) == param_tree.param_shapes(uniform)
+    params = network.init_params(uniform, seed=3)
+    rng = np.random.default_rng(8)
+    enc, tgt = _tokens(rng, 2, 7, 64, [7, 4]), _tokens(rng, 2, 5, 64)
+    np.testing.assert_array_equal(_logits(layered, params, enc, _shift_right(tgt), tgt),
+                                  _logits(uniform, params, enc, _shift_right(tgt), tgt))
+
+
+@pytest.mark.slow  # the fast tier checks the shapes and decoding below
+def test_per_layer_model_has_per_layer_kernels_and_computes_mha_with_each_layers_kv_heads_repeated():
+    config = _small_config(None, decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1),
+                           encoder_layer_kv_heads=(2, 1))
+    shapes = param_tree.param_shapes(config)
+    widths = {path.rsplit("/", 2)[0]: shape for path, shape in shapes.items() if path.endswith("/key/kernel")}
+    assert widths == {  # [emb, kv_heads * head_dim] per layer and kind
+        "encoder/layers_0/attention": (32, 2 * 8), "encoder/layers_1/attention": (32, 1 * 8),
+        "decoder/layers_0/self_attention": (32, 1 * 8), "decoder/layers_1/self_attention": (32, 2 * 8),
+        "decoder/layers_0/encoder_decoder_attention": (32, 4 * 8),
+        "decoder/layers_1/encoder_decoder_attention": (32, 1 * 8),
+    }
+    assert all(shapes[p.replace("/key/", "/value/")] == shapes[p] for p in shapes if "/key/" in p)
+    params = network.init_params(config, seed=4)
+    assert {p: tuple(v.shape) for p, v in param_tree.flatten(params).items()} == shapes
+    rng = np.random.default_rng(9)
+    enc, tgt = _tokens(rng, 2, 9, 64, [9, 6]), _tokens(rng, 2, 6, 64, [6, 3])
+    ours = _logits(config, params, enc, _shift_right(tgt), tgt)
+    mha = _logits(config.replace(num_kv_heads=None, encoder_num_kv_heads=None, decoder_self_kv_heads=None,
+                                 decoder_cross_kv_heads=None, encoder_layer_kv_heads=None),
+                  _repeat_each_layers_kv_to_mha(config, params), enc, _shift_right(tgt), tgt)
+    assert np.isfinite(ours).all() and np.abs(ours).max() > 0.1
+    np.testing.assert_allclose(ours, mha, atol=1e-5, rtol=0)
+
+
+def test_per_layer_decode_cache_has_each_layers_kv_heads_and_reproduces_teacher_forcing():
+    config = _small_config(None, decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1))
+    params = network.init_params(config, seed=6)
+    flat = param_tree.flatten(params)
+    assert [flat[f"decoder/layers_{i}/{m}/value/kernel"].shape for i in (0, 1)
+            for m in ("self_attention", "encoder_decoder_attention")] == [(32, 8), (32, 32), (32, 16), (32, 8)]
+    assert flat["encoder/layers_1/attention/key/kernel"].shape == (32, 32)  # encoder stays multi-head
+    rng = np.random.default_rng(10)
+    enc, tgt = _tokens(rng, 2, 9, 64, [9, 5]), _tokens(rng, 2, 5, 64)
+    stepped, cache = _decode_step_by_step(config, params, enc, tgt)
+    shapes = {path: tuple(np.shape(v)) for path, v in param_tree.flatten(cache).items()
+              if path.endswith(("cached_key", "cached_value"))}
+    assert shapes == {  # keys [batch, kv_heads, head_dim, len], values [batch, kv_heads, len, head_dim]
+        "decoder/layers_0/self_attention/cached_key": (2, 1, 8, 5),
+        "decoder/layers_0/self_attention/cached_value": (2, 1, 5, 8),
+        "decoder/layers_1/self_attention/cached_key": (2, 2, 8, 5),
+        "decoder/layers_1/self_attention/cached_value": (2, 2, 5, 8),
+        "decoder/layers_0/encoder_decoder_attention/cached_key": (2, 4, 8, 9),
+        "decoder/layers_0/encoder_decoder_attention/cached_value": (2, 4, 9, 8),
+        "decoder/layers_1/encoder_decoder_attention/cached_key": (2, 1, 8, 9),
+        "decoder/layers_1/encoder_decoder_attention/cached_value": (2, 1, 9, 8),
+    }
+    np.testing.assert_allclose(stepped, _logits(config, params, enc, _shift_right(tgt), tgt), atol=1e-5, rtol=0)

@@ -112,7 +112,8 @@ def _memory_budget_bytes() -> int | None:
 
 # ------------------------------------------------------------------ sizing
 def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
-    """Bytes of the decoding cache (from its abstract shapes, nothing allocated).
+    """Bytes of the decoding cache (from its abstract shapes, nothing allocated;
+    each layer's caches have that layer's kv heads).
 
     Returns:
       {'self': decoder self-attention K/V, 'cross': encoder-decoder K/V}
@@ -534,6 +535,9 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
       {'settings', 'machine', 'bandwidth_gbs', 'rows', 'huggingface', ...};
       rows hold seconds and bytes (see `_row`).
     """
+    if not settings.config.uniform_kv_heads:  # The sweep varies one count for all decoder attention.
+        raise ValueError(f"gqa-t5x bench sweeps one num_kv_heads over a multi-head model; the config has "
+                         f"{settings.config.describe_kv_heads()} (per layer or kind): leave the per-layer kv heads unset.")
     base = settings.config.replace(num_kv_heads=None, dropout_rate=0.0)
     for g in settings.num_kv_heads:
         base.replace(num_kv_heads=g)  # validates: a divisor of num_heads
