@@ -80,8 +80,7 @@ def load(
     """
     with open_checkpoint(path, format=format, config=config, head_dim=head_dim, num_heads=num_heads,
                          allow_unusual_values=allow_unusual_values) as reader:
-        flat = {key: reader.read(key) for key in reader.keys()}
-        return reader.config, param_tree.unflatten(flat)
+        return reader.config, param_tree.unflatten(reader.read_many())
 
 
 def is_checkpoint(path: PathLike | Path) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -398,8 +398,37 @@ class CheckpointReader:
         """
         if self._closed:
             raise CheckpointError(f"{self.path}: reader is closed.")
+        return self._checked(key, self._load(key))
+
+    def read_many(self, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Reads several parameters at once, each exactly as `read` would.
+
+        A format whose storage serves many arrays in one request (Orbax:
+        one partial restore instead of one per parameter) overrides
+        `_load_many`; the others read one key after another.
+
+        Args:
+          keys: Canonical T5X paths from `keys()` (default: all of them).
+
+        Returns:
+          `{key: array}` in the order of `keys`.
+        """
+        if self._closed:
+            raise CheckpointError(f"{self.path}: reader is closed.")
+        keys = self.keys() if keys is None else list(keys)
+        for key in keys:
+            self.shape(key)  # names an unknown key before anything is read
+        raw = self._load_many(keys)
+        return {key: self._checked(key, raw[key]) for key in keys}
+
+    def _load_many(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """Raw arrays of `keys` (as `_load`); formats override to batch requests."""
+        return {key: self._load(key) for key in keys}
+
+    def _checked(self, key: str, raw: Any) -> np.ndarray:
+        """A raw array of `key` as float32 in T5X layout, shape- and value-checked."""
         expected = self.shape(key)
-        array = to_float32(self._load(key), key=key, source=self.path)
+        array = to_float32(raw, key=key, source=self.path)
         if not array.flags.writeable:  # e.g. a view of a memory-mapped file
             array = array.copy()
         if tuple(array.shape) != tuple(expected):

@@ -221,7 +221,7 @@ def evaluate(
         vocabularies.use_checkpoint_vocabulary(
             lambda: checkpoints.vocabulary.for_checkpoint(reader, None), str(checkpoint_path))
         config = reader.config
-        flat = {k: reader.read(k) for k in reader.keys()}
+        flat = reader.read_many()
         step = int(reader.step or 0)
     model = model.with_config(
         config.replace(dtype=model.config.dtype, dropout_rate=model.config.dropout_rate,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import jax
@@ -192,6 +193,27 @@ def _put(array: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
+# Parameters read in one request while streaming an initial checkpoint: few
+# requests for small models (each Orbax restore has a fixed cost), bounded
+# host memory for large ones.
+READ_BATCH_BYTES = 256 * 2**20
+
+
+def _read_batches(reader: Any, limit_bytes: int) -> list[list[str]]:
+    """The reader's keys in order, split into runs of at most `limit_bytes` of float32
+    (a larger parameter is a run of its own)."""
+    batches: list[list[str]] = [[]]
+    size = 0
+    for key in reader.keys():
+        nbytes = 4 * math.prod(reader.shape(key))
+        if batches[-1] and size + nbytes > limit_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(key)
+        size += nbytes
+    return [batch for batch in batches if batch]
+
+
 def _load_initial_params(path: str, config: T5Config, shardings: Any, allow_unusual_values: bool) -> Any:
     """Streams a checkpoint's parameters onto their shardings (values checked as read).
 
@@ -202,7 +224,9 @@ def _load_initial_params(path: str, config: T5Config, shardings: Any, allow_unus
     flat_shardings = param_tree.flatten(layer_stack.unstack_layers(shardings, config) if stacked else shardings)
     with checkpoints.open_checkpoint(path, allow_unusual_values=allow_unusual_values) as reader:
         check_param_shapes(config, reader, path)
-        flat = {key: _put(reader.read(key), flat_shardings[key]) for key in reader.keys()}
+        flat = {}
+        for keys in _read_batches(reader, READ_BATCH_BYTES):
+            flat.update({key: _put(value, flat_shardings[key]) for key, value in reader.read_many(keys).items()})
     params = param_tree.unflatten(flat)
     if stacked:
         params = jax.jit(lambda p: layer_stack.stack_layers(p, config), out_shardings=shardings)(params)

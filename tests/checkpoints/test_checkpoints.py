@@ -415,6 +415,40 @@ def test_t5x_orbax_ocdbt_checkpoint_reads_per_parameter_with_bfloat16_as_float32
             np.testing.assert_array_equal(reader.read(key), np.asarray(stored[key], np.float32), err_msg=key)
 
 
+def test_read_many_of_an_orbax_checkpoint_is_one_restore_and_equals_reading_each_parameter(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from gqa_t5x.checkpoints import t5x_orbax
+
+    flat = random_params(SMALL, 8)
+    state = {"target": param_tree.unflatten(flat), "state": {"step": np.int32(5)}}
+    ocp.PyTreeCheckpointer().save(tmp_path / "checkpoint_5" / "state", state)
+    with checkpoints.open_checkpoint(tmp_path / "checkpoint_5") as reader:
+        one_by_one = {key: reader.read(key) for key in reader.keys()}
+        calls = []
+        original = t5x_orbax._OrbaxTree.restore
+        monkeypatch.setattr(t5x_orbax._OrbaxTree, "restore", lambda self, keys: calls.append(len(keys)) or original(self, keys))
+        together = reader.read_many()
+        assert calls == [len(reader.keys())]  # one request for every parameter
+        assert list(together) == reader.keys()
+        for key, value in one_by_one.items():
+            assert together[key].dtype == np.float32 and together[key].tobytes() == value.tobytes(), key
+        assert list(reader.read_many(["decoder/decoder_norm/scale"])) == ["decoder/decoder_norm/scale"]
+        with pytest.raises(KeyError, match="no parameter 'decoder/nope'"):
+            reader.read_many(["decoder/nope"])
+
+
+def test_read_many_of_every_other_format_equals_reading_each_parameter(tmp_path):
+    flat = random_params(SMALL, 9)
+    checkpoints.save(tmp_path / "ours", SMALL, {"params": param_tree.unflatten(flat)}, step=1)
+    legacy = write_t5x_legacy(tmp_path / "legacy" / "checkpoint_0", flat)
+    for path in (tmp_path / "ours", legacy):
+        with checkpoints.open_checkpoint(path) as reader:
+            together = reader.read_many()
+            for key in reader.keys():
+                assert together[key].tobytes() == reader.read(key).tobytes() == flat[key].tobytes(), (path, key)
+
+
 def test_exception_mid_write_leaves_no_destination_and_no_temp(tmp_path):
     flat = random_params(SMALL)
     out = tmp_path / "checkpoint_0"

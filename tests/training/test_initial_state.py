@@ -402,3 +402,20 @@ def test_a_missing_or_converted_optimizer_state_is_refused_naming_the_option_and
     with pytest.raises(checkpoints.CheckpointError, match=r"converted'.* is not a training checkpoint written by "
                                                           r"this trainer.*carry no optimizer state"):
         continuation.open_optimizer_state(str(tmp_path / "converted"), optimizers.adafactor())
+
+
+def test_an_initial_checkpoint_is_read_in_batches_bounded_by_bytes_in_key_order():
+    from gqa_t5x.training import initial_state
+
+    class Shapes:  # a reader's keys() and shape() only
+        table = {"a": (2, 3), "b": (4,), "c": (10,), "d": (1,)}  # 24, 16, 40, 4 bytes
+
+        def keys(self):
+            return list(self.table)
+
+        def shape(self, key):
+            return self.table[key]
+
+    assert initial_state._read_batches(Shapes(), 40) == [["a", "b"], ["c"], ["d"]]
+    assert initial_state._read_batches(Shapes(), 1) == [["a"], ["b"], ["c"], ["d"]]  # larger ones alone
+    assert initial_state._read_batches(Shapes(), 10**6) == [["a", "b", "c", "d"]]
