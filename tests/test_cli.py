@@ -424,3 +424,16 @@ def test_per_kind_flags_and_macros_refuse_text_that_is_not_counts(tmp_path, caps
                          '--gin.DECODER_SELF_KV_HEADS="(1, 2)"'], capsys)
     assert code != 0 and "decoder_self_kv_heads='(1, 2)' is not a key/value head count or a sequence" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,seeds", [([], (0, 1, 2, 3, 4)), (["--reduced"], (0, 1)),
+                                         (["--preset", "gpu"], (0, 1, 2, 3, 4)), (["--reduced", "--seeds", "3"], (3,))])
+def test_reproduce_seeds_default_to_the_presets_and_given_seeds_win(tmp_path, capsys, monkeypatch, flags, seeds):
+    from gqa_t5x.experiments.study import reproduction
+
+    calls = []
+    monkeypatch.setattr(reproduction, "run_study", lambda output, **kw: calls.append(kw))
+    code, _, err = _run(["reproduce", "--output", tmp_path / "study", *flags], capsys)
+    assert code == 0, err
+    assert tuple(calls[0]["seeds"]) == seeds
+    assert f"--seeds {','.join(map(str, seeds))}" in calls[0]["command"]

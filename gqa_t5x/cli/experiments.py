@@ -179,10 +179,10 @@ def reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument_group("required").add_argument(
         "--output", required=True,
         help="Directory of the study's runs; rerun the same command to continue a stopped study.")
-    parser.add_argument("--seeds", type=int_list(0), default=(0, 1, 2, 3, 4),
+    parser.add_argument("--seeds", type=int_list(0), default=None,
                         help="Seeds of uptraining and fine-tuning: seed s reads its own rows of data after "
-                        "pre-training's (default 0,1,2,3,4; `random` conversion uses these and the next "
-                        "integers, 10 in all).")
+                        "pre-training's (default 0,1,2,3,4; 0,1 with --reduced; `random` conversion uses these "
+                        "and the next integers, twice as many in all).")
     parser.add_argument("--pretrain_seed", type=int, default=100, help="Seed of pre-training (default 100).")
     parser.add_argument("--report_dir", default=None,
                         help="Where reproduction.md, reproduction.json and reproduction/*.png go (default: "
@@ -207,6 +207,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         raise errors.UsageError(f"--reduced and --preset {args.preset} contradict each other; give one of them.")
     preset = "reduced" if args.reduced else args.preset or "cpu"
     settings = reproduction_settings.StudySettings.preset(preset)
+    if args.seeds is None:
+        args.seeds = reproduction_settings.StudySettings.PRESET_SEEDS[preset]
     command = " ".join([PROG, "reproduce", "--output", args.output, "--seeds", ",".join(map(str, args.seeds)),
                         *(["--pretrain_seed", str(args.pretrain_seed)] if args.pretrain_seed != 100 else []),
                         *(["--report_dir", args.report_dir] if args.report_dir else []),
