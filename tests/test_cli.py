@@ -17,6 +17,8 @@ from conversion_utils import (
     make_hf_t5_v1_1,
     masked_max_diff,
     our_logits,
+    random_params,
+    tiny_config,
     tokens,
 )
 from gqa_t5x import cli
@@ -344,6 +346,7 @@ def test_an_unquoted_string_binding_names_the_flag_and_the_quoting_rule(tmp_path
 # ------------------------------------------------------------------------ list
 @pytest.mark.parametrize("what,names", [
     ("methods", ("mean", "first", "random", "align", "lsq")),
+    ("groupings", ("contiguous", "similarity", "PATH")),
     ("formats", ("huggingface", "gqa_t5x", "t5x_orbax", "t5x_legacy", "mesh_tf")),
     ("presets", ("paper",)),
     ("tasks", ("gqa_cnn_dailymail", "gqa_c4_span_corruption", "gqa_wmt14_ende", "gqa_eval_mixture")),
@@ -363,9 +366,40 @@ def test_list_describes_each_entry(capsys):
     assert "mean of the group's key (value) heads (the paper)" in methods
     assert cli.main(["list"]) == 0
     everything = capsys.readouterr().out
-    for title in ("seqio tasks", "conversion methods", "checkpoint formats", "bench presets"):
+    for title in ("seqio tasks", "conversion methods", "conversion groupings", "checkpoint formats", "bench presets"):
         assert f"\n{title}" in f"\n{everything}"
     assert "export --format huggingface" in everything and "Table 1 CNN" in everything
+
+
+# ---------------------------------------------------------------- grouping
+def test_convert_grouping_flag_and_gin_macro_choose_and_reproduce_groups_and_refuse_unknown_names(tmp_path, capsys):
+    from gqa_t5x import checkpoints
+    from gqa_t5x.conversion import calibration
+
+    config = tiny_config()
+    params = random_params(config, seed=4)
+    checkpoints.save(tmp_path / "mha", config, params)
+    enc, dec_in, tgt = tokens(0, config.vocab_size, batch=4)
+    stats = calibration.save_statistics(tmp_path / "stats.npz", calibration.collect_statistics(
+        config, params, [{"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": tgt}]))
+    base = ["convert", "--source", tmp_path / "mha", "--num_kv_heads", 2, "--no_progress"]
+    code, out, err = _run(base + ["--output", tmp_path / "sim", "--grouping", "similarity", "--calibration", stats],
+                          capsys)
+    assert code == 0 and "grouping=similarity" in out, err
+    conversion.convert_checkpoint(tmp_path / "mha", tmp_path / "api", 2, grouping="similarity",
+                                  calibration=str(stats), progress=False)
+    code, _, err = _run(["convert", "--gin_file=gin/runs/convert.gin", f'--gin.SOURCE="{tmp_path / "mha"}"',
+                         f'--gin.OUTPUT="{tmp_path / "gin"}"', "--gin.NUM_KV_HEADS=2",
+                         f"--gin.GROUPING='{tmp_path / 'sim'}'"], capsys)  # reproduced from the record
+    assert code == 0, err
+    _, by_flags = checkpoints.load(tmp_path / "sim")
+    for other in ("api", "gin"):
+        _, by_other = checkpoints.load(tmp_path / other)
+        for path, value in flat(by_flags).items():
+            np.testing.assert_array_equal(flat(by_other)[path], value, err_msg=f"{other} {path}")
+    code, _, err = _run(base + ["--output", tmp_path / "bad", "--grouping", "simlarity"], capsys)
+    assert code == 2 and "Unknown grouping 'simlarity': choose one of ['contiguous', 'similarity']" in err
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------- a quiet console

@@ -2,9 +2,10 @@
 
     gqa-t5x list tasks      # seqio tasks of the task table (MIXTURE_OR_TASK_NAME)
     gqa-t5x list methods    # conversion methods (convert --method)
+    gqa-t5x list groupings  # conversion groupings (convert --grouping)
     gqa-t5x list formats    # checkpoint formats (--source_format, export --format)
     gqa-t5x list presets    # bench presets (bench --preset)
-    gqa-t5x list            # all four
+    gqa-t5x list            # all of them
 
 Each listing reads its registry when it runs, so methods, formats and tasks
 registered by the user's own code (imported first) are listed too.
@@ -43,6 +44,13 @@ def _methods() -> list[tuple[str, str]]:
             for m in registered_methods()]
 
 
+def _groupings() -> list[tuple[str, str]]:
+    from gqa_t5x.conversion import GROUPINGS
+
+    return [(g.name, g.doc) for g in GROUPINGS.values()] + [
+        ("PATH", "a converted checkpoint or its conversion record JSON: the same groups, no calibration")]
+
+
 def _formats() -> list[tuple[str, str]]:
     from gqa_t5x import checkpoints
 
@@ -61,6 +69,7 @@ def _presets() -> list[tuple[str, str]]:
 LISTINGS: dict[str, tuple[str, Callable[[], list[tuple[str, str]]]]] = {
     "tasks": ("seqio tasks (--gin.MIXTURE_OR_TASK_NAME)", _tasks),
     "methods": ("conversion methods (convert --method)", _methods),
+    "groupings": ("conversion groupings (convert --grouping)", _groupings),
     "formats": ("checkpoint formats (--source_format)", _formats),
     "presets": ("bench presets (bench --preset)", _presets),
 }
@@ -78,7 +87,7 @@ def format_rows(rows: Sequence[tuple[str, str]], width: int = 120) -> str:
 
 def list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", choices=tuple(LISTINGS), default=None,
-                        help="What to list (all four when left out).")
+                        help="What to list (all when left out).")
 
 
 def run_list(args: argparse.Namespace) -> int:

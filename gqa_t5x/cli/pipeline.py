@@ -47,6 +47,10 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
                         "mean (paper), first, random (paper ablations), align, lsq (needs --calibration), ...")
     parser.add_argument("--calibration", default=None,
                         help="Calibration statistics (.npz from conversion.save_statistics) for data-aware methods (lsq).")
+    parser.add_argument("--grouping", default=None, metavar="contiguous|similarity|PATH",
+                        help="Which source kv heads each group pools: contiguous (default), similarity (chosen from "
+                             "--calibration; `gqa-t5x list groupings`), or a converted checkpoint / its conversion "
+                             "record JSON to reproduce its groups without calibration.")
     parser.add_argument("--source_format", "--format", dest="source_format", default=None,
                         help="Format of --source when its directory holds several (`gqa-t5x list formats`).")
     parser.add_argument("--allow_unusual_values", action="store_true",
@@ -74,7 +78,7 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     if args.gin_file or args.gin_bindings:
         given = [f"--{k}" for k in ("source", "output", "num_kv_heads", "source_format", "calibration", "vocab",
-                                    *_PER_KIND_FLAGS)
+                                    "grouping", *_PER_KIND_FLAGS)
                  if getattr(args, k) is not None]
         if given:
             raise UsageError(
@@ -110,8 +114,10 @@ def run_convert(args: argparse.Namespace) -> int:
         source_format=args.source_format,
         calibration=args.calibration,
         vocab=args.vocab,
+        grouping=args.grouping or "contiguous",
     )
-    print(f"Wrote {args.output}: num_heads={config.num_heads}, {config.describe_kv_heads()}, method={args.method}.")
+    print(f"Wrote {args.output}: num_heads={config.num_heads}, {config.describe_kv_heads()}, method={args.method}"
+          + (f", grouping={args.grouping}." if args.grouping else "."))
     return 0
 
 

@@ -5,9 +5,11 @@
     register_method(ConversionMethod("name", fn, KEY_VALUE, "doc"))   # a new method
     stats = collect_statistics(config, params, batches)          # for data-aware methods
     convert_checkpoint(src, dst, 1, method="lsq", calibration=stats)
+    convert_checkpoint(src, dst, 2, grouping="similarity", calibration=stats)  # groups by similarity
+    convert_checkpoint(src, dst2, 2, grouping=dst)                # the same groups, from the record
 
 Modules: `methods` (the registry and the built-in methods), `plan` (what a
-conversion changes), `converter` (in memory and streaming), `alignment`
+conversion changes), `grouping` (which heads each group pools), `converter` (in memory and streaming), `alignment`
 (align's maths), `least_squares` (lsq's maths), `calibration` (statistics of
 the source model for data-aware methods). The plausibility of source values
 is checked by every checkpoint reader (`checkpoints.value_limits`). See
@@ -26,6 +28,15 @@ from gqa_t5x.conversion.calibration import (
     save_statistics,
 )
 from gqa_t5x.conversion.converter import convert, convert_checkpoint
+from gqa_t5x.conversion.grouping import (
+    GROUPINGS,
+    Grouping,
+    GroupingStrategy,
+    load_record,
+    pair_costs,
+    partition,
+    permute_heads,
+)
 from gqa_t5x.conversion.least_squares import least_squares_pool
 from gqa_t5x.conversion.methods import (
     ALL_PROJECTIONS,
@@ -54,6 +65,9 @@ from gqa_t5x.model.config import divisors
 
 __all__ = [
     "ALL_PROJECTIONS",
+    "GROUPINGS",
+    "Grouping",
+    "GroupingStrategy",
     "KEY_VALUE",
     "MAX_ABS_VALUE",
     "METHODS",
@@ -73,8 +87,12 @@ __all__ = [
     "group_heads",
     "group_rotations",
     "least_squares_pool",
+    "load_record",
     "load_statistics",
     "merge_heads",
+    "pair_costs",
+    "partition",
+    "permute_heads",
     "plan_conversion",
     "register_method",
     "registered_methods",

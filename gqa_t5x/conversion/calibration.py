@@ -2,9 +2,15 @@
 
 A data-aware method needs, for every attention layer it converts, the second
 moment of the inputs of that layer's query projection, C_q = E[x^T x] over
-real (non-padding) tokens. `collect_statistics` runs the source model on a
-few batches and records them: flax's `intercept_methods` sees the argument of
-every `query` projection's call, so no module has to expose its activations.
+real (non-padding) tokens. The `similarity` grouping (`grouping.py`) needs
+the second moment of the key/value projections' inputs: for self-attention
+the same inputs (C_q), for encoder-decoder attention the encoder output,
+recorded as `key_second_moment` C_k over real encoder tokens (cross layers
+only; files written before it existed still load, without it).
+`collect_statistics` runs the source model on a few batches and records them:
+flax's `intercept_methods` sees the argument of every `query` (and
+cross-attention `key`) projection's call, so no module has to expose its
+activations.
 `save_statistics` / `load_statistics` keep them in one `.npz` file that
 `convert_checkpoint(..., calibration=PATH)` reads.
 
@@ -23,7 +29,9 @@ from typing import Any
 import numpy as np
 
 QUERY_SECOND_MOMENT = "query_second_moment"
+KEY_SECOND_MOMENT = "key_second_moment"
 TOKENS = "tokens"
+KEY_TOKENS = "key_tokens"
 _SEPARATOR = "|"
 
 LayerStatistics = Mapping[str, np.ndarray]
@@ -31,11 +39,13 @@ Statistics = Mapping[str, LayerStatistics]
 
 
 def _capture_fn(config: Any):
-    """A jitted forward pass returning every query projection's inputs."""
+    """A jitted forward pass returning the inputs of every query projection
+    ({prefix: x}) and of every cross-attention key projection
+    ({prefix + _SEPARATOR + 'key': encoder output})."""
     import flax.linen as nn
     import jax
 
-    from gqa_t5x.model import network
+    from gqa_t5x.model import network, param_tree
 
     model = network.Transformer(config)
 
@@ -44,8 +54,12 @@ def _capture_fn(config: Any):
 
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
-            if context.method_name == "__call__" and module.name == "query" and args:
-                captured["/".join(module.path[:-1])] = args[0]
+            if context.method_name == "__call__" and args:
+                prefix = "/".join(module.path[:-1])
+                if module.name == "query":
+                    captured[prefix] = args[0]
+                elif module.name == "key" and len(module.path) > 1 and module.path[-2] == param_tree.DECODER_CROSS_ATTENTION:
+                    captured[prefix + _SEPARATOR + "key"] = args[0]
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
@@ -57,7 +71,7 @@ def _capture_fn(config: Any):
 
 
 def collect_statistics(config: Any, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-    """Second moments of every attention layer's query inputs on `batches`.
+    """Second moments of every attention layer's query (and cross key) inputs on `batches`.
 
     Args:
       config: The source model's `T5Config` (any dtype; float32 is used).
@@ -67,9 +81,10 @@ def collect_statistics(config: Any, params: Any, batches: Iterable[Mapping[str, 
         `decoder_input_tokens` (default: targets shifted right).
 
     Returns:
-      {layer prefix: {QUERY_SECOND_MOMENT: [emb, emb] float64, TOKENS: count}}.
-      Encoder layers average over real encoder tokens, decoder layers
-      (self- and cross-attention) over real decoder positions.
+      {layer prefix: {QUERY_SECOND_MOMENT: [emb, emb] float64, TOKENS: count}},
+      cross-attention layers also {KEY_SECOND_MOMENT: [emb, emb], KEY_TOKENS:
+      count}. Encoder layers and cross keys average over real encoder tokens,
+      decoder queries (self- and cross-attention) over real decoder positions.
 
     Raises:
       ValueError: no batch, or no real token in them.
@@ -85,14 +100,21 @@ def collect_statistics(config: Any, params: Any, batches: Iterable[Mapping[str, 
         targets = np.asarray(batch["decoder_target_tokens"], np.int32)
         inputs = np.asarray(batch.get("decoder_input_tokens", losses.shift_right(targets)), np.int32)
         captured = forward(params, encoder, inputs, targets)
-        for prefix, x in captured.items():
-            mask = (encoder if prefix.startswith("encoder/") else targets) > 0
+        for name, x in captured.items():
+            keys = name.endswith(_SEPARATOR + "key")  # cross-attention keys: the encoder output
+            mask = (encoder if keys or name.startswith("encoder/") else targets) > 0
             rows = np.asarray(x, np.float64)[mask]  # [tokens, emb]
-            sums[prefix] = sums.get(prefix, 0.0) + rows.T @ rows
-            counts[prefix] = counts.get(prefix, 0) + int(rows.shape[0])
+            sums[name] = sums.get(name, 0.0) + rows.T @ rows
+            counts[name] = counts.get(name, 0) + int(rows.shape[0])
     if not counts or min(counts.values()) == 0:
         raise ValueError("collect_statistics saw no real (non-padding) tokens; give it non-empty batches.")
-    return {p: {QUERY_SECOND_MOMENT: sums[p] / counts[p], TOKENS: np.asarray(counts[p])} for p in sorted(sums)}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name in sorted(sums):
+        prefix, _, keys = name.partition(_SEPARATOR)
+        moment, tokens = (KEY_SECOND_MOMENT, KEY_TOKENS) if keys else (QUERY_SECOND_MOMENT, TOKENS)
+        out.setdefault(prefix, {})[moment] = sums[name] / counts[name]
+        out[prefix][tokens] = np.asarray(counts[name])
+    return out
 
 
 def save_statistics(path: str | os.PathLike, statistics: Statistics) -> Path:

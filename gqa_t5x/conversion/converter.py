@@ -22,7 +22,8 @@ import numpy as np
 
 from gqa_t5x import checkpoints
 from gqa_t5x.conversion import calibration as calibration_stats
-from gqa_t5x.conversion.methods import convert_attention, get_method
+from gqa_t5x.conversion import grouping as groupings
+from gqa_t5x.conversion.methods import ALL_PROJECTIONS, convert_attention, get_method
 from gqa_t5x.conversion.plan import plan_conversion, split_attention_path
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import LAYER_KV_HEAD_FIELDS, T5Config
@@ -43,6 +44,7 @@ def convert(
     decoder_cross_kv_heads: int | Sequence[int] | None = None,
     encoder_layer_kv_heads: int | Sequence[int] | None = None,
     calibration: str | calibration_stats.Statistics | None = None,
+    grouping: groupings.GroupingSpec = groupings.CONTIGUOUS,
 ) -> tuple[T5Config, dict[str, Any]]:
     """Converts in-memory parameters to grouped-query attention.
 
@@ -61,11 +63,16 @@ def convert(
         override the uniform targets of their kind (`plan_conversion`).
       calibration: Calibration statistics (a `.npz` path or the mapping
         `calibration.collect_statistics` returns), required by data-aware
-        methods such as `lsq`.
+        methods such as `lsq` and by the `similarity` grouping.
+      grouping: Which source kv heads each group pools: 'contiguous' (the
+        default), 'similarity' (from `calibration`), or a recorded grouping
+        (a converted checkpoint, its record JSON or the mapping of
+        `grouping.Grouping.record`) to reproduce it (`grouping.py`).
 
     Returns:
       (new_config, new_params). Parameters the conversion does not change are
-      the very objects of `params`; converted kernels are float32 numpy arrays.
+      the very objects of `params`; converted and permuted kernels are
+      float32 numpy arrays.
     """
     plan = plan_conversion(
         config,
@@ -78,28 +85,83 @@ def convert(
         encoder_layer_kv_heads=encoder_layer_kv_heads,
         seed=seed,
     )
+    groupings.check_grouping(grouping)
     statistics = _layer_statistics(plan, calibration)
     flat = param_tree.flatten(params)
     expected = param_tree.param_shapes(config)
     missing = [p for p in expected if p not in flat]
     if missing:
         raise ValueError(f"params lack {len(missing)} parameter(s) of the config, e.g. {missing[:3]}.")
+
+    def read(path: str) -> np.ndarray:
+        return np.asarray(flat[path], np.float32)
+
+    chosen = groupings.resolve(plan, grouping, statistics, read)
     out = dict(flat)
-    for prefix, (_, target_kv) in plan.layers.items():
-        kernels = {p: np.asarray(flat[f"{prefix}/{p}/kernel"], np.float32) for p in plan.projections}
-        converted = convert_attention(
-            kernels,
-            num_heads=config.num_heads,
-            head_dim=config.head_dim,
-            target_kv_heads=target_kv,
-            method=method,
-            seed=plan.seed,
-            path=prefix,
-            statistics=statistics.get(prefix),
-        )
-        for p, kernel in converted.items():
+    for prefix in _rewritten_layers(plan, chosen):
+        for p, kernel in _layer_kernels(prefix, plan, chosen, statistics, read).items():
             out[f"{prefix}/{p}/kernel"] = kernel
+    for stack in chosen.relpos:
+        order = chosen.relpos_permutation(stack)
+        if order is not None:
+            out[_relpos_path(stack)] = groupings.permute_relpos(flat[_relpos_path(stack)], order)
     return plan.target, param_tree.unflatten(out)
+
+
+def _relpos_path(stack: str) -> str:
+    """The relative position bias of a stack, e.g. 'decoder/relpos_bias/rel_embedding'."""
+    return f"{stack}/relpos_bias/rel_embedding"
+
+
+def _rewritten_layers(plan: Any, grouping: groupings.Grouping) -> dict[str, tuple[str, ...]]:
+    """Attention prefix -> the projections a conversion rewrites there, in tree order.
+
+    A converted layer rewrites its method's projections; a permuted one
+    (a grouping's order that is not the identity) all four.
+    """
+    out = {}
+    for prefix in dict.fromkeys([*plan.layers, *grouping.orders]):
+        names = set(plan.projections) if prefix in plan.layers else set()
+        if grouping.permutation(prefix) is not None:
+            names |= set(ALL_PROJECTIONS)
+        if names:
+            out[prefix] = tuple(p for p in ALL_PROJECTIONS if p in names)
+    return out
+
+
+def _layer_kernels(prefix: str, plan: Any, grouping: groupings.Grouping, statistics: Mapping[str, Any],
+                   read: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """The new kernels of one attention layer: its heads permuted, then converted.
+
+    Args:
+      prefix: The attention prefix.
+      plan: The `ConversionPlan`.
+      grouping: The conversion's head orders.
+      statistics: Calibration statistics by layer.
+      read: Reads a source parameter by path.
+
+    Returns:
+      {projection: kernel} for exactly `_rewritten_layers(plan, grouping)[prefix]`.
+    """
+    names = _rewritten_layers(plan, grouping)[prefix]
+    kernels = {p: read(f"{prefix}/{p}/kernel") for p in names}
+    order = grouping.permutation(prefix)
+    if order is not None:  # each chosen group becomes a contiguous run of kv heads
+        kernels = groupings.permute_heads(kernels, order, num_heads=plan.source.num_heads,
+                                          head_dim=plan.source.head_dim)
+    if prefix not in plan.layers:
+        return kernels
+    converted = convert_attention(
+        {p: kernels[p] for p in plan.projections},
+        num_heads=plan.source.num_heads,
+        head_dim=plan.source.head_dim,
+        target_kv_heads=plan.layers[prefix][1],
+        method=plan.method,
+        seed=plan.seed,
+        path=prefix,
+        statistics=statistics.get(prefix),
+    )
+    return {**kernels, **converted}
 
 
 def _listed(counts: tuple[int, ...] | None) -> list[int] | None:
@@ -149,6 +211,7 @@ def convert_checkpoint(
     source_format: str | None = None,
     calibration: str | calibration_stats.Statistics | None = None,
     vocab: str | None = None,
+    grouping: groupings.GroupingSpec = groupings.CONTIGUOUS,
 ) -> T5Config:
     """Converts a checkpoint on disk, streaming one attention layer at a time.
 
@@ -185,6 +248,11 @@ def convert_checkpoint(
         such as `lsq` (gin: `converter.convert_checkpoint.calibration`).
       vocab: The SentencePiece model of the source, recorded in the output
         (`checkpoints.vocabulary`); None keeps the source's record, if any.
+      grouping: 'contiguous' (default), 'similarity' (needs `calibration`;
+        first reads each converted layer's key/value kernels to choose the
+        groups) or a recorded grouping (a converted checkpoint, its record
+        JSON or the mapping) to reproduce it without calibration (gin:
+        GROUPING). The record is written to `metadata.conversion.grouping`.
 
     Returns:
       The config of the converted checkpoint.
@@ -193,13 +261,15 @@ def convert_checkpoint(
       FileNotFoundError: no checkpoint at `source`.
       FileExistsError: `output` holds a checkpoint and `overwrite` is False,
         or holds anything else.
-      ValueError: invalid method / head counts, `output` inside `source`, a
-        corrupted source, unusual values, or calibration statistics missing
-        for a method that needs them (nothing is written).
+      ValueError: invalid method / head counts / grouping, `output` inside
+        `source`, a corrupted source, unusual values, calibration statistics
+        missing for a method or grouping that needs them, or a recorded
+        grouping that does not match the request (nothing is written).
     """
     from tqdm.auto import tqdm
 
     get_method(method)
+    groupings.check_grouping(grouping)
     source_path = paths.as_path(source, name="--source")
     output_path = paths.as_path(output, name="--output")
     if paths.is_same_or_inside(output_path, source_path):
@@ -221,6 +291,9 @@ def convert_checkpoint(
         statistics = _layer_statistics(plan, calibration)
 
         read = reader.read  # Checks each value unless allow_unusual_values (`value_limits`).
+        chosen = groupings.resolve(plan, grouping, statistics, read)  # reads kv kernels for 'similarity'
+        rewritten = _rewritten_layers(plan, chosen)
+        relpos = {_relpos_path(stack): chosen.relpos_permutation(stack) for stack in chosen.relpos}
 
         recorded = checkpoints.vocabulary.for_checkpoint(reader, vocab)
         metadata = {
@@ -240,6 +313,9 @@ def convert_checkpoint(
                 "optimizer_state": "fresh (not carried over)",
                 "calibration": str(calibration) if isinstance(calibration, (str, os.PathLike)) else (
                     "in memory" if calibration is not None else None),
+                "grouping": {**chosen.record(), **(
+                    {} if isinstance(grouping, str) and grouping in groupings.GROUPINGS else
+                    {"reproduced_from": "in memory" if isinstance(grouping, Mapping) else str(grouping)})},
             }
         }
         target_shapes = param_tree.param_shapes(plan.target)
@@ -257,22 +333,13 @@ def convert_checkpoint(
             )
             for path, shape in bar:
                 split = split_attention_path(path)
-                if split and split[0] in plan.layers and split[1] in plan.projections:
+                if split and split[1] in rewritten.get(split[0], ()):
                     prefix, proj = split
                     if prefix != layer_prefix:
-                        kernels = {p: read(f"{prefix}/{p}/kernel") for p in plan.projections}
-                        layer_prefix, layer_out = prefix, convert_attention(
-                            kernels,
-                            num_heads=plan.source.num_heads,
-                            head_dim=plan.source.head_dim,
-                            target_kv_heads=plan.layers[prefix][1],
-                            method=method,
-                            seed=plan.seed,
-                            path=prefix,
-                            statistics=statistics.get(prefix),
-                        )
-                        del kernels
+                        layer_prefix, layer_out = prefix, _layer_kernels(prefix, plan, chosen, statistics, read)
                     array = layer_out.pop(proj)
+                elif relpos.get(path) is not None:
+                    array = groupings.permute_relpos(read(path), relpos[path])
                 else:
                     array = read(path)
                 if tuple(array.shape) != tuple(shape):
