@@ -116,6 +116,10 @@ COMMANDS: tuple[Command, ...] = (
             experiments.reproduce_arguments, experiments.run_reproduce, uses_tensorflow=True,
             examples=(f"{PROG} reproduce --output /tmp/gqa_reproduction --seeds 0,1,2",
                       f"{PROG} reproduce --output /tmp/repro_check --reduced")),
+    Command("compare-plan", "Uptrain planned kv-head configurations on a study's model; compare with its uniform GQA.",
+            experiments.compare_plan_arguments, experiments.run_compare_plan, uses_tensorflow=True,
+            examples=(f"{PROG} compare-plan --study /tmp/gqa_reproduction --output /tmp/planned "
+                      "--variant 1,1/4,4 --variant 2,2/1,4",)),
     Command("list", "List registered tasks, conversion methods, checkpoint formats or bench presets.",
             listing.list_arguments, listing.run_list,
             examples=(f"{PROG} list methods", f"{PROG} list tasks", f"{PROG} list")),

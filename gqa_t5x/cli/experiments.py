@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from gqa_t5x import errors
 from gqa_t5x.cli.command import PROG, int_list, ints
@@ -234,4 +235,43 @@ def run_report(args: argparse.Namespace) -> int:
     print(files["table_md"].read_text())
     for name, path in files.items():
         print(f"{name}: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- compare-plan
+def compare_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    required = parser.add_argument_group("required")
+    required.add_argument("--study", required=True, help="A finished `gqa-t5x reproduce` OUTPUT (read only).")
+    required.add_argument("--output", required=True, help="Directory of this comparison's runs (resumable).")
+    required.add_argument("--variant", action="append", required=True, metavar="SELF/CROSS",
+                          help="Decoder self / cross kv heads, one per decoder layer, e.g. 1,1/4,4 (repeatable).")
+    parser.add_argument("--reference", type=int, default=None,
+                        help="The study's uniform GQA-G to compare with (default: the study's GQA variant).")
+    parser.add_argument("--method", default="mean", help="Conversion method (default mean, as the study's GQA).")
+    parser.add_argument("--grouping", default="contiguous", help="Conversion grouping (contiguous or similarity).")
+    parser.add_argument("--seeds", type=int_list(0), default=(0, 1, 2, 3, 4),
+                        help="Uptraining seeds; each is paired with the study's run of that seed.")
+    parser.add_argument("--input_length", type=int, default=2048, help="Input length at which caches are compared.")
+    parser.add_argument("--output_length", type=int, default=512, help="Output length at which caches are compared.")
+    parser.add_argument("--report", default=None, help="Markdown file to write (default OUTPUT/planned.md).")
+
+
+def run_compare_plan(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments.study import planned
+
+    try:
+        settings, _ = planned.settings_of(Path(args.study))
+        reference = args.reference or settings.gqa_kv_heads
+        variants = [planned.parse_variant(v, reference, args.method, args.grouping) for v in args.variant]
+        planned.check_variants(args.study, variants)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    compilation_cache(args.output)
+    results = planned.run_planned(args.study, args.output, variants, seeds=args.seeds,
+                                  shape=(args.input_length, args.output_length))
+    text = planned.markdown(results)
+    report = Path(args.report) if args.report else Path(args.output) / "planned.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text)
+    print(text + f"report: {report}")
     return 0

@@ -212,11 +212,20 @@ class Stages:
                                    output=self.out / "convert" / name, num_kv_heads=kv_heads, method=method,
                                    seed=seed or 0, calibration=statistics if needs_statistics else None)
 
-    def uptrain(self, initial: str, run: UptrainRun) -> dict[float, str]:
+    def uptrain(self, initial: str, run: UptrainRun, *, name: str | None = None,
+                model_bindings: tuple[str, ...] = ()) -> dict[float, str]:
         """Uptrains `run` to the largest of its alphas, keeping a checkpoint at
-        each; returns {alpha: checkpoint}."""
+        each; returns {alpha: checkpoint}.
+
+        Args:
+          initial: The converted (or multi-head) checkpoint it starts from.
+          run: What to train.
+          name: The run's directory and marker name (default `uptrain_run`).
+          model_bindings: Gin bindings of the model beyond NUM_KV_HEADS (a
+            planned variant's DECODER_SELF_KV_HEADS=..., `planned.py`).
+        """
         s = self.s
-        name = uptrain_run(run.kv_heads, s.num_heads, run.method, run.seed)
+        name = name or uptrain_run(run.kv_heads, s.num_heads, run.method, run.seed)
         model_dir = self.out / "uptrain" / name
         alpha_max = max(run.alphas)
         checkpoints_at = {a: str(model_dir / f"checkpoint_{s.pretrain_steps + s.alpha_steps(a)}") for a in run.alphas}
@@ -241,7 +250,7 @@ class Stages:
         self._train(model_dir, initial, run.kv_heads, (
             f"TRAIN_STEPS={s.pretrain_steps + s.alpha_steps(alpha_max)}", f"RANDOM_SEED={run.seed}",
             f"CHECKPOINT_PERIOD={s.checkpoint_period(run.alphas)}", "KEEP_CHECKPOINTS=None",
-            f"INITIAL_DATA_ROW={row}", f"INITIAL_OPTIMIZER_STATE={optimizer_state}"))
+            f"INITIAL_DATA_ROW={row}", f"INITIAL_OPTIMIZER_STATE={optimizer_state}", *model_bindings))
         missing = [p for p in checkpoints_at.values() if not Path(p).is_dir()]
         if missing:
             raise RuntimeError(f"Uptraining {name} did not leave the checkpoints {missing}.")

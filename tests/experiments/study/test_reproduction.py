@@ -22,15 +22,6 @@ from gqa_t5x.experiments.study.settings import StudySettings, check_seeds, eval_
 pytestmark = pytest.mark.study
 
 
-@pytest.fixture(scope="module")
-def reduced_study(tmp_path_factory, shared_dir):
-    out = tmp_path_factory.mktemp("study")
-    code = cli.main(["reproduce", "--output", str(out / "run"), "--reduced", "--seeds", "0,1",
-                     "--shared_dir", str(shared_dir)])
-    assert code == 0
-    return out / "run"
-
-
 @pytest.mark.slow
 def test_reduced_study_runs_every_stage_and_writes_the_report(reduced_study):
     out = reduced_study
