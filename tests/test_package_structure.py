@@ -113,11 +113,11 @@ def test_no_module_is_longer_than_600_lines():
     assert long == {}
 
 
-APPLICATIONS = ("bench", "sweeps", "study")
+APPLICATIONS = ("bench", "planning", "sweeps", "study")
 
 
 def test_experiment_applications_share_only_the_core():
-    """bench/, sweeps/ and study/ import each other nowhere; the core
+    """bench/, planning/, sweeps/ and study/ import each other nowhere; the core
     (experiments/*.py: stages, timing, machine, figures, paper) imports none of them."""
     graph = _graph()
     crossing = set()
@@ -155,6 +155,7 @@ ALLOWED = {
     "launcher": {"gin_config", "storage", "errors"},
     "experiments": {"launcher", "checkpoints", "data", "model", "storage", "errors"},
     "experiments.bench": {"experiments", "conversion", "training", "checkpoints", "model", "storage", "errors"},
+    "experiments.planning": {"experiments", "conversion", "checkpoints", "model", "storage", "errors"},
     "experiments.sweeps": {"experiments", "conversion", "data", "gin_config", "model", "storage", "errors"},
     "experiments.study": {"experiments", "conversion", "checkpoints", "data", "gin_config", "model", "storage",
                           "errors"},

@@ -5,7 +5,7 @@
     gqa-t5x export --checkpoint DST --format huggingface --output OUT
     gqa-t5x train|eval|infer --gin_file=... --gin.MACRO=value
     gqa-t5x cache --gin_file=... --gin.DATA_CACHE_DIR=\\"DIR\\" [--num_shards N --shard_index I]
-    gqa-t5x bench | sweep | quickstart | report | reproduce ...
+    gqa-t5x bench | plan | sweep | quickstart | report | reproduce ...
     gqa-t5x list [tasks|methods|formats|presets]
 
 `python -m gqa_t5x.main` is T5X's launcher command line (`--run_mode=...`)
@@ -98,6 +98,14 @@ COMMANDS: tuple[Command, ...] = (
                 f"{PROG} bench --gin_file gin/models/t5_1_1/xxl.gin --num_encoder_layers 2 "
                 "--num_decoder_layers 2 --num_kv_heads 1,8,64 --output bench/xxl_2_layers",
                 f"{PROG} bench --preset paper --num_partitions 4 --output bench/paper",
+            )),
+    Command("plan", "Rank kv-head configurations: predicted time and KV bytes vs alpha-0 loss (Pareto).",
+            experiments.plan_arguments, experiments.run_plan,
+            examples=(
+                f"{PROG} plan --checkpoint /runs/pretrain/checkpoint_4000 --examples /runs/data/heldout_wikipedia.npz "
+                "--device h100 --input_length 2048 --output_length 512 --batch 32 --output /tmp/plan_h100",
+                f"{PROG} plan --checkpoint CKPT --examples HELDOUT.npz --device cpu --input_length 512 "
+                "--output_length 128 --batch 16 --kv_budget_fraction 0.125 --methods mean,align --output /tmp/plan_cpu",
             )),
     Command("sweep", "Run or print an ablation sweep (convert -> uptrain -> fine-tune -> eval).",
             experiments.sweep_arguments, experiments.run_sweep, accepts_gin=True, uses_tensorflow=True,

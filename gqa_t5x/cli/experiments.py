@@ -1,4 +1,4 @@
-"""The experiments' subcommands: bench, sweep, quickstart, reproduce, report.
+"""The experiments' subcommands: bench, plan, sweep, quickstart, reproduce, report.
 
 Each is a pair of functions: `*_arguments(parser)` adds its flags and
 `run_*(args)` calls the application's Python API (imported when it runs).
@@ -112,6 +112,76 @@ def run_bench(args: argparse.Namespace) -> int:
     results = benchmark.run_benchmark(settings)
     print(bench_report.format_table(results))
     paths = bench_report.write_reports(results, args.output)
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# --------------------------------------------------------------------- plan
+def plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from gqa_t5x.experiments.planning import planner
+
+    required = parser.add_argument_group("required")
+    required.add_argument("--checkpoint", required=True, help="The source (multi-head) checkpoint, any format.")
+    required.add_argument("--examples", required=True,
+                          help="Held-out span-corruption examples: a .npz with encoder_input_tokens [n, in] and "
+                               "decoder_target_tokens [n, out], as `gqa-t5x reproduce` writes (data/heldout_*.npz).")
+    required.add_argument("--device", required=True, choices=sorted(planner.DEVICES),
+                          help="Ceilings of the prediction: cpu = this machine, measured; the others their data "
+                               "sheets' bandwidth and dense matmul peak.")
+    required.add_argument("--input_length", type=int, required=True, help="Encoder tokens per sample predicted.")
+    required.add_argument("--output_length", type=int, required=True, help="Decoded tokens per sample predicted.")
+    required.add_argument("--batch", type=int, required=True, help="Samples decoded together.")
+    required.add_argument("--output", required=True, help="Directory of plan.md, plan.json and plan.png.")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--kv_budget_bytes", type=float,
+                        help="KV-cache bytes (whole batch) the per-layer candidates must fit.")
+    budget.add_argument("--kv_budget_fraction", type=float,
+                        help="Or that share of the source's KV cache (default 0.25 when neither is given).")
+    parser.add_argument("--methods", type=names, default=("mean",),
+                        help="Conversion methods evaluated for every candidate, e.g. mean,align.")
+    parser.add_argument("--groupings", type=names, default=("contiguous",),
+                        help="Query-head groupings of converted candidates: contiguous[,similarity] "
+                             "(similarity where conversion.convert offers it).")
+    parser.add_argument("--max_candidates", type=int, default=40, help="Most candidate configurations.")
+    parser.add_argument("--per_layer", type=int, default=8, help="Most per-layer candidates under the budget.")
+    parser.add_argument("--max_examples", type=int, default=512,
+                        help="Held-out rows scored, evenly spaced over --examples.")
+    parser.add_argument("--calibration", help="A .npz of training examples (same keys as --examples) for the "
+                                              "statistics of data-aware methods (lsq).")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="Dtype of the predicted run (default: float32 on cpu, bfloat16 on accelerators).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of methods that draw random numbers.")
+
+
+def names(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names."""
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments.planning import planner
+    from gqa_t5x.experiments.planning import report as plan_report
+
+    settings = planner.PlanSettings(
+        checkpoint=args.checkpoint, examples=args.examples, device=args.device, input_length=args.input_length,
+        output_length=args.output_length, batch=args.batch, kv_budget_bytes=args.kv_budget_bytes,
+        kv_budget_fraction=args.kv_budget_fraction, methods=args.methods, groupings=args.groupings,
+        per_layer=args.per_layer, max_candidates=args.max_candidates, max_examples=args.max_examples,
+        calibration=args.calibration, dtype=args.dtype, seed=args.seed)
+    try:
+        settings.validate()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    for flag in ("checkpoint", "examples", "calibration"):
+        value = getattr(args, flag)
+        if value and not value.startswith("gs://") and not os.path.exists(value):
+            raise UsageError(f"--{flag} {value}: no such file or directory.")
+    plan = planner.run_plan(settings)
+    print(plan_report.format_table(plan))
+    paths = plan_report.write_reports(plan, args.output)
     print("Wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

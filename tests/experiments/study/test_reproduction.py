@@ -99,6 +99,7 @@ def test_heldout_scores_equal_huggingface_per_example(monkeypatch):
     """`score_params`' loss, correct and token counts against HuggingFace's T5,
     in batches of 2 rows so the last batch is padded."""
     hf_reference = pytest.importorskip("hf_reference")
+    from gqa_t5x.experiments import scoring
     from gqa_t5x.experiments.study import evaluation
 
     hf_model = hf_reference.make_hf_t5(vocab_size=40, d_model=16, num_heads=4, d_kv=4, d_ff=24,
@@ -115,7 +116,7 @@ def test_heldout_scores_equal_huggingface_per_example(monkeypatch):
     log_probs = logits - logits.max(-1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
     real = tgt > 0
-    monkeypatch.setattr(evaluation, "_ROW_BATCH", 2)
+    monkeypatch.setattr(scoring, "_ROW_BATCH", 2)
     got = evaluation.score_params(config, params, {"encoder_input_tokens": enc, "decoder_target_tokens": tgt})
     assert all(v.dtype == np.float64 and v.shape == (3,) for v in got.values())
     np.testing.assert_allclose(got["loss"], -(np.take_along_axis(log_probs, tgt[..., None], -1)[..., 0] * real).sum(-1),
