@@ -44,12 +44,13 @@ from typing import Any
 
 import numpy as np
 
+from gqa_t5x.conversion.grouping import GROUPINGS as conversion_groupings
 from gqa_t5x.experiments import roofline
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config, divisors
 
 KINDS = ("self", "cross")
-GROUPINGS = ("contiguous", "similarity")
+GROUPINGS = tuple(conversion_groupings)  # the conversion's table: 'contiguous', 'similarity'
 FAMILIES = ("uniform", "per-layer", "self-cross")  # in the order `generate` lists them
 ENUMERATE_LIMIT = 100_000
 _ATTENTION = {"self": "self_attention", "cross": "encoder_decoder_attention"}

@@ -27,7 +27,7 @@ config (`losses`' cache) serves all its methods.
 from __future__ import annotations
 
 import dataclasses
-import inspect
+
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -133,15 +133,6 @@ def predict(config: T5Config, device: Device, *, batch: int, input_length: int,
             "kv_bytes": kv, "kv_bytes_per_sample": kv["total"] / batch}
 
 
-def supported_groupings() -> tuple[str, ...]:
-    """Groupings this checkout's `conversion.convert` offers: 'contiguous', and
-    'similarity' once `convert` takes a `grouping` argument."""
-    from gqa_t5x import conversion
-
-    extra = ("similarity",) if "grouping" in inspect.signature(conversion.convert).parameters else ()
-    return ("contiguous", *extra)
-
-
 def load_examples(path: str | Path, max_examples: int | None = None) -> dict[str, np.ndarray]:
     """Span-corruption examples from a `.npz` as the study writes them (`study/data.py`).
 
@@ -210,9 +201,8 @@ def evaluate(source: T5Config, params: Any, candidate: candidate_lib.Candidate, 
     from gqa_t5x.experiments import scoring
 
     started = time.perf_counter()
-    grouping = {} if candidate.grouping == "contiguous" else {"grouping": candidate.grouping}
     config, converted = conversion.convert(source, params, method=method, seed=seed, calibration=calibration,
-                                           **candidate.targets(), **grouping)
+                                           grouping=candidate.grouping, **candidate.targets())
     converted_at = time.perf_counter()
     scores = scoring.score_params(config, converted, examples)
     tokens = float(scores["tokens"].sum())
@@ -258,6 +248,14 @@ class PlanSettings:
     dtype: str | None = None
     seed: int = 0
 
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether a method or grouping of the plan reads calibration statistics."""
+        from gqa_t5x import conversion
+
+        return (any(conversion.get_method(m).needs_calibration for m in self.methods if m in conversion.METHODS)
+                or "similarity" in self.groupings)
+
     def validate(self) -> None:
         """Raises ValueError naming the flag of an invalid setting."""
         from gqa_t5x import conversion
@@ -283,10 +281,11 @@ class PlanSettings:
             needing = [m for m in self.methods if conversion.get_method(m).needs_calibration]
             raise ValueError(f"--methods {','.join(needing)} need calibration statistics: pass --calibration "
                              "FILE.npz (examples of the training split, e.g. the study's data/calibration.npz).")
-        supported = supported_groupings()
-        if not self.groupings or any(g not in supported for g in self.groupings):
-            raise ValueError(f"--groupings={','.join(self.groupings)}: this checkout's conversion.convert offers "
-                             f"{list(supported)} ('similarity' needs conversion.convert(..., grouping=...)).")
+        if not self.groupings or any(g not in candidate_lib.GROUPINGS for g in self.groupings):
+            raise ValueError(f"--groupings={','.join(self.groupings)}: choose from {list(candidate_lib.GROUPINGS)}.")
+        if self.needs_statistics and not self.calibration:
+            raise ValueError("--groupings similarity needs calibration statistics: pass --calibration FILE.npz "
+                             "(examples of the training split, e.g. the study's data/calibration.npz).")
         if self.device not in DEVICES:
             raise ValueError(f"--device={self.device!r} is not a device preset; choose one of {sorted(DEVICES)}.")
 
@@ -329,7 +328,7 @@ def run_plan(settings: PlanSettings, log: Callable[[str], None] = print,
         source, params, **shape, budget_numbers=budget_bytes / device.itemsize, groupings=settings.groupings,
         per_layer=settings.per_layer, max_candidates=settings.max_candidates)
     calibration = None
-    if any(conversion.get_method(m).needs_calibration for m in settings.methods):
+    if settings.needs_statistics:
         calibration_examples = load_examples(settings.calibration, settings.max_examples)
         calibration = conversion.collect_statistics(source, params, [calibration_examples])
     log(f"{len(found)} candidates x {len(settings.methods)} method(s) on {examples['encoder_input_tokens'].shape[0]} "

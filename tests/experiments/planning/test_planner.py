@@ -82,11 +82,10 @@ def test_invalid_settings_name_their_flag(changes, flag):
         settings.validate()
 
 
-def test_similarity_grouping_is_refused_by_name_unless_the_conversion_offers_it():
-    settings = planner.PlanSettings(checkpoint="c", examples="e.npz", device="h100", input_length=8,
-                                    output_length=4, batch=2, groupings=("contiguous", "similarity"))
-    if "similarity" in planner.supported_groupings():
-        settings.validate()
-    else:
-        with pytest.raises(ValueError, match="--groupings=contiguous,similarity"):
-            settings.validate()
+def test_similarity_grouping_needs_calibration_statistics_and_unknown_groupings_are_refused():
+    base = dict(checkpoint="c", examples="e.npz", device="h100", input_length=8, output_length=4, batch=2)
+    with pytest.raises(ValueError, match="--groupings similarity needs calibration statistics: pass --calibration"):
+        planner.PlanSettings(**base, groupings=("contiguous", "similarity")).validate()
+    planner.PlanSettings(**base, groupings=("contiguous", "similarity"), calibration="cal.npz").validate()
+    with pytest.raises(ValueError, match="--groupings=nearest: choose from"):
+        planner.PlanSettings(**base, groupings=("nearest",)).validate()

@@ -53,6 +53,20 @@ def test_cli_plan_writes_the_table_json_and_figure_with_fronts(inputs, capsys):
     assert "| candidate |" in markdown and "plan.png" in markdown and "max(bytes / bandwidth, FLOPs / peak)" in markdown
 
 
+def test_cli_plan_lists_similarity_grouped_candidates_beside_contiguous_ones(inputs, capsys, tmp_path):
+    argv = _argv(inputs, "--max_candidates", "40", "--per_layer", "0", "--groupings", "contiguous,similarity",
+                 "--calibration", str(inputs / "heldout.npz"))
+    argv[argv.index("--output") + 1] = str(tmp_path / "sim")
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "sim" / "plan.json").read_text())["rows"]
+    by_name = {r["candidate"]: r for r in rows}
+    # Every converted candidate is listed with both groupings; the source (no conversion) once.
+    assert {"G=2", "G=2 sim", "G=1", "G=1 sim"} <= set(by_name) and "G=4 sim" not in by_name
+    # MQA has one group: the grouping cannot change it.
+    assert by_name["G=1 sim"]["loss"] == pytest.approx(by_name["G=1"]["loss"], abs=1e-6)
+    assert by_name["G=2 sim"]["time_per_sample_s"] == by_name["G=2"]["time_per_sample_s"]
+
+
 def test_report_table_sorts_by_predicted_time_and_marks_both_fronts():
     rows = [
         {"candidate": "G=4", "family": "uniform", "method": "mean", "kv_bytes": {"total": 4 * 2**20},
