@@ -181,7 +181,11 @@ def run_planned(study: str | Path, output: str | Path, variants: Sequence[Planne
     data = rdata.StudyData(study / "data")
     stages = Stages(out, settings, data, pretrain_seed, log)
     source = str(study / "pretrain" / f"checkpoint_{settings.pretrain_steps}")
-    statistics = study / "stats" / "calibration.npz"
+    statistics = None
+    if any(v.grouping == "similarity" or conversion.get_method(v.method).needs_calibration for v in variants):
+        # Collected here from the study's calibration examples (this version's statistics include what
+        # the similarity grouping reads), into OUTPUT/stats.
+        statistics = stages.calibrate(source)
     heldout = settings.primary_set
     with np.load(study / "data" / f"heldout_{heldout}.npz") as f:
         clusters = np.asarray(f["article"]) if "article" in f.files else None
@@ -196,7 +200,7 @@ def run_planned(study: str | Path, output: str | Path, variants: Sequence[Planne
         converted = out / "convert" / name
         if stages.done(f"convert_{name}") is None:
             start = time.time()
-            needs = conversion.get_method(variant.method).needs_calibration or variant.grouping == "similarity"
+            needs = variant.grouping == "similarity" or conversion.get_method(variant.method).needs_calibration
             conversion.convert_checkpoint(
                 source, converted, method=variant.method, decoder_self_kv_heads=variant.decoder_self,
                 decoder_cross_kv_heads=variant.decoder_cross, grouping=variant.grouping,

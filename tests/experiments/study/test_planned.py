@@ -66,3 +66,20 @@ def test_compare_plan_uptrains_each_seed_on_the_studys_rows_and_pairs_it_with_th
     capsys.readouterr()
     assert cli.main(args) == 0
     assert "[uptrain]" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compare_plan_with_the_similarity_grouping_collects_its_own_statistics_and_records_the_groups(
+        reduced_study, tmp_path):
+    out = tmp_path / "similar"
+    assert cli.main(["compare-plan", "--study", str(reduced_study), "--output", str(out), "--variant", "2/2",
+                     "--grouping", "similarity", "--seeds", "0,1"]) == 0
+    from gqa_t5x.conversion import calibration
+
+    statistics = calibration.load_statistics(out / "stats" / "calibration.npz")
+    assert any("key_second_moment" in layer for layer in statistics.values())  # cross-attention's inputs
+    with checkpoints.open_checkpoint(out / "convert" / "self2_cross2_mean_similarity") as reader:
+        record = reader.metadata["conversion"]["grouping"]
+    assert record["name"] == "similarity" and "decoder/layers_0/encoder_decoder_attention" in record["layers"]
+    [variant] = json.loads((out / "planned.json").read_text())["variants"]
+    assert variant["grouping"] == "similarity" and variant["kv_cache_numbers"] == variant["reference_kv_cache_numbers"]
