@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,6 +152,29 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Orbax tree metadata of local checkpoints read in this process, keyed by the
+# directory and the identity of its _METADATA file (inode, mtime, size): a
+# finished checkpoint does not change, and one written again gets a new file.
+# Orbax reads every leaf's array metadata for it (about 0.1 s for a small
+# training checkpoint), and a run opens its initial and latest checkpoints
+# several times.
+_METADATA_MEMO: dict[tuple[str, int, int, int], Any] = {}
+_METADATA_MEMO_SIZE = 256
+
+
+def _tree_metadata(checkpointer: Any, directory: Path) -> Any:
+    """`checkpointer.metadata(directory)`, remembered for local directories."""
+    if paths.is_remote(directory):
+        return checkpointer.metadata(directory)
+    stat = os.stat(os.path.join(str(directory), METADATA_FILE))
+    key = (str(directory), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if key not in _METADATA_MEMO:
+        if len(_METADATA_MEMO) >= _METADATA_MEMO_SIZE:
+            _METADATA_MEMO.clear()
+        _METADATA_MEMO[key] = checkpointer.metadata(directory)
+    return _METADATA_MEMO[key]
+
+
 class _OrbaxTree:
     """Structure of an Orbax PyTree directory and per-leaf restore."""
 
@@ -172,7 +196,7 @@ class _OrbaxTree:
                     f"was copied or written incompletely."
                 )
             try:
-                meta = self._checkpointer.metadata(self.directory)
+                meta = _tree_metadata(self._checkpointer, self.directory)
             except Exception as e:
                 raise CorruptCheckpointError(
                     f"{self.directory}: unreadable Orbax metadata ({METADATA_FILE}): {e}"

@@ -8,8 +8,10 @@ library versions; the roofline's measured ceilings are added by
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+import sys
 from typing import Any
 
 _GB = 1e9
@@ -55,7 +57,8 @@ def describe() -> dict[str, Any]:
     Returns:
       {'cpu', 'cores', 'memory_gib', 'memory_available_gb', 'load_average',
       'platform', 'jax', 'backend', 'jax_devices'} and, where importable,
-      'torch', 'transformers', 'torch_threads'.
+      'torch', 'transformers' (installed versions) and 'torch_threads' (where torch
+      is loaded).
     """
     import jax
 
@@ -70,12 +73,14 @@ def describe() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
     }
-    try:
-        import torch
-        import transformers
-
-        info.update(torch=torch.__version__, transformers=transformers.__version__,
-                    torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
+    # Versions from the installed distributions: importing torch and
+    # transformers only to name them costs seconds. The thread count is read
+    # where torch is already loaded (the runs that used it).
+    for name in ("torch", "transformers"):
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
     return info

@@ -438,6 +438,32 @@ def test_read_many_of_an_orbax_checkpoint_is_one_restore_and_equals_reading_each
             reader.read_many(["decoder/nope"])
 
 
+def test_an_orbax_checkpoints_metadata_is_read_once_per_process_and_again_when_the_checkpoint_is_rewritten(
+        tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from gqa_t5x.checkpoints import t5x_orbax
+
+    def write(seed):
+        state = {"target": param_tree.unflatten(random_params(SMALL, seed)), "state": {"step": np.int32(5)}}
+        ocp.PyTreeCheckpointer().save(tmp_path / "checkpoint_5" / "state", state, force=True)
+
+    write(1)
+    reads = []
+    original = ocp.PyTreeCheckpointer.metadata
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "metadata", lambda self, d: reads.append(d) or original(self, d))
+    for _ in range(3):
+        with checkpoints.open_checkpoint(tmp_path / "checkpoint_5") as reader:
+            assert reader.config == SMALL
+    assert len(reads) == 1
+    shutil.rmtree(tmp_path / "checkpoint_5")
+    write(2)
+    with checkpoints.open_checkpoint(tmp_path / "checkpoint_5") as reader:
+        np.testing.assert_array_equal(reader.read("decoder/decoder_norm/scale"),
+                                      random_params(SMALL, 2)["decoder/decoder_norm/scale"])
+    assert len(reads) == 2
+
+
 def test_read_many_of_every_other_format_equals_reading_each_parameter(tmp_path):
     flat = random_params(SMALL, 9)
     checkpoints.save(tmp_path / "ours", SMALL, {"params": param_tree.unflatten(flat)}, step=1)
