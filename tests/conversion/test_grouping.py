@@ -60,7 +60,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------ permutations
-@pytest.mark.parametrize("source_kv", [4, 2])
+@pytest.mark.parametrize("source_kv", [4, pytest.param(2, marks=pytest.mark.slow)])
 def test_permuting_heads_of_encoder_self_with_relpos_and_cross_attention_leaves_logits_unchanged(source_kv):
     config = tiny_config(num_kv_heads=source_kv, encoder_num_kv_heads=source_kv)
     params = random_params(config, seed=1)
@@ -133,8 +133,9 @@ def _random_costs(rng, s: int, sizes) -> list:
     return costs
 
 
-@pytest.mark.parametrize("s,sizes", [(4, (2,)), (6, (2,)), (6, (3,)), (8, (2,)), (8, (4,)), (8, (4, 2)),
-                                     (8, (2, 2, 4))])
+@pytest.mark.parametrize("s,sizes", [(4, (2,)), (6, (2,)), (6, (3,)),
+                                     *(pytest.param(s, g, marks=pytest.mark.slow)  # seconds each: exhaustive search
+                                       for s, g in ((8, (2,)), (8, (4,)), (8, (4, 2)), (8, (2, 2, 4))))])
 def test_partition_finds_the_exhaustive_optimum_on_small_cases_with_nested_group_sizes(s, sizes):
     rng = np.random.default_rng(s * 10 + len(sizes))
     for _ in range(4):
@@ -207,7 +208,7 @@ def test_contiguous_grouping_and_its_record_give_the_default_conversion_bit_for_
             assert np.asarray(flat(reproduced)[path]).tobytes() == np.asarray(value).tobytes(), path
 
 
-@pytest.mark.parametrize("method", ["mean", "align"])
+@pytest.mark.parametrize("method", ["mean", pytest.param("align", marks=pytest.mark.slow)])
 def test_streaming_similarity_equals_in_memory_and_its_record_reproduces_it_without_calibration(
         duplicated, tmp_path, method):
     from gqa_t5x import checkpoints

@@ -217,6 +217,7 @@ def test_bfloat16_parameters_decode_mostly_the_float32_tokens():
     assert (got == want).mean() >= 0.75, (got == want).mean()
 
 
+@pytest.mark.slow  # 12 s: the scanned equality of the fast tier covers the mechanism; this adds per-kind counts
 def test_scanned_stack_with_different_self_and_cross_kv_heads_equals_the_unscanned_one():
     # Every decoder layer: self-attention MQA, cross-attention multi-head (different modules, so scan allows it).
     config = _config(num_kv_heads=None, decoder_self_kv_heads=1, decoder_cross_kv_heads=4)

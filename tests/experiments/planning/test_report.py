@@ -53,6 +53,7 @@ def test_cli_plan_writes_the_table_json_and_figure_with_fronts(inputs, capsys):
     assert "| candidate |" in markdown and "plan.png" in markdown and "max(bytes / bandwidth, FLOPs / peak)" in markdown
 
 
+@pytest.mark.slow  # 10 s: a second end-to-end plan
 def test_cli_plan_lists_similarity_grouped_candidates_beside_contiguous_ones(inputs, capsys, tmp_path):
     argv = _argv(inputs, "--max_candidates", "40", "--per_layer", "0", "--groupings", "contiguous,similarity",
                  "--calibration", str(inputs / "heldout.npz"))
