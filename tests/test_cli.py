@@ -43,6 +43,7 @@ def _run(argv, capsys):
     return code, out.out, out.err
 
 
+@pytest.mark.slow  # the fast tier keeps convert-then-export
 def test_cli_convert_hf_to_ours_at_g_equal_h_gives_hf_logits(hf_dir, tmp_path, capsys):
     from gqa_t5x import checkpoints
 
@@ -372,6 +373,7 @@ def test_list_describes_each_entry(capsys):
 
 
 # ---------------------------------------------------------------- grouping
+@pytest.mark.slow
 def test_convert_grouping_flag_and_gin_macro_choose_and_reproduce_groups_and_refuse_unknown_names(tmp_path, capsys):
     from gqa_t5x import checkpoints
     from gqa_t5x.conversion import calibration

@@ -131,6 +131,7 @@ def test_streaming_holds_at_most_one_attention_layer(t5x_tiny, tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------- the methods
+@pytest.mark.slow  # each method's per-layer conversion stays in the fast tier
 def test_first_keeps_each_groups_first_head():
     config = tiny_config()
     params = random_params(config)
@@ -143,6 +144,7 @@ def test_first_keeps_each_groups_first_head():
             np.testing.assert_array_equal(got[path], expected, err_msg=path)
 
 
+@pytest.mark.slow
 def test_random_is_seeded_fresh_t5x_init_with_fan_in_variance():
     config = tiny_config(emb_dim=256, head_dim=64, num_heads=8, num_decoder_layers=1, num_encoder_layers=1)
     params = random_params(config)
@@ -440,6 +442,7 @@ def test_per_layer_streaming_conversion_records_the_per_layer_config_and_equals_
     assert record["num_kv_heads"] == 2
 
 
+@pytest.mark.slow
 def test_a_per_layer_source_is_converted_further_layer_by_layer():
     config = tiny_config(decoder_self_kv_heads=(2, 4), decoder_cross_kv_heads=(4, 2))
     params = random_params(config, seed=4)

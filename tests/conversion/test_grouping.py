@@ -60,6 +60,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------ permutations
+@pytest.mark.slow  # 10 s; the fast tier keeps the lossless similarity merge
 @pytest.mark.parametrize("source_kv", [4, pytest.param(2, marks=pytest.mark.slow)])
 def test_permuting_heads_of_encoder_self_with_relpos_and_cross_attention_leaves_logits_unchanged(source_kv):
     config = tiny_config(num_kv_heads=source_kv, encoder_num_kv_heads=source_kv)
@@ -240,6 +241,7 @@ def test_streaming_similarity_equals_in_memory_and_its_record_reproduces_it_with
 
 
 # ------------------------------------------------------------ statistics
+@pytest.mark.slow
 def test_key_second_moment_is_the_encoder_outputs_second_moment_and_old_files_still_load(tmp_path):
     from gqa_t5x.model import network
 

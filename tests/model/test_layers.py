@@ -53,7 +53,7 @@ def test_every_parameter_of_the_tree_declares_t5x_logical_axes(changes):
 
 def test_init_keeps_plain_float32_params_and_puts_axes_beside_them():
     config = _config()
-    variables = network.init_variables(config, jax.random.PRNGKey(0))
+    variables = jax.jit(lambda rng: network.init_variables(config, rng))(jax.random.PRNGKey(0))  # one program
     assert set(variables) == {"params", layers.AXES_COLLECTION}
     flat = param_tree.flatten(variables["params"])
     assert {k: v.shape for k, v in flat.items()} == param_tree.param_shapes(config)
@@ -65,11 +65,13 @@ def test_init_keeps_plain_float32_params_and_puts_axes_beside_them():
 
 def test_applying_with_a_mutable_cache_leaves_the_axes_alone():
     config = _config()
-    params = network.init_params(config)
+    params = param_tree.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32)
+                                   for p, s in param_tree.param_shapes(config).items()})
     model = network.Transformer(config)
-    encoded = jnp.ones((1, 3, config.emb_dim), jnp.float32)
-    _, state = model.apply({"params": params}, encoded, 4, method=network.Transformer.init_decode_cache,
-                           mutable=["cache"])
+    encoded = jax.ShapeDtypeStruct((1, 3, config.emb_dim), jnp.float32)
+    _, state = jax.eval_shape(  # shapes only: nothing is computed
+        lambda p, e: model.apply({"params": p}, e, 4, method=network.Transformer.init_decode_cache,
+                                 mutable=["cache"]), params, encoded)
     assert set(state) == {"cache"}
 
 

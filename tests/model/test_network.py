@@ -30,10 +30,10 @@ def _shift_right(targets: np.ndarray) -> np.ndarray:
 
 
 def _logits(config, params, enc, dec_in, dec_tgt, **kwargs):
+    """Teacher-forced logits, as one jitted program (eager dispatch of each op costs seconds)."""
     model = network.Transformer(config)
-    return np.asarray(
-        model.apply({"params": params}, enc, dec_in, dec_tgt, enable_dropout=False, **kwargs)
-    )
+    run = jax.jit(lambda p, e, i, t: model.apply({"params": p}, e, i, t, enable_dropout=False, **kwargs))
+    return np.asarray(run(params, enc, dec_in, dec_tgt))
 
 
 PARITY_CONFIGS = [

@@ -88,9 +88,12 @@ def test_module_name_constants_name_the_networks_attention_modules():
 def test_is_cross_attention_picks_the_encoder_decoder_caches_and_kernels():
     config = _config()
     model = network.Transformer(config)
-    encoded = jnp.ones((2, 3, config.emb_dim), jnp.float32)
-    _, variables = model.apply({"params": network.init_params(config)}, encoded, 4,
-                               method=network.Transformer.init_decode_cache, mutable=["cache"])
+    params = param_tree.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32)
+                                   for p, s in param_tree.param_shapes(config).items()})
+    encoded = jax.ShapeDtypeStruct((2, 3, config.emb_dim), jnp.float32)
+    _, variables = jax.eval_shape(  # shapes only: nothing is computed
+        lambda p, e: model.apply({"params": p}, e, 4, method=network.Transformer.init_decode_cache,
+                                 mutable=["cache"]), params, encoded)
     cache = param_tree.flatten(variables["cache"])
     cross = {p for p in cache if param_tree.is_cross_attention(p)}
     assert cross == {"decoder/layers_0/encoder_decoder_attention/cached_key",

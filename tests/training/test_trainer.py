@@ -462,3 +462,32 @@ def test_parameter_shapes_are_compared_and_the_differing_field_and_macro_named()
     with pytest.raises(ValueError, match=r"mlp_dim: model gin 1024 vs checkpoint 2048(?! \(gin)"):
         initial_state.check_param_shapes(T5Config(num_heads=4, mlp_dim=1024),
                                          _ShapesOnly(mha_implicit), "ckpt")
+
+
+@pytest.mark.slow  # 18 s: two lowerings and a compilation of a train step with dropout
+def test_the_compiled_step_takes_the_dropout_key_as_an_argument_so_runs_of_other_seeds_share_its_program():
+    from gqa_t5x.training import partitioning
+
+    config = tiny_config(dropout_rate=0.3)  # dropout on: the key must change the step's result
+    model = models.EncoderDecoderModel(network.Transformer(config))
+    optimizer = optimizers.adafactor()
+    partitioner = partitioning.Partitioner(num_partitions=1)
+    params = model.get_initial_params(jax.random.PRNGKey(0))
+
+    def fresh_state() -> ts.TrainState:
+        copied = jax.tree_util.tree_map(jnp.copy, params)  # the step donates its state
+        return ts.TrainState(step=jnp.asarray(0, jnp.int32), params=copied, opt_state=optimizer.init(copied))
+
+    shardings = jax.tree_util.tree_map(lambda _: partitioner.replicated, fresh_state())
+    step = trainer.compile_train_step(model, optimizer, optimizers.constant_schedule(0.01), shardings, partitioner)
+    rng = np.random.default_rng(0)
+    targets = rng.integers(2, config.vocab_size, (2, 5)).astype(np.int32)
+    batch = {"encoder_input_tokens": rng.integers(2, config.vocab_size, (2, 7)).astype(np.int32),
+             "decoder_target_tokens": targets,
+             "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+             "decoder_loss_weights": np.ones((2, 5), np.float32)}
+    seed_1, seed_2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    # One program for every seed: the persistent compilation cache serves the second run.
+    assert step.lower(fresh_state(), batch, seed_1).as_text() == step.lower(fresh_state(), batch, seed_2).as_text()
+    losses = [float(step(fresh_state(), batch, key)[1]["loss"]) for key in (seed_1, seed_2, seed_1)]
+    assert losses[0] != losses[1] and losses[0] == losses[2]

@@ -33,6 +33,7 @@ def _argv(root, *extra):
             "--input_length", "64", "--output_length", "16", "--batch", "4", "--output", str(root / "out"), *extra]
 
 
+@pytest.mark.slow  # 8 s end to end; the fast tier keeps the table and flag tests
 def test_cli_plan_writes_the_table_json_and_figure_with_fronts(inputs, capsys):
     assert cli.main(_argv(inputs, "--max_candidates", "4", "--per_layer", "1", "--kv_budget_fraction", "0.5")) == 0
     out = capsys.readouterr().out
