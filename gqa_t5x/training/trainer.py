@@ -227,9 +227,10 @@ def compile_train_step(model: models.EncoderDecoderModel, optimizer: optax.Gradi
     """The jitted, sharded train step `(state, batch, dropout_key) -> (state, metrics)`.
 
     The dropout key is an argument of the compiled program, not a constant in
-    it: runs that differ only in their seed (a study's paired seeds, a sweep's
-    repeats) lower to the same program, so the persistent compilation cache
-    serves every run after the first.
+    it: runs with dropout that differ only in their seed (fine-tuning repeats,
+    a sweep's seeds) lower to the same program, so the persistent compilation
+    cache serves every run after the first. (Without dropout the key is
+    unused and the program never depended on it.)
 
     Args:
       model: Provides `loss_fn`.
