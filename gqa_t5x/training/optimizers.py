@@ -25,6 +25,7 @@ unscanned run, and its optimizer state is the unscanned one stacked.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,17 @@ def adafactor(
     """
     if not 0.0 < decay_rate <= 1.0:
         raise ValueError(f"adafactor decay_rate={decay_rate} must be in (0, 1].")
+    return _adafactor(decay_rate, clipping_threshold, multiply_by_parameter_scale, factored,
+                      min_dim_size_to_factor, momentum, epsilon1, weight_decay_rate)
+
+
+# One object per setting: equal settings give the same transformation, so the
+# trainer reuses a run's traced train step in the next run of the process
+# (`trainer.compile_train_step`). Transformations hold no state.
+@functools.lru_cache(maxsize=64)
+def _adafactor(decay_rate: float, clipping_threshold: float | None, multiply_by_parameter_scale: bool,
+               factored: bool, min_dim_size_to_factor: int, momentum: float | None, epsilon1: float,
+               weight_decay_rate: float | None) -> optax.GradientTransformation:
     # optax.adafactor(learning_rate=None)'s chain, state for state, with the
     # two block-RMS steps per layer on stacked leaves.
     chain = [optax.scale_by_factored_rms(factored, decay_rate, 0, min_dim_size_to_factor, epsilon1)]
@@ -160,7 +172,11 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) 
     """
     if warmup_steps <= 0:
         raise ValueError(f"rsqrt_schedule warmup_steps={warmup_steps} must be positive.")
+    return _rsqrt_schedule(base_learning_rate, warmup_steps)
 
+
+@functools.lru_cache(maxsize=64)  # one function per setting, as `_adafactor`
+def _rsqrt_schedule(base_learning_rate: float, warmup_steps: int) -> Schedule:
     def schedule(step: jax.Array | int) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         return base_learning_rate * jax.lax.rsqrt(jnp.maximum(step, float(warmup_steps)))
@@ -179,7 +195,11 @@ def constant_schedule(base_learning_rate: float = 0.001) -> Schedule:
     """
     if base_learning_rate <= 0:
         raise ValueError(f"constant_schedule base_learning_rate={base_learning_rate} must be positive.")
+    return _constant_schedule(base_learning_rate)
 
+
+@functools.lru_cache(maxsize=64)  # one function per setting, as `_adafactor`
+def _constant_schedule(base_learning_rate: float) -> Schedule:
     def schedule(step: jax.Array | int) -> jax.Array:
         return jnp.full((), base_learning_rate, jnp.float32) + 0.0 * jnp.asarray(step, jnp.float32)
 

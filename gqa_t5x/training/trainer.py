@@ -221,6 +221,12 @@ def _close(manager: Any) -> None:
     manager.close()
 
 
+# Compiled train steps of this process, by what they are traced from (see
+# `compile_train_step`); a few, as a process trains a few configurations.
+_STEP_PROGRAMS: dict[tuple, tuple[Callable, tuple]] = {}
+_MAX_STEP_PROGRAMS = 8
+
+
 def compile_train_step(model: models.EncoderDecoderModel, optimizer: optax.GradientTransformation,
                        learning_rate_fn: optimizers.Schedule, shardings: Any, partitioner: partitioning.Partitioner,
                        ) -> Callable[[ts.TrainState, Any, jax.Array], tuple[ts.TrainState, Any]]:
@@ -231,6 +237,12 @@ def compile_train_step(model: models.EncoderDecoderModel, optimizer: optax.Gradi
     a sweep's seeds) lower to the same program, so the persistent compilation
     cache serves every run after the first. (Without dropout the key is
     unused and the program never depended on it.)
+
+    A later run in the same process (a study's or a sweep's next run) with an
+    equal model (type, network config, loss settings), the same optimizer and
+    schedule objects (`optimizers.adafactor` and the schedules return one
+    object per setting) and equal shardings gets the step already traced and
+    compiled, instead of tracing it again.
 
     Args:
       model: Provides `loss_fn`.
@@ -243,11 +255,23 @@ def compile_train_step(model: models.EncoderDecoderModel, optimizer: optax.Gradi
       The step; `dropout_key` is the run's base key (`make_train_step`). The
       state is donated.
     """
+    leaves, treedef = jax.tree_util.tree_flatten(shardings)
+    key = (type(model), model.config, model.z_loss, model.label_smoothing, model.loss_normalizing_factor,
+           id(optimizer), id(learning_rate_fn), treedef, tuple(leaves), partitioner.data_sharding,
+           partitioner.replicated)
+    if key in _STEP_PROGRAMS:
+        return _STEP_PROGRAMS[key][0]
+
     def keyed_step(state: ts.TrainState, batch: Any, dropout_key: jax.Array):
         return make_train_step(model, optimizer, learning_rate_fn, dropout_key)(state, batch)
 
-    return jax.jit(keyed_step, in_shardings=(shardings, partitioner.data_sharding, partitioner.replicated),
+    step = jax.jit(keyed_step, in_shardings=(shardings, partitioner.data_sharding, partitioner.replicated),
                    out_shardings=(shardings, partitioner.replicated), donate_argnums=(0,))
+    if len(_STEP_PROGRAMS) >= _MAX_STEP_PROGRAMS:
+        _STEP_PROGRAMS.pop(next(iter(_STEP_PROGRAMS)))
+    # The optimizer and schedule stay referenced, so their ids in the key stay theirs.
+    _STEP_PROGRAMS[key] = (step, (optimizer, learning_rate_fn))
+    return step
 
 
 def _finished_run(start: initial_state.StartInfo, model_dir: str) -> TrainSummary:

@@ -491,3 +491,22 @@ def test_the_compiled_step_takes_the_dropout_key_as_an_argument_so_runs_of_other
     assert step.lower(fresh_state(), batch, seed_1).as_text() == step.lower(fresh_state(), batch, seed_2).as_text()
     losses = [float(step(fresh_state(), batch, key)[1]["loss"]) for key in (seed_1, seed_2, seed_1)]
     assert losses[0] != losses[1] and losses[0] == losses[2]
+
+
+def test_a_later_run_with_an_equal_model_and_the_same_optimizer_settings_reuses_the_compiled_step():
+    from gqa_t5x.training import partitioning
+
+    partitioner = partitioning.Partitioner(num_partitions=1)
+    shardings = {"params": partitioner.replicated}
+
+    def step_of(config: T5Config, learning_rate: float = 0.01, decay_rate: float = 0.8):
+        model = models.EncoderDecoderModel(network.Transformer(config))  # a new model object per run
+        return trainer.compile_train_step(model, optimizers.adafactor(decay_rate=decay_rate),
+                                          optimizers.constant_schedule(learning_rate), shardings, partitioner)
+
+    first = step_of(tiny_config())
+    assert step_of(tiny_config()) is first  # traced and compiled once for both runs
+    assert step_of(tiny_config(num_kv_heads=2)) is not first
+    assert step_of(tiny_config(), learning_rate=0.02) is not first
+    assert step_of(tiny_config(), decay_rate=0.7) is not first
+    assert optimizers.adafactor() is optimizers.adafactor() and optimizers.rsqrt_schedule() is optimizers.rsqrt_schedule()
