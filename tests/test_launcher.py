@@ -265,7 +265,10 @@ def test_python_dash_m_main_reports_a_bad_head_count_in_one_line(converted, tmp_
 @pytest.mark.parametrize("fault", ["missing_field", "not_json"])
 @pytest.mark.slow
 def test_a_data_error_ends_the_process_promptly_every_time(converted, shared_dir, tmp_path, fault):
-    """Ten fine-tunes on a broken JSONL each exit non-zero within 30 s, with one message.
+    """Ten fine-tunes on a broken JSONL each exit non-zero within 45 s, with one message.
+
+    About 9 s each in one process, 18 s on average beside the other test worker on
+    2 cores (one took 30.5 s there); a hang meets the 60 s timeout instead.
 
     The bad record sits after good ones, so it is met inside the running
     tf.data pipeline (not by the up-front check of each file's first record),
@@ -289,7 +292,7 @@ def test_a_data_error_ends_the_process_promptly_every_time(converted, shared_dir
                       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--run_mode=train", timeout=60)
         elapsed = time.time() - start
         assert proc.returncode in (1, 2), (attempt, proc.returncode, proc.stderr[-2000:])
-        assert elapsed < 30, (attempt, elapsed)
+        assert elapsed < 45, (attempt, elapsed)
         ours = [line for line in proc.stderr.splitlines() if line.startswith("python -m gqa_t5x.main:")]
         assert ours and f"{data}:5" in ours[0], proc.stderr[-2000:]
         assert "terminate called" not in proc.stderr and "Traceback" not in proc.stderr

@@ -248,23 +248,37 @@ def _decode_run_args(config: T5Config):
     return fns.run, params, cache, tokens, key, kernels
 
 
+def compile_times() -> dict[int, list[float]]:
+    """{layers: [train step, decode run]} CPU seconds to compile XXL-shaped programs, 2+2 and 24+24 layers."""
+    jax.config.update("jax_enable_compilation_cache", False)  # time real compilations
+    programs = {}
+    for layers in (2, 24):
+        config = T5Config(num_encoder_layers=layers, num_decoder_layers=layers, **XXL)
+        programs[layers] = (_train_step_args(config), _decode_run_args(config))
+    # Best of two rounds, the sizes interleaved: a hiccup lengthens one run, not a size.
+    times = {layers: [float("inf"), float("inf")] for layers in programs}
+    for _ in range(2):
+        for layers, (train, decode) in programs.items():
+            times[layers][0] = min(times[layers][0], _compile_seconds(*train))
+            times[layers][1] = min(times[layers][1], _compile_seconds(*decode))
+    return times
+
+
 @pytest.mark.slow  # compiles XXL-shaped programs (abstract, nothing allocated): about a minute on 2 cores
 def test_scanned_xxl_train_and_decode_steps_compile_about_as_fast_as_two_layer_ones():
-    previous = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # time real compilations
-    try:
-        programs = {}
-        for layers in (2, 24):
-            config = T5Config(num_encoder_layers=layers, num_decoder_layers=layers, **XXL)
-            programs[layers] = (_train_step_args(config), _decode_run_args(config))
-        # Best of two rounds, the sizes interleaved: a hiccup lengthens one run, not a size.
-        times = {layers: [float("inf"), float("inf")] for layers in programs}
-        for _ in range(2):
-            for layers, (train, decode) in programs.items():
-                times[layers][0] = min(times[layers][0], _compile_seconds(*train))
-                times[layers][1] = min(times[layers][1], _compile_seconds(*decode))
-    finally:
-        jax.config.update("jax_enable_compilation_cache", previous)
+    # In a fresh process: what earlier tests of this worker left in JAX's caches must not time either size.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run([sys.executable, "-c", "import json, test_scan_layers as t; "
+                           "print(json.dumps(t.compile_times()))"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    times = {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
     (train_2, decode_2), (train_24, decode_24) = times[2], times[24]
     print(f"compile CPU s: train {train_2:.1f} (2+2) vs {train_24:.1f} (24+24); "
           f"decode {decode_2:.1f} vs {decode_24:.1f}")
