@@ -85,6 +85,20 @@ def param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
     return {path: shape for path, shape, _ in _tree(config)}
 
 
+def abstract_params(config: T5Config) -> dict[str, Any]:
+    """The unscanned float32 parameter tree of `config`, shapes only (nothing allocated).
+
+    Args:
+      config: the model config.
+
+    Returns:
+      The nested tree of `jax.ShapeDtypeStruct`s, as `param_shapes` orders it
+      (for `jax.eval_shape` and `.lower`).
+    """
+    return unflatten({path: jax.ShapeDtypeStruct(shape, jax.numpy.float32)
+                      for path, shape in param_shapes(config).items()})
+
+
 def param_axes(config: T5Config) -> dict[str, tuple[str, ...]]:
     """Every parameter path with the logical axis names its layer declares.
 

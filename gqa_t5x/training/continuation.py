@@ -96,8 +96,7 @@ class OptimizerSource:
 
 def _abstract_params(config: T5Config) -> dict[str, Any]:
     """The unscanned float32 parameter tree of `config` (shapes only)."""
-    shapes = param_tree.param_shapes(config)
-    return param_tree.unflatten({k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()})
+    return param_tree.abstract_params(config)
 
 
 def _leaf_paths(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -65,8 +65,7 @@ def test_init_keeps_plain_float32_params_and_puts_axes_beside_them():
 
 def test_applying_with_a_mutable_cache_leaves_the_axes_alone():
     config = _config()
-    params = param_tree.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32)
-                                   for p, s in param_tree.param_shapes(config).items()})
+    params = param_tree.abstract_params(config)
     model = network.Transformer(config)
     encoded = jax.ShapeDtypeStruct((1, 3, config.emb_dim), jnp.float32)
     _, state = jax.eval_shape(  # shapes only: nothing is computed

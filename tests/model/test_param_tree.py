@@ -88,8 +88,7 @@ def test_module_name_constants_name_the_networks_attention_modules():
 def test_is_cross_attention_picks_the_encoder_decoder_caches_and_kernels():
     config = _config()
     model = network.Transformer(config)
-    params = param_tree.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32)
-                                   for p, s in param_tree.param_shapes(config).items()})
+    params = param_tree.abstract_params(config)
     encoded = jax.ShapeDtypeStruct((2, 3, config.emb_dim), jnp.float32)
     _, variables = jax.eval_shape(  # shapes only: nothing is computed
         lambda p, e: model.apply({"params": p}, e, 4, method=network.Transformer.init_decode_cache,

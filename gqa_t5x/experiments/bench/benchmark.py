@@ -121,10 +121,7 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
     """
     model = network.Transformer(config)
     encoded = jax.ShapeDtypeStruct((batch, input_length, config.emb_dim), config.activation_dtype)
-    params = param_tree.unflatten({
-        path: jax.ShapeDtypeStruct(shape, jnp.float32)
-        for path, shape in param_tree.param_shapes(config).items()
-    })
+    params = param_tree.abstract_params(config)
     _, variables = jax.eval_shape(
         lambda p, e: model.apply({"params": layer_stack.model_params(p, config)}, e, output_length,
                                  method=network.Transformer.init_decode_cache, mutable=["cache"]),
