@@ -128,6 +128,10 @@ COMMANDS: tuple[Command, ...] = (
             experiments.compare_plan_arguments, experiments.run_compare_plan, uses_tensorflow=True,
             examples=(f"{PROG} compare-plan --study /tmp/gqa_reproduction --output /tmp/planned "
                       "--variant 1,1/4,4 --variant 2,2/1,4",)),
+    Command("compare-studies", "Compare two runs of the study (other seeds): verdicts and every estimate.",
+            experiments.compare_studies_arguments, experiments.run_compare_studies,
+            examples=(f"{PROG} compare-studies /tmp/gqa_reproduction /tmp/gqa_rerun --output /tmp/replication",
+                      f"{PROG} compare-studies docs/reproduction.json /tmp/gqa_rerun --output docs/replication")),
     Command("list", "List registered tasks, conversion methods, checkpoint formats or bench presets.",
             listing.list_arguments, listing.run_list,
             examples=(f"{PROG} list methods", f"{PROG} list tasks", f"{PROG} list")),

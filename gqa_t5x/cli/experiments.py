@@ -345,3 +345,23 @@ def run_compare_plan(args: argparse.Namespace) -> int:
     report.write_text(text)
     print(text + f"report: {report}")
     return 0
+
+
+# ------------------------------------------------------------- compare-studies
+def compare_studies_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("first", help="A finished study: its OUTPUT, its report folder or its reproduction.json.")
+    parser.add_argument("second", help="Another run of the same settings (other --seeds / --pretrain_seed).")
+    parser.add_argument_group("required").add_argument(
+        "--output", required=True, help="Directory for replication.md and replication.json.")
+
+
+def run_compare_studies(args: argparse.Namespace) -> int:
+    from gqa_t5x.experiments.study import replication
+
+    try:
+        result = replication.compare(replication.load(args.first), replication.load(args.second))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    files = replication.write(result, args.output)
+    print(files["markdown"].read_text() + f"report: {files['markdown']}")
+    return 0
