@@ -34,6 +34,17 @@ from paths import SHARED  # noqa: E402
 GCS_TEST_BUCKET = "gqa-tests"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Runs the `slow` tests first, each group in its collected order.
+
+    With two workers (`pytest.ini`: `-n 2 --dist loadgroup`) the long tests then
+    start early and the many short ones fill the end, so one worker does not sit
+    idle while the other finishes a long test (longest-first scheduling). Every
+    worker sorts the same collection the same way, as xdist requires.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The read-only ../shared folder; tests needing it skip when it is absent."""

@@ -20,6 +20,8 @@ from gqa_t5x import cli, gin_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "gin/models/t5_1_1/tiny.gin"
+# One worker builds the module's converted / uptrained / fine-tuned runs (subprocess launches) once.
+pytestmark = pytest.mark.xdist_group("launcher")
 
 
 def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

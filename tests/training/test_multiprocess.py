@@ -36,7 +36,8 @@ from gqa_t5x import gin_config
 
 from paths import REPO, TESTS
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+# One worker runs the module's job fixture once for both tests.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.xdist_group("multiprocess_job")]
 
 TINY = "gin/models/t5_1_1/tiny.gin"
 WORKER = TESTS / "training" / "launch_worker.py"

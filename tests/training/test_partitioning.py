@@ -23,6 +23,9 @@ from gqa_t5x.training import partitioning
 
 from paths import REPO, TESTS
 
+# One worker runs the module's four sharded trainings (one subprocess) once.
+pytestmark = pytest.mark.xdist_group("sharded_runs")
+
 
 def test_mesh_rejects_num_partitions_that_do_not_divide_the_devices():
     with pytest.raises(ValueError, match="num_partitions=3"):

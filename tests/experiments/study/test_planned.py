@@ -11,7 +11,8 @@ from gqa_t5x import cli
 from gqa_t5x.experiments.study import planned
 from gqa_t5x.experiments.study.settings import StudySettings
 
-pytestmark = pytest.mark.study
+# One worker builds the session's reduced study (about 2 minutes) for this module and test_reproduction.py.
+pytestmark = [pytest.mark.study, pytest.mark.xdist_group("reduced_study")]
 
 
 def test_a_variant_is_self_and_cross_counts_and_anything_else_is_refused_by_name():

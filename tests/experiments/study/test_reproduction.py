@@ -19,7 +19,8 @@ from gqa_t5x.experiments.study import stages as study_stages
 from gqa_t5x.experiments.study import data as reproduction_data
 from gqa_t5x.experiments.study.settings import StudySettings, check_seeds, eval_key
 
-pytestmark = pytest.mark.study
+# One worker builds the session's reduced study (about 2 minutes) for this module and test_planned.py.
+pytestmark = [pytest.mark.study, pytest.mark.xdist_group("reduced_study")]
 
 
 @pytest.mark.slow
