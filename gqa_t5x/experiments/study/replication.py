@@ -10,7 +10,8 @@ and supporting contrasts, the beyond-paper cells, the kept optimizer state,
 the loss gaps per number of kv heads, the uptraining saving) a row holds
 both estimates and their difference, and says whether the two are
 *consistent*: |a - b| <= sqrt(h_a^2 + h_b^2), h the half-width of each
-interval, i.e. the 95% interval of an independent difference holds 0. The two
+interval, i.e. the 95% interval of an independent difference holds 0 (two
+numbers without an interval, such as a ratio of mean times, are not judged). The two
 runs score the same held-out examples, so they are not independent in the
 articles; the rule then overstates the difference's spread: it can miss a
 real difference, it does not invent one. A claim *replicates* when both runs
@@ -77,7 +78,7 @@ def compare_values(a: float | None, ia: dict | None, b: float | None, ib: dict |
         return row
     row["difference"] = a - b
     ha, hb = _half(ia), _half(ib)
-    if ha is not None and hb is not None:
+    if ha is not None and hb is not None and (ha > 0 or hb > 0):  # two exact numbers (no interval): not judged
         row["allowed"] = math.hypot(ha, hb)
         row["consistent"] = bool(abs(a - b) <= row["allowed"])
     return row
@@ -204,7 +205,9 @@ def compare(first: dict, second: dict) -> dict:
                         "beyond_replicated": sum(v["replicates"] for v in beyond_verdicts),
                         "beyond": len(beyond_verdicts),
                         "consistent": sum(r["consistent"] for r in judged), "compared": len(judged),
-                        "inconsistent": [f"{r['section']}: {r['name']}" for r in judged if not r["consistent"]]}}
+                        "inconsistent": [f"{r['section']}: {r['name']}" for r in judged if not r["consistent"]],
+                        "opposite_sign": [f"{r['section']}: {r['name']}" for r in rows if r["difference"] is not None
+                                          and r["first"] * r["second"] < 0]}}
 
 
 def _n(x: float | None) -> str:
@@ -234,6 +237,8 @@ def markdown(result: dict) -> str:
              "the runs share the held-out articles, so this rule can miss a difference but does not invent one).", ""]
     if s["inconsistent"]:
         lines += ["Not consistent: " + "; ".join(s["inconsistent"]) + ".", ""]
+    lines += [("Opposite signs in the two runs: " + "; ".join(s["opposite_sign"]) + ".") if s["opposite_sign"]
+              else "Every quantity has the same sign in both runs.", ""]
     if result["stage_wall_time_s"]:
         lines += ["Stage wall times (minutes; each run's markers, every session):", "",
                   "| stage | first | second |", "|---|---|---|"]

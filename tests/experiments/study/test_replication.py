@@ -30,6 +30,8 @@ def test_consistency_is_the_independent_difference_interval_holding_zero():
     assert near["consistent"] is True
     no_interval = replication.compare_values(1.0, None, 1.2, b)
     assert no_interval["difference"] == pytest.approx(-0.2) and no_interval["consistent"] is None
+    exact = replication.compare_values(0.87, {"low": 0.87, "high": 0.87}, 0.85, {"low": 0.85, "high": 0.85})
+    assert exact["difference"] == pytest.approx(0.02) and exact["consistent"] is None
     missing = replication.compare_values(None, None, 1.2, b)
     assert missing["difference"] is None and missing["consistent"] is None
 
@@ -45,6 +47,7 @@ def test_a_study_against_itself_replicates_every_verdict_and_quantity_and_says_i
     assert {"C1 (primary)", "C2 (primary)", "C4 (primary)", "B-align", "kept optimizer state", "groups",
             "uptraining saving", "recipe 2x2", "pre-training"} <= sections
     assert "determinism check, not a replication" in result["independence"]
+    assert s["opposite_sign"] == [] and "Every quantity has the same sign in both runs." in replication.markdown(result)
 
 
 def test_a_changed_verdict_and_a_moved_estimate_are_named(study):
@@ -63,6 +66,7 @@ def test_a_changed_verdict_and_a_moved_estimate_are_named(study):
     assert result["summary"]["claims_replicated"] == result["summary"]["claims"] - 1
     assert [v["id"] for v in result["claims"] if not v["replicates"]] == ["C2"]
     assert result["summary"]["inconsistent"] == [f"C2 (primary): {c2['primary']['name']}"]
+    assert result["summary"]["opposite_sign"] == [f"C2 (primary): {c2['primary']['name']}"]  # -0.0125 -> +0.0046
     assert "no uptraining seed is shared, and the pre-training seeds differ" == result["independence"]
     text = replication.markdown(result)
     assert "| C2 | " in text and "| **no** |" in text and "Not consistent: C2 (primary)" in text
