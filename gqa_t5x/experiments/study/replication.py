@@ -97,14 +97,19 @@ def _by(items: list[dict], key) -> dict:
     return {key(item): item for item in items or []}
 
 
+def _verdict_row(mine: dict, theirs: dict | None) -> dict:
+    """A claim's or finding's verdict in both runs; it replicates when they are equal."""
+    return {"id": mine["id"], "statement": mine["statement"], "first": mine["verdict"],
+            "second": theirs["verdict"] if theirs else None,
+            "replicates": bool(theirs is not None and theirs["verdict"] == mine["verdict"])}
+
+
 def _claim_rows(first: dict, second: dict) -> tuple[list[dict], list[dict]]:
     verdicts, rows = [], []
     other = _by(second.get("claims", []), lambda c: c["id"])
     for c in first.get("claims", []):
         d = other.get(c["id"])
-        verdicts.append({"id": c["id"], "statement": c["statement"], "first": c["verdict"],
-                         "second": d["verdict"] if d else None,
-                         "replicates": bool(d is not None and d["verdict"] == c["verdict"])})
+        verdicts.append(_verdict_row(c, d))
         if not d:
             continue
         parts = [(c.get("primary"), d.get("primary"), "primary")]
@@ -123,9 +128,7 @@ def _beyond_rows(first: dict, second: dict) -> tuple[list[dict], list[dict]]:
     other = _by(second.get("beyond_paper", []), lambda b: b["id"])
     for b in first.get("beyond_paper", []):
         d = other.get(b["id"])
-        verdicts.append({"id": b["id"], "statement": b["statement"], "first": b["verdict"],
-                         "second": d["verdict"] if d else None,
-                         "replicates": bool(d is not None and d["verdict"] == b["verdict"])})
+        verdicts.append(_verdict_row(b, d))
         theirs = _by(d.get("cells", []) if d else [], lambda cell: cell["name"])
         for cell in b.get("cells", []):
             if cell["name"] in theirs:
