@@ -41,7 +41,13 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_huggingface", action="store_true", default=None,
                         help="Skip the HuggingFace transformers comparison.")
     parser.add_argument("--huggingface_repeats", type=int, default=1, help="Timed HuggingFace runs after its warm-up.")
-    parser.add_argument("--memory_fraction", type=float, default=0.5, help="Share of available RAM a run may use.")
+    parser.add_argument("--memory_fraction", type=float,
+                        help="Share of the free memory (the device's, else the host's RAM) a run may plan to use "
+                             "(default 0.5; 'paper': 0.9).")
+    parser.add_argument("--attention_query_chunk", type=int,
+                        help="Queries per block of the encoder's attention (T5Config.attention_query_chunk): one "
+                             "layer holds [batch, heads, chunk, input_length] logits instead of the whole square; "
+                             "0 = one block (default: the gin's ATTENTION_QUERY_CHUNK; 'paper': 256).")
     parser.add_argument("--label", help="Name of the shape in the reports.")
     parser.add_argument("--output", default="bench_decode", help="Report prefix: writes PREFIX.json/.md/.png.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights and inputs.")
@@ -83,6 +89,10 @@ def run_bench(args: argparse.Namespace) -> int:
     config = gin_config.model_config_from_gin(args.gin_file, args.gin_bindings)
     overrides = {k: getattr(args, k) for k in ("num_encoder_layers", "num_decoder_layers")
                  if getattr(args, k) is not None}
+    if args.attention_query_chunk is not None:
+        if args.attention_query_chunk < 0:
+            raise UsageError(f"--attention_query_chunk={args.attention_query_chunk} must be >= 0 (0 = one block).")
+        overrides["attention_query_chunk"] = args.attention_query_chunk or None
     config = config.replace(dtype=args.dtype, param_dtype=args.param_dtype, dropout_rate=0.0, num_kv_heads=None,
                             scan_layers=bool(args.scan_layers or config.scan_layers), **overrides)
     powers = {2**i for i in range(config.num_heads.bit_length()) if config.num_heads % 2**i == 0}

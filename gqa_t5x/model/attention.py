@@ -1,4 +1,4 @@
-"""Grouped-query dot-product attention with T5's relative position biases.
+"""Grouped-query dot-product attention (T5's position bias: `position_bias.py`).
 
 A layer has `num_heads` query heads and `num_kv_heads` key/value heads; query
 head `h` reads key/value head `h // (num_heads // num_kv_heads)` (contiguous
@@ -89,99 +89,6 @@ def combine_masks(*masks: Array | None, dtype: Any = jnp.float32) -> Array | Non
     for m in present[1:]:
         out = jnp.logical_and(out, m.astype(jnp.bool_))
     return out.astype(dtype)
-
-
-# ------------------------------------------------------ relative position bias
-def relative_position_bucket(
-    relative_position: Array,
-    bidirectional: bool = True,
-    num_buckets: int = 32,
-    max_distance: int = 128,
-) -> Array:
-    """T5's bucketing of `memory_position - query_position`.
-
-    Half the buckets (a quarter each way if bidirectional) hold exact small
-    distances; the rest grow logarithmically up to `max_distance`.
-
-    Args:
-      relative_position: Integer array of key minus query positions.
-      bidirectional: Whether keys after the query get their own buckets.
-      num_buckets: Number of buckets.
-      max_distance: Distances beyond this share the last bucket.
-
-    Returns:
-      Int32 bucket ids in `[0, num_buckets)`, same shape as the input.
-    """
-    ret = jnp.zeros_like(relative_position, dtype=jnp.int32)
-    n = -relative_position
-    if bidirectional:
-        num_buckets //= 2
-        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
-        n = jnp.abs(n)
-    else:
-        n = jnp.maximum(n, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    eps = np.finfo(np.float32).eps
-    val_if_large = max_exact + (
-        jnp.log(n.astype(jnp.float32) / max_exact + eps)
-        / np.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).astype(jnp.int32)
-    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
-    return ret + jnp.where(is_small, n, val_if_large)
-
-
-class RelativePositionBiases(nn.Module):
-    """T5's per-head relative position bias, `rel_embedding` `[heads, buckets]`.
-
-    One instance per stack, shared by all its layers.
-
-    Attributes:
-      num_buckets: Number of relative position buckets (32).
-      max_distance: Largest distinguished distance (128).
-      num_heads: Number of query heads.
-      dtype: Dtype of the returned bias.
-    """
-
-    num_buckets: int
-    max_distance: int
-    num_heads: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        qlen: int,
-        klen: int,
-        bidirectional: bool = True,
-        query_offset: Array | int = 0,
-    ) -> Array:
-        """Returns the bias `[1, heads, qlen, klen]`.
-
-        Args:
-          qlen: Number of query positions.
-          klen: Number of key positions.
-          bidirectional: True in the encoder, False in the decoder.
-          query_offset: Position of the first query (the step when decoding).
-        """
-        rel_embedding = layers.param_with_axes(
-            self,
-            "rel_embedding",
-            nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
-            (self.num_heads, self.num_buckets),
-            ("heads", "relpos_buckets"),
-        )  # [heads, buckets]
-        context_position = jnp.arange(qlen, dtype=jnp.int32)[:, None] + query_offset
-        memory_position = jnp.arange(klen, dtype=jnp.int32)[None, :]
-        buckets = relative_position_bucket(
-            memory_position - context_position,
-            bidirectional=bidirectional,
-            num_buckets=self.num_buckets,
-            max_distance=self.max_distance,
-        )  # [qlen, klen]
-        values = jnp.take(rel_embedding, buckets, axis=1)  # [heads, qlen, klen]
-        return values[None].astype(self.dtype)
 
 
 # ------------------------------------------------------------------ attention
@@ -279,6 +186,58 @@ def grouped_dot_product_attention(
     return out.reshape(batch, q_len, heads, head_dim)
 
 
+def attend_in_query_chunks(
+    attend: Any,
+    query: Array,
+    bias: Array | None,
+    mask: Array | None,
+    chunk: int,
+) -> Array:
+    """`attend(query, bias, mask)` run over blocks of `chunk` queries, one after another.
+
+    Attention of a query does not depend on the other queries, so splitting
+    the query axis changes nothing but the memory: one block's logits
+    `[batch, heads, chunk, kv_len]` exist at a time instead of the whole
+    `[batch, heads, q_len, kv_len]`. Each block reads its rows of the bias
+    and mask in place (no blocked copy of them) and is rematerialised
+    (`jax.checkpoint`), so a backward pass recomputes its logits rather than
+    keeping every block's. T5X's attention dropout is broadcast along the
+    query axis, so every block drawing from the same key draws the mask the
+    whole attention would. When `chunk` does not divide the length, the last
+    block starts `q_len - chunk` and rewrites rows the one before it wrote,
+    with the same values.
+
+    Args:
+      attend: `(query, bias, mask) -> [batch, q, heads, head_dim]`, the
+        attention over the full key/value sequence.
+      query: `[batch, q_len, heads, head_dim]`, q_len > chunk.
+      bias: `[batch or 1, heads or 1, q_len or 1, kv_len]` or None.
+      mask: `[batch or 1, heads or 1, q_len or 1, kv_len]` or None.
+      chunk: Queries per block (> 0).
+
+    Returns:
+      `[batch, q_len, heads, head_dim]`.
+    """
+    q_len = query.shape[1]
+    blocks = -(-q_len // chunk)
+
+    def rows(x: Array | None, start: Array, axis: int) -> Array | None:
+        if x is None or x.shape[axis] == 1:  # absent or the same for every query
+            return x
+        return jax.lax.dynamic_slice_in_dim(x, start, chunk, axis)
+
+    block = jax.checkpoint(attend, prevent_cse=False)
+
+    def step(i: Array, out: Array) -> Array:
+        start = jnp.minimum(i * chunk, q_len - chunk)
+        part = block(rows(query, start, 1), rows(bias, start, 2), rows(mask, start, 2))  # [b, chunk, h, d]
+        return jax.lax.dynamic_update_slice_in_dim(out, part.astype(out.dtype), start, 1)
+
+    first = jax.eval_shape(attend, rows(query, 0, 1), rows(bias, 0, 2), rows(mask, 0, 2))
+    out = jnp.zeros(query.shape[:3] + first.shape[3:], first.dtype)  # [batch, q_len, heads, head_dim]
+    return jax.lax.fori_loop(0, blocks, step, out)
+
+
 def fused_implementation(dtype: Any) -> str:
     """The `jax.nn.dot_product_attention` implementation to ask for.
 
@@ -302,6 +261,7 @@ def dot_product_attention(
     deterministic: bool = True,
     float32_logits: bool = True,
     dtype: Any = jnp.float32,
+    query_chunk: int | None = None,
 ) -> Array:
     """`grouped_dot_product_attention` through the fused kernel where it applies.
 
@@ -313,11 +273,21 @@ def dot_product_attention(
     (cuDNN flash attention on GPUs; if cuDNN rejects the shapes, XLA's);
     everything else (attention dropout in training, `float32_logits=False`
     with 16-bit activations) runs the einsums. Arguments and shapes are
-    those of `grouped_dot_product_attention`.
+    those of `grouped_dot_product_attention`; `query_chunk` (queries per
+    block, None = one block) runs it block after block
+    (`attend_in_query_chunks`) when the queries are longer than that.
 
     Returns:
       `[batch, q_len, heads, head_dim]`.
     """
+    if query_chunk is not None and query.ndim == 4 and query.shape[1] > query_chunk:
+        def attend(q: Array, b: Array | None, m: Array | None) -> Array:
+            return dot_product_attention(
+                q, key, value, b, m, dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+                deterministic=deterministic, float32_logits=float32_logits, dtype=dtype,
+            )
+
+        return attend_in_query_chunks(attend, query, bias, mask, query_chunk)
     use_dropout = not deterministic and dropout_rate > 0.0
     exact_logits = float32_logits or jnp.dtype(dtype) == jnp.float32
     if use_dropout or not exact_logits or query.ndim != 4 or key.ndim != 4:
@@ -366,6 +336,8 @@ class MultiHeadDotProductAttention(nn.Module):
       dtype: Computation dtype.
       dropout_rate: Dropout on attention weights.
       float32_logits: Compute logits and softmax in float32.
+      query_chunk: Queries per block of full-sequence attention (None = one
+        block; `dot_product_attention`); the decode step ignores it.
     """
 
     num_heads: int
@@ -376,6 +348,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Any = jnp.float32
     dropout_rate: float = 0.0
     float32_logits: bool = True
+    query_chunk: int | None = None
 
     def setup(self) -> None:
         check_kv_heads(self.num_heads, self.num_kv_heads, name="num_kv_heads")
@@ -535,5 +508,6 @@ class MultiHeadDotProductAttention(nn.Module):
                 deterministic=deterministic,
                 float32_logits=self.float32_logits,
                 dtype=self.dtype,
+                query_chunk=self.query_chunk,
             )  # [batch, q_len, heads, head_dim]
         return self.out(out.reshape(batch, q_len, self.num_heads * self.head_dim))  # [batch, q_len, emb]

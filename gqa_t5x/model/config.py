@@ -261,6 +261,14 @@ class T5Config:
         parameters in bfloat16). Training keeps float32 master weights
         whatever this says; `layer_stack.model_params` casts restored
         parameters to it.
+      attention_query_chunk: Queries per block of full-sequence attention
+        (encoder, teacher-forced decoder; not the one-token decode step):
+        the attention runs block after block, so one layer holds logits of
+        `[batch, heads, chunk, kv_len]` instead of `[batch, heads, q_len,
+        kv_len]` (34 GB in float32 for T5.1.1-XXL at batch 32, input 2048),
+        and a training step recomputes each block's logits in the backward
+        pass instead of keeping them. The numerics are those of unchunked
+        attention. None = one block (T5X's behaviour).
     """
 
     vocab_size: int = 32128
@@ -284,6 +292,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
     scan_layers: bool = False
     param_dtype: Any = "float32"
+    attention_query_chunk: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise sequences coming from gin (lists) into tuples so the config
@@ -303,6 +312,8 @@ class T5Config:
             object.__setattr__(self, field, _layer_counts(getattr(self, field), getattr(self, layers)))
         if isinstance(self.scan_layers, np.bool_):
             object.__setattr__(self, "scan_layers", bool(self.scan_layers))
+        if isinstance(self.attention_query_chunk, np.integer):
+            object.__setattr__(self, "attention_query_chunk", int(self.attention_query_chunk))
         self.validate()
         # One representation per model (equality, hashes, JSON); the counts
         # are valid here, so the canonical fields are too.
@@ -356,6 +367,13 @@ class T5Config:
             raise ValueError(
                 f"T5Config.param_dtype={self.param_dtype!r} is not supported; use "
                 "'float32' or 'bfloat16' (gin: --gin.PARAM_DTYPE=\"'bfloat16'\")."
+            )
+        chunk = self.attention_query_chunk
+        if chunk is not None and (not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool)
+                                  or chunk <= 0):
+            raise ValueError(
+                f"T5Config.attention_query_chunk={chunk!r} must be None (one block) or a positive "
+                "number of queries per block (gin: --gin.ATTENTION_QUERY_CHUNK=512)."
             )
         if not self.mlp_activations:
             raise ValueError("T5Config.mlp_activations must name at least one activation.")

@@ -39,6 +39,7 @@ from flax.linen import partitioning as nn_partitioning
 
 from gqa_t5x.model import attention
 from gqa_t5x.model import layers
+from gqa_t5x.model import position_bias
 from gqa_t5x.model.config import T5Config, resolve_dtype
 
 Array = jax.Array
@@ -108,6 +109,7 @@ class EncoderLayer(nn.Module):
             dtype=dtype,
             dropout_rate=cfg.dropout_rate,
             float32_logits=cfg.float32_attention_logits,
+            query_chunk=cfg.attention_query_chunk,
             name="attention",
         )(x, x, encoder_mask, bias, deterministic=deterministic)
         x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(
@@ -151,6 +153,7 @@ class DecoderLayer(nn.Module):
             dtype=dtype,
             dropout_rate=cfg.dropout_rate,
             float32_logits=cfg.float32_attention_logits,
+            query_chunk=cfg.attention_query_chunk,
         )
         self.pre_self_attention_layer_norm = layers.LayerNorm(dtype=dtype)
         self.self_attention = attention.MultiHeadDotProductAttention(
@@ -227,7 +230,7 @@ class Encoder(nn.Module):
         # Embedding first: parameters are created in T5X's order
         # (token_embedder, then the encoder), which `param_tree` reports.
         x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
-        rel_emb = attention.RelativePositionBiases(
+        rel_emb = position_bias.RelativePositionBiases(
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance,
             num_heads=cfg.num_heads,
@@ -260,7 +263,7 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype)
-        self.relpos_bias = attention.RelativePositionBiases(
+        self.relpos_bias = position_bias.RelativePositionBiases(
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance,
             num_heads=cfg.num_heads,
@@ -558,7 +561,8 @@ def init_variables(config: T5Config, rng: Array, batch: int = 1, length: int = 8
     return Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)
 
 
-def init_params(config: T5Config, seed: int = 0, batch: int = 1, length: int = 8) -> Any:
+def init_params(config: T5Config, seed: int = 0, batch: int = 1, length: int = 8,
+                dtype: Any = jnp.float32, by_layer: bool = False) -> Any:
     """Randomly initialised parameters (T5X initialisers) for `config`.
 
     Args:
@@ -566,9 +570,57 @@ def init_params(config: T5Config, seed: int = 0, batch: int = 1, length: int = 8
       seed: PRNG seed.
       batch: Batch size of the dummy inputs used to trace shapes.
       length: Sequence length of the dummy inputs.
+      dtype: Dtype of the returned leaves; the values are drawn in float32
+        and cast inside the compiled program.
+      by_layer: Initialise one layer per compiled program (the unscanned
+        tree; the same initialisers, other draws than the whole-model
+        program). One program for a whole model holds every parameter's
+        random bits and float32 values at once: for T5.1.1-XXL, XLA:CPU's
+        buffer assignment needs 104 GB (59.6 GB of temporaries beside the
+        44.5 GB of float32 output; 81.9 + 22.3 GB cast to bfloat16), more
+        than an 80 GB chip; layer by layer the peak is the output in `dtype`
+        plus one layer's temporaries.
 
     Returns:
-      The `params` collection (nested dict of float32 arrays).
+      The `params` collection (nested dict of `dtype` arrays).
     """
-    init = jax.jit(lambda rng: init_variables(config, rng, batch, length)["params"])
-    return init(jax.random.PRNGKey(seed))
+    dtype = jnp.dtype(dtype)
+
+    def cast(tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+
+    if by_layer:
+        return _init_params_by_layer(config.replace(scan_layers=False), jax.random.PRNGKey(seed), cast)
+    return jax.jit(lambda rng: cast(init_variables(config, rng, batch, length)["params"]))(
+        jax.random.PRNGKey(seed))
+
+
+def _init_params_by_layer(config: T5Config, rng: Array, cast: Any) -> dict[str, Any]:
+    """`init_params(..., by_layer=True)`: the model without layers, then each layer alone."""
+    shell_config = config.replace(num_encoder_layers=0, num_decoder_layers=0, encoder_layer_kv_heads=None,
+                                  decoder_self_kv_heads=None, decoder_cross_kv_heads=None)
+    params = jax.jit(lambda r: cast(init_variables(shell_config, r)["params"]))(jax.random.fold_in(rng, 0))
+    params = {name: dict(tree) for name, tree in params.items()}
+    x = jnp.ones((1, 2, config.emb_dim), config.activation_dtype)  # [batch, length, emb]
+    bias = jnp.zeros((1, config.num_heads, 2, 2), config.activation_dtype)
+    programs: dict[tuple, Any] = {}  # one compiled program per distinct layer shape
+
+    def layer_program(stack: str, layer: int, heads: tuple[int, ...]) -> Any:
+        """Layer `layer`'s initialisation, compiled once per stack and key/value heads."""
+        if (stack, heads) not in programs:
+            if stack == "encoder":
+                module = EncoderLayer(config=config, layer=layer)
+                init = lambda r: module.init(r, x, None, bias, True)  # noqa: E731
+            else:
+                module = DecoderLayer(config=config, layer=layer)
+                init = lambda r: module.init(r, x, x, None, None, bias, True, False)  # noqa: E731
+            programs[stack, heads] = jax.jit(lambda r: cast(init(r)["params"]))
+        return programs[stack, heads]
+
+    for i in range(config.num_encoder_layers):
+        program = layer_program("encoder", i, (config.kv_heads("encoder", i),))
+        params["encoder"][f"layers_{i}"] = program(jax.random.fold_in(rng, 1000 + i))
+    for i in range(config.num_decoder_layers):
+        program = layer_program("decoder", i, (config.kv_heads("self", i), config.kv_heads("cross", i)))
+        params["decoder"][f"layers_{i}"] = program(jax.random.fold_in(rng, 2000 + i))
+    return {name: dict(sorted(tree.items())) for name, tree in params.items()}  # flax's key order

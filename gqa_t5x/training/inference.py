@@ -239,6 +239,7 @@ def infer(
     allow_unusual_values: bool = False,
     param_dtype: str | None = None,
     scan_layers: bool | None = None,
+    attention_query_chunk: int | None = None,
 ) -> str:
     """`--run_mode=infer`: checkpoint + input file -> predictions JSONL.
 
@@ -267,6 +268,9 @@ def infer(
         None keeps the checkpoint config's.
       scan_layers: SCAN_LAYERS, scan the layers (None: the checkpoint
         config's); the parameters are stacked once after loading.
+      attention_query_chunk: ATTENTION_QUERY_CHUNK, queries per block of the
+        encoder's attention (`T5Config.attention_query_chunk`; None: the
+        checkpoint config's, one block unless it says otherwise).
 
     Returns:
       The predictions file path.
@@ -291,6 +295,8 @@ def infer(
         config = config.replace(param_dtype=param_dtype)
     if scan_layers is not None:
         config = config.replace(scan_layers=scan_layers)
+    if attention_query_chunk is not None:
+        config = config.replace(attention_query_chunk=attention_query_chunk)
     config = config.replace(dropout_rate=0.0)
     # On the host, before the device holds them: stacked for a scanned
     # config and cast to its param_dtype (bfloat16 never lands as float32).

@@ -120,6 +120,49 @@ def test_fused_path_hands_dropout_and_16_bit_logits_to_the_einsums():
     assert attention.fused_implementation(jnp.float32) == "xla"
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8])  # Q_LEN = 5: blocks that divide it, that do not, one block
+@pytest.mark.parametrize("with_bias,with_mask", [(True, True), (False, True), (True, False)])
+def test_attention_in_query_blocks_equals_numpy_attention(chunk, with_bias, with_mask):
+    query, key, value, bias, mask = _inputs(kv_heads=2, seed=6)
+    bias = bias if with_bias else None
+    mask = mask if with_mask else None
+    out = attention.dot_product_attention(query, key, value, bias, mask, query_chunk=chunk)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(query, key, value, bias, mask), atol=1e-5)
+
+
+def test_attention_in_query_blocks_keeps_dropout_masks_and_gradients():
+    """T5X's dropout is broadcast along queries: every block draws the whole attention's mask."""
+    query, key, value, bias, mask = _inputs(kv_heads=2, seed=7)
+    mask[0, :, 2] = 0  # a fully masked query row, cut by the blocks
+    rng = jax.random.PRNGKey(5)
+
+    def attend(chunk, q, k, v, b):
+        return attention.dot_product_attention(q, k, v, b, mask, dropout_rate=0.4, dropout_rng=rng,
+                                               deterministic=False, query_chunk=chunk)
+
+    whole, blocks = attend(None, query, key, value, bias), attend(2, query, key, value, bias)
+    np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), atol=1e-6)
+    grads = [jax.grad(lambda *a, c=c: jnp.sum(jnp.sin(attend(c, *a))), argnums=(0, 1, 2, 3))(query, key, value, bias)
+             for c in (None, 2)]
+    for whole_grad, block_grad in zip(*grads):
+        assert np.abs(np.asarray(whole_grad)).max() > 1e-3
+        np.testing.assert_allclose(np.asarray(block_grad), np.asarray(whole_grad), atol=1e-5)
+
+
+def test_attention_in_query_blocks_holds_one_blocks_logits():
+    """XLA's buffer assignment: 1024 queries in blocks of 128 need a fraction of the temporaries."""
+    b, q, h, d = 2, 1024, 8, 16
+    args = (jax.ShapeDtypeStruct((b, q, h, d), jnp.float32), jax.ShapeDtypeStruct((b, q, 2, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, q, 2, d), jnp.float32), jax.ShapeDtypeStruct((1, h, q, q), jnp.float32))
+    temp = {}
+    for chunk in (None, 128):
+        fn = jax.jit(lambda *a, c=chunk: attention.dot_product_attention(*a, query_chunk=c))
+        temp[chunk] = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    logits = b * h * q * q * 4  # 64 MiB
+    assert temp[None] >= logits  # the whole square exists at once
+    assert temp[128] <= logits / 2, temp
+
+
 def test_shapes_that_cannot_be_grouped_are_rejected():
     query, key, value, _, _ = _inputs(kv_heads=4)
     with pytest.raises(ValueError, match="not a multiple of the 3 key/value heads"):

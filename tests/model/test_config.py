@@ -29,6 +29,8 @@ def _small_config(num_kv_heads: int | None, **kw) -> T5Config:
         (dict(dtype="float64"), "T5Config.dtype='float64' is not supported"),
         (dict(mlp_activations=("gelu", "softplus")), "'softplus'"),
         (dict(emb_dim=0), "T5Config.emb_dim=0 must be a positive integer"),
+        (dict(attention_query_chunk=0), "attention_query_chunk=0 must be None (one block) or a positive"),
+        (dict(attention_query_chunk=2.5), "(gin: --gin.ATTENTION_QUERY_CHUNK=512)"),
     ],
 )
 def test_invalid_configs_fail_at_construction_with_what_to_change(kwargs, message):
@@ -84,6 +86,14 @@ def test_num_kv_heads_is_chosen_from_the_command_line():
     assert mqa.num_kv_heads == 1 and mqa.dtype == "float32"
     with pytest.raises(ValueError, match="NUM_KV_HEADS"):
         gin_config.model_config_from_gin("gin/models/t5_1_1/small.gin", ["NUM_KV_HEADS=4"])
+
+
+def test_attention_query_chunk_is_set_by_its_gin_macro_and_round_trips():
+    config = gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin", ["ATTENTION_QUERY_CHUNK=256"])
+    assert config.attention_query_chunk == 256
+    assert gin_config.model_config_from_gin("gin/models/t5_1_1/xxl.gin").attention_query_chunk is None
+    assert T5Config.from_json(config.to_json()) == config
+    assert T5Config(attention_query_chunk=np.int64(8)).attention_query_chunk == 8
 
 
 def test_missing_gin_file_is_named():

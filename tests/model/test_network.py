@@ -65,11 +65,78 @@ def test_logits_match_huggingface_t5_v1_1(name, hf_kwargs, enc_len, dec_len, enc
     assert np.abs(ref[valid]).max() > 1e-2  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("chunk", [4, 1])
+def test_attention_in_query_blocks_matches_huggingface_t5_v1_1(chunk):
+    """Blocks of 4 queries (dividing neither length 10 nor 9) or of one, with padded rows."""
+    name, hf_kwargs, enc_len, dec_len, enc_pad, dec_pad = PARITY_CONFIGS[1]
+    hf_model = hf_reference.make_hf_t5(seed=len(name), **hf_kwargs)
+    config = hf_reference.our_config_for(hf_model).replace(attention_query_chunk=chunk)
+    params = hf_reference.our_params_for(hf_model, config)
+    rng = np.random.default_rng(len(name))
+    enc = _tokens(rng, len(enc_pad), enc_len, config.vocab_size, enc_pad)
+    tgt = _tokens(rng, len(enc_pad), dec_len, config.vocab_size, dec_pad)
+    dec_in = _shift_right(tgt)
+
+    ours = _logits(config, params, enc, dec_in, tgt)
+    ref = hf_reference.hf_logits(hf_model, enc, dec_in, tgt)
+    valid = tgt > 0
+    assert np.abs(ours - ref)[valid].max() <= 1e-4
+    assert np.abs(ref[valid]).max() > 1e-2
+
+
 def _small_config(num_kv_heads: int | None, **kw) -> T5Config:
     base = dict(vocab_size=64, dtype="float32", emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
                 num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
     base.update(kw)
     return T5Config(num_kv_heads=num_kv_heads, **base)
+
+
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_query_blocks_give_the_same_training_gradients_with_dropout(scan_layers):
+    """A training step's gradients (dropout on: its masks are the whole attention's) do not see the blocks."""
+    config = _small_config(2, dropout_rate=0.3, scan_layers=scan_layers)
+    rng = np.random.default_rng(3)
+    enc, tgt = _tokens(rng, 2, 11, config.vocab_size, [11, 7]), _tokens(rng, 2, 9, config.vocab_size, [9, 4])
+    weights = jnp.asarray(rng.standard_normal((2, 9, config.vocab_size)), jnp.float32)
+    params = network.init_params(config.replace(scan_layers=False), seed=1)
+    if scan_layers:
+        from gqa_t5x.model import layer_stack
+
+        params = layer_stack.stack_layers(params, config)
+
+    def grads(chunk):
+        model = network.Transformer(config.replace(attention_query_chunk=chunk))
+
+        def loss(p):
+            logits = model.apply({"params": p}, enc, _shift_right(tgt), tgt, enable_dropout=True,
+                                 rngs={"dropout": jax.random.PRNGKey(4)})
+            return jnp.sum(jnp.tanh(logits) * weights)
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (whole_loss, whole), (block_loss, blocks) = grads(None), grads(4)
+    np.testing.assert_allclose(float(block_loss), float(whole_loss), rtol=1e-6)
+    for path, value in param_tree.flatten(whole).items():
+        np.testing.assert_allclose(np.asarray(param_tree.flatten(blocks)[path]), np.asarray(value), atol=2e-5,
+                                   err_msg=path)
+
+
+def test_layer_by_layer_initialisation_gives_the_whole_models_tree_in_the_asked_dtype():
+    """The same paths, shapes and key order, the dtype asked for, and the initialisers' spreads."""
+    config = T5Config(vocab_size=300, emb_dim=64, num_heads=8, head_dim=16, mlp_dim=128, num_encoder_layers=3,
+                      num_decoder_layers=2, decoder_cross_kv_heads=(2, 4))
+    whole = param_tree.flatten(network.init_params(config, seed=0))
+    layered = param_tree.flatten(network.init_params(config, seed=0, dtype=jnp.bfloat16, by_layer=True))
+    assert list(layered) == list(whole)
+    for path, value in whole.items():
+        ours = np.asarray(layered[path], np.float32)
+        assert layered[path].dtype == jnp.bfloat16 and ours.shape == value.shape, path
+        spread, expected = ours.std(), np.asarray(value).std()
+        assert abs(spread - expected) <= 0.1 * expected + 1e-6, (path, spread, expected)
+    layer_kernels = [layered[f"encoder/layers_{i}/mlp/wi_0/kernel"] for i in range(3)]
+    assert not np.array_equal(np.asarray(layer_kernels[0]), np.asarray(layer_kernels[1]))  # own draws per layer
+    scanned = network.init_params(config.replace(decoder_cross_kv_heads=None, scan_layers=True), by_layer=True)
+    assert "layers_2" in scanned["encoder"]  # the checkpoint (unscanned) tree, as conversion reads it
 
 
 def _repeat_kv_to_mha(config: T5Config, params) -> dict:

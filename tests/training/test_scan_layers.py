@@ -187,7 +187,7 @@ class _Letters:
 
 
 @pytest.mark.slow
-def test_infer_decodes_a_checkpoint_scanned_with_bfloat16_parameters(tmp_path, params):
+def test_infer_decodes_a_checkpoint_scanned_with_bfloat16_parameters_and_query_blocks(tmp_path, params):
     from gqa_t5x.training import inference
 
     config = _config()
@@ -195,14 +195,14 @@ def test_infer_decodes_a_checkpoint_scanned_with_bfloat16_parameters(tmp_path, p
     (tmp_path / "in.txt").write_text("abc\nhello\nzz\n")
     out = inference.infer(checkpoint_path=str(tmp_path / "ckpt"), input_file=str(tmp_path / "in.txt"),
                           task_feature_lengths={"inputs": 8, "targets": 5}, batch_size=2, vocabulary=_Letters(),
-                          param_dtype="bfloat16", scan_layers=True)
+                          param_dtype="bfloat16", scan_layers=True, attention_query_chunk=3)
     got = [line for line in (tmp_path / "in-predictions.jsonl").read_text().splitlines()]
     assert out.endswith("in-predictions.jsonl") and len(got) == 3
     enc = np.zeros((3, 8), np.int32)
     for i, text in enumerate(("abc", "hello", "zz")):
         ids = _Letters().encode(text) + [1]
         enc[i, : len(ids)] = ids
-    bf16 = config.replace(param_dtype="bfloat16")  # unscanned: the same tokens
+    bf16 = config.replace(param_dtype="bfloat16")  # unscanned, one block: the same tokens
     direct = decoding.decode(bf16, params, enc, decoding.DecodingSpec(max_decode_length=5))
     for i, line in enumerate(got):
         n = int(direct.lengths[i])

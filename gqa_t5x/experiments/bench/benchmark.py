@@ -74,7 +74,8 @@ class BenchSettings:
       repeats: Timed runs after the warm-up; the fastest is reported.
       huggingface: Also time HuggingFace transformers T5.
       huggingface_repeats: Timed HuggingFace runs after its warm-up.
-      memory_fraction: Share of the available RAM a run may plan to use.
+      memory_fraction: Share of the free memory a run may plan to use (the
+        device's on an accelerator, else the host's available RAM).
       seed: Seed of parameters and inputs.
       label: Name of the shape in reports (e.g. 'large-like').
       bandwidth_mb: Buffer size of the bandwidth measurement.
@@ -140,20 +141,76 @@ def weight_bytes(config: T5Config) -> int:
     return sum(int(np.prod(s)) for s in param_tree.param_shapes(config).values()) * config.parameter_dtype.itemsize
 
 
-def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> int:
-    """Rough peak memory of one timed variant: its weights, its cache, and one layer's
-    largest activations (attention logits in float32, MLP hidden and the logits in
-    the activation dtype) with a 1.5x working margin."""
-    act = jnp.dtype(config.activation_dtype).itemsize
-    cache = sum(cache_bytes(config, batch, input_length, output_length).values())
-    attention = batch * config.num_heads * input_length * input_length * 4
-    mlp = batch * input_length * config.mlp_dim * act * len(config.mlp_activations)
-    logits = batch * output_length * config.vocab_size * 4
-    return weight_bytes(config) + cache + int(1.5 * (attention + mlp + logits))
+# Float32 temporaries of an attention block's logits size that XLA keeps at once
+# (logits, masked + biased logits, softmax): its compiled buffer assignment of
+# the encoder holds 2.3-3.4 of them (XLA:CPU, `Compiled.memory_analysis`; tests/
+# experiments/bench/test_benchmark.py checks the estimate stays above it).
+_LOGIT_TEMPORARIES = 4
+
+
+def _converted_bytes(config: T5Config) -> int:
+    """Bytes of the decoder key/value kernels, the parameters a conversion replaces."""
+    return config.parameter_dtype.itemsize * sum(
+        int(np.prod(shape)) for path, shape in param_tree.param_shapes(config).items()
+        if path.startswith("decoder/") and path.split("/")[-2] in ("key", "value"))
+
+
+def encoder_activation_bytes(config: T5Config, batch: int, input_length: int) -> int:
+    """Largest activations of one encoder layer: `_LOGIT_TEMPORARIES` float32 copies of
+    one query block's logits `[batch, heads, block, input_length]` (block =
+    `config.attention_query_chunk` or the whole input) beside the full relative
+    bias and mask (two float32 copies each), and the MLP's hidden layer with a
+    1.5x working margin."""
+    block = min(input_length, config.attention_query_chunk or input_length)
+    attention = (_LOGIT_TEMPORARIES * batch * config.num_heads * block * input_length * 4
+                 + 2 * (config.num_heads + batch) * input_length * input_length * 4)
+    mlp = batch * input_length * config.mlp_dim * config.activation_dtype.itemsize * len(config.mlp_activations)
+    return attention + int(1.5 * mlp)
+
+
+def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_length: int,
+                        kv_heads: tuple[int, ...] | None = None) -> int:
+    """Rough peak memory of a shape timed one variant at a time.
+
+    The multi-head weights are held throughout (each variant is converted
+    from them; twice under `scan_layers`: the checkpoint tree and the
+    stacked one) and the encoder output from the encoder phase on. On top of
+    them, the larger of the two phases: the encoder's activations
+    (`encoder_activation_bytes`), or one variant's decoding: its weights
+    (`_variant_weight_bytes`), its cache and a step's float32 logits with a
+    1.5x margin.
+
+    Args:
+      config: The multi-head model.
+      batch, input_length, output_length: The shape.
+      kv_heads: The variants (default: the multi-head model alone).
+
+    Returns:
+      Bytes.
+    """
+    encoded = batch * input_length * config.emb_dim * config.activation_dtype.itemsize
+    step_logits = int(1.5 * batch * config.vocab_size * 4)
+    decoding = 0
+    for g in kv_heads or (config.num_kv_heads,):
+        variant = config.replace(num_kv_heads=g)
+        cache = sum(cache_bytes(variant, batch, input_length, output_length).values())
+        decoding = max(decoding, _variant_weight_bytes(config, g) + cache + step_logits)
+    phases = max(encoder_activation_bytes(config, batch, input_length), decoding)
+    return weight_bytes(config) * (2 if config.scan_layers else 1) + encoded + phases
+
+
+def _variant_weight_bytes(base: T5Config, g: int) -> int:
+    """Bytes a variant's weights add to the multi-head ones held beside them: none for
+    the multi-head model itself, the converted key/value kernels of a variant (it
+    shares the rest), or a whole stacked copy under `scan_layers`."""
+    if g == base.num_kv_heads:
+        return 0
+    variant = base.replace(num_kv_heads=g)
+    return weight_bytes(variant) if base.scan_layers else _converted_bytes(variant)
 
 
 def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int,
-               budget: int | None) -> tuple[int, str]:
+               budget: int | None, kv_heads: tuple[int, ...] | None = None) -> tuple[int, str]:
     """The batch asked for (`cap`) when its estimated peak fits `budget`, else the largest
     halving of it that fits, and why.
 
@@ -163,14 +220,20 @@ def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int
     """
     if budget is None:
         return cap, f"batch {cap} as asked (no memory budget known)"
-    need = estimate_peak_bytes(config, cap, input_length, output_length) / 1e9
+    need = estimate_peak_bytes(config, cap, input_length, output_length, kv_heads) / 1e9
     batch = cap
-    while batch > 1 and estimate_peak_bytes(config, batch, input_length, output_length) > budget:
+    while batch > 1 and estimate_peak_bytes(config, batch, input_length, output_length, kv_heads) > budget:
         batch //= 2
     if batch == cap:
         return cap, f"batch {cap} as asked (estimated peak {need:.1f} GB of a {budget / 1e9:.1f} GB budget)"
+    hints = ["a larger --memory_fraction"]
+    if not config.attention_query_chunk or config.attention_query_chunk > 64:
+        hints.append("a smaller --attention_query_chunk")
+    if jax.default_backend() != "cpu":
+        hints.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's share of the device)")
     return batch, (f"batch {batch}, not the {cap} asked: batch {cap} needs an estimated {need:.1f} GB, over the "
-                   f"{budget / 1e9:.1f} GB budget (--memory_fraction of the device's free memory)")
+                   f"{budget / 1e9:.1f} GB budget (--memory_fraction of the device's free memory); to run it, "
+                   f"give {', '.join(hints[:-1]) + ' or ' + hints[-1] if len(hints) > 1 else hints[0]}")
 
 
 # ------------------------------------------------------------------ timing
@@ -433,12 +496,16 @@ class _Placement:
 
 def _variants_fit_together(base: T5Config, kv_heads, batch: int, n_in: int, n_out: int,
                             budget: int | None) -> bool:
-    """Whether every variant's weights and cache fit the budget at once (for interleaved rounds)."""
+    """Whether every variant's weights and cache fit the budget at once (for interleaved
+    rounds), beside the multi-head weights and the encoder output."""
     if budget is None:
         return True
-    configs = [base.replace(num_kv_heads=g) for g in kv_heads]
-    held = sum(weight_bytes(c) + sum(cache_bytes(c, batch, n_in, n_out).values()) for c in configs)
-    return held + estimate_peak_bytes(base, batch, n_in, n_out) - weight_bytes(base) <= budget
+    held = (weight_bytes(base) * (2 if base.scan_layers else 1)
+            + batch * n_in * base.emb_dim * base.activation_dtype.itemsize)
+    for g in kv_heads:
+        held += _variant_weight_bytes(base, g) + sum(
+            cache_bytes(base.replace(num_kv_heads=g), batch, n_in, n_out).values())
+    return held + int(1.5 * batch * base.vocab_size * 4) <= budget
 
 
 def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget=None):
@@ -547,15 +614,16 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
         f"{machine['matmul_peak_gflops']} GFLOP/s"
         + (f"; published for {machine['device_kind']}: {machine['published']}" if machine["published"] else ""))
     clock = _wall()
-    mha_params = network.init_params(base, settings.seed)  # one copy, shared by the variants
-    log(f"[bench] MHA parameters initialised in {_wall() - clock:.1f} s")
-    if base.scan_layers:  # conversion reads the unstacked (checkpoint) tree
-        mha_params = layer_stack.unstack_layers(mha_params, base)
-    budget = _memory_budget_bytes()
+    budget = _memory_budget_bytes()  # before the weights: the estimate counts them
     budget = int(budget * settings.memory_fraction) if budget else None
+    # One copy in the variants' dtype, shared by them (conversion replaces only the
+    # decoder's key/value kernels), drawn a layer at a time (the whole-model program
+    # would hold every float32 value at once: 104 GB at XXL).
+    mha_params = network.init_params(base, settings.seed, dtype=base.parameter_dtype, by_layer=True)
+    log(f"[bench] MHA parameters initialised in {_wall() - clock:.1f} s")
     rows, hf_rows = [], []
     for n_in, n_out, cap in itertools.product(settings.input_lengths, settings.output_lengths, settings.batch_caps):
-        batch, why = pick_batch(base, cap, n_in, n_out, budget)
+        batch, why = pick_batch(base, cap, n_in, n_out, budget, settings.num_kv_heads)
         log(f"[bench] {why}")
         shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget)
         for row in shape_rows:

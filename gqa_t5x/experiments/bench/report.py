@@ -99,7 +99,10 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         f"Model: emb {cfg['emb_dim']}, {cfg['num_heads']} heads x {cfg['head_dim']}, mlp {cfg['mlp_dim']}, "
         f"{cfg['num_encoder_layers']} encoder / {cfg['num_decoder_layers']} decoder layers, vocab {cfg['vocab_size']}, "
-        f"activations {cfg['dtype']}, {cfg.get('param_dtype', 'float32')} weights. Greedy, fixed output length; fastest of "
+        f"activations {cfg['dtype']}, {cfg.get('param_dtype', 'float32')} weights"
+        + (f", encoder attention in blocks of {cfg['attention_query_chunk']} queries"
+           if cfg.get("attention_query_chunk") else "")
+        + ". Greedy, fixed output length; fastest of "
         f"{results['settings']['repeats']} timed runs after a warm-up "
         f"(HuggingFace: {results['settings'].get('huggingface_repeats', 1)}).",
         "",
