@@ -68,9 +68,9 @@ def prepare(work: Path, steps: list[int]) -> tuple[Path, Path]:
     """A step-0 GQA-2 tiny checkpoint, the cache, and a run checkpointed at `steps`."""
     code = (
         "from gqa_t5x import checkpoints, gin_config, conversion\n"
-        "from gqa_t5x.model import network\n"
+        "from gqa_t5x.model import initialization\n"
         f"cfg = gin_config.model_config_from_gin('{TINY}').replace(dtype='float32')\n"
-        f"checkpoints.save('{work}/mha/checkpoint_0', cfg, network.init_params(cfg, seed=0), step=0)\n"
+        f"checkpoints.save('{work}/mha/checkpoint_0', cfg, initialization.init_params(cfg, seed=0), step=0)\n"
         f"conversion.convert_checkpoint('{work}/mha/checkpoint_0', '{work}/gqa/checkpoint_0', 2,"
         " progress=False)\n"
     )

@@ -34,9 +34,9 @@ def random_params(config: T5Config, seed: int = 0) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _random_flat_params(config: T5Config, seed: int) -> dict[str, np.ndarray]:
-    from gqa_t5x.model import network
+    from gqa_t5x.model import initialization
 
-    params = param_tree.flatten(network.init_params(config, seed=seed))
+    params = param_tree.flatten(initialization.init_params(config, seed=seed))
     rng = np.random.default_rng(seed + 100)
     out = {}
     for path, value in params.items():

@@ -79,11 +79,11 @@ def converted(shared_dir, tmp_path_factory):
     """A random tiny T5.1.1 at step 1000, converted to GQA-2 (mean pooling)."""
     from gqa_t5x import checkpoints
     from gqa_t5x import conversion
-    from gqa_t5x.model import network
+    from gqa_t5x.model import initialization
 
     root = tmp_path_factory.mktemp("e2e")
     config = gin_config.model_config_from_gin(str(REPO / TINY)).replace(dtype="float32")
-    checkpoints.save(root / "mha" / "checkpoint_1000", config, network.init_params(config, seed=0), step=1000)
+    checkpoints.save(root / "mha" / "checkpoint_1000", config, initialization.init_params(config, seed=0), step=1000)
     conversion.convert_checkpoint(root / "mha" / "checkpoint_1000", root / "gqa" / "checkpoint_1000", 2,
                                   progress=False)
     return root

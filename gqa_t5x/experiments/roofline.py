@@ -246,7 +246,7 @@ def cache_numbers(cfg: T5Config, batch: int, input_length: int, output_length: i
     Returns:
       {'self': decoder self-attention keys and values, 'cross':
       encoder-decoder keys and values} for the whole batch (times the
-      activation itemsize for bytes; `bench.benchmark.cache_bytes` counts the
+      activation itemsize for bytes; `bench.memory.cache_bytes` counts the
       same from the cache's abstract shapes). Each layer counts with its own
       kv heads of that kind.
     """

@@ -36,6 +36,7 @@ import numpy as np
 from gqa_t5x.model import decoding
 from gqa_t5x.model import layer_stack
 from gqa_t5x.model import losses
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
 
@@ -139,7 +140,7 @@ class EncoderDecoderModel:
         config, which a scanned training state keeps (checkpoints unstack it,
         `TrainState.to_tree`).
         """
-        return network.init_variables(self.config, rng, batch_size, length)["params"]
+        return initialization.init_variables(self.config, rng, batch_size, length)["params"]
 
     # ------------------------------------------------------------------ loss
     def compute_logits(

@@ -5,7 +5,7 @@ naming: T5X's parameter paths (the tree under `target/` in a T5X checkpoint),
 written as '/'-joined strings such as
 `decoder/layers_0/self_attention/key/kernel`. The paths, shapes and logical
 axes of a config are read from the network itself (`jax.eval_shape` of
-`network.init_variables`, cached per config), so the tree is written down in
+`initialization.init_variables`, cached per config), so the tree is written down in
 one place: `network.py` and `layers.py`. The module names below let callers
 test a path without spelling them; `tests/model/test_param_tree.py` checks
 them against the network. The names other formats give these paths
@@ -23,7 +23,7 @@ import jax
 from flax.linen import partitioning as nn_partitioning
 
 from gqa_t5x.model import layers
-from gqa_t5x.model import network
+from gqa_t5x.model import initialization
 from gqa_t5x.model.config import T5Config
 
 # Attention sub-modules and which key/value head count each one uses.
@@ -50,7 +50,7 @@ def _unscanned_tree(config: T5Config) -> tuple[tuple[str, tuple[int, ...], tuple
     order: list[str] = []
 
     def init(rng: jax.Array) -> dict[str, Any]:
-        variables = network.init_variables(config, rng)
+        variables = initialization.init_variables(config, rng)
         # `eval_shape` returns dicts with sorted keys ('layers_10' before
         # 'layers_2'); inside the trace they are in creation order, T5X's.
         order.extend(flatten(variables["params"]))

@@ -18,6 +18,7 @@ from gqa_t5x import checkpoints
 from gqa_t5x import cli
 from gqa_t5x.data import vocabularies
 from gqa_t5x.model import decoding
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
 from gqa_t5x.training import train_state as ts
@@ -45,7 +46,7 @@ def test_a_record_names_the_file_and_its_hash_and_a_changed_file_is_refused(spm)
 
 @pytest.mark.slow
 def test_convert_records_the_vocabulary_and_a_second_conversion_keeps_it(spm, tmp_path):
-    checkpoints.save(tmp_path / "mha", CONFIG.replace(num_kv_heads=4), network.init_params(
+    checkpoints.save(tmp_path / "mha", CONFIG.replace(num_kv_heads=4), initialization.init_params(
         CONFIG.replace(num_kv_heads=4), seed=0), step=5)
     assert cli.main(["convert", "--source", str(tmp_path / "mha"), "--output", str(tmp_path / "gqa"),
                      "--num_kv_heads", "2", "--vocab", str(spm), "--no_progress"]) == 0
@@ -101,7 +102,7 @@ def test_eval_and_infer_take_the_recorded_vocabulary_when_vocab_path_is_none():
 
 
 def test_export_without_a_known_vocabulary_is_refused_before_writing(tmp_path, capsys):
-    checkpoints.save(tmp_path / "ckpt", CONFIG, network.init_params(CONFIG, seed=0), step=5)
+    checkpoints.save(tmp_path / "ckpt", CONFIG, initialization.init_params(CONFIG, seed=0), step=5)
     out = tmp_path / "hf"
     code = cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "huggingface",
                      "--output", str(out), "--no_progress"])
@@ -117,7 +118,7 @@ def test_the_export_loads_in_huggingface_alone_and_generates_our_greedy_tokens(s
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    params = network.init_params(CONFIG, seed=3)
+    params = initialization.init_params(CONFIG, seed=3)
     checkpoints.save(tmp_path / "ckpt", CONFIG, params, step=5)
     assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "huggingface",
                      "--output", str(tmp_path / "hf"), "--vocab", str(spm), "--no_progress"]) == 0

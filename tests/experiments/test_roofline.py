@@ -2,7 +2,7 @@
 
 Weight numbers are summed from the network's real parameter tree
 (`param_tree.param_shapes`), cache numbers from the decoding cache the network
-allocates (`benchmark.cache_bytes`, abstract shapes), matmul FLOPs as 2 x the
+allocates (`memory.cache_bytes`, abstract shapes), matmul FLOPs as 2 x the
 kernel's numbers per token it is applied to, attention FLOPs as 2 x the
 multiply-adds of the `q k^T` and `p v` contractions written out per step.
 The machine measurements are checked with a fake timer.
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from gqa_t5x.experiments.bench import benchmark
+from gqa_t5x.experiments.bench import memory
 from gqa_t5x.experiments import roofline
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -122,7 +122,7 @@ def test_cache_build_reads_the_cross_kv_kernels_and_encoding_and_writes_the_cach
     cfg = CONFIGS[name]
     batch, length = 3, 6
     kernels = _numbers(cfg, _is_cross_kv)
-    cross_cache = benchmark.cache_bytes(cfg, batch, length, 4)["cross"]  # bytes, float32
+    cross_cache = memory.cache_bytes(cfg, batch, length, 4)["cross"]  # bytes, float32
     cost = roofline.cache_build_cost(cfg, batch, length)
     assert cost.bytes == 4 * (kernels + batch * length * cfg.emb_dim) + cross_cache
     assert cost.flops == 2 * batch * length * kernels
@@ -151,8 +151,8 @@ def test_decode_step_bytes_average_the_cache_positions_read_over_the_steps(name,
     batch, n_in, n_out = 2, 5, 4
     rows = batch * beam
     # The network's self-attention cache holds n_out positions per row; its cross cache n_in per example.
-    self_per_position = benchmark.cache_bytes(cfg, rows, n_in, n_out)["self"] / n_out
-    cross = benchmark.cache_bytes(cfg, batch, n_in, n_out)["cross"]
+    self_per_position = memory.cache_bytes(cfg, rows, n_in, n_out)["self"] / n_out
+    cross = memory.cache_bytes(cfg, batch, n_in, n_out)["cross"]
     # Step i reads positions 0..i (i + 1 of them) and writes one.
     self_bytes = np.mean([(i + 1 + 1) * self_per_position for i in range(n_out)])
     weights = 4 * _decode_step_numbers(cfg, kernels_only=False)
@@ -284,7 +284,7 @@ def test_cache_numbers_equal_the_bytes_of_the_cache_the_model_allocates(kv_heads
     cfg = T5Config(vocab_size=64, emb_dim=16, num_heads=4, num_kv_heads=kv_heads, head_dim=4, mlp_dim=32,
                    num_encoder_layers=1, num_decoder_layers=2, dtype="float32")
     numbers = roofline.cache_numbers(cfg, 3, 10, 5)
-    allocated = benchmark.cache_bytes(cfg, 3, 10, 5)
+    allocated = memory.cache_bytes(cfg, 3, 10, 5)
     assert {k: 4 * v for k, v in numbers.items()} == allocated
 
 
@@ -294,5 +294,5 @@ def test_cache_numbers_of_per_layer_counts_equal_the_allocated_cache_and_a_hand_
     numbers = roofline.cache_numbers(cfg, batch, input_length, output_length)
     # keys + values, head_dim 4: self 7 kv heads over the layers, cross 6.
     assert numbers == {"self": 2 * batch * 7 * 4 * output_length, "cross": 2 * batch * 6 * 4 * input_length}
-    allocated = benchmark.cache_bytes(cfg, batch, input_length, output_length)
+    allocated = memory.cache_bytes(cfg, batch, input_length, output_length)
     assert {k: 4 * v for k, v in numbers.items()} == allocated

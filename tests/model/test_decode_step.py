@@ -8,6 +8,7 @@ import numpy as np
 
 from gqa_t5x.model import decode_step
 from gqa_t5x.model import decoding
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -27,7 +28,7 @@ def test_resizing_the_self_attention_cache_keeps_written_positions_and_the_cross
     config = _config(2)
     model = network.Transformer(config)
     encoded = jnp.ones((3, 5, 32), jnp.float32)
-    _, variables = model.apply({"params": network.init_params(config)}, encoded, 6,
+    _, variables = model.apply({"params": initialization.init_params(config)}, encoded, 6,
                                method=network.Transformer.init_decode_cache, mutable=["cache"])
     cache = jax.tree_util.tree_map(lambda x: x + 1.0 if x.ndim == 4 else x, variables["cache"])
     short = param_tree.flatten(decode_step.resize_self_cache(cache, 4))
@@ -45,7 +46,7 @@ def test_resizing_the_self_attention_cache_keeps_written_positions_and_the_cross
 
 def test_decode_steps_over_transposed_kernels_equal_steps_over_the_params():
     config = _config(2)
-    params = network.init_params(config, seed=3)
+    params = initialization.init_params(config, seed=3)
     enc = np.random.default_rng(0).integers(2, VOCAB, size=(6, 10)).astype(np.int32)
     enc[1, 6:] = 0
     kernels = decode_step.decode_kernels(params)
@@ -73,7 +74,7 @@ def test_beam_reordering_gathers_self_attention_caches_and_shares_cross_attentio
     config = _config(2)
     model = network.Transformer(config)
     encoded = jnp.arange(3 * 5 * 32, dtype=jnp.float32).reshape(3, 5, 32) / 100.0  # rows differ
-    _, variables = model.apply({"params": network.init_params(config)}, encoded, 4,
+    _, variables = model.apply({"params": initialization.init_params(config)}, encoded, 4,
                                method=network.Transformer.init_decode_cache, mutable=["cache"])
     cache = jax.tree_util.tree_map(lambda x: x + 1.0 if x.ndim == 4 else x, variables["cache"])
     cache["decoder"]["layers_0"]["self_attention"]["cached_key"] *= jnp.arange(1.0, 4.0)[:, None, None, None]

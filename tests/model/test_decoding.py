@@ -12,6 +12,7 @@ import pytest
 from gqa_t5x.checkpoints import huggingface
 from gqa_t5x.model import decoding
 from gqa_t5x.model import models
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -67,7 +68,7 @@ def _eos_candidate(config: T5Config, params, enc: np.ndarray) -> int:
 
 def _params_with_varied_endings(config: T5Config, seed: int, enc: np.ndarray):
     """Random params plus an EOS bias chosen so that rows end at several lengths."""
-    params = network.init_params(config, seed=seed)
+    params = initialization.init_params(config, seed=seed)
     return _eos_like(params, _eos_candidate(config, params, enc))
 
 

@@ -16,6 +16,7 @@ import pytest
 from gqa_t5x.model import decoding
 from gqa_t5x.model import layer_stack
 from gqa_t5x.model import losses
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -52,7 +53,7 @@ def _logits(config: T5Config, params, enc, tgt) -> np.ndarray:
 @pytest.fixture(scope="module")
 def unscanned():
     config = _config()
-    return config, jax.tree_util.tree_map(np.asarray, network.init_params(config, seed=7))
+    return config, jax.tree_util.tree_map(np.asarray, initialization.init_params(config, seed=7))
 
 
 # ------------------------------------------------------------ stack / unstack
@@ -60,7 +61,7 @@ def test_stacked_tree_is_the_scanned_networks_and_unstacking_gives_back_the_chec
     config, params = unscanned
     scanned = config.replace(scan_layers=True)
     stacked = layer_stack.stack_layers(params, config)
-    want = jax.eval_shape(lambda r: network.init_variables(scanned, r)["params"], jax.random.PRNGKey(0))
+    want = jax.eval_shape(lambda r: initialization.init_variables(scanned, r)["params"], jax.random.PRNGKey(0))
     assert {k: v.shape for k, v in param_tree.flatten(stacked).items()} == {
         k: v.shape for k, v in param_tree.flatten(want).items()}
     assert stacked["encoder"]["layers"]["attention"]["key"]["kernel"].shape == (3, 32, 1 * 8)
@@ -79,7 +80,7 @@ def test_stacked_axes_gain_the_layers_axis_first(unscanned):
     assert axes["encoder/layers/mlp/wi_0/kernel"] == ("layers", "embed", "mlp")
     assert axes["decoder/layers/pre_mlp_layer_norm/scale"] == ("layers", "embed")
     assert axes["decoder/relpos_bias/rel_embedding"] == ("heads", "relpos_buckets")
-    declared = jax.eval_shape(lambda r: network.init_variables(config.replace(scan_layers=True), r), jax.random.PRNGKey(0))
+    declared = jax.eval_shape(lambda r: initialization.init_variables(config.replace(scan_layers=True), r), jax.random.PRNGKey(0))
     from flax.linen import partitioning as nn_partitioning
 
     names = param_tree.flatten(nn_partitioning.get_axis_names(declared["params_axes"]))
@@ -204,7 +205,7 @@ def test_bfloat16_parameters_stay_within_bfloat16_precision_of_float32(unscanned
 @pytest.mark.slow  # two decoding compilations (about 20 s on 2 busy cores)
 def test_bfloat16_parameters_decode_mostly_the_float32_tokens():
     config = _config(vocab_size=128, emb_dim=64, mlp_dim=128, num_encoder_layers=2, num_decoder_layers=2)
-    params = network.init_params(config, seed=11)
+    params = initialization.init_params(config, seed=11)
     enc = _tokens(8, 8, 16, 128)
     spec = decoding.DecodingSpec(max_decode_length=16, eos_id=None)
     want = np.asarray(decoding.decode(config, params, enc, spec).tokens)
@@ -221,7 +222,7 @@ def test_bfloat16_parameters_decode_mostly_the_float32_tokens():
 def test_scanned_stack_with_different_self_and_cross_kv_heads_equals_the_unscanned_one():
     # Every decoder layer: self-attention MQA, cross-attention multi-head (different modules, so scan allows it).
     config = _config(num_kv_heads=None, decoder_self_kv_heads=1, decoder_cross_kv_heads=4)
-    params = jax.tree_util.tree_map(np.asarray, network.init_params(config, seed=2))
+    params = jax.tree_util.tree_map(np.asarray, initialization.init_params(config, seed=2))
     assert params["decoder"]["layers_1"]["self_attention"]["key"]["kernel"].shape == (32, 8)
     assert params["decoder"]["layers_1"]["encoder_decoder_attention"]["key"]["kernel"].shape == (32, 32)
     scanned = config.replace(scan_layers=True)

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from gqa_t5x.model import layers
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -53,7 +54,7 @@ def test_every_parameter_of_the_tree_declares_t5x_logical_axes(changes):
 
 def test_init_keeps_plain_float32_params_and_puts_axes_beside_them():
     config = _config()
-    variables = jax.jit(lambda rng: network.init_variables(config, rng))(jax.random.PRNGKey(0))  # one program
+    variables = jax.jit(lambda rng: initialization.init_variables(config, rng))(jax.random.PRNGKey(0))  # one program
     assert set(variables) == {"params", layers.AXES_COLLECTION}
     flat = param_tree.flatten(variables["params"])
     assert {k: v.shape for k, v in flat.items()} == param_tree.param_shapes(config)
@@ -85,7 +86,7 @@ def test_partitioner_maps_the_declared_axes_through_its_rules():
     rules = (("embed", "data"), ("vocab", "model"), ("mlp", None), ("heads", None), ("joined_kv", None),
              ("kv_joined_kv", None), ("relpos_buckets", None))
     partitioner = partitioning.Partitioner(1, logical_axis_rules=rules, devices=jax.devices()[:1])
-    abstract = jax.eval_shape(lambda: network.init_params(config))
+    abstract = jax.eval_shape(lambda: initialization.init_params(config))
     specs = param_tree.flatten(partitioner.param_specs(abstract, config))
     axes = param_tree.param_axes(config)
     assert set(specs) == set(axes)

@@ -9,6 +9,7 @@ import pytest
 from gqa_t5x.model import decoding
 from gqa_t5x.model import losses
 from gqa_t5x.model import models
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model.config import T5Config
 from training_utils import tiny_config
@@ -129,7 +130,7 @@ def test_score_batch_equals_the_sum_of_huggingface_target_log_probs():
 @pytest.mark.slow
 def test_predict_batch_defaults_to_the_targets_length_and_strips_filler_rows():
     config = _config()
-    params = network.init_params(config, seed=1)
+    params = initialization.init_params(config, seed=1)
     batch = _batch(np.random.default_rng(1))
     tokens, aux = models.predict_batch_with_aux(config, params, batch)
     direct = decoding.decode(config, params, batch["encoder_input_tokens"], decoding.DecodingSpec(max_decode_length=5))
@@ -149,7 +150,7 @@ def test_predict_batch_defaults_to_the_targets_length_and_strips_filler_rows():
 def test_model_predict_methods_pass_their_config_and_arguments_through():
     config = _config()
     model = models.EncoderDecoderModel(network.Transformer(config))
-    params = network.init_params(config, seed=1)
+    params = initialization.init_params(config, seed=1)
     batch = _batch(np.random.default_rng(2))
     three = decoding.DecodingSpec(max_decode_length=3)
     direct = decoding.decode(config, params, batch["encoder_input_tokens"], three)
@@ -164,7 +165,7 @@ def test_model_predict_methods_pass_their_config_and_arguments_through():
 
 def test_predict_batch_errors_name_the_missing_argument():
     config = _config()
-    params = network.init_params(config, seed=1)
+    params = initialization.init_params(config, seed=1)
     enc = {"encoder_input_tokens": np.ones((2, 3), np.int32)}
     with pytest.raises(ValueError, match="max_decode_length is required"):
         models.predict_batch(config, params, enc)

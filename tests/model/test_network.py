@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -98,7 +99,7 @@ def test_query_blocks_give_the_same_training_gradients_with_dropout(scan_layers)
     rng = np.random.default_rng(3)
     enc, tgt = _tokens(rng, 2, 11, config.vocab_size, [11, 7]), _tokens(rng, 2, 9, config.vocab_size, [9, 4])
     weights = jnp.asarray(rng.standard_normal((2, 9, config.vocab_size)), jnp.float32)
-    params = network.init_params(config.replace(scan_layers=False), seed=1)
+    params = initialization.init_params(config.replace(scan_layers=False), seed=1)
     if scan_layers:
         from gqa_t5x.model import layer_stack
 
@@ -121,24 +122,6 @@ def test_query_blocks_give_the_same_training_gradients_with_dropout(scan_layers)
                                    err_msg=path)
 
 
-def test_layer_by_layer_initialisation_gives_the_whole_models_tree_in_the_asked_dtype():
-    """The same paths, shapes and key order, the dtype asked for, and the initialisers' spreads."""
-    config = T5Config(vocab_size=300, emb_dim=64, num_heads=8, head_dim=16, mlp_dim=128, num_encoder_layers=3,
-                      num_decoder_layers=2, decoder_cross_kv_heads=(2, 4))
-    whole = param_tree.flatten(network.init_params(config, seed=0))
-    layered = param_tree.flatten(network.init_params(config, seed=0, dtype=jnp.bfloat16, by_layer=True))
-    assert list(layered) == list(whole)
-    for path, value in whole.items():
-        ours = np.asarray(layered[path], np.float32)
-        assert layered[path].dtype == jnp.bfloat16 and ours.shape == value.shape, path
-        spread, expected = ours.std(), np.asarray(value).std()
-        assert abs(spread - expected) <= 0.1 * expected + 1e-6, (path, spread, expected)
-    layer_kernels = [layered[f"encoder/layers_{i}/mlp/wi_0/kernel"] for i in range(3)]
-    assert not np.array_equal(np.asarray(layer_kernels[0]), np.asarray(layer_kernels[1]))  # own draws per layer
-    scanned = network.init_params(config.replace(decoder_cross_kv_heads=None, scan_layers=True), by_layer=True)
-    assert "layers_2" in scanned["encoder"]  # the checkpoint (unscanned) tree, as conversion reads it
-
-
 def _repeat_kv_to_mha(config: T5Config, params) -> dict:
     """MHA params whose key/value kernels repeat each GQA kv head per group."""
     group = config.num_heads // config.num_kv_heads
@@ -157,7 +140,7 @@ def _repeat_kv_to_mha(config: T5Config, params) -> dict:
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
 def test_gqa_equals_mha_with_kv_heads_repeated_per_group(num_kv_heads):
     config = _small_config(num_kv_heads)
-    params = network.init_params(config, seed=3)
+    params = initialization.init_params(config, seed=3)
     mha_config = config.replace(num_kv_heads=None)
     mha_params = _repeat_kv_to_mha(config, params)
     rng = np.random.default_rng(0)
@@ -170,7 +153,7 @@ def test_gqa_equals_mha_with_kv_heads_repeated_per_group(num_kv_heads):
 
 def test_gqa_key_value_kernels_have_kv_heads_width():
     config = _small_config(2, encoder_num_kv_heads=1)
-    flat = param_tree.flatten(network.init_params(config))
+    flat = param_tree.flatten(initialization.init_params(config))
     assert flat["decoder/layers_0/self_attention/key/kernel"].shape == (32, 2 * 8)
     assert flat["decoder/layers_1/encoder_decoder_attention/value/kernel"].shape == (32, 2 * 8)
     assert flat["decoder/layers_0/self_attention/query/kernel"].shape == (32, 4 * 8)
@@ -205,7 +188,7 @@ def _decode_step_by_step(config, params, enc, tgt):
 @pytest.mark.parametrize("num_kv_heads", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_cached_decoding_reproduces_teacher_forced_logits(num_kv_heads):
     config = _small_config(num_kv_heads)
-    params = network.init_params(config, seed=5)
+    params = initialization.init_params(config, seed=5)
     rng = np.random.default_rng(1)
     enc = _tokens(rng, 2, 9, 64, [9, 5])
     tgt = _tokens(rng, 2, 7, 64)
@@ -231,7 +214,7 @@ def test_decoding_cache_holds_kv_heads_and_cross_attention_kv_once():
     sizes = {}
     for g in (1, 2, 4):
         config = _small_config(g)
-        _, cache = _decode_step_by_step(config, network.init_params(config), enc, tgt)
+        _, cache = _decode_step_by_step(config, initialization.init_params(config), enc, tgt)
         sizes[g] = _cache_bytes(cache)
         layer = cache["decoder"]["layers_0"]
         assert layer["self_attention"]["cached_key"].shape == (2, g, 8, 5)  # [batch, kv_heads, head_dim, max_len]
@@ -247,7 +230,7 @@ def test_decoding_cache_holds_kv_heads_and_cross_attention_kv_once():
 def test_cross_attention_keys_are_not_recomputed_during_decoding():
     """After the cache is built, decoding steps never touch the encoder output."""
     config = _small_config(2)
-    params = network.init_params(config, seed=7)
+    params = initialization.init_params(config, seed=7)
     rng = np.random.default_rng(3)
     enc = _tokens(rng, 1, 6, 64)
     tgt = _tokens(rng, 1, 4, 64)
@@ -267,7 +250,7 @@ def test_cross_attention_keys_are_not_recomputed_during_decoding():
 @pytest.mark.slow
 def test_packed_segments_give_the_same_logits_as_separate_examples():
     config = _small_config(2)
-    params = network.init_params(config, seed=11)
+    params = initialization.init_params(config, seed=11)
     rng = np.random.default_rng(4)
     enc_a, enc_b = _tokens(rng, 1, 5, 64), _tokens(rng, 1, 4, 64)
     tgt_a, tgt_b = _tokens(rng, 1, 3, 64), _tokens(rng, 1, 4, 64)
@@ -300,7 +283,7 @@ def test_packed_segments_give_the_same_logits_as_separate_examples():
 @pytest.mark.slow
 def test_bfloat16_activations_with_float32_params_track_float32():
     config = _small_config(2)
-    params = network.init_params(config, seed=13)
+    params = initialization.init_params(config, seed=13)
     rng = np.random.default_rng(5)
     enc = _tokens(rng, 2, 8, 64)
     tgt = _tokens(rng, 2, 6, 64)
@@ -318,7 +301,7 @@ def test_bfloat16_activations_with_float32_params_track_float32():
 @pytest.mark.slow
 def test_dropout_changes_outputs_only_when_enabled():
     config = _small_config(2, dropout_rate=0.3)
-    params = network.init_params(config)
+    params = initialization.init_params(config)
     rng = np.random.default_rng(6)
     enc, tgt = _tokens(rng, 2, 8, 64), _tokens(rng, 2, 5, 64)
     model = network.Transformer(config)
@@ -352,7 +335,7 @@ def test_per_layer_counts_that_are_all_equal_give_the_uniform_models_logits():
                             encoder_layer_kv_heads=(1, 1))
     assert layered == uniform and hash(layered) == hash(uniform)
     assert param_tree.param_shapes(layered) == param_tree.param_shapes(uniform)
-    params = network.init_params(uniform, seed=3)
+    params = initialization.init_params(uniform, seed=3)
     rng = np.random.default_rng(8)
     enc, tgt = _tokens(rng, 2, 7, 64, [7, 4]), _tokens(rng, 2, 5, 64)
     np.testing.assert_array_equal(_logits(layered, params, enc, _shift_right(tgt), tgt),
@@ -372,7 +355,7 @@ def test_per_layer_model_has_per_layer_kernels_and_computes_mha_with_each_layers
         "decoder/layers_1/encoder_decoder_attention": (32, 1 * 8),
     }
     assert all(shapes[p.replace("/key/", "/value/")] == shapes[p] for p in shapes if "/key/" in p)
-    params = network.init_params(config, seed=4)
+    params = initialization.init_params(config, seed=4)
     assert {p: tuple(v.shape) for p, v in param_tree.flatten(params).items()} == shapes
     rng = np.random.default_rng(9)
     enc, tgt = _tokens(rng, 2, 9, 64, [9, 6]), _tokens(rng, 2, 6, 64, [6, 3])
@@ -386,7 +369,7 @@ def test_per_layer_model_has_per_layer_kernels_and_computes_mha_with_each_layers
 
 def test_per_layer_decode_cache_has_each_layers_kv_heads_and_reproduces_teacher_forcing():
     config = _small_config(None, decoder_self_kv_heads=(1, 2), decoder_cross_kv_heads=(4, 1))
-    params = network.init_params(config, seed=6)
+    params = initialization.init_params(config, seed=6)
     flat = param_tree.flatten(params)
     assert [flat[f"decoder/layers_{i}/{m}/value/kernel"].shape for i in (0, 1)
             for m in ("self_attention", "encoder_decoder_attention")] == [(32, 8), (32, 32), (32, 16), (32, 8)]

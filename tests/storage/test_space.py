@@ -98,11 +98,11 @@ def _in_small_tmpfs(tmp_path: Path, size: str, script: str, timeout: int = 600) 
 
 
 def _tiny_checkpoint(path: Path) -> None:
-    from gqa_t5x.model import network
+    from gqa_t5x.model import initialization
     from training_utils import tiny_config
 
     config = tiny_config()
-    checkpoints.save(path, config, network.init_params(config, seed=0), step=10)
+    checkpoints.save(path, config, initialization.init_params(config, seed=0), step=10)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gqa_t5x.model import decoding
-from gqa_t5x.model import network
+from gqa_t5x.model import initialization
 from gqa_t5x.model.config import T5Config
 from gqa_t5x.training import inference
 
@@ -34,7 +34,7 @@ class _CharVocabulary:
 
 def test_run_inference_writes_one_prediction_per_jsonl_record_next_to_the_input(tmp_path):
     config = _config()
-    params = network.init_params(config, seed=4)
+    params = initialization.init_params(config, seed=4)
     vocab = _CharVocabulary()
     records = [{"inputs": "hello", "id": 0}, {"inputs": "abc", "id": 1}, {"inputs": "a" * 20, "id": 2},
                {"inputs": "zz", "id": 3}, {"inputs": "grouped", "id": 4}]
@@ -62,7 +62,7 @@ def test_run_inference_writes_one_prediction_per_jsonl_record_next_to_the_input(
 
 def test_run_inference_reads_text_lines_and_names_bad_inputs(tmp_path):
     config = _config()
-    params = network.init_params(config, seed=4)
+    params = initialization.init_params(config, seed=4)
     text = tmp_path / "inputs.txt"
     text.write_text("one\ntwo\n")
     out = inference.run_inference(config, params, text, _CharVocabulary(), output_dir=tmp_path / "o",
@@ -123,7 +123,7 @@ def test_infer_run_mode_decodes_a_real_t5x_checkpoint_with_the_t5_vocabulary(sha
 
 def test_run_inference_ends_with_a_summary_line(tmp_path, capsys, monkeypatch):
     config = _config()
-    params = network.init_params(config, seed=4)
+    params = initialization.init_params(config, seed=4)
     text = tmp_path / "inputs.txt"
     text.write_text("one\ntwo\nthreefourfive\n")
     out = inference.run_inference(config, params, text, _CharVocabulary(), input_length=4, max_decode_length=3,

@@ -14,6 +14,7 @@ import pytest
 from gqa_t5x import checkpoints
 from gqa_t5x.model import layer_stack
 from gqa_t5x.model import models
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -209,7 +210,7 @@ def test_scratch_start_is_the_models_random_init_for_the_runs_rng(tmp_path):
     config = _small()
     state, _, _ = _restore_or_initialize(tmp_path, ist.StartInfo(0, "scratch"))
     got = _flat_np(state.params)
-    init = jax.jit(lambda rng: network.init_variables(config, rng)["params"])
+    init = jax.jit(lambda rng: initialization.init_variables(config, rng)["params"])
     expected = _flat_np(init(jax.random.PRNGKey(3)))  # the rng `_restore_or_initialize` passes
     assert got.keys() == expected.keys()
     for key in expected:

@@ -69,12 +69,12 @@ def job(shared_dir, tmp_path_factory):
     """The run's flags (minus MODEL_DIR): a converted tiny GQA-2 model and a C4 cache."""
     from gqa_t5x import checkpoints
     from gqa_t5x import conversion
-    from gqa_t5x.model import network
+    from gqa_t5x.model import initialization
 
     root = tmp_path_factory.mktemp("multiprocess")
     config = gin_config.model_config_from_gin(str(REPO / TINY)).replace(dtype="float32")
     checkpoints.save(root / "mha" / "checkpoint_1000", config,
-                     network.init_params(config, seed=0), step=START)
+                     initialization.init_params(config, seed=0), step=START)
     conversion.convert_checkpoint(root / "mha" / "checkpoint_1000",
                                   root / "gqa" / "checkpoint_1000", 2, progress=False)
     flags = [

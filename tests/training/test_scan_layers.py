@@ -21,6 +21,7 @@ from gqa_t5x import checkpoints
 from gqa_t5x.model import decoding
 from gqa_t5x.model import layer_stack
 from gqa_t5x.model import models
+from gqa_t5x.model import initialization
 from gqa_t5x.model import network
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
@@ -69,7 +70,7 @@ def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6) -> None:
 
 @pytest.fixture(scope="module")
 def params():
-    return network.init_params(_config(), seed=5)
+    return initialization.init_params(_config(), seed=5)
 
 
 @pytest.mark.slow
@@ -239,7 +240,7 @@ def _train_step_args(config: T5Config):
 
 def _decode_run_args(config: T5Config):
     fns = decoding.compile_decoding(config, decoding.DecodingSpec(max_decode_length=64, eos_id=None))
-    params = jax.eval_shape(lambda r: network.init_variables(config, r)["params"], jax.random.PRNGKey(0))
+    params = jax.eval_shape(lambda r: initialization.init_variables(config, r)["params"], jax.random.PRNGKey(0))
     tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32)
     encoded = jax.ShapeDtypeStruct((4, 128, config.emb_dim), config.activation_dtype)
     cache, _ = jax.eval_shape(fns.init_cache, params, encoded, tokens)
@@ -255,12 +256,15 @@ def compile_times() -> dict[int, list[float]]:
     for layers in (2, 24):
         config = T5Config(num_encoder_layers=layers, num_decoder_layers=layers, **XXL)
         programs[layers] = (_train_step_args(config), _decode_run_args(config))
-    # Best of two rounds, the sizes interleaved: a hiccup lengthens one run, not a size.
+    # Best of up to two rounds, the sizes interleaved: a hiccup lengthens one run, not a
+    # size. The second round runs only when the first misses the 1.5x bound.
     times = {layers: [float("inf"), float("inf")] for layers in programs}
     for _ in range(2):
         for layers, (train, decode) in programs.items():
             times[layers][0] = min(times[layers][0], _compile_seconds(*train))
             times[layers][1] = min(times[layers][1], _compile_seconds(*decode))
+        if all(times[24][i] <= 1.5 * times[2][i] for i in (0, 1)):
+            break
     return times
 
 

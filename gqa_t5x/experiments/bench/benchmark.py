@@ -46,13 +46,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5x import conversion
 from gqa_t5x.experiments import roofline
+from gqa_t5x.experiments.bench import memory
 from gqa_t5x.experiments import machine as machine_info
 from gqa_t5x.experiments import timing
-from gqa_t5x.model import attention
 from gqa_t5x.model import decode_attention
 from gqa_t5x.model import decoding
-from gqa_t5x.model import layer_stack
-from gqa_t5x.model import network
+from gqa_t5x.model import initialization
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 from gqa_t5x.training import partitioning
@@ -99,141 +98,6 @@ class BenchSettings:
     label: str = ""
     bandwidth_mb: int | None = None
     num_partitions: int = 1
-
-
-# ------------------------------------------------------------------ machine
-def _memory_budget_bytes() -> int | None:
-    """Memory a run may plan with: the device's on an accelerator, else available RAM."""
-    if jax.default_backend() != "cpu":
-        stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    return machine_info.available_memory_bytes()
-
-
-# ------------------------------------------------------------------ sizing
-def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
-    """Bytes of the decoding cache (from its abstract shapes, nothing allocated;
-    each layer's caches have that layer's kv heads).
-
-    Returns:
-      {'self': decoder self-attention K/V, 'cross': encoder-decoder K/V}
-      for the whole batch.
-    """
-    model = network.Transformer(config)
-    encoded = jax.ShapeDtypeStruct((batch, input_length, config.emb_dim), config.activation_dtype)
-    params = param_tree.abstract_params(config)
-    _, variables = jax.eval_shape(
-        lambda p, e: model.apply({"params": layer_stack.model_params(p, config)}, e, output_length,
-                                 method=network.Transformer.init_decode_cache, mutable=["cache"]),
-        params, encoded,
-    )
-    sizes = {"self": 0, "cross": 0}
-    for path, leaf in param_tree.flatten(variables["cache"]).items():
-        if path.split("/")[-1] in (attention.CACHED_KEY, attention.CACHED_VALUE):
-            kind = "cross" if param_tree.is_cross_attention(path) else "self"
-            sizes[kind] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-    return sizes
-
-
-def weight_bytes(config: T5Config) -> int:
-    """Bytes of one variant's parameters in its `param_dtype`."""
-    return sum(int(np.prod(s)) for s in param_tree.param_shapes(config).values()) * config.parameter_dtype.itemsize
-
-
-# Float32 temporaries of an attention block's logits size that XLA keeps at once
-# (logits, masked + biased logits, softmax): its compiled buffer assignment of
-# the encoder holds 2.3-3.4 of them (XLA:CPU, `Compiled.memory_analysis`; tests/
-# experiments/bench/test_benchmark.py checks the estimate stays above it).
-_LOGIT_TEMPORARIES = 4
-
-
-def _converted_bytes(config: T5Config) -> int:
-    """Bytes of the decoder key/value kernels, the parameters a conversion replaces."""
-    return config.parameter_dtype.itemsize * sum(
-        int(np.prod(shape)) for path, shape in param_tree.param_shapes(config).items()
-        if path.startswith("decoder/") and path.split("/")[-2] in ("key", "value"))
-
-
-def encoder_activation_bytes(config: T5Config, batch: int, input_length: int) -> int:
-    """Largest activations of one encoder layer: `_LOGIT_TEMPORARIES` float32 copies of
-    one query block's logits `[batch, heads, block, input_length]` (block =
-    `config.attention_query_chunk` or the whole input) beside the full relative
-    bias and mask (two float32 copies each), and the MLP's hidden layer with a
-    1.5x working margin."""
-    block = min(input_length, config.attention_query_chunk or input_length)
-    attention = (_LOGIT_TEMPORARIES * batch * config.num_heads * block * input_length * 4
-                 + 2 * (config.num_heads + batch) * input_length * input_length * 4)
-    mlp = batch * input_length * config.mlp_dim * config.activation_dtype.itemsize * len(config.mlp_activations)
-    return attention + int(1.5 * mlp)
-
-
-def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_length: int,
-                        kv_heads: tuple[int, ...] | None = None) -> int:
-    """Rough peak memory of a shape timed one variant at a time.
-
-    The multi-head weights are held throughout (each variant is converted
-    from them; twice under `scan_layers`: the checkpoint tree and the
-    stacked one) and the encoder output from the encoder phase on. On top of
-    them, the larger of the two phases: the encoder's activations
-    (`encoder_activation_bytes`), or one variant's decoding: its weights
-    (`_variant_weight_bytes`), its cache and a step's float32 logits with a
-    1.5x margin.
-
-    Args:
-      config: The multi-head model.
-      batch, input_length, output_length: The shape.
-      kv_heads: The variants (default: the multi-head model alone).
-
-    Returns:
-      Bytes.
-    """
-    encoded = batch * input_length * config.emb_dim * config.activation_dtype.itemsize
-    step_logits = int(1.5 * batch * config.vocab_size * 4)
-    decoding = 0
-    for g in kv_heads or (config.num_kv_heads,):
-        variant = config.replace(num_kv_heads=g)
-        cache = sum(cache_bytes(variant, batch, input_length, output_length).values())
-        decoding = max(decoding, _variant_weight_bytes(config, g) + cache + step_logits)
-    phases = max(encoder_activation_bytes(config, batch, input_length), decoding)
-    return weight_bytes(config) * (2 if config.scan_layers else 1) + encoded + phases
-
-
-def _variant_weight_bytes(base: T5Config, g: int) -> int:
-    """Bytes a variant's weights add to the multi-head ones held beside them: none for
-    the multi-head model itself, the converted key/value kernels of a variant (it
-    shares the rest), or a whole stacked copy under `scan_layers`."""
-    if g == base.num_kv_heads:
-        return 0
-    variant = base.replace(num_kv_heads=g)
-    return weight_bytes(variant) if base.scan_layers else _converted_bytes(variant)
-
-
-def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int,
-               budget: int | None, kv_heads: tuple[int, ...] | None = None) -> tuple[int, str]:
-    """The batch asked for (`cap`) when its estimated peak fits `budget`, else the largest
-    halving of it that fits, and why.
-
-    Returns:
-      (batch, reason): the reason says whether the asked batch ran and, if
-      not, the estimate and budget that ruled it out.
-    """
-    if budget is None:
-        return cap, f"batch {cap} as asked (no memory budget known)"
-    need = estimate_peak_bytes(config, cap, input_length, output_length, kv_heads) / 1e9
-    batch = cap
-    while batch > 1 and estimate_peak_bytes(config, batch, input_length, output_length, kv_heads) > budget:
-        batch //= 2
-    if batch == cap:
-        return cap, f"batch {cap} as asked (estimated peak {need:.1f} GB of a {budget / 1e9:.1f} GB budget)"
-    hints = ["a larger --memory_fraction"]
-    if not config.attention_query_chunk or config.attention_query_chunk > 64:
-        hints.append("a smaller --attention_query_chunk")
-    if jax.default_backend() != "cpu":
-        hints.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's share of the device)")
-    return batch, (f"batch {batch}, not the {cap} asked: batch {cap} needs an estimated {need:.1f} GB, over the "
-                   f"{budget / 1e9:.1f} GB budget (--memory_fraction of the device's free memory); to run it, "
-                   f"give {', '.join(hints[:-1]) + ' or ' + hints[-1] if len(hints) > 1 else hints[0]}")
 
 
 # ------------------------------------------------------------------ timing
@@ -426,7 +290,7 @@ def _phase(cost: roofline.PhaseCost, seconds: float, machine: dict[str, Any], pr
 
 
 def _row(g, config, batch, n_in, n_out, encoder_s, ours, machine, peer: bool = False) -> dict[str, Any]:
-    cache = cache_bytes(config, batch, n_in, n_out)
+    cache = memory.cache_bytes(config, batch, n_in, n_out)
     itemsize = jnp.dtype(config.activation_dtype).itemsize
     step_s = ours["loop_s"] / max(ours["steps"], 1)
     step = roofline.decode_step_cost(config, batch, n_in, n_out, itemsize=itemsize)
@@ -494,20 +358,6 @@ class _Placement:
         return jax.device_put(tokens, NamedSharding(self.partitioner.mesh, PartitionSpec(partitioning.DATA_AXIS)))
 
 
-def _variants_fit_together(base: T5Config, kv_heads, batch: int, n_in: int, n_out: int,
-                            budget: int | None) -> bool:
-    """Whether every variant's weights and cache fit the budget at once (for interleaved
-    rounds), beside the multi-head weights and the encoder output."""
-    if budget is None:
-        return True
-    held = (weight_bytes(base) * (2 if base.scan_layers else 1)
-            + batch * n_in * base.emb_dim * base.activation_dtype.itemsize)
-    for g in kv_heads:
-        held += _variant_weight_bytes(base, g) + sum(
-            cache_bytes(base.replace(num_kv_heads=g), batch, n_in, n_out).values())
-    return held + int(1.5 * batch * base.vocab_size * 4) <= budget
-
-
 def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget=None):
     """Rows of every kv-head variant at one shape, and the HuggingFace row.
 
@@ -527,7 +377,7 @@ def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, b
     clock = _wall()
     encoder_s, encoded = timing.fastest(lambda: _block(fns.encode(placed_mha, jtokens)), settings.repeats)
     log(f"[bench]   encoder {encoder_s:.3f} s (compiled and timed in {_wall() - clock:.1f} s)")
-    together = _variants_fit_together(base, settings.num_kv_heads, batch, n_in, n_out, budget)
+    together = memory.variants_fit_together(base, settings.num_kv_heads, batch, n_in, n_out, budget)
     log(f"[bench]   timing: {'interleaved rounds of all variants' if together else 'one variant at a time (all would not fit)'}")
 
     def variant(g: int):
@@ -614,16 +464,16 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
         f"{machine['matmul_peak_gflops']} GFLOP/s"
         + (f"; published for {machine['device_kind']}: {machine['published']}" if machine["published"] else ""))
     clock = _wall()
-    budget = _memory_budget_bytes()  # before the weights: the estimate counts them
+    budget = memory.memory_budget_bytes()  # before the weights: the estimate counts them
     budget = int(budget * settings.memory_fraction) if budget else None
     # One copy in the variants' dtype, shared by them (conversion replaces only the
     # decoder's key/value kernels), drawn a layer at a time (the whole-model program
     # would hold every float32 value at once: 104 GB at XXL).
-    mha_params = network.init_params(base, settings.seed, dtype=base.parameter_dtype, by_layer=True)
+    mha_params = initialization.init_params(base, settings.seed, dtype=base.parameter_dtype, by_layer=True)
     log(f"[bench] MHA parameters initialised in {_wall() - clock:.1f} s")
     rows, hf_rows = [], []
     for n_in, n_out, cap in itertools.product(settings.input_lengths, settings.output_lengths, settings.batch_caps):
-        batch, why = pick_batch(base, cap, n_in, n_out, budget, settings.num_kv_heads)
+        batch, why = memory.pick_batch(base, cap, n_in, n_out, budget, settings.num_kv_heads)
         log(f"[bench] {why}")
         shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget)
         for row in shape_rows:

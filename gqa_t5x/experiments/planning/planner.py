@@ -11,7 +11,7 @@ samples is encoded (`encoder_cost`), its cross-attention cache built once
 Bytes count `itemsize` of the prediction dtype per number (float32 on the
 CPU, bfloat16 on accelerators unless `dtype` says otherwise). The KV bytes
 are the decoding cache of the whole batch once `output_length` tokens are
-decoded (`roofline.cache_numbers` x itemsize; `bench.benchmark.cache_bytes`
+decoded (`roofline.cache_numbers` x itemsize; `bench.memory.cache_bytes`
 counts the same from the cache the model allocates). The bound is
 optimistic: kernel launches, the step loop's overhead and imperfect reuse
 are not in it, so measured times are larger; what it ranks is the bytes.

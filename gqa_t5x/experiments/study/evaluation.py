@@ -146,7 +146,7 @@ def time_random_variants(num_heads: int, kv_heads: Sequence[int], *, emb_dim: in
     from gqa_t5x.experiments import timing
     from gqa_t5x.experiments import roofline
     from gqa_t5x.experiments.study import settings as study_settings
-    from gqa_t5x.model import network
+    from gqa_t5x.model import initialization
     from gqa_t5x.model.config import T5Config
 
     started = time.perf_counter()
@@ -159,7 +159,7 @@ def time_random_variants(num_heads: int, kv_heads: Sequence[int], *, emb_dim: in
     configs = [base.replace(num_kv_heads=g) for g in kv_heads]  # validates: divisors of num_heads
     if not shapes or min(batch, rounds, *(n for shape in shapes for n in shape)) < 1:
         raise ValueError(f"shapes={list(shapes)}, batch={batch} and rounds={rounds} must be non-empty and >= 1.")
-    mha = network.init_params(base, seed)
+    mha = initialization.init_params(base, seed)
     params = [mha if g == num_heads else conversion.convert(base, mha, g)[1] for g in kv_heads]
     step_weights = {name: roofline.decode_step_weights(c) * np.dtype(np.float32).itemsize
                     for name, c in zip(names, configs)}

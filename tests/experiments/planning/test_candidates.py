@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gqa_t5x.experiments.bench import benchmark
+from gqa_t5x.experiments.bench import memory
 from gqa_t5x.experiments.planning import candidates as lib
 from gqa_t5x.experiments.planning import planner
-from gqa_t5x.model import network, param_tree
+from gqa_t5x.model import initialization, param_tree
 from gqa_t5x.model.config import T5Config
 
 BATCH, INPUT, OUTPUT = 3, 5, 7
@@ -19,7 +19,7 @@ F32 = planner.Device("test", 1.0, 1.0, "float32", "hand-made")
 
 @pytest.fixture(scope="module")
 def params():
-    return network.init_params(SOURCE, 0)
+    return initialization.init_params(SOURCE, 0)
 
 
 def _hand_numbers(self_kv, cross_kv):
@@ -43,7 +43,7 @@ def test_kv_bytes_equal_hand_counts_and_the_cache_the_model_allocates(family, se
     predicted = planner.predict(config, F32, batch=BATCH, input_length=INPUT, output_length=OUTPUT)["kv_bytes"]
     assert predicted == {"self": 4 * hand["self"], "cross": 4 * hand["cross"],
                          "total": 4 * (hand["self"] + hand["cross"])}
-    allocated = benchmark.cache_bytes(config, BATCH, INPUT, OUTPUT)
+    allocated = memory.cache_bytes(config, BATCH, INPUT, OUTPUT)
     assert allocated == {"self": predicted["self"], "cross": predicted["cross"]}
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from gqa_t5x import checkpoints, cli
 from gqa_t5x.experiments.planning import report
-from gqa_t5x.model import network
+from gqa_t5x.model import initialization
 from gqa_t5x.model.config import T5Config
 
 SOURCE = T5Config(vocab_size=32, emb_dim=8, num_heads=4, head_dim=2, mlp_dim=8, num_encoder_layers=1,
@@ -19,7 +19,7 @@ SOURCE = T5Config(vocab_size=32, emb_dim=8, num_heads=4, head_dim=2, mlp_dim=8, 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
-    checkpoints.save(root / "ckpt", SOURCE, network.init_params(SOURCE, 3))
+    checkpoints.save(root / "ckpt", SOURCE, initialization.init_params(SOURCE, 3))
     rng = np.random.default_rng(4)
     targets = rng.integers(2, 32, size=(6, 3)).astype(np.int32)
     targets[0, 2:] = 0

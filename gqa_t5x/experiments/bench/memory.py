@@ -1,0 +1,169 @@
+"""What a bench run holds in memory, and the batch that fits.
+
+A shape's variants are timed beside the multi-head weights they are
+converted from; `estimate_peak_bytes` adds the larger phase (the encoder's
+attention and MLP, or one variant's decoding cache), `pick_batch` halves the
+batch asked for until the estimate fits the budget (`memory_budget_bytes`
+times `--memory_fraction`) and says why, and `variants_fit_together` decides
+whether all variants can be held at once for interleaved timing rounds.
+Cache and weight bytes come from abstract shapes (nothing allocated).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from gqa_t5x.experiments import machine as machine_info
+from gqa_t5x.model import attention
+from gqa_t5x.model import layer_stack
+from gqa_t5x.model import network
+from gqa_t5x.model import param_tree
+from gqa_t5x.model.config import T5Config
+
+
+def memory_budget_bytes() -> int | None:
+    """Memory a run may plan with: the device's on an accelerator, else available RAM."""
+    if jax.default_backend() != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return machine_info.available_memory_bytes()
+
+
+def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
+    """Bytes of the decoding cache (from its abstract shapes, nothing allocated;
+    each layer's caches have that layer's kv heads).
+
+    Returns:
+      {'self': decoder self-attention K/V, 'cross': encoder-decoder K/V}
+      for the whole batch.
+    """
+    model = network.Transformer(config)
+    encoded = jax.ShapeDtypeStruct((batch, input_length, config.emb_dim), config.activation_dtype)
+    params = param_tree.abstract_params(config)
+    _, variables = jax.eval_shape(
+        lambda p, e: model.apply({"params": layer_stack.model_params(p, config)}, e, output_length,
+                                 method=network.Transformer.init_decode_cache, mutable=["cache"]),
+        params, encoded,
+    )
+    sizes = {"self": 0, "cross": 0}
+    for path, leaf in param_tree.flatten(variables["cache"]).items():
+        if path.split("/")[-1] in (attention.CACHED_KEY, attention.CACHED_VALUE):
+            kind = "cross" if param_tree.is_cross_attention(path) else "self"
+            sizes[kind] += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return sizes
+
+
+def weight_bytes(config: T5Config) -> int:
+    """Bytes of one variant's parameters in its `param_dtype`."""
+    return sum(int(np.prod(s)) for s in param_tree.param_shapes(config).values()) * config.parameter_dtype.itemsize
+
+
+# Float32 temporaries of an attention block's logits size that XLA keeps at once
+# (logits, masked + biased logits, softmax): its compiled buffer assignment of
+# the encoder holds 2.3-3.4 of them (XLA:CPU, `Compiled.memory_analysis`; tests/
+# experiments/bench/test_memory.py checks the estimate stays above it).
+_LOGIT_TEMPORARIES = 4
+
+
+def _converted_bytes(config: T5Config) -> int:
+    """Bytes of the decoder key/value kernels, the parameters a conversion replaces."""
+    return config.parameter_dtype.itemsize * sum(
+        int(np.prod(shape)) for path, shape in param_tree.param_shapes(config).items()
+        if path.startswith("decoder/") and path.split("/")[-2] in ("key", "value"))
+
+
+def encoder_activation_bytes(config: T5Config, batch: int, input_length: int) -> int:
+    """Largest activations of one encoder layer: `_LOGIT_TEMPORARIES` float32 copies of
+    one query block's logits `[batch, heads, block, input_length]` (block =
+    `config.attention_query_chunk` or the whole input) beside the full relative
+    bias and mask (two float32 copies each), and the MLP's hidden layer with a
+    1.5x working margin."""
+    block = min(input_length, config.attention_query_chunk or input_length)
+    attention = (_LOGIT_TEMPORARIES * batch * config.num_heads * block * input_length * 4
+                 + 2 * (config.num_heads + batch) * input_length * input_length * 4)
+    mlp = batch * input_length * config.mlp_dim * config.activation_dtype.itemsize * len(config.mlp_activations)
+    return attention + int(1.5 * mlp)
+
+
+def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_length: int,
+                        kv_heads: tuple[int, ...] | None = None) -> int:
+    """Rough peak memory of a shape timed one variant at a time.
+
+    The multi-head weights are held throughout (each variant is converted
+    from them; twice under `scan_layers`: the checkpoint tree and the
+    stacked one) and the encoder output from the encoder phase on. On top of
+    them, the larger of the two phases: the encoder's activations
+    (`encoder_activation_bytes`), or one variant's decoding: its weights
+    (`_variant_weight_bytes`), its cache and a step's float32 logits with a
+    1.5x margin.
+
+    Args:
+      config: The multi-head model.
+      batch, input_length, output_length: The shape.
+      kv_heads: The variants (default: the multi-head model alone).
+
+    Returns:
+      Bytes.
+    """
+    encoded = batch * input_length * config.emb_dim * config.activation_dtype.itemsize
+    step_logits = int(1.5 * batch * config.vocab_size * 4)
+    decoding = 0
+    for g in kv_heads or (config.num_kv_heads,):
+        variant = config.replace(num_kv_heads=g)
+        cache = sum(cache_bytes(variant, batch, input_length, output_length).values())
+        decoding = max(decoding, _variant_weight_bytes(config, g) + cache + step_logits)
+    phases = max(encoder_activation_bytes(config, batch, input_length), decoding)
+    return weight_bytes(config) * (2 if config.scan_layers else 1) + encoded + phases
+
+
+def _variant_weight_bytes(base: T5Config, g: int) -> int:
+    """Bytes a variant's weights add to the multi-head ones held beside them: none for
+    the multi-head model itself, the converted key/value kernels of a variant (it
+    shares the rest), or a whole stacked copy under `scan_layers`."""
+    if g == base.num_kv_heads:
+        return 0
+    variant = base.replace(num_kv_heads=g)
+    return weight_bytes(variant) if base.scan_layers else _converted_bytes(variant)
+
+
+def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int,
+               budget: int | None, kv_heads: tuple[int, ...] | None = None) -> tuple[int, str]:
+    """The batch asked for (`cap`) when its estimated peak fits `budget`, else the largest
+    halving of it that fits, and why.
+
+    Returns:
+      (batch, reason): the reason says whether the asked batch ran and, if
+      not, the estimate and budget that ruled it out.
+    """
+    if budget is None:
+        return cap, f"batch {cap} as asked (no memory budget known)"
+    need = estimate_peak_bytes(config, cap, input_length, output_length, kv_heads) / 1e9
+    batch = cap
+    while batch > 1 and estimate_peak_bytes(config, batch, input_length, output_length, kv_heads) > budget:
+        batch //= 2
+    if batch == cap:
+        return cap, f"batch {cap} as asked (estimated peak {need:.1f} GB of a {budget / 1e9:.1f} GB budget)"
+    hints = ["a larger --memory_fraction"]
+    if not config.attention_query_chunk or config.attention_query_chunk > 64:
+        hints.append("a smaller --attention_query_chunk")
+    if jax.default_backend() != "cpu":
+        hints.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's share of the device)")
+    return batch, (f"batch {batch}, not the {cap} asked: batch {cap} needs an estimated {need:.1f} GB, over the "
+                   f"{budget / 1e9:.1f} GB budget (--memory_fraction of the device's free memory); to run it, "
+                   f"give {', '.join(hints[:-1]) + ' or ' + hints[-1] if len(hints) > 1 else hints[0]}")
+
+
+def variants_fit_together(base: T5Config, kv_heads, batch: int, n_in: int, n_out: int,
+                            budget: int | None) -> bool:
+    """Whether every variant's weights and cache fit the budget at once (for interleaved
+    rounds), beside the multi-head weights and the encoder output."""
+    if budget is None:
+        return True
+    held = (weight_bytes(base) * (2 if base.scan_layers else 1)
+            + batch * n_in * base.emb_dim * base.activation_dtype.itemsize)
+    for g in kv_heads:
+        held += _variant_weight_bytes(base, g) + sum(
+            cache_bytes(base.replace(num_kv_heads=g), batch, n_in, n_out).values())
+    return held + int(1.5 * batch * base.vocab_size * 4) <= budget
