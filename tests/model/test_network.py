@@ -92,10 +92,11 @@ def _small_config(num_kv_heads: int | None, **kw) -> T5Config:
     return T5Config(num_kv_heads=num_kv_heads, **base)
 
 
-@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the fast tier: the same property of the attention (test_attention.py) and HF parity above
+@pytest.mark.parametrize("scan_layers", [False, True])
 def test_query_blocks_give_the_same_training_gradients_with_dropout(scan_layers):
     """A training step's gradients (dropout on: its masks are the whole attention's) do not see the blocks."""
-    config = _small_config(2, dropout_rate=0.3, scan_layers=scan_layers)
+    config = _small_config(2, dropout_rate=0.3, scan_layers=scan_layers, num_encoder_layers=1, num_decoder_layers=1)
     rng = np.random.default_rng(3)
     enc, tgt = _tokens(rng, 2, 11, config.vocab_size, [11, 7]), _tokens(rng, 2, 9, config.vocab_size, [9, 4])
     weights = jnp.asarray(rng.standard_normal((2, 9, config.vocab_size)), jnp.float32)

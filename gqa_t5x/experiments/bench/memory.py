@@ -11,6 +11,8 @@ Cache and weight bytes come from abstract shapes (nothing allocated).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -31,6 +33,11 @@ def memory_budget_bytes() -> int | None:
     return machine_info.available_memory_bytes()
 
 
+def _shapes_of(config: T5Config) -> T5Config:
+    """`config` without the fields that change no parameter or cache shape (one cache entry)."""
+    return config.replace(attention_query_chunk=None)
+
+
 def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
     """Bytes of the decoding cache (from its abstract shapes, nothing allocated;
     each layer's caches have that layer's kv heads).
@@ -39,6 +46,14 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
       {'self': decoder self-attention K/V, 'cross': encoder-decoder K/V}
       for the whole batch.
     """
+    # Every cache leaf is [batch, ...] ([layers, batch, ...] scanned): one row, times the batch.
+    # The bytes do not depend on scanning or query blocks; a scanned decoder traces one layer.
+    shape_only = _shapes_of(config).replace(scan_layers=config.scan_layers or config.uniform_kv_heads)
+    return {kind: batch * size for kind, size in _cache_bytes(shape_only, 1, input_length, output_length).items()}
+
+
+@functools.lru_cache(maxsize=64)  # tracing an XXL decoder takes over a second; the planning asks often
+def _cache_bytes(config: T5Config, batch: int, input_length: int, output_length: int) -> dict[str, int]:
     model = network.Transformer(config)
     encoded = jax.ShapeDtypeStruct((batch, input_length, config.emb_dim), config.activation_dtype)
     params = param_tree.abstract_params(config)
@@ -57,7 +72,8 @@ def cache_bytes(config: T5Config, batch: int, input_length: int, output_length: 
 
 def weight_bytes(config: T5Config) -> int:
     """Bytes of one variant's parameters in its `param_dtype`."""
-    return sum(int(np.prod(s)) for s in param_tree.param_shapes(config).values()) * config.parameter_dtype.itemsize
+    shapes = param_tree.param_shapes(_shapes_of(config))
+    return sum(int(np.prod(s)) for s in shapes.values()) * config.parameter_dtype.itemsize
 
 
 # Float32 temporaries of an attention block's logits size that XLA keeps at once
@@ -70,7 +86,7 @@ _LOGIT_TEMPORARIES = 4
 def _converted_bytes(config: T5Config) -> int:
     """Bytes of the decoder key/value kernels, the parameters a conversion replaces."""
     return config.parameter_dtype.itemsize * sum(
-        int(np.prod(shape)) for path, shape in param_tree.param_shapes(config).items()
+        int(np.prod(shape)) for path, shape in param_tree.param_shapes(_shapes_of(config)).items()
         if path.startswith("decoder/") and path.split("/")[-2] in ("key", "value"))
 
 

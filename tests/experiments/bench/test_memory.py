@@ -31,6 +31,7 @@ def _xxl(**changes):
         dtype="bfloat16", param_dtype="bfloat16", num_kv_heads=None, **changes)
 
 
+@pytest.mark.slow  # traces the XXL network of each variant (about 10 s)
 def test_the_paper_preset_batch_32_fits_an_80_gb_chip_with_query_blocks_and_is_told_why_not_without():
     """XXL 24+24, in 2048, out 512, batch 32, bfloat16 weights, MHA / GQA-8 / MQA.
 
