@@ -44,6 +44,7 @@ PAPER_DRY = ["bench", "--gin_file", "gin/models/t5_1_1/tiny.gin", "--num_kv_head
              "--output_length", "4", "--batch_size", "2", "--repeats", "1", "--no_huggingface", "--output", "{out}"]
 HF = ["bench", "--gin_file", "gin/models/t5_1_1/xxl.gin", "--num_kv_heads", "64", "--input_length", "2048",
       "--output_length", "512", "--batch_size", "32", "--dtype", "bfloat16", "--param_dtype", "bfloat16",
+      "--attention_query_chunk", "256", "--memory_fraction", "0.9",  # the paper step's batch where it fits
       "--repeats", "1", "--huggingface_repeats", "1", "--output", "{out}"]
 HF_DRY = ["bench", "--gin_file", "gin/models/t5_1_1/tiny.gin", "--num_kv_heads", "4", "--input_length", "16",
           "--output_length", "4", "--batch_size", "2", "--repeats", "1", "--huggingface_repeats", "1",
