@@ -87,7 +87,7 @@ def _converted_bytes(config: T5Config) -> int:
     """Bytes of the decoder key/value kernels, the parameters a conversion replaces."""
     return config.parameter_dtype.itemsize * sum(
         int(np.prod(shape)) for path, shape in param_tree.param_shapes(_shapes_of(config)).items()
-        if path.startswith("decoder/") and path.split("/")[-2] in ("key", "value"))
+        if path.startswith("decoder/") and param_tree.attention_projection(path) in ("key", "value"))
 
 
 def encoder_activation_bytes(config: T5Config, batch: int, input_length: int) -> int:
@@ -111,9 +111,8 @@ def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_
     from them; twice under `scan_layers`: the checkpoint tree and the
     stacked one) and the encoder output from the encoder phase on. On top of
     them, the larger of the two phases: the encoder's activations
-    (`encoder_activation_bytes`), or one variant's decoding: its weights
-    (`_variant_weight_bytes`), its cache and a step's float32 logits with a
-    1.5x margin.
+    (`encoder_activation_bytes`), or one variant's decoding: its weights and
+    cache (`_variant_bytes`) and a step's float32 logits with a 1.5x margin.
 
     Args:
       config: The multi-head model.
@@ -123,25 +122,33 @@ def estimate_peak_bytes(config: T5Config, batch: int, input_length: int, output_
     Returns:
       Bytes.
     """
-    encoded = batch * input_length * config.emb_dim * config.activation_dtype.itemsize
-    step_logits = int(1.5 * batch * config.vocab_size * 4)
-    decoding = 0
-    for g in kv_heads or (config.num_kv_heads,):
-        variant = config.replace(num_kv_heads=g)
-        cache = sum(cache_bytes(variant, batch, input_length, output_length).values())
-        decoding = max(decoding, _variant_weight_bytes(config, g) + cache + step_logits)
-    phases = max(encoder_activation_bytes(config, batch, input_length), decoding)
-    return weight_bytes(config) * (2 if config.scan_layers else 1) + encoded + phases
+    decoding = max(_variant_bytes(config, g, batch, input_length, output_length)
+                   for g in kv_heads or (config.num_kv_heads,))
+    phases = max(encoder_activation_bytes(config, batch, input_length), decoding + _step_logit_bytes(config, batch))
+    return _held_bytes(config, batch, input_length) + phases
 
 
-def _variant_weight_bytes(base: T5Config, g: int) -> int:
-    """Bytes a variant's weights add to the multi-head ones held beside them: none for
-    the multi-head model itself, the converted key/value kernels of a variant (it
-    shares the rest), or a whole stacked copy under `scan_layers`."""
-    if g == base.num_kv_heads:
-        return 0
+def _held_bytes(base: T5Config, batch: int, input_length: int) -> int:
+    """The multi-head weights (twice under `scan_layers`) and the encoder output."""
+    weights = weight_bytes(base) * (2 if base.scan_layers else 1)
+    return weights + batch * input_length * base.emb_dim * base.activation_dtype.itemsize
+
+
+def _step_logit_bytes(base: T5Config, batch: int) -> int:
+    """One decoding step's float32 logits with a 1.5x margin."""
+    return int(1.5 * batch * base.vocab_size * 4)
+
+
+def _variant_bytes(base: T5Config, g: int, batch: int, input_length: int, output_length: int) -> int:
+    """What decoding the `g`-kv-head variant adds to the multi-head weights: its cache and
+    its own weights (none for the multi-head model itself, the converted key/value
+    kernels of a variant, which shares the rest, or a whole stacked copy under
+    `scan_layers`)."""
     variant = base.replace(num_kv_heads=g)
-    return weight_bytes(variant) if base.scan_layers else _converted_bytes(variant)
+    cache = sum(cache_bytes(variant, batch, input_length, output_length).values())
+    if g == base.num_kv_heads:
+        return cache
+    return cache + (weight_bytes(variant) if base.scan_layers else _converted_bytes(variant))
 
 
 def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int,
@@ -168,18 +175,14 @@ def pick_batch(config: T5Config, cap: int, input_length: int, output_length: int
         hints.append("a larger XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's share of the device)")
     return batch, (f"batch {batch}, not the {cap} asked: batch {cap} needs an estimated {need:.1f} GB, over the "
                    f"{budget / 1e9:.1f} GB budget (--memory_fraction of the device's free memory); to run it, "
-                   f"give {', '.join(hints[:-1]) + ' or ' + hints[-1] if len(hints) > 1 else hints[0]}")
+                   f"give {' or '.join(hints)}")
 
 
 def variants_fit_together(base: T5Config, kv_heads, batch: int, n_in: int, n_out: int,
-                            budget: int | None) -> bool:
+                          budget: int | None) -> bool:
     """Whether every variant's weights and cache fit the budget at once (for interleaved
     rounds), beside the multi-head weights and the encoder output."""
     if budget is None:
         return True
-    held = (weight_bytes(base) * (2 if base.scan_layers else 1)
-            + batch * n_in * base.emb_dim * base.activation_dtype.itemsize)
-    for g in kv_heads:
-        held += _variant_weight_bytes(base, g) + sum(
-            cache_bytes(base.replace(num_kv_heads=g), batch, n_in, n_out).values())
-    return held + int(1.5 * batch * base.vocab_size * 4) <= budget
+    variants = sum(_variant_bytes(base, g, batch, n_in, n_out) for g in kv_heads)
+    return _held_bytes(base, batch, n_in) + variants + _step_logit_bytes(base, batch) <= budget
