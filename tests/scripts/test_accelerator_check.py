@@ -42,8 +42,34 @@ def test_the_accelerator_check_dry_runs_every_step_on_a_cpu(tmp_path):
     steps = {s["step"]: s["result"] for s in report["steps"]}
     assert steps["parity"]["max_relative_logit_difference"] < 1e-4
     assert [r["variant"] for r in steps["paper"]["rows"]] == ["MHA", "GQA-2", "MQA"]
-    assert steps["huggingface"]["huggingface"] and len(steps["train"]["results"]) == 2
+    assert len(steps["train"]["results"]) == 2
+    # HuggingFace ran in its own process, at the paper step's shape and batch.
+    (hf,) = steps["huggingface"]["huggingface"]
+    assert (hf["input_length"], hf["output_length"], hf["batch"]) == (16, 4, steps["paper"]["rows"][0]["batch"])
+    assert steps["huggingface"]["weights"] == "HuggingFace's random initialisation"
     markdown = (tmp_path / "accelerator_check.md").read_text()
     assert "No accelerator: these numbers come from a CPU" in markdown
+    assert "Against HuggingFace T5 on the same device (cpu, float32, batch 2, its own process)" in markdown
+    assert markdown.count("| MHA |") == 1 and "| MQA |" in markdown
     for name in ("parity", "paper", "huggingface", "train"):
         assert (tmp_path / f"{name}.log").exists()
+
+
+def _step(name, result):
+    return {"step": name, "result": result}
+
+
+def test_the_report_sets_each_paper_row_against_huggingface_and_says_when_batches_differ():
+    check = _module()
+    paper = {"rows": [{"variant": "MHA", "time_per_sample_s": 0.05, "batch": 32},
+                      {"variant": "MQA", "time_per_sample_s": 0.02, "batch": 32}]}
+    hf = {"device": "NVIDIA H100 80GB HBM3", "huggingface": [{"time_per_sample_s": 0.1, "batch": 32, "dtype": "bfloat16"}]}
+    lines = check._versus_huggingface([_step("parity", {}), _step("paper", paper), _step("huggingface", hf)])
+    assert "| MHA | 0.0500 (32) | 0.1000 | 2.00x | no |" in lines
+    assert "| MQA | 0.0200 (32) | 0.1000 | 5.00x | yes |" in lines
+    assert not any("smaller batch" in line for line in lines)
+    paper["rows"][0]["batch"] = 16
+    lines = check._versus_huggingface([_step("paper", paper), _step("huggingface", hf)])
+    assert any("Ours ran a smaller batch than HuggingFace" in line for line in lines)
+    # A step that failed leaves no table (and no error).
+    assert check._versus_huggingface([_step("paper", None), _step("huggingface", hf)]) == []

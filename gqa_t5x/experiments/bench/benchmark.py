@@ -20,9 +20,10 @@ matmul peak)` (`roofline.py` counts the bytes and FLOPs), and the fraction of
 it reached; per variant the KV-cache bytes per sample and the GB/s of the
 cross-attention core the decoder runs (`decode_attention.cached_attention`)
 against the measured stream bandwidth. HuggingFace `transformers` T5
-(PyTorch, its own KV cache, `generate(do_sample=False)`) decodes the same
-shape with the same weights (kv heads repeated: HuggingFace has no GQA, so it
-always pays MHA costs).
+(PyTorch, its own KV cache, `generate(do_sample=False)`; `huggingface_peer.py`)
+decodes the same shape with the same multi-head weights in this process
+(HuggingFace has no GQA, so it always pays MHA costs); on an accelerator
+`scripts/accelerator_check.py` times it in a process of its own.
 
 Outputs: a table on stdout, `<prefix>.json`, `<prefix>.md`, `<prefix>.png`
 (written by `bench_report`).
@@ -46,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5x import conversion
 from gqa_t5x.experiments import roofline
+from gqa_t5x.experiments.bench import huggingface_peer
 from gqa_t5x.experiments.bench import memory
 from gqa_t5x.experiments import machine as machine_info
 from gqa_t5x.experiments import timing
@@ -144,72 +146,6 @@ def time_variants(variants, encoded, tokens, output_length, repeats) -> list[dic
                     "loop_s": min(c for _, _, c in t), "steps": int(r.steps), "tokens": np.asarray(r.tokens),
                     "kernels_s": min(a for a, _, _ in t)})
     return out
-
-
-def _hf_model(config: T5Config, mha_params: Any):
-    """HuggingFace T5ForConditionalGeneration holding `mha_params` (float32)."""
-    import torch
-    import transformers
-
-    from gqa_t5x.checkpoints import huggingface
-
-    hf_config = transformers.T5Config(**{
-        k: v for k, v in huggingface.hf_config_dict(config).items()
-        if k not in ("architectures", "gqa_t5x", "torch_dtype")
-    })
-    hf_config.tie_word_embeddings = bool(config.logits_via_embedding)  # transformers 5 forces True
-    with torch.device("meta"):
-        model = transformers.T5ForConditionalGeneration(hf_config)
-    state = {}
-    for path, value in param_tree.flatten(mha_params).items():
-        name, transpose = huggingface.hf_name(path)
-        value = np.asarray(value, np.float32)
-        state[name] = torch.tensor(value.T if transpose else value)  # a copy torch owns
-    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        state[alias] = state["shared.weight"]
-    if "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["shared.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.encoder.embed_tokens = model.shared
-    model.decoder.embed_tokens = model.shared
-    return model.eval()
-
-
-def time_huggingface(config, mha_params, tokens: np.ndarray, output_length: int, repeats: int) -> dict[str, Any]:
-    """Times HuggingFace T5: encoder forward, then `generate` from its output."""
-    import torch
-    import transformers
-
-    # On a GPU, HuggingFace runs there too, in bfloat16 when our activations are (its usual setting).
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = device == "cuda" and jnp.dtype(config.activation_dtype) == jnp.bfloat16
-    model = _hf_model(config, mha_params).to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    input_ids = torch.from_numpy(tokens.astype(np.int64)).to(device)
-    mask = torch.from_numpy((tokens > 0).astype(np.int64)).to(device)
-
-    def synced(fn):
-        def run():
-            out = fn()
-            sync()
-            return out
-        return run
-
-    with torch.inference_mode():
-        encoder_s, enc_out = timing.fastest(
-            synced(lambda: model.encoder(input_ids=input_ids, attention_mask=mask)), repeats)
-
-        def generate():
-            cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
-            return model.generate(
-                encoder_outputs=enc_out, attention_mask=mask, past_key_values=cache,
-                do_sample=False, num_beams=1, max_new_tokens=output_length, min_new_tokens=output_length,
-                decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
-            )
-
-        decoder_s, out = timing.fastest(synced(generate), repeats)
-    return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].cpu().numpy(),
-            "device": device, "dtype": "bfloat16" if bf16 else "float32"}
 
 
 def _cold_caches(batch: int, kv_heads: int, head_dim: int, kv_len: int, working_set_mb: int) -> tuple[int, int]:
@@ -367,7 +303,7 @@ def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, b
     paper's XXL setting needs one variant's weights and cache at a time.
     Each phase's wall time is logged as it ends.
     """
-    tokens = np.random.default_rng(settings.seed).integers(2, base.vocab_size, size=(batch, n_in)).astype(np.int32)
+    tokens = huggingface_peer.bench_tokens(settings.seed, base.vocab_size, batch, n_in)
     place = _Placement(settings.num_partitions)
     jtokens = place.batch(tokens)
     clock = _wall()
@@ -422,15 +358,8 @@ def _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, b
     gc.collect()
     if not settings.huggingface:
         return rows, None
-    hf = time_huggingface(base, mha_params, tokens, n_out, settings.huggingface_repeats)
-    hf_row = {
-        "input_length": n_in, "output_length": n_out, "batch": batch,
-        "encoder_s": hf["encoder_s"], "decoder_s": hf["decoder_s"],
-        "time_per_sample_s": (hf["encoder_s"] + hf["decoder_s"]) / batch,
-        "encoder_per_sample_s": hf["encoder_s"] / batch, "decoder_per_sample_s": hf["decoder_s"] / batch,
-        "decoder_per_token_s": hf["decoder_s"] / (batch * n_out),
-        "decode_step_s": hf["decoder_s"] / n_out, "device": hf["device"], "dtype": hf["dtype"],
-    }
+    hf = huggingface_peer.time_huggingface_with(base, mha_params, tokens, n_out, settings.huggingface_repeats)
+    hf_row = huggingface_peer.huggingface_row(hf, n_in, n_out)
     if mha_tokens is not None:
         hf_row["greedy_token_agreement_with_ours_mha"] = float((hf["tokens"] == mha_tokens).mean())
     for row in rows:
