@@ -9,7 +9,7 @@ fixed random batch of full-length rows (what packing produces), `--warmup`
 untimed steps then `--steps` timed ones; the fastest is reported (this
 machine's CPUs are shared; the median is in the JSON):
 
-* ours: the trainer's train step (`trainer.make_train_step`: forward,
+* ours: the trainer's train step (`train_step.make_train_step`: forward,
   backward, T5 Adafactor, rsqrt learning rate), jit-compiled for one device;
 * HuggingFace: `transformers.T5ForConditionalGeneration` with the same
   T5.1.1 config (gated-gelu, untied logits, no dropout), float32, PyTorch
@@ -91,8 +91,8 @@ def child_ours(args: argparse.Namespace) -> dict:
     from gqa_t5x.model import models
     from gqa_t5x.model import network
     from gqa_t5x.training import optimizers
-    from gqa_t5x.training import trainer
     from gqa_t5x.training import train_state as ts
+    from gqa_t5x.training.train_step import make_train_step  # not `trainer`: no TensorFlow (clu, seqio) here
 
     shape = MODELS[args.model]
     config = network.T5Config(**shape, dtype=args.dtype, dropout_rate=0.0,
@@ -104,7 +104,7 @@ def child_ours(args: argparse.Namespace) -> dict:
                           opt_state=jax.jit(optimizer.init)(params))
     batch = _batch(args)
     step_fn = jax.jit(
-        trainer.make_train_step(model, optimizer, optimizers.rsqrt_schedule(), jax.random.PRNGKey(1)),
+        make_train_step(model, optimizer, optimizers.rsqrt_schedule(), jax.random.PRNGKey(1)),
         donate_argnums=(0,),
     )
     start = time.perf_counter()
