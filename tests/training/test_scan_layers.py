@@ -29,7 +29,7 @@ from gqa_t5x.training import initial_state as ist
 from gqa_t5x.training import optimizers
 from gqa_t5x.training import partitioning
 from gqa_t5x.training import train_state as ts
-from gqa_t5x.training import trainer
+from gqa_t5x.training import train_step
 
 
 def _config(**changes) -> T5Config:
@@ -80,7 +80,7 @@ def test_a_scanned_train_step_equals_the_unscanned_one(params):
     steps = {}
     for cfg, p in ((config, params), (scanned, layer_stack.stack_layers(params, config))):
         model = models.EncoderDecoderModel(network.Transformer(cfg))
-        step = jax.jit(trainer.make_train_step(model, optimizers.adafactor(), optimizers.constant_schedule(0.01),
+        step = jax.jit(train_step.make_train_step(model, optimizers.adafactor(), optimizers.constant_schedule(0.01),
                                                jax.random.PRNGKey(0)))
         state = _state(cfg, p)
         metrics = []
@@ -96,7 +96,9 @@ def test_a_scanned_train_step_equals_the_unscanned_one(params):
     # Parameters and optimizer state after unstacking: the unscanned run's.
     saved, want = stacked.to_tree(), plain.to_tree()
     _assert_trees_close(saved["target"], want["target"])
-    _assert_trees_close(saved["state"]["param_states"], want["state"]["param_states"], rtol=1e-4, atol=1e-9)
+    # Adafactor's second moments are squared gradients (up to 0.3 here): scanning reorders float32 sums, and
+    # under JAX 0.11.2 one entry of 3.4e-5 in 8192 moved by 5e-9 (1.5e-4 relative), hence the atol.
+    _assert_trees_close(saved["state"]["param_states"], want["state"]["param_states"], rtol=1e-4, atol=1e-7)
     moved = param_tree.flatten(jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), want["target"],
                                                       jax.tree_util.tree_map(np.asarray, params)))
     assert min(moved.values()) > 0  # every parameter was updated
@@ -234,7 +236,7 @@ def _train_step_args(config: T5Config):
                           opt_state=jax.eval_shape(optimizer.init, params))
     batch = {k: jax.ShapeDtypeStruct((2, 32 if k.startswith("encoder") else 16), jnp.int32)
              for k in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")}
-    step = trainer.make_train_step(model, optimizer, optimizers.rsqrt_schedule(), jax.random.PRNGKey(0))
+    step = train_step.make_train_step(model, optimizer, optimizers.rsqrt_schedule(), jax.random.PRNGKey(0))
     return step, state, batch
 
 

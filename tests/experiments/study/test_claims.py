@@ -366,8 +366,9 @@ def test_kept_state_rows_are_holm_adjusted_with_verdict_words(tmp_path):
     # Holm over the 5 run, by hand: GQA-2 at 0.05 (per seed 0.020, 0.021, 0.019: t = 34.6, p = 0.00083) x 5, then
     # MQA's three equal p = 0.0027 x 4 (x 3 and x 2 raised to it, the running max), GQA-2 at 0.025 (0 exactly) p = 1.
     gqa = hand_t([0.020, 0.021, 0.019])
-    assert [r.get("p_holm") for r in rows] == pytest.approx(
-        [4 * mqa[3]] * 3 + [None, 1.0, 5 * gqa[3]], rel=1e-5)
+    p_holm = [r.get("p_holm") for r in rows]
+    assert p_holm[3] is None  # not run (pytest 9.2 refuses None inside approx with rel)
+    assert p_holm[:3] + p_holm[4:] == pytest.approx([4 * mqa[3]] * 3 + [1.0, 5 * gqa[3]], rel=1e-5)
     assert [r.get("verdict") for r in rows] == ["kept state better"] * 3 + [
         None, cr.UNRESOLVED, "kept state worse"]
 
