@@ -404,7 +404,17 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
     for n_in, n_out, cap in itertools.product(settings.input_lengths, settings.output_lengths, settings.batch_caps):
         batch, why = memory.pick_batch(base, cap, n_in, n_out, budget, settings.num_kv_heads)
         log(f"[bench] {why}")
-        shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget)
+        while True:  # The estimate is calibrated on XLA:CPU; a device that needs more halves the batch.
+            try:
+                shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log,
+                                                  budget)
+                break
+            except Exception as error:  # noqa: BLE001 - only running out of memory is retried
+                if not memory.is_out_of_memory(error) or batch == 1:
+                    raise
+                batch, why = memory.halved_after_out_of_memory(batch, error)
+            gc.collect()  # past the `except` block, whose traceback held the failed attempt's arrays
+            log(f"[bench] {why}")
         for row in shape_rows:
             row["batch_asked"], row["batch_reason"] = cap, why
         rows += shape_rows

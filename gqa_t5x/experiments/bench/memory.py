@@ -186,3 +186,15 @@ def variants_fit_together(base: T5Config, kv_heads, batch: int, n_in: int, n_out
         return True
     variants = sum(_variant_bytes(base, g, batch, n_in, n_out) for g in kv_heads)
     return _held_bytes(base, batch, n_in) + variants + _step_logit_bytes(base, batch) <= budget
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA running out of device (or host) memory: RESOURCE_EXHAUSTED."""
+    return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
+
+
+def halved_after_out_of_memory(batch: int, error: BaseException) -> tuple[int, str]:
+    """The batch to try after `batch` ran out of memory, and why (the estimate was too low)."""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return batch // 2, (f"batch {batch // 2}: batch {batch} passed the memory estimate but ran out of memory "
+                        f"({first}); halved")

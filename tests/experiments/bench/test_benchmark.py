@@ -238,3 +238,50 @@ def test_paper_preset_is_the_papers_setting_and_explicit_flags_override_it():
     cli.experiments.resolve_bench_flags(plain)
     assert (plain.gin_file, plain.input_length, plain.batch_size, plain.dtype, plain.no_huggingface) == (
         "gin/models/t5_1_1/large.gin", (512,), (16,), "float32", False)
+
+
+def _fake_bench(monkeypatch, fits_up_to: int, error: str):
+    """`run_benchmark` with the machine measurement and the shape's timing replaced: a shape at a
+    batch above `fits_up_to` raises `error` (as XLA does when a device runs out of memory)."""
+    from gqa_t5x.experiments import roofline
+
+    monkeypatch.setattr(roofline, "measure_machine", lambda *a, **k: {
+        "bandwidth_gbs": {"best": 10.0}, "matmul_dtype": "float32", "matmul_peak_gflops": 100.0, "published": None})
+    tried = []
+
+    def bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log, budget=None):
+        tried.append(batch)
+        if batch > fits_up_to:
+            raise RuntimeError(error)
+        return [{"variant": "MHA", "batch": batch}], None
+
+    monkeypatch.setattr(benchmark, "_bench_shape", bench_shape)
+    return tried
+
+
+def test_a_batch_that_runs_out_of_device_memory_is_halved_and_the_report_says_why(monkeypatch):
+    from gqa_t5x import gin_config
+
+    tried = _fake_bench(monkeypatch, 2, "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17.2GiB.\nmore")
+    config = gin_config.model_config_from_gin(TINY)
+    settings = benchmark.BenchSettings(config=config, num_kv_heads=(4,), input_lengths=(16,), output_lengths=(4,),
+                                       batch_caps=(8,), huggingface=False)
+    logged = []
+    results = benchmark.run_benchmark(settings, log=logged.append)
+    assert tried == [8, 4, 2]
+    (row,) = results["rows"]
+    assert row["batch"] == 2 and row["batch_asked"] == 8
+    assert row["batch_reason"] == ("batch 2: batch 4 passed the memory estimate but ran out of memory "
+                                   "(RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17.2GiB.); halved")
+    assert "[bench] batch 4: batch 8 passed the memory estimate but ran out of memory" in "\n".join(logged)
+
+
+def test_an_error_other_than_out_of_memory_is_raised_at_the_batch_asked(monkeypatch):
+    from gqa_t5x import gin_config
+
+    tried = _fake_bench(monkeypatch, 2, "INVALID_ARGUMENT: shapes do not match")
+    settings = benchmark.BenchSettings(config=gin_config.model_config_from_gin(TINY), num_kv_heads=(4,),
+                                       input_lengths=(16,), output_lengths=(4,), batch_caps=(8,), huggingface=False)
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        benchmark.run_benchmark(settings, log=lambda _: None)
+    assert tried == [8]
