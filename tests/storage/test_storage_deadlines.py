@@ -324,7 +324,8 @@ def test_a_stall_after_the_probe_still_ends_on_time(storage_env, silent):
     storage_env.setenv("STORAGE_EMULATOR_HOST", silent.url)
     storage_env.setenv("EPATH_USE_TF", "false")
     storage_env.setenv(deadlines.TIMEOUT_VAR, "1")
-    storage_env.setitem(fsspec.config.conf, "gcs", {"token": "anon", "requests_timeout": 3.0})
+    # gcsfs's own timeout far beyond the bound below: only our 1 s deadline can end the calls in time.
+    storage_env.setitem(fsspec.config.conf, "gcs", {"token": "anon", "requests_timeout": 30.0})
     gpath._is_tf_installed.cache_clear()
     deadlines._reached.add((silent.url, "bucket"))  # as after a probe that passed
     try:
@@ -333,7 +334,7 @@ def test_a_stall_after_the_probe_still_ends_on_time(storage_env, silent):
             start = time.monotonic()
             with pytest.raises(deadlines.StorageTimeoutError, match=f"within 1 s \\({what}; endpoint {silent.url}\\)"):
                 call()
-            assert time.monotonic() - start < 2.5
+            assert time.monotonic() - start < 10  # 1 s deadline; 2.65 s seen beside the other worker
     finally:
         gpath._is_tf_installed.cache_clear()
 
