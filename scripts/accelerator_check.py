@@ -16,9 +16,10 @@ kept in OUT_DIR/<step>.log and its numbers in OUT_DIR/<step>.json:
    out 512, batch 32, bfloat16 weights and activations) for MHA, GQA-8, MQA.
 3. `huggingface`: HuggingFace T5 (bfloat16) on the same device at the
    paper step's shape and inputs, in a process of its own with JAX kept off
-   the device (JAX_PLATFORMS=cpu): the bench's process holds JAX's share of
-   the device (75% by default) and our weights, which would leave an 80 GB
-   chip too little for HuggingFace's 22 GB of weights and its caches. Its
+   the device (`gqa-t5x bench --preset paper --huggingface_alone`): the
+   bench's process holds JAX's share of the device (75% by default) and
+   our weights, which would leave an 80 GB chip too little for
+   HuggingFace's 22 GB of weights and its caches. Its
    weights are HuggingFace's own random initialisation, made on the device
    in bfloat16 (time does not depend on the values; the greedy-token
    agreement of the two implementations is a CPU bench's check). The report
@@ -49,12 +50,9 @@ PROG = [sys.executable, "-m", "gqa_t5x.cli"]
 PAPER = ["bench", "--preset", "paper", "--output", "{out}"]
 PAPER_DRY = ["bench", "--gin_file", "gin/models/t5_1_1/tiny.gin", "--num_kv_heads", "4,2,1", "--input_length", "16",
              "--output_length", "4", "--batch_size", "2", "--repeats", "1", "--no_huggingface", "--output", "{out}"]
-# The huggingface step's shapes: the paper step's (XXL, in 2048, out 512, batch 32, bfloat16) and its dry run's.
-HF_SHAPE = {"gin_file": "gin/models/t5_1_1/xxl.gin", "input_length": 2048, "output_length": 512, "batch": 32,
-            "dtype": "bfloat16"}
-HF_DRY_SHAPE = {"gin_file": "gin/models/t5_1_1/tiny.gin", "input_length": 16, "output_length": 4, "batch": 2,
-                "dtype": "float32"}
-HF_ENV = {"JAX_PLATFORMS": "cpu"}  # JAX (our config code) stays off the device HuggingFace times on
+HF = ["bench", "--preset", "paper", "--huggingface_alone", "--output", "{out}"]
+HF_DRY = ["bench", "--huggingface_alone", "--gin_file", "gin/models/t5_1_1/tiny.gin", "--input_length", "16",
+          "--output_length", "4", "--batch_size", "2", "--dtype", "float32", "--output", "{out}"]
 TRAIN = ["--model", "large", "--no_huggingface", "--kv_heads", "16,8,1", "--batch", "32", "--inputs", "512",
          "--targets", "114", "--warmup", "1", "--steps", "4", "--dtype", "bfloat16", "--out", "{out}"]
 TRAIN_DRY = ["--model", "tiny", "--no_huggingface", "--kv_heads", "4,1", "--batch", "2", "--inputs", "16",
@@ -62,8 +60,7 @@ TRAIN_DRY = ["--model", "tiny", "--no_huggingface", "--kv_heads", "4,1", "--batc
 STEPS = [
     ("parity", 90, [sys.executable, __file__, "--parity", "{out}"], [sys.executable, __file__, "--parity", "{out}"]),
     ("paper", 240, [*PROG, *PAPER], [*PROG, *PAPER_DRY]),
-    ("huggingface", 150, [sys.executable, __file__, "--huggingface", "{out}"],
-     [sys.executable, __file__, "--huggingface", "{out}", "--dry_run"]),
+    ("huggingface", 150, [*PROG, *HF], [*PROG, *HF_DRY]),
     ("train", 120, [sys.executable, str(REPO / "scripts" / "bench_train.py"), *TRAIN],
      [sys.executable, str(REPO / "scripts" / "bench_train.py"), *TRAIN_DRY]),
 ]
@@ -109,40 +106,10 @@ def parity(out: str) -> None:
     print(json.dumps(result), flush=True)
 
 
-def huggingface_alone(out: str, dry_run: bool) -> None:
-    """HuggingFace T5 timed alone on this machine's GPU (else its CPU), at the paper step's shape."""
-    import torch
-
-    from gqa_t5x import gin_config
-    from gqa_t5x.experiments.bench import huggingface_peer
-
-    shape = HF_DRY_SHAPE if dry_run else HF_SHAPE
-    config = gin_config.model_config_from_gin(str(REPO / shape["gin_file"]))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = shape["dtype"] if device == "cuda" else "float32"
-    clock = time.monotonic()
-    model = huggingface_peer.random_hf_model(config, device, dtype)
-    print(f"[huggingface] {shape['gin_file']} made on {device} in {dtype} in {time.monotonic() - clock:.1f} s",
-          flush=True)
-    tokens = huggingface_peer.bench_tokens(0, config.vocab_size, shape["batch"], shape["input_length"])  # the bench's
-    clock = time.monotonic()
-    timed = huggingface_peer.time_huggingface(model, tokens, shape["output_length"], 1, device)
-    row = huggingface_peer.huggingface_row(timed, shape["input_length"], shape["output_length"])
-    print(f"[huggingface] {row['time_per_sample_s']:.4f} s/sample (encoder {row['encoder_s']:.3f} s in micro-batches "
-          f"of {row['encoder_micro_batch']}, decode step {1e3 * row['decode_step_s']:.2f} ms), warm-up and timed "
-          f"run in {time.monotonic() - clock:.1f} s", flush=True)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    result = {"huggingface": [row], "device": device_name, "model_gin": shape["gin_file"],
-              "weights": "HuggingFace's random initialisation", "transformers": __import__("transformers").__version__}
-    Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-
-
 def _run_step(name: str, seconds: int, command: list[str], output: Path) -> dict:
     prefix = str(output / name)
     command = [part.replace("{out}", prefix) for part in command]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    if name == "huggingface":
-        env.update(HF_ENV)
     start = time.monotonic()
     with open(output / f"{name}.log", "w") as log:
         log.write("$ " + " ".join(command) + "\n")
@@ -210,13 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", nargs="?", help="Directory of the logs, results and report.")
     parser.add_argument("--dry_run", action="store_true", help="Tiny shapes, for a CPU (the test suite).")
     parser.add_argument("--parity", metavar="PREFIX", help=argparse.SUPPRESS)
-    parser.add_argument("--huggingface", metavar="PREFIX", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.parity:
         parity(args.parity)
-        return 0
-    if args.huggingface:
-        huggingface_alone(args.huggingface, args.dry_run)
         return 0
     if not args.output:
         parser.error("OUTPUT is required.")

@@ -41,6 +41,11 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_huggingface", action="store_true", default=None,
                         help="Skip the HuggingFace transformers comparison.")
     parser.add_argument("--huggingface_repeats", type=int, default=1, help="Timed HuggingFace runs after its warm-up.")
+    parser.add_argument("--huggingface_alone", action="store_true",
+                        help="Time only HuggingFace T5, on its own random weights made on the device in --dtype, "
+                             "with JAX kept off the device: on an accelerator, where this process would hold "
+                             "JAX's share of it (75%% by default) beside HuggingFace; e.g. --preset paper "
+                             "--huggingface_alone. Writes PREFIX.json.")
     parser.add_argument("--memory_fraction", type=float,
                         help="Share of the free memory (the device's, else the host's RAM) a run may plan to use "
                              "(default 0.5; 'paper': 0.9).")
@@ -77,6 +82,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from gqa_t5x.model.config import check_kv_heads
 
     resolve_bench_flags(args)
+    if args.huggingface_alone:
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")  # before any device use: the device is HuggingFace's alone
     if args.cpu_devices is not None:
         from gqa_t5x import runtime
 
@@ -109,6 +118,9 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--memory_fraction={args.memory_fraction} must be in (0, 1].")
     import jax
 
+    if args.huggingface_alone:
+        return _run_huggingface_alone(args, config)
+
     if args.num_partitions < 1 or jax.device_count() % args.num_partitions:
         raise UsageError(f"--num_partitions={args.num_partitions} must divide the number of devices "
                          f"({jax.device_count()}: {jax.devices()[0].platform}); on CPU add --cpu_devices N.")
@@ -123,6 +135,26 @@ def run_bench(args: argparse.Namespace) -> int:
     print(bench_report.format_table(results))
     paths = bench_report.write_reports(results, args.output)
     print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_huggingface_alone(args: argparse.Namespace, config) -> int:
+    import itertools
+    import json
+
+    from gqa_t5x.experiments.bench import huggingface_peer
+
+    result = None
+    for n_in, n_out, batch in itertools.product(args.input_length, args.output_length, args.batch_size):
+        timed = huggingface_peer.time_alone(config, n_in, n_out, batch, args.dtype, args.seed,
+                                            args.huggingface_repeats, log=lambda line: print(line, flush=True))
+        result = timed if result is None else {**result, "huggingface": result["huggingface"] + timed["huggingface"]}
+    result.update(label=args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
+                  model_gin=args.gin_file, seed=args.seed)
+    path = Path(args.output + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Wrote {path}")
     return 0
 
 

@@ -3,17 +3,23 @@
 `gqa-t5x bench` times it in its own process with our multi-head weights
 (`hf_model`), which is what a CPU run does. On an accelerator that process
 already holds our weights and JAX's share of the device (75% by default),
-so `scripts/accelerator_check.py` times HuggingFace in a process of its own
-with JAX kept off the device (`random_hf_model`: the same architecture,
-HuggingFace's own random initialisation, made on the device in the timed
-dtype). Both time the same thing (`time_huggingface`): the encoder forward,
-then `generate(do_sample=False)` for exactly `output_length` tokens with
-HuggingFace's own KV cache; HuggingFace has no GQA, so it always pays MHA
-costs.
+so there HuggingFace is timed alone, in a process with JAX kept off the
+device (`random_hf_model`: the same architecture, HuggingFace's own random
+initialisation, made on the device in the timed dtype):
+
+    gqa-t5x bench --huggingface_alone --gin_file gin/models/t5_1_1/xxl.gin \
+        --input_length 2048 --output_length 512 --batch_size 32 --dtype bfloat16 --output hf/xxl
+
+(`time_alone`; `scripts/accelerator_check.py` runs it at the paper's shape). Both time
+the same thing (`time_huggingface`): the encoder forward, then
+`generate(do_sample=False)` for exactly `output_length` tokens with
+HuggingFace's own KV cache, on the bench's inputs (`bench_tokens`);
+HuggingFace has no GQA, so it always pays MHA costs.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax.numpy as jnp
@@ -177,3 +183,34 @@ def huggingface_row(hf: dict[str, Any], input_length: int, output_length: int) -
         "decode_step_s": hf["decoder_s"] / output_length, "device": hf["device"], "dtype": hf["dtype"],
         "encoder_micro_batch": hf["encoder_micro_batch"],
     }
+
+
+def time_alone(config: T5Config, input_length: int, output_length: int, batch: int, dtype: str,
+               seed: int = 0, repeats: int = 1, log=print) -> dict[str, Any]:
+    """HuggingFace T5 of `config`'s shape timed alone on this machine's GPU (else its CPU, in
+    float32), on the bench's inputs for `seed`.
+
+    Returns:
+      {'huggingface': [its row], 'device', 'weights', 'torch', 'transformers'}.
+    """
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = dtype if device == "cuda" else "float32"
+    clock = time.monotonic()
+    model = random_hf_model(config, device, dtype)
+    log(f"[huggingface] made on {device} in {dtype} in {time.monotonic() - clock:.1f} s")
+    tokens = bench_tokens(seed, config.vocab_size, batch, input_length)
+    clock = time.monotonic()
+    row = huggingface_row(time_huggingface(model, tokens, output_length, repeats, device, log=log),
+                          input_length, output_length)
+    log(f"[huggingface] in={input_length} out={output_length} batch={batch}: {row['time_per_sample_s']:.4f} s/sample "
+        f"(encoder {row['encoder_s']:.3f} s in micro-batches of {row['encoder_micro_batch']}, decode step "
+        f"{1e3 * row['decode_step_s']:.2f} ms); warm-up and {repeats} timed run(s) in {time.monotonic() - clock:.1f} s")
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"huggingface": [row], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "weights": "HuggingFace's random initialisation", "torch": torch.__version__,
+            "transformers": transformers.__version__}

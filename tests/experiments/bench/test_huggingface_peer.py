@@ -69,3 +69,21 @@ def test_an_error_other_than_out_of_memory_is_raised_not_retried():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         huggingface_peer.time_huggingface(model, np.full((4, 6), 5, np.int32), 3, 1, "cpu")
     assert calls == [4]
+
+
+def test_bench_huggingface_alone_times_every_shape_on_the_benchs_inputs_and_writes_one_json(tmp_path, capsys):
+    import json
+
+    from gqa_t5x import cli
+
+    out = tmp_path / "hf" / "tiny"
+    assert cli.main(["bench", "--huggingface_alone", "--gin_file", "gin/models/t5_1_1/tiny.gin", "--input_length",
+                     "9,12", "--output_length", "3", "--batch_size", "2", "--dtype", "bfloat16", "--seed", "5",
+                     "--output", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["input_length"], r["output_length"], r["batch"]) for r in result["huggingface"]] == [(9, 3, 2), (12, 3, 2)]
+    assert all(r["dtype"] == "float32" and r["device"] == "cpu" for r in result["huggingface"])  # a CPU: float32
+    assert result["weights"] == "HuggingFace's random initialisation" and result["seed"] == 5
+    assert result["model_gin"] == "gin/models/t5_1_1/tiny.gin" and result["label"] == "tiny"
+    printed = capsys.readouterr().out
+    assert "[huggingface] in=12 out=3 batch=2:" in printed and f"Wrote {out}.json" in printed
