@@ -4,8 +4,9 @@ The synthetic task `gqa_test_synthetic` is deterministic given its seed: a
 fixed pool of random token sequences (vocabulary 128, no tokenizer), shuffled
 by seqio with the dataset seed, so a resumed run and an uninterrupted run can
 be compared exactly. The env variable `GQA_TEST_SLOW_EXAMPLE_S` delays every
-example of the stream, and `GQA_TEST_SLOW_BATCH_S` every batch read from a
-data cache (`slow_down_cache_batches`), so a test can kill a run mid-way.
+example of the stream, `GQA_TEST_SLOW_BATCH_S` every batch read from a
+data cache (`slow_down_cache_batches`) and `GQA_TEST_SLOW_STEP_S` every
+training step (`slow_down_steps`), so a test can kill a run mid-way.
 `GQA_TEST_SIGNAL_AT` makes the run signal itself at a known point
 (`signal_self_at`): during a step or during a checkpoint write.
 
@@ -105,6 +106,20 @@ def slow_down_cache_batches(seconds: float) -> None:
     cache_reader.host_batches = slowed
 
 
+def slow_down_steps(seconds: float) -> None:
+    """Makes every training step of this process take at least `seconds` longer (before the
+    step's batch is placed), whatever the data pipeline has read ahead."""
+    from gqa_t5x.training import partitioning
+
+    to_global = partitioning.Partitioner.host_local_to_global
+
+    def slowed(self, *args, **kwargs):
+        time.sleep(seconds)
+        return to_global(self, *args, **kwargs)
+
+    partitioning.Partitioner.host_local_to_global = slowed
+
+
 def signal_self_at(spec: str) -> None:
     """Makes this training process send itself signals at known points.
 
@@ -201,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         signal_self_at(os.environ["GQA_TEST_SIGNAL_AT"])
     if os.environ.get("GQA_TEST_SLOW_BATCH_S"):
         slow_down_cache_batches(float(os.environ["GQA_TEST_SLOW_BATCH_S"]))
+    if os.environ.get("GQA_TEST_SLOW_STEP_S"):
+        slow_down_steps(float(os.environ["GQA_TEST_SLOW_STEP_S"]))
     result: dict = {"runs": {}}
     runs = [r for r in args.runs.split(";") if r]
     for run in runs or [f"{args.num_kv_heads or 0}:1,1"]:

@@ -208,7 +208,9 @@ def test_runs_stopped_by_signals_keep_their_step_and_resume_bit_identically(tmp_
         ("during_async_save", {"GQA_TEST_SIGNAL_AT": "save:4"}, 75, 4),
         ("second_signal", {"GQA_TEST_SIGNAL_AT": "twice:5"}, 128 + signal.SIGTERM, None),
         ("sigint", {"GQA_TEST_SIGNAL_AT": "sigint:3"}, 75, 3),
-        ("outside_random", {"GQA_TEST_SLOW_EXAMPLE_S": "0.015"}, 75, None),
+        # Every step 0.25 s longer: the 6 steps after checkpoint_2 outlast the random delay (at most 0.5 s) on
+        # any machine. (Slowed examples did not: read ahead, the run could end before the signal, exit 0.)
+        ("outside_random", {"GQA_TEST_SLOW_STEP_S": "0.25"}, 75, None),
     ]
     procs = {name: _start(tmp_path / name, tmp_path / f"{name}.json", cache, **env)
              for name, env, _, _ in cases}
