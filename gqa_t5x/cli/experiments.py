@@ -144,13 +144,12 @@ def _run_huggingface_alone(args: argparse.Namespace, config) -> int:
 
     from gqa_t5x.experiments.bench import huggingface_peer
 
-    result = None
-    for n_in, n_out, batch in itertools.product(args.input_length, args.output_length, args.batch_size):
-        timed = huggingface_peer.time_alone(config, n_in, n_out, batch, args.dtype, args.seed,
-                                            args.huggingface_repeats, log=lambda line: print(line, flush=True))
-        result = timed if result is None else {**result, "huggingface": result["huggingface"] + timed["huggingface"]}
-    result.update(label=args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
-                  model_gin=args.gin_file, seed=args.seed)
+    runs = [huggingface_peer.time_alone(config, n_in, n_out, batch, args.dtype, args.seed, args.huggingface_repeats,
+                                        log=lambda line: print(line, flush=True))
+            for n_in, n_out, batch in itertools.product(args.input_length, args.output_length, args.batch_size)]
+    result = {**runs[-1], "huggingface": [row for run in runs for row in run["huggingface"]],
+              "label": args.label or os.path.splitext(os.path.basename(args.gin_file))[0],
+              "model_gin": args.gin_file, "seed": args.seed}
     path = Path(args.output + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

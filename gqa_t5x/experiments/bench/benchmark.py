@@ -404,19 +404,17 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict[str, Any]:
     for n_in, n_out, cap in itertools.product(settings.input_lengths, settings.output_lengths, settings.batch_caps):
         batch, why = memory.pick_batch(base, cap, n_in, n_out, budget, settings.num_kv_heads)
         log(f"[bench] {why}")
-        while True:  # The estimate is calibrated on XLA:CPU; a device that needs more halves the batch.
-            try:
-                shape_rows, hf_row = _bench_shape(settings, base, mha_params, n_in, n_out, batch, machine, log,
-                                                  budget)
-                break
-            except Exception as error:  # noqa: BLE001 - only running out of memory is retried
-                if not memory.is_out_of_memory(error) or batch == 1:
-                    raise
-                batch, why = memory.halved_after_out_of_memory(batch, error)
-            gc.collect()  # past the `except` block, whose traceback held the failed attempt's arrays
-            log(f"[bench] {why}")
+        reasons = [why]
+
+        def halved(failed: int, smaller: int, first_line: str) -> None:
+            reasons.append(memory.halved_batch_reason(failed, smaller, first_line))
+            log(f"[bench] {reasons[-1]}")
+
+        # The estimate is calibrated on XLA:CPU; a device that needs more halves the batch.
+        (shape_rows, hf_row), batch = memory.halve_until_it_fits(
+            lambda b: _bench_shape(settings, base, mha_params, n_in, n_out, b, machine, log, budget), batch, halved)
         for row in shape_rows:
-            row["batch_asked"], row["batch_reason"] = cap, why
+            row["batch_asked"], row["batch_reason"] = cap, reasons[-1]
         rows += shape_rows
         hf_rows += [hf_row] if hf_row else []
     machine["load_average_end"] = machine_info.load_average()

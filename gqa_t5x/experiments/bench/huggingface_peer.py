@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5x.experiments import timing
+from gqa_t5x.experiments.bench import memory
 from gqa_t5x.model import param_tree
 from gqa_t5x.model.config import T5Config
 
@@ -92,12 +93,6 @@ def random_hf_model(config: T5Config, device: str, dtype: str):
     return model.eval()
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def time_huggingface(model, tokens: np.ndarray, output_length: int, repeats: int, device: str,
                      log=print) -> dict[str, Any]:
     """Times a HuggingFace T5 on `device`: encoder forward, then `generate` from its output.
@@ -139,20 +134,14 @@ def time_huggingface(model, tokens: np.ndarray, output_length: int, repeats: int
         sync()
         return out
 
-    micro = batch
+    def halved(failed: int, micro: int, first_line: str) -> None:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        log(f"[huggingface] the encoder ran out of memory; micro-batches of {micro}")
+
     with torch.inference_mode():
-        while True:
-            try:
-                encoder_s, enc_out = timing.fastest(encode(micro), repeats)
-                break
-            except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
-                if not _is_out_of_memory(error) or micro == 1:
-                    raise
-            # Past the `except` block, whose traceback held the failed attempt's tensors.
-            micro //= 2
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            log(f"[huggingface] the encoder ran out of memory; micro-batches of {micro}")
+        (encoder_s, enc_out), micro = memory.halve_until_it_fits(
+            lambda micro: timing.fastest(encode(micro), repeats), batch, halved)
         decoder_s, out = timing.fastest(generate, repeats)
     return {"encoder_s": encoder_s, "decoder_s": decoder_s, "tokens": out[:, 1:].cpu().numpy(),
             "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

@@ -12,6 +12,9 @@ Cache and weight bytes come from abstract shapes (nothing allocated).
 from __future__ import annotations
 
 import functools
+import gc
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -189,12 +192,34 @@ def variants_fit_together(base: T5Config, kv_heads, batch: int, n_in: int, n_out
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is XLA running out of device (or host) memory: RESOURCE_EXHAUSTED."""
-    return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
+    """Whether `error` is running out of memory: XLA's RESOURCE_EXHAUSTED or CUDA's (PyTorch's)
+    "out of memory"."""
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
 
 
-def halved_after_out_of_memory(batch: int, error: BaseException) -> tuple[int, str]:
-    """The batch to try after `batch` ran out of memory, and why (the estimate was too low)."""
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    return batch // 2, (f"batch {batch // 2}: batch {batch} passed the memory estimate but ran out of memory "
-                        f"({first}); halved")
+def halve_until_it_fits(run: Callable[[int], Any], size: int,
+                        on_halve: Callable[[int, int, str], None]) -> tuple[Any, int]:
+    """`run(size)`, tried again at half the size while it runs out of memory (`is_out_of_memory`).
+
+    Before each new try, `on_halve(size that failed, new size, first line of the error)` is called, after
+    the failed attempt's arrays were let go. Any other error, and running out of memory
+    at size 1, is raised.
+
+    Returns:
+      (what `run` returned, the size it ran at).
+    """
+    while True:
+        try:
+            return run(size), size
+        except Exception as error:  # noqa: BLE001 - only running out of memory is retried
+            if not is_out_of_memory(error) or size == 1:
+                raise
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        gc.collect()  # past the `except` block, whose traceback held the failed attempt's arrays
+        on_halve(size, size // 2, first)
+        size //= 2
+
+
+def halved_batch_reason(failed: int, batch: int, first_line: str) -> str:
+    """Why the bench runs `batch`: `failed` passed the memory estimate but ran out of memory."""
+    return f"batch {batch}: batch {failed} passed the memory estimate but ran out of memory ({first_line}); halved"
